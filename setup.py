@@ -1,0 +1,27 @@
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "tfkernels" / "_version.py").read_text()).group(1)
+
+setup(
+    name="tfkernels",
+    version=VERSION,
+    description="Triton kernels for Transfusion-style multimodal models: interval-mask flash "
+    "attention, fused diffusion noise/loss and a fused LM loss",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfkernels", "tfkernels.*", "transfusion_core", "transfusion_core.*"]),
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6; sys_platform == 'linux'",
+        "einops",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+    },
+)
