@@ -1,19 +1,566 @@
-"""Flash attention under an ``IntervalMask``."""
+"""Flash attention under an ``IntervalMask`` (DESIGN §2-3).
+
+Design
+------
+Query row ``q`` sees keys ``[kv_start[q], kv_end[q])`` and both bounds are non-decreasing in ``q``.
+For a tile of query rows ``[m0, m1]`` this gives, from four loads and no block mask:
+
+* the keys any row of the tile sees: ``[kv_start[m0], kv_end[m1])`` (first row's start, last
+  row's end) - the key tiles outside it are never visited;
+* the keys every row of the tile sees: ``[kv_start[m1], kv_end[m0])`` - key tiles inside it run
+  with no mask code; only the edge tiles on either side evaluate the element mask.
+
+So a packed Transfusion row costs what its visible pairs cost, plus at most a few edge tiles per
+query tile. The mask is two int32 vectors: nothing to build per layout, nothing to recompile,
+nothing that depends on the block size, and it is CUDA-graph safe.
+
+The backward pass is FlashAttention-2 style, in three kernels:
+
+* ``delta = rowsum(dO * O)`` (minus ``dLSE`` when the LSE output has a gradient);
+* dK/dV: one program per (kv head, key tile) walks the query tiles that see the key tile. The
+  monotone mask gives each key a contiguous query interval ``[q_start[k], q_end[k])``
+  (``IntervalMask.key_intervals``), so the same interior/edge split applies on the key side.
+  The ``Hq / Hkv`` query heads of a GQA group are summed inside the program, in a fixed order;
+* dQ: one program per (query head, query tile), the forward's key-tile walk again.
+
+dQ has its own pass instead of fp32 atomics from the dK/dV pass: it recomputes ``QK^T`` and
+``dO V^T`` (two more matmuls per visited tile) but needs no ``[B, Sq, Hq, D]`` fp32 buffer, no
+atomics, and is bitwise deterministic; the atomic variant is left to the performance work, to be
+kept only if it measures faster. Programs are launched heaviest tile first: the number of key
+tiles each query tile visits (and vice versa) is known exactly from the mask.
+
+Softmax uses ``exp2`` with ``log2(e)`` folded into the score scale; accumulation is fp32; the
+saved LSE is in natural-log units ``[B, Hq, Sq]``. Rows that see no key give 0 and LSE = -inf,
+and their gradients are 0 (the element mask zeroes their probabilities before any product).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import reference
+from ._dispatch import HAS_TRITON, triton_interpret, use_triton
 from .mask import IntervalMask
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 __all__ = ["attention"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_ranges(BOUND_START, BOUND_END, first, last, BLOCK: tl.constexpr):
+        """Tile index ranges ``[lo, inner_lo)`` (edge), ``[inner_lo, inner_hi)`` (no mask),
+        ``[inner_hi, hi)`` (edge) for the rows ``first..last`` of monotone interval bounds."""
+        lo = tl.load(BOUND_START + first)
+        hi = tl.load(BOUND_END + last)
+        inner_lo = tl.load(BOUND_START + last)
+        inner_hi = tl.load(BOUND_END + first)
+        tile_lo = lo // BLOCK
+        tile_hi = tl.cdiv(hi, BLOCK)
+        inner_tile_lo = tl.cdiv(inner_lo, BLOCK)
+        inner_tile_hi = tl.maximum(inner_hi // BLOCK, inner_tile_lo)
+        return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
+
+    @triton.jit
+    def _fwd_key_tiles(
+        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end,
+        tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+        BLOCK_N: tl.constexpr,
+        MASKED: tl.constexpr,  # edge tile: apply the element mask and the key bound
+        EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D: no head-dim mask on loads
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose ~3 digits)
+    ):
+        for tile in range(tile_lo, tile_hi):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
+            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+            if MASKED:
+                key_valid = offs_n < seq_len_k
+                kt = tl.load(kt_ptrs, mask=key_valid[None, :] & d_valid[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
+            elif EVEN_D:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if MASKED:
+                visible = (offs_n[None, :] >= kv_start[:, None]) & (offs_n[None, :] < kv_end[:, None])
+                s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A row with nothing visible yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_shift = m_new
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange needs one)
+        BLOCK_M: tl.constexpr,  # query rows per program; fixed by the launcher (tile order uses it)
+        BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
+        DOT_PRECISION: tl.constexpr,
+    ):
+        head = tl.program_id(0)  # heads vary fastest: a GQA group's heads run side by side
+        work = tl.load(TILE_ORDER + tl.program_id(1))  # heaviest query tile first
+        batch = work // num_q_tiles
+        q_tile = work % num_q_tiles
+        kv_head = head // q_per_kv
+
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < seq_len_q
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        bounds_row = batch * seq_len_q
+        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
+        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
+        first = q_tile * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
+        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
+            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+        )
+
+        batch64 = batch.to(tl.int64)
+        q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        K_head = K + batch64 * stride_kb + kv_head * stride_kh
+        V_head = V + batch64 * stride_vb + kv_head * stride_vh
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        acc, m_i, l_i = _fwd_key_tiles(
+            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+            tile_lo, inner_lo, seq_len_k, qk_scale, offs_d, d_valid,
+            BLOCK_N, True, EVEN_D, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _fwd_key_tiles(
+            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+            inner_lo, inner_hi, seq_len_k, qk_scale, offs_d, d_valid,
+            BLOCK_N, False, EVEN_D, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _fwd_key_tiles(
+            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+            inner_hi, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+            BLOCK_N, True, EVEN_D, DOT_PRECISION,
+        )
+
+        sees_nothing = l_i == 0.0
+        l_div = tl.where(sees_nothing, 1.0, l_i)
+        out = acc / l_div[:, None]
+        lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * 0.6931471805599453)
+        o_ptrs = O + batch64 * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        lse_row = (batch64 * num_heads_q + head) * seq_len_q
+        tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
+
+    @triton.jit
+    def _attn_bwd_delta_kernel(
+        O, DO, DLSE, DELTA,
+        stride_ob, stride_os, stride_oh,
+        stride_dob, stride_dos, stride_doh,
+        seq_len_q, num_heads_q,
+        HAS_DLSE: tl.constexpr,  # the LSE output has a gradient: dS = P * (dP - (delta - dLSE))
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        q_tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        batch = (bh // num_heads_q).to(tl.int64)
+        head = bh % num_heads_q
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        valid = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                    mask=valid, other=0.0).to(tl.float32)
+        do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                     mask=valid, other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, 1)
+        row = bh.to(tl.int64) * seq_len_q + offs_m
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=offs_m < seq_len_q, other=0.0)
+        tl.store(DELTA + row, delta, mask=offs_m < seq_len_q)
+
+    @triton.jit
+    def _dq_key_tiles(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end,
+        tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        for tile in range(tile_lo, tile_hi):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
+            vt_ptrs = V + offs_n[None, :] * stride_vn + offs_d[:, None]
+            if MASKED:
+                kv_mask = (offs_n < seq_len_k)[None, :] & d_valid[:, None]
+                kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
+                vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
+            elif EVEN_D:
+                kt = tl.load(kt_ptrs)
+                vt = tl.load(vt_ptrs)
+            else:
+                kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
+                vt = tl.load(vt_ptrs, mask=d_valid[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            if MASKED:
+                visible = (offs_n[None, :] >= kv_start[:, None]) & (offs_n[None, :] < kv_end[:, None])
+                p = tl.where(visible, p, 0.0)
+            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        return dq
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_dqb, stride_dqs, stride_dqh,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        head = tl.program_id(0)
+        work = tl.load(TILE_ORDER + tl.program_id(1))
+        batch = work // num_q_tiles
+        q_tile = work % num_q_tiles
+        kv_head = head // q_per_kv
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < seq_len_q
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        bounds_row = batch * seq_len_q
+        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
+        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
+        first = q_tile * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
+        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
+            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+        )
+        batch64 = batch.to(tl.int64)
+        io_mask = row_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        do = tl.load(DO + batch64 * stride_dob + head * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                     mask=io_mask, other=0.0)
+        stats_row = (batch64 * num_heads_q + head) * seq_len_q
+        lse2 = tl.load(LSE + stats_row + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stats_row + offs_m, mask=row_valid, other=0.0)
+        K_head = K + batch64 * stride_kb + kv_head * stride_kh
+        V_head = V + batch64 * stride_vb + kv_head * stride_vh
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                           tile_lo, inner_lo, seq_len_k, qk_scale, offs_d, d_valid,
+                           BLOCK_N, True, EVEN_D, DOT_PRECISION)
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                           inner_lo, inner_hi, seq_len_k, qk_scale, offs_d, d_valid,
+                           BLOCK_N, False, EVEN_D, DOT_PRECISION)
+        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                           inner_hi, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+                           BLOCK_N, True, EVEN_D, DOT_PRECISION)
+        dq_ptrs = DQ + batch64 * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+    @triton.jit
+    def _dkdv_query_tiles(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, q_start, q_end,
+        tile_lo, tile_hi, seq_len_q, qk_scale, offs_d, d_valid,
+        BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        for tile in range(tile_lo, tile_hi):
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
+            do_ptrs = DO + offs_m[:, None] * stride_dos + offs_d[None, :]
+            if MASKED:
+                row_valid = offs_m < seq_len_q
+                io_mask = row_valid[:, None] & d_valid[None, :]
+                q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+                do = tl.load(do_ptrs, mask=io_mask, other=0.0)
+                lse2 = tl.load(LSE + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+            else:
+                if EVEN_D:
+                    q = tl.load(q_ptrs)
+                    do = tl.load(do_ptrs)
+                else:
+                    q = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
+                    do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
+                lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+                delta = tl.load(DELTA + offs_m)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            pt = tl.math.exp2(st - lse2[None, :])
+            if MASKED:
+                # Empty query rows have lse = -inf and pt = inf here; the mask zeroes them first.
+                visible = (offs_m[None, :] >= q_start[:, None]) & (offs_m[None, :] < q_end[:, None])
+                pt = tl.where(visible, pt, 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_dkb, stride_dks, stride_dkh,
+        stride_dvb, stride_dvs, stride_dvh,
+        seq_len_q, seq_len_k, num_heads_q, num_k_tiles, q_per_kv, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query rows per inner step
+        BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
+        DOT_PRECISION: tl.constexpr,
+    ):
+        kv_head = tl.program_id(0)
+        work = tl.load(TILE_ORDER + tl.program_id(1))
+        batch = work // num_k_tiles
+        k_tile = work % num_k_tiles
+        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < seq_len_k
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        bounds_row = batch * seq_len_k
+        q_start = tl.load(Q_START + bounds_row + offs_n, mask=key_valid, other=0)
+        q_end = tl.load(Q_END + bounds_row + offs_n, mask=key_valid, other=0)
+        first = k_tile * BLOCK_N
+        last = tl.minimum(first + BLOCK_N, seq_len_k) - 1
+        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
+            Q_START + bounds_row, Q_END + bounds_row, first, last, BLOCK_M
+        )
+        batch64 = batch.to(tl.int64)
+        io_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + batch64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        v = tl.load(V + batch64 * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for group_member in range(q_per_kv):
+            head = kv_head * q_per_kv + group_member
+            Q_head = Q + batch64 * stride_qb + head * stride_qh
+            DO_head = DO + batch64 * stride_dob + head * stride_doh
+            stats_row = (batch64 * num_heads_q + head) * seq_len_q
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
+                                       stride_qs, stride_dos, q_start, q_end, tile_lo, inner_lo, seq_len_q,
+                                       qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION)
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
+                                       stride_qs, stride_dos, q_start, q_end, inner_lo, inner_hi, seq_len_q,
+                                       qk_scale, offs_d, d_valid, BLOCK_M, False, EVEN_D, DOT_PRECISION)
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
+                                       stride_qs, stride_dos, q_start, q_end, inner_hi, tile_hi, seq_len_q,
+                                       qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION)
+        dk_ptrs = DK + batch64 * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+        dv_ptrs = DV + batch64 * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
-def _check_inputs(q, k, v, mask) -> None:
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _block_sizes(head_dim: int, device: torch.device) -> dict:
+    """Tile shapes and launch settings. Not measured yet on a GPU (the performance issue tunes
+    them with ``TFKERNELS_AUTOTUNE=1``); these are the usual FlashAttention-2 starting points."""
+    if device.type != "cuda":
+        # Interpreter: small tiles so short test sequences still cross many tile borders.
+        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=8, num_stages=3)
+    return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=8, num_stages=2)
+
+
+def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per_tile: int,
+                    cols_per_tile: int) -> torch.Tensor:
+    """Order of the ``B * num_tiles`` row tiles, most column tiles to visit first: int32.
+
+    ``bound_start``/``bound_end`` ``[B, R]`` are monotone interval bounds (the mask's, or its key
+    intervals for the key side); a tile of rows visits column tiles ``[start[first] // cols,
+    cdiv(end[last], cols))``.
+    """
+    rows = bound_start.shape[1]
+    firsts = torch.arange(0, rows, rows_per_tile, device=bound_start.device)
+    lasts = (firsts + rows_per_tile - 1).clamp(max=rows - 1)
+    lo = bound_start[:, firsts].long() // cols_per_tile
+    hi = (bound_end[:, lasts].long() + cols_per_tile - 1) // cols_per_tile
+    work = (hi - lo).flatten()
+    return torch.argsort(work, descending=True, stable=True).to(torch.int32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_fwd(q, k, v, kv_start, kv_end, scale):
+    batch, seq_q, heads_q, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    out = torch.empty(batch, seq_q, heads_q, dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    cfg = _block_sizes(dim, q.device)
+    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"])
+    num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
+    _attn_fwd_kernel[(heads_q, order.numel())](
+        q, k, v, out, lse, kv_start, kv_end, order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        seq_q, seq_k, heads_q, num_q_tiles, heads_q // heads_kv, scale * _LOG2E,
+        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
+    batch, seq_q, heads_q, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq, dk, dv
+    cfg = _block_sizes(dim, q.device)
+    block_d = max(16, triton.next_power_of_2(dim))
+    precision = _dot_precision(q.dtype)
+    q_per_kv = heads_q // heads_kv
+    delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, 64), batch * heads_q)](
+        out, do, dlse, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        seq_q, heads_q,
+        HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64,
+    )
+    q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
+    key_order = _heaviest_first(q_start, q_end, cfg["bwd_n"], cfg["bwd_m"])
+    _attn_bwd_dkdv_kernel[(heads_kv, key_order.numel())](
+        q, k, v, do, lse, delta, dk, dv, q_start, q_end, key_order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        seq_q, seq_k, heads_q, triton.cdiv(seq_k, cfg["bwd_n"]), q_per_kv, scale * _LOG2E, scale,
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"])
+    _attn_bwd_dq_kernel[(heads_q, query_order.numel())](
+        q, k, v, do, lse, delta, dq, kv_start, kv_end, query_order,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        seq_q, seq_k, heads_q, triton.cdiv(seq_q, cfg["bwd_m"]), q_per_kv, scale * _LOG2E, scale,
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration and autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(q, k, v, kv_start, kv_end, scale)
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale):
+    batch, seq_q, heads_q, dim = q.shape
+    out = q.new_empty(batch, seq_q, heads_q, dim)
+    lse = q.new_empty(batch, heads_q, seq_q, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("tfkernels::attention_bwd", mutates_args=())
+def _attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, dlse: torch.Tensor | None, kv_start: torch.Tensor, kv_end: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_start, kv_end, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)  # an unused lse output must not cost a dLSE pass
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
+    if d_out is None:
+        d_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kv_start, kv_end, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
     """Raise a clear error for anything a kernel cannot take, before any launch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -30,7 +577,9 @@ def _check_inputs(q, k, v, mask) -> None:
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     batch, _, heads_q, dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k, v: expected the same shape [B, Sk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k, v: expected the same shape [B, Sk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != batch or k.shape[3] != dim:
         raise ValueError(
             f"k: expected batch {batch} and head dim {dim} as in q {tuple(q.shape)}, got {tuple(k.shape)}"
@@ -40,7 +589,16 @@ def _check_inputs(q, k, v, mask) -> None:
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected 1..{MAX_HEAD_DIM}, got {dim}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
     mask.validate(batch_size=batch, seq_len_q=q.shape[1], seq_len_k=k.shape[1], device=q.device)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides except along the head dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def attention(
@@ -55,16 +613,33 @@ def attention(
     """Softmax attention where query ``q`` sees keys ``[mask.kv_start[q], mask.kv_end[q])``.
 
     Args:
-        q: ``[B, Sq, Hq, D]``; fp16, bf16 or fp32; any strides.
-        k, v: ``[B, Sk, Hkv, D]``, ``Hq % Hkv == 0`` (GQA/MQA).
-        mask: ``IntervalMask`` of batch ``B``, ``Sq`` rows and ``Sk`` keys.
+        q: ``[B, Sq, Hq, D]``; float16, bfloat16 or float32; ``D <= 256``; any strides (a
+            non-unit stride along ``D`` costs a copy).
+        k, v: ``[B, Sk, Hkv, D]``, ``Hq % Hkv == 0`` (GQA/MQA: kv head ``h // (Hq // Hkv)``
+            serves query head ``h``).
+        mask: ``IntervalMask`` with batch ``B``, ``Sq`` rows and ``seq_len_k == Sk``; for
+            ``Sq != Sk`` the queries are the last ``Sq`` positions (bottom-right aligned).
         scale: score scale, ``1 / sqrt(D)`` by default.
-        return_lse: also return the log-sum-exp of the scaled scores, ``[B, Hq, Sq]`` float32.
-        deterministic: bitwise-reproducible gradients.
+        return_lse: also return the log-sum-exp of the scaled scores, ``[B, Hq, Sq]`` float32,
+            natural log, differentiable.
+        deterministic: ask for bitwise-reproducible gradients. The current backward is always
+            deterministic (dQ has its own pass; a GQA group's heads are summed in a fixed
+            order), so this only matters if a faster atomic path is added later.
 
     Returns:
-        out ``[B, Sq, Hq, D]`` (and lse). Rows that see no key give zeros (lse = -inf).
+        out ``[B, Sq, Hq, D]`` in q's dtype, and lse if asked. Rows that see no key give zeros
+        (lse = -inf) and zero gradients.
+
+    CUDA tensors run the Triton kernels; CPU tensors run ``tfkernels.reference.attention``, or
+    the Triton kernels in the interpreter when ``TRITON_INTERPRET=1``.
     """
-    _check_inputs(q, k, v, mask)
-    out, lse = reference.attention(q, k, v, mask, scale)
+    _check_inputs(q, k, v, mask, scale, deterministic)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_triton(q):
+        out, lse = _attention_fwd(
+            _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
+            mask.kv_start.contiguous(), mask.kv_end.contiguous(), scale,
+        )
+    else:
+        out, lse = reference.attention(q, k, v, mask, scale)
     return (out, lse) if return_lse else out
