@@ -3,6 +3,6 @@
 Shared by the tests, the benchmarks and the CPU path of the public ops.
 """
 
-from .attention import attention
+from .masked_attention import attention
 
 __all__ = ["attention"]

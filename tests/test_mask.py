@@ -1,0 +1,306 @@
+"""IntervalMask against brute-force per-(query, key) definitions of each mask."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tfkernels as tk
+from tfkernels.testing import random_layout, segment_ids_from_layout
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def brute_force_transfusion(seq_len, images, documents):
+    """bool [B, S, S] from the definition: same document, and key <= query or both in one image."""
+    batch = len(documents)
+    dense = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    for row in range(batch):
+        doc_of = [-1] * seq_len
+        offset = 0
+        for doc, length in enumerate(documents[row]):
+            for p in range(offset, offset + length):
+                doc_of[p] = doc
+            offset += length
+        image_of = [-1] * seq_len
+        for i, (s, e) in enumerate(images[row]):
+            for p in range(s, e):
+                image_of[p] = i
+        for q in range(seq_len):
+            for k in range(seq_len):
+                same_doc = doc_of[q] >= 0 and doc_of[q] == doc_of[k]
+                same_image = image_of[q] >= 0 and image_of[q] == image_of[k]
+                dense[row, q, k] = same_doc and (k <= q or same_image)
+    return dense
+
+
+def brute_force(kind, batch, seq_q, seq_k, param=None):
+    """bool [B, Sq, Sk] for the standard masks, queries at positions i + Sk - Sq."""
+    dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(seq_q):
+            p = i + seq_k - seq_q
+            for k in range(seq_k):
+                if kind == "causal":
+                    ok = k <= p
+                elif kind == "full":
+                    ok = True
+                elif kind == "prefix_lm":
+                    prefix = param[b] if isinstance(param, list) else param
+                    ok = k < prefix or k <= p
+                else:  # sliding window
+                    ok = p - param < k <= p
+                dense[b, i, k] = ok
+    return dense
+
+
+@st.composite
+def layouts(draw, max_len=48, max_batch=3):
+    seq_len = draw(st.integers(1, max_len))
+    batch = draw(st.integers(1, max_batch))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    images, documents = random_layout(
+        rng, batch, seq_len, max_image_len=draw(st.integers(1, 12)), padding=draw(st.booleans())
+    )
+    return seq_len, images, documents
+
+
+@SETTINGS
+@given(layouts())
+def test_from_spans_matches_brute_force(layout):
+    seq_len, images, documents = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    assert mask.kv_start.dtype == torch.int32 and mask.kv_start.shape == (len(documents), seq_len)
+    assert torch.equal(mask.to_dense(), brute_force_transfusion(seq_len, images, documents))
+    mask.validate()
+
+
+@SETTINGS
+@given(layouts())
+def test_from_segment_ids_equals_from_spans(layout):
+    seq_len, images, documents = layout
+    spans_mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    ids_mask = tk.IntervalMask.from_segment_ids(*segment_ids_from_layout(seq_len, images, documents))
+    assert torch.equal(ids_mask.kv_start, spans_mask.kv_start)
+    assert torch.equal(ids_mask.kv_end, spans_mask.kv_end)
+    assert ids_mask.seq_len_k == seq_len
+
+
+@SETTINGS
+@given(layouts())
+def test_key_intervals_are_the_dense_columns(layout):
+    seq_len, images, documents = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    q_start, q_end = mask.key_intervals()
+    assert q_start.dtype == torch.int32 and q_start.shape == (len(documents), seq_len)
+    queries = torch.arange(seq_len)
+    from_intervals = (queries[None, :, None] >= q_start[:, None, :]) & (queries[None, :, None] < q_end[:, None, :])
+    assert torch.equal(from_intervals, mask.to_dense())
+    assert (q_start <= q_end).all()
+    assert (q_start[:, 1:] >= q_start[:, :-1]).all() and (q_end[:, 1:] >= q_end[:, :-1]).all()
+
+
+@SETTINGS
+@given(layouts())
+def test_visible_pairs_counts_the_dense_mask(layout):
+    seq_len, images, documents = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    assert mask.visible_pairs() == int(brute_force_transfusion(seq_len, images, documents).sum())
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(0, 40), st.integers(0, 40))
+def test_causal_and_full_rectangular(batch, seq_q, seq_k):
+    causal = tk.IntervalMask.causal(batch, seq_q, seq_k)
+    assert torch.equal(causal.to_dense(), brute_force("causal", batch, seq_q, seq_k))
+    causal.validate()
+    full = tk.IntervalMask.full(batch, seq_q, seq_k)
+    assert torch.equal(full.to_dense(), brute_force("full", batch, seq_q, seq_k))
+    full.validate()
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(0, 8), st.data())
+def test_prefix_lm_and_sliding_window(seq_k, extra_q, data):
+    seq_q = data.draw(st.integers(0, seq_k))
+    prefix = data.draw(st.lists(st.integers(0, seq_k), min_size=2, max_size=2))
+    mask = tk.IntervalMask.prefix_lm(prefix, 2, seq_q, seq_k)
+    assert torch.equal(mask.to_dense(), brute_force("prefix_lm", 2, seq_q, seq_k, prefix))
+    mask.validate()
+    scalar = tk.IntervalMask.prefix_lm(prefix[0], 2, seq_q, seq_k)
+    assert torch.equal(scalar.to_dense(), brute_force("prefix_lm", 2, seq_q, seq_k, prefix[0]))
+    window = data.draw(st.integers(1, seq_k + extra_q + 1))
+    sliding = tk.IntervalMask.sliding_window(window, 2, seq_q, seq_k)
+    assert torch.equal(sliding.to_dense(), brute_force("window", 2, seq_q, seq_k, window))
+    sliding.validate()
+
+
+@SETTINGS
+@given(layouts(), st.data())
+def test_slice_queries_is_a_kv_cache_step(layout, data):
+    seq_len, images, documents = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    # A step may end anywhere except strictly inside an image (its keys would be cut off).
+    inside_image = {p for spans in images for (s, e) in spans for p in range(s + 1, e)}
+    end = data.draw(st.sampled_from([e for e in range(seq_len + 1) if e not in inside_image]))
+    start = data.draw(st.integers(0, end))
+    step = mask.slice_queries(start, end)
+    assert step.seq_len_q == end - start and step.seq_len_k == end
+    assert torch.equal(step.to_dense(), mask.to_dense()[:, start:end, :end])
+
+
+def test_slice_queries_of_causal_matches_rectangular_causal():
+    full_sequence = tk.IntervalMask.causal(2, 50)
+    step = full_sequence.slice_queries(43, 50)
+    rectangular = tk.IntervalMask.causal(2, 7, 50)
+    assert torch.equal(step.kv_start, rectangular.kv_start) and torch.equal(step.kv_end, rectangular.kv_end)
+
+
+def test_slice_queries_mid_image_is_rejected():
+    mask = tk.IntervalMask.from_spans(20, images=[[(4, 12)]])
+    with pytest.raises(ValueError, match=r"mask.kv_end: batch row 0, query 2: expected kv_end <= seq_len_k=10"):
+        mask.slice_queries(2, 10)
+
+
+def test_from_segment_ids_compiles_without_host_sync():
+    """fullgraph=True fails on any .item()/host sync or Python loop over tensor values."""
+    rng = random.Random(0)
+    images, documents = random_layout(rng, 2, 64)
+    doc_ids, image_ids = segment_ids_from_layout(64, images, documents)
+
+    def bounds(d, i):
+        mask = tk.IntervalMask.from_segment_ids(d, i)
+        return mask.kv_start, mask.kv_end
+
+    compiled = torch.compile(bounds, fullgraph=True, backend="eager")
+    start, end = compiled(doc_ids, image_ids)
+    expected = tk.IntervalMask.from_spans(64, images=images, documents=documents)
+    assert torch.equal(start, expected.kv_start) and torch.equal(end, expected.kv_end)
+
+
+def test_padding_rows_see_nothing_and_are_seen_by_nothing():
+    mask = tk.IntervalMask.from_spans(10, images=[[(2, 5)]], documents=[[6]])
+    dense = mask.to_dense()
+    assert not dense[0, 6:].any() and not dense[0, :, 6:].any()
+    assert mask.kv_start[0, 6:].tolist() == mask.kv_end[0, 6:].tolist() == [6, 7, 8, 9]
+
+
+# ------------------------------------------------------------------------------ validation errors
+def _mask(start, end, seq_len_k):
+    return tk.IntervalMask(torch.tensor([start], dtype=torch.int32), torch.tensor([end], dtype=torch.int32), seq_len_k)
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (_mask([0, -1, 0], [1, 2, 3], 3), r"mask.kv_start: batch row 0, query 1: expected kv_start >= 0, got \[-1, 2\)"),
+        (_mask([0, 0, 0], [1, 2, 4], 3), r"mask.kv_end: batch row 0, query 2: expected kv_end <= seq_len_k=3, got \[0, 4\)"),
+        (_mask([0, 2, 2], [1, 1, 3], 3), r"mask.kv_end: batch row 0, query 1: expected kv_start <= kv_end, got \[2, 1\)"),
+        (_mask([0, 1, 0], [1, 2, 3], 3),
+         r"mask.kv_start: batch row 0, query 2: expected kv_start non-decreasing along queries, got \[0, 3\) after \[1, 2\)"),
+        (_mask([0, 0, 0], [2, 1, 3], 3),
+         r"mask.kv_end: batch row 0, query 1: expected kv_end non-decreasing along queries, got \[0, 1\) after \[0, 2\)"),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int32), 3),
+         r"mask.kv_start: expected dtype torch.int32, got torch.int64"),
+        (tk.IntervalMask(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 3),
+         r"mask.kv_start: expected shape \[B, Sq\], got \(3,\)"),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 4, dtype=torch.int32), 3),
+         r"mask: kv_start \(1, 3\) and kv_end \(1, 4\) differ in shape"),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), -1),
+         r"mask.seq_len_k: expected an int >= 0, got -1"),
+        (tk.IntervalMask([0, 0], torch.ones(1, 3, dtype=torch.int32), 3),
+         r"mask.kv_start: expected an int32 tensor \[B, Sq\], got list"),
+    ],
+)
+def test_validation_errors(mask, message):
+    with pytest.raises(ValueError, match=message):
+        mask.validate()
+
+
+def test_validation_names_the_second_batch_row():
+    start = torch.zeros(2, 4, dtype=torch.int32)
+    end = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"batch row 1, query 2: expected kv_end <= seq_len_k=4"):
+        tk.IntervalMask(start, end, 4).validate()
+
+
+def test_validation_against_the_inputs():
+    mask = tk.IntervalMask.causal(2, 8)
+    with pytest.raises(ValueError, match=r"mask.batch_size: is 2 but the inputs need 3"):
+        mask.validate(batch_size=3)
+    with pytest.raises(ValueError, match=r"mask.seq_len_q: is 8 but the inputs need 9"):
+        mask.validate(seq_len_q=9)
+    with pytest.raises(ValueError, match=r"mask.seq_len_k: is 8 but the inputs need 16"):
+        mask.validate(seq_len_k=16)
+    with pytest.raises(ValueError, match=r"mask: tensors are on cpu but the inputs are on meta"):
+        mask.validate(device="meta")
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: tk.IntervalMask.from_spans(10), r"from_spans: give images, documents or both"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 2)]]),
+         r"images\[0\]\[0\]: expected 0 <= start < end <= seq_len=10, got \(3, 2\)"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 5), (4, 6)]]),
+         r"images\[0\]\[1\]: span \(4, 6\) overlaps or precedes the previous span"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 6)]], documents=[[4, 6]]),
+         r"images\[0\]\[0\]: span \(2, 6\) is not inside one document"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(8, 10)]], documents=[[8]]),
+         r"images\[0\]\[0\]: span \(8, 10\) is not inside one document"),
+        (lambda: tk.IntervalMask.from_spans(10, documents=[[6, 6]]),
+         r"documents\[0\]: lengths sum to 12, more than seq_len=10"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[], []], documents=[[10]]),
+         r"from_spans: images has 2 rows but documents has 1"),
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(4, dtype=torch.long)),
+         r"doc_ids: expected an int tensor \[B, S\]"),
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4), None),
+         r"doc_ids: expected an integer dtype, got torch.float32"),
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)),
+         r"image_ids: expected a tensor of doc_ids' shape \(1, 4\)"),
+        (lambda: tk.IntervalMask.causal(2, -1), r"seq_len_q: expected an int >= 0, got -1"),
+        (lambda: tk.IntervalMask.sliding_window(0, 1, 4), r"window: expected an int >= 1, got 0"),
+        (lambda: tk.IntervalMask.prefix_lm([1, 2, 3], 2, 4), r"prefix_len: expected 2 values \(one per row\), got 3"),
+        (lambda: tk.IntervalMask.prefix_lm(9, 1, 4), r"prefix_len: expected values in \[0, seq_len_k=4\]"),
+        (lambda: tk.IntervalMask.causal(1, 8).slice_queries(5, 3), r"slice_queries: expected 0 <= start <= end"),
+    ],
+)
+def test_constructor_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_values_are_checked_once_per_mask():
+    mask = tk.IntervalMask.causal(1, 4)
+    mask.validate()
+    mask.kv_end[0, 0] = 9  # mutated in place after the check: the cached verdict stands
+    mask.validate()
+    with pytest.raises(ValueError, match="kv_end <= seq_len_k"):
+        tk.IntervalMask(mask.kv_start, mask.kv_end, 4).validate()
+
+
+# ------------------------------------------------------------------------------ interop
+def test_flex_block_mask_matches_reference_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rng = random.Random(1)
+    seq_len = 96
+    images, documents = random_layout(rng, 2, seq_len, max_image_len=20)
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    block_mask = mask.to_flex_block_mask(block_size=32)
+    torch.manual_seed(0)
+    q = torch.randn(2, seq_len, 4, 16, dtype=torch.float64)
+    k = torch.randn(2, seq_len, 2, 16, dtype=torch.float64)
+    v = torch.randn(2, seq_len, 2, 16, dtype=torch.float64)
+    expected, _ = tk.reference.attention(q, k, v, mask)
+    with pytest.warns(UserWarning, match="flex_attention called without torch.compile"):
+        out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # The block structure itself: a block is listed iff the dense mask has a pair in it.
+    dense = mask.to_dense()
+    blocks = dense.reshape(2, 3, 32, 3, 32).any(dim=(2, 4))
+    listed = block_mask.to_dense().bool()[:, 0, :3, :3]
+    assert torch.equal(listed, blocks)
