@@ -401,7 +401,7 @@ def _block_sizes(head_dim: int, device: torch.device) -> dict:
     them with ``TFKERNELS_AUTOTUNE=1``); these are the usual FlashAttention-2 starting points."""
     if device.type != "cuda":
         # Interpreter: small tiles so short test sequences still cross many tile borders.
-        return dict(fwd_m=32, fwd_n=32, bwd_m=32, bwd_n=32, num_warps=4, num_stages=1)
+        return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=4, num_stages=3)
     if head_dim <= 128:

@@ -71,6 +71,9 @@ def attention(
     qh = q.transpose(1, 2).to(compute)  # [B, Hq, Sq, D]
     kh = k.transpose(1, 2).to(compute).repeat_interleave(group, dim=1)  # [B, Hq, Sk, D]
     vh = v.transpose(1, 2).to(compute).repeat_interleave(group, dim=1)
+    if seq_k == 0:  # nothing to see: every row is a padding row
+        lse = qh.new_full((batch, heads_q, seq_q), float("-inf"))
+        return torch.zeros_like(q), lse.to(torch.promote_types(compute, torch.float32))
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads_q * seq_k))
     use_checkpoint = torch.is_grad_enabled() and seq_q > chunk and any(
         t.requires_grad for t in (q, k, v)
