@@ -264,3 +264,11 @@ def test_head_dims_on_gpu(dim):
     mask = _transfusion_mask(1024, 2, seed=22, max_image_len=256)
     q, k, v = _qkv(2, 1024, 1024, 8, 2, dim, torch.bfloat16, seed=23)
     assert_matches_reference(q, k, v, mask)
+
+
+@gpu_only
+def test_autotuned_configs_match_reference_on_gpu(monkeypatch):
+    monkeypatch.setenv("TFKERNELS_AUTOTUNE", "1")
+    mask = _transfusion_mask(2048, 2, seed=24, max_image_len=256)
+    q, k, v = _qkv(2, 2048, 2048, 8, 2, 128, torch.bfloat16, seed=25)
+    assert_matches_reference(q, k, v, mask)

@@ -37,6 +37,7 @@ and their gradients are 0 (the element mask zeroes their probabilities before an
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -393,12 +394,44 @@ if HAS_TRITON:
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
+    def _tuning_space(free_block: str) -> list:
+        """Configs over the one tile size the launcher does not fix, warps and pipeline depth."""
+        return [
+            triton.Config({free_block: block}, num_warps=warps, num_stages=stages)
+            for block in (32, 64, 128)
+            for warps in (4, 8)
+            for stages in (2, 3, 4)
+        ]
+
+    # Keyed on the head dim (and, implicitly, the dtypes), never on sequence lengths: a training
+    # run with a new layout or length every step tunes once per (D, dtype).
+    _attn_fwd_tuned = triton.autotune(_tuning_space("BLOCK_N"), key=["HEAD_DIM"])(_attn_fwd_kernel)
+    _attn_bwd_dq_tuned = triton.autotune(_tuning_space("BLOCK_N"), key=["HEAD_DIM"])(_attn_bwd_dq_kernel)
+    _attn_bwd_dkdv_tuned = triton.autotune(_tuning_space("BLOCK_M"), key=["HEAD_DIM"])(_attn_bwd_dkdv_kernel)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
+def _autotune(device: torch.device) -> bool:
+    """``TFKERNELS_AUTOTUNE=1`` on a GPU: benchmark the tuning space on the first call per
+    (head dim, dtype) instead of using the default config (18 configs per kernel: expect a minute)."""
+    return device.type == "cuda" and os.environ.get("TFKERNELS_AUTOTUNE", "0") == "1"
+
+
+def _launch(kernel, tuned_kernel, grid, args, fixed: dict, free: dict, device):
+    """Launch with the default ``free`` settings, or let the autotuner pick them."""
+    if _autotune(device):
+        tuned_kernel[grid](*args, **fixed)
+    else:
+        kernel[grid](*args, **fixed, **free)
+
+
 def _block_sizes(head_dim: int, device: torch.device) -> dict:
-    """Tile shapes and launch settings. Not measured yet on a GPU (the performance issue tunes
-    them with ``TFKERNELS_AUTOTUNE=1``); these are the usual FlashAttention-2 starting points."""
+    """Default tile shapes and launch settings: the usual FlashAttention-2 starting points, not yet
+    measured here (the performance work tunes them; ``TFKERNELS_AUTOTUNE=1`` searches). The
+    query-tile size of the forward/dQ kernels and the key-tile size of the dK/dV kernel are
+    fixed here because the heaviest-first tile order is computed from them."""
     if device.type != "cuda":
         # Interpreter: small tiles so short test sequences still cross many tile borders.
         return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=4, num_stages=1)
@@ -426,6 +459,9 @@ def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
 
 
+_DELTA_ROWS = 64  # rows per program of the memory-bound delta pass
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -440,43 +476,45 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
     cfg = _block_sizes(dim, q.device)
     order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"])
     num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
-    _attn_fwd_kernel[(heads_q, order.numel())](
+    args = (
         q, k, v, out, lse, kv_start, kv_end, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         seq_q, seq_k, heads_q, num_q_tiles, heads_q // heads_kv, scale * _LOG2E,
-        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    fixed = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=cfg["fwd_m"],
+                 DOT_PRECISION=_dot_precision(q.dtype))
+    free = dict(BLOCK_N=cfg["fwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, (heads_q, order.numel()), args, fixed, free, q.device)
     return out, lse
 
 
 def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     if q.numel() == 0 or k.numel() == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # Every row of dq and every key of dk/dv is written by exactly one program: no zero-fill.
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     cfg = _block_sizes(dim, q.device)
     block_d = max(16, triton.next_power_of_2(dim))
     precision = _dot_precision(q.dtype)
     q_per_kv = heads_q // heads_kv
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, 64), batch * heads_q)](
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_ROWS), batch * heads_q)](
         out, do, dlse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         seq_q, heads_q,
-        HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=64,
+        HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=_DELTA_ROWS,
     )
     q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
     key_order = _heaviest_first(q_start, q_end, cfg["bwd_n"], cfg["bwd_m"])
-    _attn_bwd_dkdv_kernel[(heads_kv, key_order.numel())](
+    args = (
         q, k, v, do, lse, delta, dk, dv, q_start, q_end, key_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -485,11 +523,13 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_q, seq_k, heads_q, triton.cdiv(seq_k, cfg["bwd_n"]), q_per_kv, scale * _LOG2E, scale,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision)
+    free = dict(BLOCK_M=cfg["bwd_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv, key_order.numel()), args, fixed, free,
+            q.device)
     query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"])
-    _attn_bwd_dq_kernel[(heads_q, query_order.numel())](
+    args = (
         q, k, v, do, lse, delta, dq, kv_start, kv_end, query_order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -497,9 +537,10 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_q, seq_k, heads_q, triton.cdiv(seq_q, cfg["bwd_m"]), q_per_kv, scale * _LOG2E, scale,
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], DOT_PRECISION=precision)
+    free = dict(BLOCK_N=cfg["bwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, (heads_q, query_order.numel()), args, fixed, free, q.device)
     return dq, dk, dv
 
 
