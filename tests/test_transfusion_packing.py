@@ -1,0 +1,227 @@
+"""The packer against the documents it packs, checked position by position."""
+
+import pytest
+import torch
+
+import transfusion_core as tc
+from transfusion_core.model import patchify
+
+CONFIG = tc.TransfusionConfig(dim=32, n_layers=1, n_heads=2, image_size=4)
+BOS, EOS, BOI, EOI = CONFIG.bos_id, CONFIG.eos_id, CONFIG.boi_id, CONFIG.eoi_id
+
+
+def random_document(generator):
+    """Text runs and images of random sizes (multiples of the patch size), in random order."""
+    document = []
+    for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+        if torch.rand((), generator=generator) < 0.5:
+            document.append(torch.randint(0, 256, (int(torch.randint(0, 6, (), generator=generator)),),
+                                          generator=generator).tolist())
+        else:
+            h, w = (2 * int(torch.randint(1, 4, (), generator=generator)) for _ in range(2))
+            document.append(torch.randn(3, h, w, generator=generator))
+    return document
+
+
+def layout(document):
+    """Brute force: the document as a list of positions, each a token id or (image index, patch)."""
+    positions = [BOS]
+    images = []
+    for item in document:
+        if isinstance(item, torch.Tensor):
+            positions.append(BOI)
+            patches = patchify(item, 2)
+            positions += [(len(images), k) for k in range(patches.shape[0])]
+            images.append(patches)
+            positions.append(EOI)
+        else:
+            positions += list(item)
+    return positions + [EOS], images
+
+
+def unpack_row(batch, row):
+    """The documents of one packed row, in the same form as ``layout``, from the batch alone."""
+    documents = []
+    doc_ids = batch.doc_ids[row].tolist()
+    for q, doc in enumerate(doc_ids):
+        if doc < 0:
+            assert all(d < 0 for d in doc_ids[q:]), "padding only at the end of a row"
+            break
+        if q == 0 or doc != doc_ids[q - 1]:
+            assert doc == len(documents), "documents numbered 0, 1, ... along the row"
+            documents.append(([], {}))
+        positions, images = documents[-1]
+        image = int(batch.image_ids[row, q])
+        if image:
+            lo, hi = batch.patch_offsets[image - 1], batch.patch_offsets[image]
+            k = sum(1 for p in positions if isinstance(p, tuple) and p[0] == image)
+            positions.append((image, k))
+            images[image] = batch.patches[lo:hi]
+        else:
+            positions.append(int(batch.tokens[row, q]))
+    return documents
+
+
+def brute_force_mask(batch, row):
+    seq_len = batch.tokens.shape[1]
+    doc, img = batch.doc_ids[row].tolist(), batch.image_ids[row].tolist()
+    dense = torch.zeros(seq_len, seq_len, dtype=torch.bool)
+    for q in range(seq_len):
+        for k in range(seq_len):
+            same_doc = doc[q] >= 0 and doc[q] == doc[k]
+            same_image = img[q] != 0 and img[q] == img[k]
+            dense[q, k] = same_doc and (k <= q or same_image)
+    return dense
+
+
+def test_packed_rows_match_documents():
+    generator = torch.Generator().manual_seed(0)
+    documents = [random_document(generator) for _ in range(40)]
+    documents.append([list(range(64 - 2))])  # exactly one full row: BOS + 62 tokens + EOS
+    batch = tc.Packer(CONFIG, 64, seed=1)(documents)
+    seq_len = 64
+    assert batch.tokens.shape == batch.targets.shape == batch.positions.shape == (batch.tokens.shape[0], seq_len)
+    found = []
+    for row in range(batch.tokens.shape[0]):
+        assert torch.equal(batch.mask.to_dense()[row], brute_force_mask(batch, row))
+        start = 0
+        for positions, images in unpack_row(batch, row):
+            length = len(positions)
+            assert batch.positions[row, start:start + length].tolist() == list(range(length))
+            # Targets: the next position's token when both are text; BOI is predicted, EOI is not.
+            for j, p in enumerate(positions):
+                nxt = positions[j + 1] if j + 1 < length else None
+                expected = nxt if isinstance(p, int) and isinstance(nxt, int) else tc.IGNORE_INDEX
+                assert int(batch.targets[row, start + j]) == expected
+            found.append((positions, images))
+            start += length
+        assert (batch.targets[row, start:] == tc.IGNORE_INDEX).all()
+        assert (batch.positions[row, start:] == 0).all()
+    # Every document appears exactly once, whole, with its tokens and patches in place.
+    assert len(found) == len(documents)
+    unmatched = list(range(len(found)))
+    for document in documents:
+        want_positions, want_images = layout(document)
+        for i in unmatched:
+            positions, images = found[i]
+            if len(positions) != len(want_positions):
+                continue
+            ids = list(dict.fromkeys(p[0] for p in positions if isinstance(p, tuple)))
+            renamed = [(ids.index(p[0]), p[1]) if isinstance(p, tuple) else p for p in positions]
+            if renamed == want_positions and all(
+                torch.equal(images[image_id], want) for image_id, want in zip(ids, want_images)
+            ):
+                unmatched.remove(i)
+                break
+        else:
+            raise AssertionError(f"document not found whole in any row: {want_positions}")
+    # Images are in row-major order and the grids and offsets agree with the patches.
+    grids = batch.image_grids
+    assert torch.equal(batch.patch_offsets[1:] - batch.patch_offsets[:-1], grids[:, 0] * grids[:, 1])
+    assert batch.patch_offsets[-1] == batch.patches.shape[0] == int((batch.image_ids != 0).sum())
+    assert batch.timesteps.shape == (batch.num_images,)
+    assert (batch.timesteps >= 0).all() and (batch.timesteps < CONFIG.num_timesteps).all()
+
+
+def test_first_fit_fills_earlier_rows():
+    packer = tc.Packer(CONFIG, 16)
+    # Lengths with BOS/EOS: 12, 12, 4 -> the third document fits after the first.
+    batch = packer([[list(range(10))], [list(range(10))], [list(range(2))]])
+    assert batch.doc_ids.tolist()[0] == [0] * 12 + [1] * 4
+    assert batch.doc_ids.tolist()[1] == [0] * 12 + [-1] * 4
+
+
+def test_document_longer_than_row_is_rejected():
+    packer = tc.Packer(CONFIG, 16)
+    with pytest.raises(ValueError, match=r"documents\[1\]: takes 18 positions.*seq_len=16.*truncate=True"):
+        packer([[[1, 2]], [list(range(16))]])
+
+
+def test_truncation_keeps_a_prefix_with_whole_images():
+    image = torch.randn(3, 4, 4)  # 4 patches
+    packer = tc.Packer(CONFIG, 10, truncate=True)
+    # BOS, 3 tokens, BOI, 4 patches, EOI = 10: the image fits exactly, the rest is cut.
+    batch = packer([[[1, 2, 3], image, [7, 8]]])
+    assert batch.tokens[0, :5].tolist() == [BOS, 1, 2, 3, BOI] and int(batch.tokens[0, 9]) == EOI
+    assert batch.num_images == 1
+    # With one more leading token the image no longer fits: it is dropped with its BOI.
+    batch = packer([[[1, 2, 3, 4], image, [7, 8]]])
+    assert batch.num_images == 0
+    assert batch.tokens[0, :5].tolist() == [BOS, 1, 2, 3, 4]
+    assert (batch.doc_ids[0, 5:] == -1).all()
+
+
+def test_num_rows_pads_or_rejects():
+    batch = tc.Packer(CONFIG, 16, num_rows=3)([[[1, 2]]])
+    assert batch.tokens.shape == (3, 16)
+    assert (batch.doc_ids[1:] == -1).all() and not batch.mask.to_dense()[1:].any()
+    with pytest.raises(ValueError, match=r"need 2 rows of seq_len=16, more than num_rows=1"):
+        tc.Packer(CONFIG, 16, num_rows=1)([[list(range(10))], [list(range(10))]])
+
+
+def test_image_before_its_caption_has_capped_timesteps():
+    image = torch.randn(3, 2, 2)
+    packer = tc.Packer(CONFIG, 256, seed=0)
+    image_first = packer([[image, [5, 6]] for _ in range(60)])
+    caption_first = packer([[[5, 6], image] for _ in range(60)])
+    assert int(image_first.timesteps.max()) <= 500
+    assert int(caption_first.timesteps.max()) > 500
+    uncapped = tc.Packer(CONFIG, 256, image_first_t_max=None, seed=0)([[image, [5, 6]] for _ in range(60)])
+    assert int(uncapped.timesteps.max()) > 500
+
+
+def test_caption_first_probability_and_caption_dropout():
+    image = torch.randn(3, 2, 2)
+    documents = [[image, [5, 6]] for _ in range(1000)]
+    batch = tc.Packer(CONFIG, 1024, caption_first_prob=0.8, seed=0)(documents)
+    boi_positions = batch.tokens == BOI
+    caption_first = int((boi_positions & (batch.positions == 3)).sum())  # BOS, 5, 6, BOI
+    assert caption_first + int((boi_positions & (batch.positions == 1)).sum()) == 1000
+    assert 740 <= caption_first <= 860  # 0.8 +- 4.7 standard deviations
+    batch = tc.Packer(CONFIG, 1024, drop_caption_prob=0.5, seed=0)([[[5, 6], image] for _ in range(1000)])
+    dropped = int(((batch.tokens == BOI) & (batch.positions == 1)).sum())
+    assert 420 <= dropped <= 580
+    assert batch.num_images == 1000
+
+
+def test_same_seed_same_batch():
+    generator = torch.Generator().manual_seed(3)
+    documents = [random_document(generator) for _ in range(10)]
+    a, b = tc.Packer(CONFIG, 64, seed=5)(documents), tc.Packer(CONFIG, 64, seed=5)(documents)
+    assert torch.equal(a.timesteps, b.timesteps) and a.noise_seed == b.noise_seed
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.patches, b.patches)
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ([torch.randn(4, 4, 4)], r"documents\[0\]\[0\]: expected an image \[3, H, W\], got shape \(4, 4, 4\)"),
+        ([torch.randn(3, 4, 3)], r"documents\[0\]\[0\]: image size \(4, 3\) is not a multiple of patch_size=2"),
+        ([[1, 300]], r"documents\[0\]\[0\]: token ids must lie in \[0, vocab_size=260\)"),
+        ([[1, 2], [3, BOI]], r"documents\[0\]\[1\]: text contains a special token"),
+        ([[1.5, 2.0]], r"documents\[0\]\[0\]: expected token ids"),
+        ("some text", r"documents\[0\]: expected a list of token-id lists and image tensors"),
+    ],
+)
+def test_bad_documents_are_named(document, message):
+    with pytest.raises(ValueError, match=message):
+        tc.Packer(CONFIG, 64)([document])
+
+
+def test_bad_packer_arguments():
+    with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
+        tc.Packer(CONFIG, 1)
+    with pytest.raises(ValueError, match="caption_first_prob: expected a probability"):
+        tc.Packer(CONFIG, 16, caption_first_prob=1.5)
+    with pytest.raises(ValueError, match="image_first_t_max"):
+        tc.Packer(CONFIG, 16, image_first_t_max=1000)
+    with pytest.raises(ValueError, match="documents: expected at least one document"):
+        tc.Packer(CONFIG, 16)([])
+
+
+def test_byte_tokenizer_round_trip():
+    tokenizer = tc.ByteTokenizer()
+    tokens = tokenizer.encode("a red circle, été")
+    assert max(tokens) < 256
+    assert tokenizer.decode(tokens + [tokenizer.eos_id]) == "a red circle, été"
+    assert tokenizer.vocab_size == CONFIG.vocab_size and tokenizer.boi_id == CONFIG.boi_id

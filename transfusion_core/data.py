@@ -1,0 +1,277 @@
+"""Documents, a byte-level tokenizer, and the packer that turns documents into training rows.
+
+A document is an ordered list of text (token ids) and images (latents ``[C, H, W]``). The model
+reads it as ``BOS, text..., BOI, patches..., EOI, text..., EOS`` (``document_segments``). The
+packer places whole documents into rows of ``seq_len`` positions, pads, and returns a
+``PackedBatch``: what ``Transfusion.forward`` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+import tfkernels as tk
+
+from .model import (
+    IGNORE_INDEX,
+    TransfusionConfig,
+    document_segments,
+    noise_schedule,
+    patchify,
+    segment_length,
+    special_tokens,
+)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, then BOS, EOS, BOI, EOI (``TransfusionConfig``'s defaults)."""
+
+    vocab_size = 260
+    bos_id, eos_id, boi_id, eoi_id = 256, 257, 258, 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, tokens) -> str:
+        """Token ids -> text; special tokens are dropped, invalid UTF-8 replaced."""
+        return bytes(t for t in (int(t) for t in tokens) if t < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class PackedBatch:
+    """Documents packed into ``B`` rows of ``S`` positions, with ``N`` images of ``P`` patches.
+
+    Per position (``[B, S]``):
+        tokens: int64 token ids; 0 at image and padding positions (never read there).
+        positions: int64 position inside the document (RoPE); 0 on padding.
+        targets: int64 next-token targets at text positions whose next position is text of the
+            same document (so BOI is a target, EOI is not: it always follows an image);
+            ``IGNORE_INDEX`` (-100) elsewhere.
+        doc_ids: int64 document index in the row, -1 on padding.
+        image_ids: int64 1 + index of the image in the batch at its patch positions, else 0.
+    Per image (in row-major order of the positions):
+        patches: float32 ``[P, C*p*p]`` clean latents, patchified in raster order.
+        patch_offsets: int64 ``[N + 1]``; image ``i`` is ``patches[offsets[i]:offsets[i+1]]``.
+        image_grids: int64 ``[N, 2]`` patch grid ``(h, w)`` of each image.
+        timesteps: int64 ``[N]`` diffusion step of each image.
+    And:
+        mask: ``tk.IntervalMask`` built with ``from_segment_ids(doc_ids, image_ids)``.
+        noise_seed: seed of the patches' noise (``tk.add_noise`` / ``tk.diffusion_loss``).
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    doc_ids: torch.Tensor
+    image_ids: torch.Tensor
+    patches: torch.Tensor
+    patch_offsets: torch.Tensor
+    image_grids: torch.Tensor
+    timesteps: torch.Tensor
+    mask: tk.IntervalMask
+    noise_seed: int
+
+    @property
+    def num_images(self) -> int:
+        return self.image_grids.shape[0]
+
+    def to(self, device) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "noise_seed"}
+        return replace(self, **moved)
+
+
+class Packer:
+    """Packs documents into rows of ``seq_len`` positions (first fit, documents never split).
+
+    Args:
+        config: the model's config (special tokens, patch size, noise schedule).
+        seq_len: positions per row.
+        num_rows: pad the batch to exactly this many rows (fixed shapes); ``None``: as many
+            rows as the documents need. Documents that do not fit raise ``ValueError``.
+        image_first_t_max: largest timestep of an image that text follows in its document (the
+            paper caps it at 500 when an image precedes its caption, so the text conditions on
+            a recognisable image); ``None``: no cap.
+        caption_first_prob: for documents of one text and one image, put the text first with
+            this probability (the paper: 0.8); ``None`` keeps the given order.
+        drop_caption_prob: drop the text of caption-then-image documents with this probability,
+            so that the model learns the unconditional ``BOS, BOI, image`` that classifier-free
+            guidance uses (the paper drops 10%).
+        truncate: cut a document longer than ``seq_len`` (whole images only) instead of raising.
+        seed: seed of every random choice (order, caption drop, timesteps, noise seed).
+            ``packer.generator`` holds the state, for exact resumption.
+    """
+
+    def __init__(
+        self,
+        config: TransfusionConfig,
+        seq_len: int,
+        *,
+        num_rows: int | None = None,
+        image_first_t_max: int | None = 500,
+        caption_first_prob: float | None = None,
+        drop_caption_prob: float = 0.0,
+        truncate: bool = False,
+        seed: int = 0,
+    ):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
+        if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1):
+            raise ValueError(f"num_rows: expected None or an int >= 1, got {num_rows!r}")
+        if image_first_t_max is not None and not (
+            isinstance(image_first_t_max, int) and 0 <= image_first_t_max < config.num_timesteps
+        ):
+            raise ValueError(
+                f"image_first_t_max: expected None or an int in [0, {config.num_timesteps}), got {image_first_t_max!r}"
+            )
+        for name, p in (("caption_first_prob", caption_first_prob), ("drop_caption_prob", drop_caption_prob)):
+            if p is not None and not 0 <= p <= 1:
+                raise ValueError(f"{name}: expected a probability in [0, 1], got {p!r}")
+        self.config = config
+        self.seq_len = seq_len
+        self.num_rows = num_rows
+        self.image_first_t_max = image_first_t_max
+        self.caption_first_prob = caption_first_prob
+        self.drop_caption_prob = drop_caption_prob
+        self.truncate = truncate
+        self.schedule = noise_schedule(config)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, documents) -> PackedBatch:
+        if not documents:
+            raise ValueError("documents: expected at least one document")
+        laid_out = [self._lay_out(i, self._reorder(doc)) for i, doc in enumerate(documents)]
+        rows = self._assign_rows([sum(length for _, length, _ in segs) for segs in laid_out])
+        return self._fill(laid_out, rows)
+
+    # ------------------------------------------------------------------ per document
+    def _coin(self, p: float) -> bool:
+        return bool(torch.rand((), generator=self.generator) < p)
+
+    @staticmethod
+    def _is_image(item) -> bool:
+        return isinstance(item, torch.Tensor) and item.is_floating_point()
+
+    def _reorder(self, document):
+        """Caption order and caption dropout, for documents of one text and one image."""
+        document = list(document) if isinstance(document, (list, tuple)) else document
+        if not isinstance(document, list) or len(document) != 2 or self._is_image(document[0]) == self._is_image(document[1]):
+            return document
+        text, image = (document[1], document[0]) if self._is_image(document[0]) else (document[0], document[1])
+        caption_first = not self._is_image(document[0])
+        if self.caption_first_prob is not None:
+            caption_first = self._coin(self.caption_first_prob)
+        if caption_first and self.drop_caption_prob > 0 and self._coin(self.drop_caption_prob):
+            return [image]
+        return [text, image] if caption_first else [image, text]
+
+    def _lay_out(self, index: int, document):
+        """Segments of one document with their lengths and, for images, their timestep cap."""
+        name = f"documents[{index}]"
+        segments = document_segments(document, self.config, name=name)
+        lengths = [segment_length(s, self.config.patch_size) for s in segments]
+        if sum(lengths) > self.seq_len:
+            if not self.truncate:
+                raise ValueError(
+                    f"{name}: takes {sum(lengths)} positions (BOS/EOS, text, BOI/EOI and image patches), "
+                    f"more than seq_len={self.seq_len}; shorten it, raise seq_len or pass truncate=True"
+                )
+            segments, lengths = self._truncated(segments, lengths)
+        # An image that text follows in its document (it precedes its caption) gets the cap.
+        has_text = [not s.is_floating_point() and bool((~torch.isin(s, special_tokens(self.config))).any())
+                    for s in segments]
+        caps = []
+        for k, segment in enumerate(segments):
+            capped = segment.is_floating_point() and any(has_text[k + 1:]) and self.image_first_t_max is not None
+            caps.append(self.image_first_t_max if capped else self.config.num_timesteps - 1)
+        return list(zip(segments, lengths, caps))
+
+    def _truncated(self, segments, lengths):
+        """The longest prefix that fits: text cut anywhere, images kept whole or dropped."""
+        kept, kept_lengths, room = [], [], self.seq_len
+        for segment, length in zip(segments, lengths):
+            if segment.is_floating_point():
+                if length + 1 > room:  # the image and its EOI must fit
+                    kept[-1] = kept[-1][:-1]  # drop the BOI that opened it
+                    kept_lengths[-1] -= 1
+                    break
+                kept.append(segment)
+            else:
+                kept.append(segment[:room])
+                length = min(length, room)
+            kept_lengths.append(length)
+            room -= length
+            if room == 0:
+                break
+        return kept, kept_lengths
+
+    def _assign_rows(self, lengths: list[int]) -> list[list[int]]:
+        """First fit: each document goes to the first row with room for it."""
+        rows, room = [], []
+        for doc, length in enumerate(lengths):
+            for r, free in enumerate(room):
+                if length <= free:
+                    rows[r].append(doc)
+                    room[r] -= length
+                    break
+            else:
+                rows.append([doc])
+                room.append(self.seq_len - length)
+        if self.num_rows is not None:
+            if len(rows) > self.num_rows:
+                raise ValueError(
+                    f"documents: need {len(rows)} rows of seq_len={self.seq_len}, more than num_rows={self.num_rows}"
+                )
+            rows += [[] for _ in range(self.num_rows - len(rows))]
+        return rows
+
+    # ------------------------------------------------------------------ the batch
+    def _fill(self, laid_out, rows) -> PackedBatch:
+        shape = (len(rows), self.seq_len)
+        tokens = torch.zeros(shape, dtype=torch.int64)
+        positions = torch.zeros(shape, dtype=torch.int64)
+        doc_ids = torch.full(shape, -1, dtype=torch.int64)
+        image_ids = torch.zeros(shape, dtype=torch.int64)
+        patches, grids, caps = [], [], []
+        patch_size = self.config.patch_size
+        for r, row in enumerate(rows):
+            start = 0
+            for slot, doc in enumerate(row):
+                end = start + sum(length for _, length, _ in laid_out[doc])
+                doc_ids[r, start:end] = slot
+                positions[r, start:end] = torch.arange(end - start)
+                p = start
+                for segment, length, cap in laid_out[doc]:
+                    if segment.is_floating_point():
+                        patches.append(patchify(segment.float(), patch_size))
+                        grids.append((segment.shape[1] // patch_size, segment.shape[2] // patch_size))
+                        caps.append(cap)
+                        image_ids[r, p:p + length] = len(patches)
+                    else:
+                        tokens[r, p:p + length] = segment
+                    p += length
+                start = end
+        is_text = (doc_ids >= 0) & (image_ids == 0)
+        targets = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
+        next_is_text = is_text[:, :-1] & is_text[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
+        targets[:, :-1] = torch.where(next_is_text, tokens[:, 1:], IGNORE_INDEX)
+        counts = torch.tensor([p.shape[0] for p in patches], dtype=torch.int64)
+        timesteps = torch.zeros(0, dtype=torch.int64)
+        if caps:
+            timesteps = self.schedule.sample_timesteps(
+                len(caps), t_max=torch.tensor(caps, dtype=torch.int64), generator=self.generator
+            )
+        return PackedBatch(
+            tokens=tokens,
+            positions=positions,
+            targets=targets,
+            doc_ids=doc_ids,
+            image_ids=image_ids,
+            patches=torch.cat(patches) if patches else torch.zeros(0, self.config.patch_dim),
+            patch_offsets=torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+            image_grids=torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),
+            timesteps=timesteps.to(torch.int64),
+            mask=tk.IntervalMask.from_segment_ids(doc_ids, image_ids),
+            noise_seed=int(torch.randint(2**31 - 1, (), generator=self.generator)),
+        )
