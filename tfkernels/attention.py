@@ -427,14 +427,18 @@ def _launch(kernel, tuned_kernel, grid, args, fixed: dict, free: dict, device):
         kernel[grid](*args, **fixed, **free)
 
 
-def _block_sizes(head_dim: int, device: torch.device) -> dict:
+def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Default tile shapes and launch settings: the usual FlashAttention-2 starting points, not yet
     measured here (the performance work tunes them; ``TFKERNELS_AUTOTUNE=1`` searches). The
     query-tile size of the forward/dQ kernels and the key-tile size of the dK/dV kernel are
     fixed here because the heaviest-first tile order is computed from them."""
     if device.type != "cuda":
-        # Interpreter: small tiles so short test sequences still cross many tile borders.
+        # Interpreter: tiles small enough that short test sequences cross many tile borders,
+        # with different query and key tile sizes so that no code path assumes they match.
         return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32 and head_dim > 64:
+        # 4-byte operands: halve the tiles so K/V/Q/dO stages fit in shared memory.
+        return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=4, num_stages=3)
     if head_dim <= 128:
@@ -473,7 +477,7 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
     lse = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    cfg = _block_sizes(dim, q.device)
+    cfg = _block_sizes(dim, q.dtype, q.device)
     order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"])
     num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
     args = (
@@ -500,7 +504,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = _block_sizes(dim, q.device)
+    cfg = _block_sizes(dim, q.dtype, q.device)
     block_d = max(16, triton.next_power_of_2(dim))
     precision = _dot_precision(q.dtype)
     q_per_kv = heads_q // heads_kv
