@@ -76,6 +76,31 @@ if HAS_TRITON:
         return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
 
     @triton.jit
+    def _query_tile_setup(
+        KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """This program's (batch, head, query tile), its rows' bounds and its key-tile ranges."""
+        head = tl.program_id(0)  # heads vary fastest: a GQA group's heads run side by side
+        work = tl.load(TILE_ORDER + tl.program_id(1))  # heaviest query tile first
+        batch = work // num_q_tiles
+        q_tile = work % num_q_tiles
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < seq_len_q
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        bounds_row = batch * seq_len_q
+        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
+        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
+        first = q_tile * BLOCK_M
+        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
+        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
+            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+        )
+        return (batch.to(tl.int64), head, head // q_per_kv, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+                tile_lo, inner_lo, inner_hi, tile_hi)
+
+    @triton.jit
     def _fwd_key_tiles(
         acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end,
         tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
@@ -130,26 +155,10 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
         DOT_PRECISION: tl.constexpr,
     ):
-        head = tl.program_id(0)  # heads vary fastest: a GQA group's heads run side by side
-        work = tl.load(TILE_ORDER + tl.program_id(1))  # heaviest query tile first
-        batch = work // num_q_tiles
-        q_tile = work % num_q_tiles
-        kv_head = head // q_per_kv
-
-        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < seq_len_q
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
-        bounds_row = batch * seq_len_q
-        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
-        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
-        first = q_tile * BLOCK_M
-        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
-        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+        (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+         tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
         )
-
-        batch64 = batch.to(tl.int64)
         q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         K_head = K + batch64 * stride_kb + kv_head * stride_kh
@@ -254,24 +263,10 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        head = tl.program_id(0)
-        work = tl.load(TILE_ORDER + tl.program_id(1))
-        batch = work // num_q_tiles
-        q_tile = work % num_q_tiles
-        kv_head = head // q_per_kv
-        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < seq_len_q
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
-        bounds_row = batch * seq_len_q
-        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
-        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
-        first = q_tile * BLOCK_M
-        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
-        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+        (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+         tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
         )
-        batch64 = batch.to(tl.int64)
         io_mask = row_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                     mask=io_mask, other=0.0)
