@@ -22,6 +22,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy"],
     },
 )
