@@ -4,7 +4,11 @@
 
 - ``tk.IntervalMask``: the attention mask as one key interval per query (causal, full, prefix-LM,
   sliding window, packed documents with bidirectional image spans, KV-cache decoding);
-- ``tk.attention``: flash attention under that mask, ``[B, S, H, D]`` layout, GQA.
+- ``tk.attention``: flash attention under that mask, ``[B, S, H, D]`` layout, GQA;
+- ``tk.NoiseSchedule`` (cosine, linear, rectified flow), ``tk.add_noise`` and ``tk.diffusion_loss``
+  (targets eps / v / x0 / flow): per-image timesteps, images of different sizes in one launch,
+  float32 coefficients, optional seeded noise regenerated in-kernel instead of stored;
+- ``tk.linear_cross_entropy``: output projection + cross-entropy without ``[N, V]`` logits.
 
 Every op is a plain PyTorch function with autograd, usable under ``torch.compile``. CUDA tensors
 run Triton kernels; CPU tensors run the eager reference (``tfkernels.reference``), or the Triton
@@ -13,6 +17,9 @@ kernels in Triton's interpreter when ``TRITON_INTERPRET=1``.
 
 from ._version import __version__
 from .attention import attention
+from .diffusion import NoiseSchedule, add_noise, diffusion_loss
+from .lm_loss import linear_cross_entropy
 from .mask import IntervalMask
 
-__all__ = ["IntervalMask", "__version__", "attention"]
+__all__ = ["IntervalMask", "NoiseSchedule", "__version__", "add_noise", "attention", "diffusion_loss",
+           "linear_cross_entropy"]
