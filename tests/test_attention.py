@@ -90,6 +90,11 @@ def _transfusion_mask(seq_len, batch, seed, **kwargs):
 # (name, mask builder, B, Sq, Sk, Hq, Hkv, D)
 CASES = [
     ("transfusion", lambda: _transfusion_mask(200, 2, seed=1, max_image_len=70), 2, 200, 200, 4, 2, 64),
+    # Explicit edge cases: a one-patch image at a document start, an image crossing several tile
+    # borders, an adjacent one-patch image, an image ending its document, then padding.
+    ("transfusion_edges", lambda: tk.IntervalMask.from_spans(
+        200, images=[[(0, 1), (20, 100), (100, 101), (120, 150)], [(62, 64), (150, 190)]],
+        documents=[[150, 40], [64, 136]], device=DEVICE), 2, 200, 200, 2, 2, 32),
     ("transfusion_gqa4_d80", lambda: _transfusion_mask(150, 2, seed=2, max_image_len=40), 2, 150, 150, 8, 2, 80),
     ("causal", lambda: tk.IntervalMask.causal(1, 160, device=DEVICE), 1, 160, 160, 2, 2, 64),
     ("full", lambda: tk.IntervalMask.full(1, 100, device=DEVICE), 1, 100, 100, 2, 1, 64),
