@@ -119,6 +119,8 @@ class TransfusionConfig:
             fail("noise_schedule", f"one of {NOISE_SCHEDULES}")
         if self.diffusion_target not in DIFFUSION_TARGETS:
             fail("diffusion_target", f"one of {DIFFUSION_TARGETS}")
+        if self.diffusion_target == "flow" and self.noise_schedule != "rectified_flow":
+            fail("diffusion_target", "'eps', 'v' or 'x0' unless noise_schedule='rectified_flow' (flow velocity)")
         if not self.diffusion_loss_weight >= 0:
             fail("diffusion_loss_weight", "a number >= 0")
 
@@ -649,6 +651,7 @@ class Transfusion(nn.Module):
         image_steps: int = 250,
         sampler: str = "ddpm",
         cfg_scale: float | None = None,
+        clip_x0: float | None = None,
         seed: int | None = None,
     ) -> list:
         """Continue a mixed-modal prompt: text in LM mode, images in diffusion mode.
@@ -668,6 +671,8 @@ class Transfusion(nn.Module):
             cfg_scale: classifier-free guidance scale ``s``; the prediction is
                 ``cond + (s - 1) * (cond - uncond)`` with ``uncond`` from the prefix ``BOS, BOI``
                 batched alongside. ``None``: no guidance (and no unconditional row).
+            clip_x0: clamp each step's predicted clean image to ``[-clip_x0, clip_x0]`` (1.0 for
+                pixels in [-1, 1], as DDPM samplers do; ``None`` for unbounded latents).
             seed: seed of every random choice (tokens and noise); ``None`` draws one.
 
         Returns:
@@ -676,7 +681,7 @@ class Transfusion(nn.Module):
             after ``max_new_tokens``.
         """
         config = self.config
-        _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, config)
+        _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config)
         image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
         generator = torch.Generator(device=self.device)
         if seed is None:
@@ -696,7 +701,8 @@ class Transfusion(nn.Module):
                 if text:
                     outputs.append(text)
                     text = []
-                outputs.append(self._generate_image(cache, image_hw, image_steps, SAMPLERS[sampler], cfg_scale, generator))
+                outputs.append(self._generate_image(cache, image_hw, steps=image_steps, eta=SAMPLERS[sampler],
+                                                    cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator))
                 logits = self.extend_text(cache, torch.tensor([[config.eoi_id]], device=self.device))[0, -1]
                 last_token = config.eoi_id
                 continue
@@ -714,7 +720,7 @@ class Transfusion(nn.Module):
             outputs.append(text)
         return outputs
 
-    def _generate_image(self, cache, image_hw, steps, eta, cfg_scale, generator) -> torch.Tensor:
+    def _generate_image(self, cache, image_hw, *, steps, eta, cfg_scale, clip_x0, generator) -> torch.Tensor:
         """Denoise one image after the cache (which ends with BOI), then commit it clean."""
         config = self.config
         grid = (image_hw[0] // config.patch_size, image_hw[1] // config.patch_size)
@@ -733,7 +739,8 @@ class Transfusion(nn.Module):
             if cfg_scale is not None:  # written so that s = 1 gives the conditional prediction exactly
                 guided = pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = denoise_step(x, guided, t, t_next, self.schedule, config.diffusion_target, eta, generator)
+            x = denoise_step(x, guided, t, t_next, self.schedule, config.diffusion_target,
+                             eta=eta, clip_x0=clip_x0, generator=generator)
         self.extend_image(cache, x[None], torch.zeros(1, dtype=torch.int64, device=self.device), grid, commit=True)
         return unpatchify(x, grid, config.patch_size)  # [C, H, W]
 
@@ -777,7 +784,7 @@ def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
     return hw
 
 
-def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, config):
+def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:
@@ -792,3 +799,5 @@ def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps,
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
     if cfg_scale is not None and not math.isfinite(cfg_scale):
         raise ValueError(f"cfg_scale: expected None or a finite number, got {cfg_scale!r}")
+    if clip_x0 is not None and not 0 < clip_x0 < math.inf:
+        raise ValueError(f"clip_x0: expected None or a number > 0, got {clip_x0!r}")

@@ -39,24 +39,29 @@ def split_prediction(pred, x_t, a, b, target: str):
         return (x_t - b * pred) / a, pred
     if target == "x0":
         return pred, (x_t - a * pred) / b
-    if target == "v":  # v = a*noise - b*x0, with a^2 + b^2 = 1 (variance preserving)
-        return a * x_t - b * pred, b * x_t + a * pred
+    if target == "v":  # v = a*noise - b*x0 (Salimans & Ho); invert [[a, b], [-b, a]]
+        norm = a**2 + b**2
+        return (a * x_t - b * pred) / norm, (b * x_t + a * pred) / norm
     # "flow": velocity = noise - x0, so x_t = (a + b)*x0 + b*velocity
     x0 = (x_t - b * pred) / (a + b)
     return x0, pred + x0
 
 
-def denoise_step(x_t, pred, t: int, t_next, schedule, target: str, eta: float, generator):
+def denoise_step(x_t, pred, t: int, t_next, schedule, target: str, *, eta: float, clip_x0=None, generator=None):
     """One reverse step from ``t`` to ``t_next < t`` (``None``: to the clean image).
 
     The step samples ``x_{t_next}`` given the predicted ``x0`` and noise, with posterior standard
     deviation ``eta * sigma``: ``eta = 1`` is DDPM's ancestral step (exactly DDPM's posterior when
     ``t_next = t - 1``), ``eta = 0`` DDIM's deterministic step (Song et al., eq. 12 and 16,
-    written with the general coefficients so that any schedule works).
+    written with the general coefficients so that any schedule works). ``clip_x0`` clamps the
+    predicted ``x0`` and takes the noise that goes with it, as DDPM's posterior mean does.
     """
     device = x_t.device
     a_t, b_t = (c.to(device) for c in schedule.coefficients(torch.tensor([t], device=device)))
     x0, noise = split_prediction(pred, x_t, a_t, b_t, target)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        noise = (x_t - a_t * x0) / b_t
     if t_next is None:
         return x0
     a_s, b_s = (c.to(device) for c in schedule.coefficients(torch.tensor([t_next], device=device)))

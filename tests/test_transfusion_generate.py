@@ -1,0 +1,262 @@
+"""Generation: the KV cache against full recomputation, guidance, seeds, samplers."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import tfkernels as tk
+import transfusion_core as tc
+from transfusion_core.model import document_segments, patchify, unpatchify
+from transfusion_core.sampling import denoise_step, diffusion_timesteps, sample_token
+
+
+@pytest.fixture(autouse=True)
+def reference_path(monkeypatch):
+    """CPU tensors run the eager reference (fast); the model tests compare it with the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def tiny_model(image_encoder="linear", seed=0):
+    torch.manual_seed(seed)
+    config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, image_size=4,
+                                  image_encoder=image_encoder, unet_channels=(8, 16))
+    model = tc.Transfusion(config).eval()
+    with torch.no_grad():  # weights of unit gain (not the small init) so every input shows downstream
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 1.0 / max(parameter.shape[-1], 1) ** 0.5 if parameter.ndim > 1 else 0.5)
+    return model
+
+
+def full_forward(model, document, timesteps, x_t=None):
+    """Recompute a whole document without a cache: hidden ``[S, D]``, patch predictions, batch."""
+    batch = tc.Packer(model.config, 128)([document])
+    batch = dataclasses.replace(batch, timesteps=torch.as_tensor(timesteps, dtype=torch.int64))
+    with torch.no_grad():
+        hidden, pred = model.predict(batch, batch.patches if x_t is None else x_t)
+    return hidden[0], pred, batch
+
+
+def prefill(model, prompt, force_image=False):
+    cache = model.new_cache()
+    segments = document_segments(prompt, model.config, add_eos=False)
+    if force_image:
+        segments[-1] = torch.cat([segments[-1], torch.tensor([model.config.boi_id])])
+    return cache, model._prefill(cache, segments)
+
+
+@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
+def test_cached_next_token_logits_equal_full_recomputation(image_encoder):
+    """Captioning-style prompt (text, image, text), then greedy steps through the cache."""
+    model = tiny_model(image_encoder)
+    image = torch.randn(3, 4, 6)
+    prompt = [[10, 11, 12], image, [20, 21]]
+    cache, logits = prefill(model, prompt)
+    step_logits, generated = [logits], []
+    for _ in range(6):
+        token = int(step_logits[-1].argmax())
+        generated.append(token)
+        step_logits.append(model.extend_text(cache, torch.tensor([[token]]))[0, -1])
+    assert cache.length == 1 + 3 + 1 + 6 + 1 + 2 + 6
+    hidden, _, _ = full_forward(model, [[10, 11, 12], image, [20, 21] + generated], timesteps=[0])
+    full_logits = model.logits(hidden)  # [S, V]
+    last_prompt_position = 1 + 3 + 1 + 6 + 1 + 2 - 1
+    expected = full_logits[last_prompt_position:last_prompt_position + 7]
+    torch.testing.assert_close(torch.stack(step_logits), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
+def test_cached_denoising_prediction_equals_full_recomputation(image_encoder):
+    model = tiny_model(image_encoder)
+    prompt = [[30, 31, 32, 33]]
+    cache, _ = prefill(model, prompt, force_image=True)
+    length_before = cache.length
+    grid = (2, 3)
+    for t in (900, 250, 0):  # successive steps overwrite the uncommitted patches
+        x_t = torch.randn(6, model.config.patch_dim)
+        cached = model.extend_image(cache, x_t[None], torch.tensor([t]), grid, commit=False)[0]
+        assert cache.length == length_before
+        _, full, _ = full_forward(model, prompt + [unpatchify(x_t, grid, 2)], timesteps=[t])
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_cache_rows_equal_their_own_caches():
+    """CFG batches a long conditional row with the short unconditional one, right-aligned."""
+    model = tiny_model()
+    conditional, _ = prefill(model, [[1, 2, 3, 4, 5, 6]], force_image=True)
+    unconditional, _ = prefill(model, [], force_image=True)
+    stacked = tc.KVCache.stack([conditional, unconditional])
+    assert stacked.length == conditional.length and stacked.row_start.tolist() == [0, conditional.length - 2]
+    x_t = torch.randn(4, model.config.patch_dim)
+    t = torch.tensor([500, 500])
+    both = model.extend_image(stacked, x_t.expand(2, 4, -1), t, (2, 2), commit=False)
+    alone = [model.extend_image(c, x_t[None], t[:1], (2, 2), commit=False)[0] for c in (conditional, unconditional)]
+    torch.testing.assert_close(both[0], alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both[1], alone[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the prefixes do matter
+
+
+@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
+def test_generate_continues_like_greedy_full_recomputation(image_encoder):
+    """text -> image -> text: the text after the image is the argmax of a full forward that
+    reads the generated image clean (t = 0), so the cache held that image and EOI."""
+    model = tiny_model(image_encoder)
+    prompt = [[40, 41, 42]]
+    out = model.generate(prompt, force_image=True, max_new_tokens=5, temperature=0, image_steps=4, seed=0)
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (3, 4, 4)
+    assert len(out) == 2 and isinstance(out[1], list) and len(out[1]) == 5, "greedy with no BOI/EOS drawn"
+    text = out[1]
+    hidden, _, _ = full_forward(model, prompt + [out[0], text], timesteps=[0])
+    after_eoi = 1 + 3 + 1 + 4 + 1  # BOS, prompt, BOI, patches, EOI
+    argmax = model.logits(hidden).argmax(dim=-1)
+    assert argmax[after_eoi - 1:after_eoi - 1 + 5].tolist() == text
+
+
+def test_generated_image_enters_the_cache_clean():
+    """After diffusion mode, EOI and the next tokens see the final image at t = 0."""
+    model = tiny_model("unet")
+    prompt = [[40, 41, 42]]
+    cache, _ = prefill(model, prompt, force_image=True)
+    image = model._generate_image(cache, (4, 4), steps=3, eta=1.0, cfg_scale=None, clip_x0=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert image.abs().max() <= 1.0 and image.std() > 0.1
+    assert cache.length == 1 + 3 + 1 + 4
+    logits = [model.extend_text(cache, torch.tensor([[model.config.eoi_id]]))[0, -1]]
+    logits.append(model.extend_text(cache, torch.tensor([[50]]))[0, -1])
+    hidden, _, _ = full_forward(model, prompt + [image, [50]], timesteps=[0])
+    eoi = 1 + 3 + 1 + 4
+    torch.testing.assert_close(torch.stack(logits), model.logits(hidden)[eoi:eoi + 2], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_modes_and_output_structure():
+    model = tiny_model()
+    image = torch.randn(3, 4, 4)
+    caption = model.generate([image], max_new_tokens=4, seed=0)  # image -> text
+    assert len(caption) == 1 and isinstance(caption[0], list) and 1 <= len(caption[0]) <= 4
+    specials = {model.config.bos_id, model.config.eos_id, model.config.boi_id, model.config.eoi_id}
+    assert not specials & set(caption[0])
+    text = model.generate([[1, 2, 3]], max_new_tokens=3, temperature=0.8, top_k=20, top_p=0.9, seed=0)
+    assert len(text) == 1 and isinstance(text[0], list) and 1 <= len(text[0]) <= 3
+    picture = model.generate([[1, 2]], force_image=True, max_new_tokens=0, image_size=(4, 6), image_steps=3,
+                             sampler="ddim", seed=0)
+    assert len(picture) == 1 and picture[0].shape == (3, 4, 6) and torch.isfinite(picture[0]).all()
+
+
+def test_fixed_seed_reproduces_generation():
+    model = tiny_model("unet")
+    kwargs = dict(force_image=True, max_new_tokens=6, image_steps=3, cfg_scale=2.0)
+    a = model.generate([[5, 6]], seed=7, **kwargs)
+    b = model.generate([[5, 6]], seed=7, **kwargs)
+    c = model.generate([[5, 6]], seed=8, **kwargs)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert not torch.equal(a[0], c[0])
+
+
+def test_cfg_scale_one_equals_the_conditional_prediction():
+    model = tiny_model()
+    kwargs = dict(force_image=True, max_new_tokens=0, image_steps=4, seed=3)
+    unguided = model.generate([[7, 8, 9]], cfg_scale=None, **kwargs)[0]
+    scale_one = model.generate([[7, 8, 9]], cfg_scale=1.0, **kwargs)[0]
+    guided = model.generate([[7, 8, 9]], cfg_scale=4.0, **kwargs)[0]
+    torch.testing.assert_close(scale_one, unguided, rtol=1e-5, atol=1e-5)
+    assert (guided - unguided).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------ sampling steps
+def test_token_sampling_filters():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    g = torch.Generator().manual_seed(0)
+    assert sample_token(logits, 0.0, None, None, g) == 1
+    assert {sample_token(logits, 1.0, 1, None, g) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1.0, None, 1e-6, g) for _ in range(20)} == {1}
+    assert {sample_token(logits, 1.0, 2, None, g) for _ in range(200)} == {1, 3}
+    # Probabilities 0.024, 0.474, 0.064, 0.429, 0.009: mass 0.95 needs tokens 1, 3 and 2.
+    assert {sample_token(logits, 1.0, None, 0.95, g) for _ in range(400)} == {1, 2, 3}
+    assert {sample_token(logits, 1.0, None, 0.9, g) for _ in range(400)} == {1, 3}
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, None, None, g) for _ in range(4000)]),
+                            minlength=5)
+    torch.testing.assert_close(counts / 4000, logits.softmax(0), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("target, kind", [("eps", "cosine"), ("x0", "linear"), ("v", "cosine"), ("flow", "rectified_flow")])
+def test_denoise_step_with_an_exact_prediction(target, kind):
+    """Given the true target, DDIM lands exactly on the forward process at the next step."""
+    schedule = {"cosine": tk.NoiseSchedule.cosine, "linear": tk.NoiseSchedule.linear,
+                "rectified_flow": tk.NoiseSchedule.rectified_flow}[kind]()
+    x0, noise = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, 12, dtype=torch.float64)
+
+    def at(t):
+        a, b = schedule.coefficients(torch.tensor([t]))
+        return a.double(), b.double()
+
+    t, s = 600, 300
+    a_t, b_t = at(t)
+    x_t = a_t * x0 + b_t * noise
+    truth = {"eps": noise, "x0": x0, "v": a_t * noise - b_t * x0, "flow": noise - x0}[target]
+    a_s, b_s = at(s)
+    x_s = denoise_step(x_t, truth, t, s, schedule, target, eta=0.0)
+    torch.testing.assert_close(x_s, a_s * x0 + b_s * noise)
+    torch.testing.assert_close(denoise_step(x_t, truth, t, None, schedule, target, eta=0.0), x0)
+
+
+def test_ddpm_step_is_the_ancestral_posterior():
+    """eta = 1 between consecutive steps: DDPM's posterior mean and variance beta~_t."""
+    schedule = tk.NoiseSchedule.cosine()
+    ac = schedule.alphas_cumprod.double()
+    t = 400
+    beta = 1 - ac[t] / ac[t - 1]
+    x0, noise = torch.randn(4, 12, dtype=torch.float64), torch.randn(4, 12, dtype=torch.float64)
+    x_t = ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * noise
+    x_prev = denoise_step(x_t, noise, t, t - 1, schedule, "eps", eta=1.0, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(4, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mean = (ac[t - 1].sqrt() * beta / (1 - ac[t])) * x0 + ((1 - beta).sqrt() * (1 - ac[t - 1]) / (1 - ac[t])) * x_t
+    std = ((1 - ac[t - 1]) / (1 - ac[t]) * beta).sqrt()
+    torch.testing.assert_close(x_prev, mean + std * z, rtol=1e-4, atol=1e-5)
+
+
+def test_diffusion_timesteps_run_down_to_zero():
+    assert diffusion_timesteps(1000, 4).tolist() == [999, 666, 333, 0]
+    assert diffusion_timesteps(1000, 1000).tolist() == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), r"temperature: expected a number >= 0"),
+        (dict(top_k=0), r"top_k: expected None or an int >= 1"),
+        (dict(top_p=0.0), r"top_p: expected None or a number in \(0, 1\]"),
+        (dict(sampler="euler"), r"sampler: expected one of \('ddpm', 'ddim'\)"),
+        (dict(image_steps=0), r"image_steps: expected an int in \[1, num_timesteps=1000\]"),
+        (dict(image_size=5), r"image_size: expected an int or \(H, W\), multiples of patch_size=2"),
+        (dict(max_new_tokens=-1), r"max_new_tokens: expected an int >= 0"),
+        (dict(clip_x0=0.0), r"clip_x0: expected None or a number > 0"),
+    ],
+)
+def test_bad_generate_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model().generate([[1, 2]], **kwargs)
+
+
+def test_bad_prompt_item_is_named():
+    with pytest.raises(ValueError, match=r"prompt\[1\]: expected an image \[3, H, W\]"):
+        tiny_model().generate([[1, 2], torch.randn(1, 4, 4)])
+
+
+def test_patchify_round_trip():
+    image = torch.randn(2, 3, 4, 6)
+    patches = patchify(image, 2)
+    assert patches.shape == (2, 6, 12)
+    torch.testing.assert_close(patches[0, 1], image[0, :, 0:2, 2:4].flatten())  # raster order
+    assert torch.equal(unpatchify(patches, (2, 3), 2), image)
+
+
+def test_clip_x0_bounds_the_denoised_image():
+    schedule = tk.NoiseSchedule.cosine()
+    x_t = 3 * torch.randn(4, 12)
+    wild = torch.randn(4, 12)  # a prediction whose implied x0 leaves [-1, 1]
+    x0 = denoise_step(x_t, wild, 10, None, schedule, "eps", eta=1.0, clip_x0=1.0)
+    assert x0.abs().max() <= 1.0 and x0.abs().max() == 1.0
+    image = tiny_model().generate([[1]], force_image=True, max_new_tokens=0, image_steps=3, clip_x0=1.0, seed=0)[0]
+    assert image.abs().max() <= 1.0
