@@ -180,7 +180,9 @@ def test_token_sampling_filters():
     torch.testing.assert_close(counts / 4000, logits.softmax(0), atol=0.03, rtol=0)
 
 
-@pytest.mark.parametrize("target, kind", [("eps", "cosine"), ("x0", "linear"), ("v", "cosine"), ("flow", "rectified_flow")])
+@pytest.mark.parametrize(
+    "target, kind", [("eps", "cosine"), ("x0", "linear"), ("v", "cosine"), ("flow", "rectified_flow")]
+)
 def test_denoise_step_with_an_exact_prediction(target, kind):
     """Given the true target, DDIM lands exactly on the forward process at the next step."""
     schedule = {"cosine": tk.NoiseSchedule.cosine, "linear": tk.NoiseSchedule.linear,

@@ -18,6 +18,7 @@ from .model import (
     IGNORE_INDEX,
     TransfusionConfig,
     document_segments,
+    is_int,
     noise_schedule,
     patchify,
     segment_length,
@@ -115,13 +116,11 @@ class Packer:
         truncate: bool = False,
         seed: int = 0,
     ):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        if not is_int(seq_len, 2):
             raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
-        if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1):
+        if num_rows is not None and not is_int(num_rows, 1):
             raise ValueError(f"num_rows: expected None or an int >= 1, got {num_rows!r}")
-        if image_first_t_max is not None and not (
-            isinstance(image_first_t_max, int) and 0 <= image_first_t_max < config.num_timesteps
-        ):
+        if image_first_t_max is not None and not is_int(image_first_t_max, 0, config.num_timesteps - 1):
             raise ValueError(
                 f"image_first_t_max: expected None or an int in [0, {config.num_timesteps}), got {image_first_t_max!r}"
             )
@@ -156,7 +155,9 @@ class Packer:
     def _reorder(self, document):
         """Caption order and caption dropout, for documents of one text and one image."""
         document = list(document) if isinstance(document, (list, tuple)) else document
-        if not isinstance(document, list) or len(document) != 2 or self._is_image(document[0]) == self._is_image(document[1]):
+        if not isinstance(document, list) or len(document) != 2:
+            return document
+        if self._is_image(document[0]) == self._is_image(document[1]):
             return document
         text, image = (document[1], document[0]) if self._is_image(document[0]) else (document[0], document[1])
         caption_first = not self._is_image(document[0])

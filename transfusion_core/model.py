@@ -43,6 +43,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+def is_int(value, low=None, high=None) -> bool:
+    """``value`` is an int (not a bool) with ``low <= value <= high`` (bounds optional)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
@@ -90,12 +97,12 @@ class TransfusionConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                      "image_channels", "image_size", "patch_size", "num_timesteps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 fail(name, "an int >= 1")
         specials = ("bos_id", "eos_id", "boi_id", "eoi_id")
         for name in specials:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not is_int(value, 0, self.vocab_size - 1):
                 fail(name, f"a token id in [0, vocab_size={self.vocab_size})")
         if len({getattr(self, name) for name in specials}) != len(specials):
             fail("boi_id", f"bos_id, eos_id, boi_id and eoi_id all different ({[getattr(self, n) for n in specials]})")
@@ -110,10 +117,8 @@ class TransfusionConfig:
         if self.image_encoder == "unet":
             levels = self.patch_size.bit_length() - 1
             if self.patch_size != 1 << levels or levels < 1:
-                fail("patch_size", "a power of two >= 2 with image_encoder='unet'")
-            if len(self.unet_channels) != levels + 1 or any(
-                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.unet_channels
-            ):
+                fail("patch_size", "a power of 2, at least 2, with image_encoder='unet'")
+            if len(self.unet_channels) != levels + 1 or not all(is_int(c, 1) for c in self.unet_channels):
                 fail("unet_channels", f"{levels + 1} positive ints (log2(patch_size) + 1 levels)")
         if self.noise_schedule not in NOISE_SCHEDULES:
             fail("noise_schedule", f"one of {NOISE_SCHEDULES}")
@@ -175,19 +180,17 @@ def document_segments(document, config: TransfusionConfig, *, add_eos: bool = Tr
     segments, run = [], [config.bos_id]
     for j, item in enumerate(document):
         if isinstance(item, torch.Tensor) and item.is_floating_point():
-            expected_channels = config.image_channels
-            if item.ndim != 3 or item.shape[0] != expected_channels or item.shape[1] < 1 or item.shape[2] < 1:
-                raise ValueError(f"{name}[{j}]: expected an image [{expected_channels}, H, W], got shape {tuple(item.shape)}")
-            if item.shape[1] % config.patch_size or item.shape[2] % config.patch_size:
-                raise ValueError(
-                    f"{name}[{j}]: image size {tuple(item.shape[1:])} is not a multiple of patch_size={config.patch_size}"
-                )
+            channels, p = config.image_channels, config.patch_size
+            if item.ndim != 3 or item.shape[0] != channels or item.shape[1] < 1 or item.shape[2] < 1:
+                raise ValueError(f"{name}[{j}]: expected an image [{channels}, H, W], got shape {tuple(item.shape)}")
+            if item.shape[1] % p or item.shape[2] % p:
+                raise ValueError(f"{name}[{j}]: image size {tuple(item.shape[1:])} is not a multiple of patch_size={p}")
             segments.append(torch.tensor(run + [config.boi_id]))
             segments.append(item)
             run = [config.eoi_id]
             continue
         tokens = None
-        if isinstance(item, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
+        if isinstance(item, (list, tuple)) and all(is_int(i) for i in item):
             tokens = torch.tensor(item, dtype=torch.int64)
         elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dtype != torch.bool:
             tokens = item.to(torch.int64)
@@ -329,7 +332,8 @@ class ImageLayout(NamedTuple):
         grids = self.grids.tolist()
         for grid in sorted(set(map(tuple, grids))):
             image_index = torch.tensor([i for i, g in enumerate(grids) if tuple(g) == grid], device=self.offsets.device)
-            patch_index = self.offsets[image_index][:, None] + torch.arange(grid[0] * grid[1], device=self.offsets.device)
+            patches = torch.arange(grid[0] * grid[1], device=self.offsets.device)
+            patch_index = self.offsets[image_index][:, None] + patches
             groups.append((grid, image_index, patch_index))
         return groups
 
@@ -554,7 +558,9 @@ class Transfusion(nn.Module):
             return self._transformer(h, batch.positions, batch.mask), x_t.new_zeros(0, self.config.patch_dim)
         is_image = batch.image_ids != 0  # [B, S]
         if x_t.shape[0] != int(is_image.sum()):
-            raise ValueError(f"x_t: expected {int(is_image.sum())} patches (the batch's image positions), got {x_t.shape[0]}")
+            raise ValueError(
+                f"x_t: expected {int(is_image.sum())} patches (the batch's image positions), got {x_t.shape[0]}"
+            )
         patch_tokens, time_emb, skips = self._embed_images(x_t, batch.timesteps, layout)
         # Patches fill the image positions in row-major order, the order of the patch buffer.
         h = h.masked_scatter(is_image[..., None], patch_tokens)
@@ -569,20 +575,27 @@ class Transfusion(nn.Module):
         """
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
-        x_t = x0
-        if batch.num_images:
-            x_t = tk.add_noise(x0, batch.timesteps, self.schedule, offsets=batch.patch_offsets, **noise_args)
+        schedule = self._schedule_on(x0.device)
+        x_t = tk.add_noise(x0, batch.timesteps, schedule, offsets=batch.patch_offsets, **noise_args)
         hidden, pred = self.predict(batch, x_t)
         is_target = batch.targets != IGNORE_INDEX  # [B, S]
-        lm_loss = tk.linear_cross_entropy(hidden[is_target], self.output_weight, batch.targets[is_target])
+        text_hidden = hidden[is_target]  # [T, D]: only text positions pay for the LM head
+        # Under autocast the head runs in the activations' dtype, as an nn.Linear would.
+        lm_head = self.output_weight.to(text_hidden.dtype)
+        lm_loss = tk.linear_cross_entropy(text_hidden, lm_head, batch.targets[is_target])
+        diffusion_loss = lm_loss.new_zeros(())  # a text-only batch
         if batch.num_images:
             diffusion_loss = tk.diffusion_loss(
-                pred, x0, batch.timesteps, self.schedule, target=self.config.diffusion_target,
+                pred, x0, batch.timesteps, schedule, target=self.config.diffusion_target,
                 offsets=batch.patch_offsets, **noise_args,
             )
-        else:
-            diffusion_loss = torch.zeros((), device=lm_loss.device, dtype=lm_loss.dtype)
         return TransfusionLoss(lm_loss + self.config.diffusion_loss_weight * diffusion_loss, lm_loss, diffusion_loss)
+
+    def _schedule_on(self, device) -> tk.NoiseSchedule:
+        """The noise schedule with its tables on ``device`` (moved once, not at every step)."""
+        if self.schedule.device != torch.device(device):
+            self.schedule = self.schedule.to(device)
+        return self.schedule
 
     # ------------------------------------------------------------------ cached steps
     def new_cache(self, batch_size: int = 1) -> KVCache:
@@ -597,7 +610,9 @@ class Transfusion(nn.Module):
             kv_end = torch.full((batch, n), cache.length + n, device=h.device)
         else:  # text: causal
             kv_end = (cache.length + 1 + offsets).expand(batch, n)
-        mask = tk.IntervalMask(kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), cache.length + n)
+        mask = tk.IntervalMask(
+            kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(), cache.length + n
+        )
         positions = cache.length + offsets - cache.row_start[:, None]  # [B, n] position in the document
         return self._transformer(h, positions, mask, cache)
 
@@ -631,7 +646,8 @@ class Transfusion(nn.Module):
             if segment.is_floating_point():  # a prompt image is clean: t = 0
                 grid = (segment.shape[1] // self.config.patch_size, segment.shape[2] // self.config.patch_size)
                 patches = patchify(segment.to(self.device, torch.float32), self.config.patch_size)[None]
-                self.extend_image(cache, patches, torch.zeros(1, dtype=torch.int64, device=self.device), grid, commit=True)
+                clean = torch.zeros(1, dtype=torch.int64, device=self.device)
+                self.extend_image(cache, patches, clean, grid, commit=True)
             else:
                 logits = self.extend_text(cache, segment.to(self.device)[None])[0, -1]
         return logits
@@ -681,7 +697,9 @@ class Transfusion(nn.Module):
             after ``max_new_tokens``.
         """
         config = self.config
-        _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config)
+        _check_generate_args(
+            max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config
+        )
         image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
         generator = torch.Generator(device=self.device)
         if seed is None:
@@ -731,6 +749,7 @@ class Transfusion(nn.Module):
             self.extend_text(unconditional, torch.tensor([[config.bos_id, config.boi_id]], device=self.device))
             rows = KVCache.stack([cache, unconditional])  # row 0 conditional, row 1 unconditional
         x = torch.randn(n, config.patch_dim, device=self.device, generator=generator)  # [n, C*p*p] x_T
+        schedule = self._schedule_on(self.device)
         timesteps = diffusion_timesteps(config.num_timesteps, steps).tolist()
         for i, t in enumerate(timesteps):
             t_batch = torch.full((rows.batch_size,), t, dtype=torch.int64, device=self.device)
@@ -739,7 +758,7 @@ class Transfusion(nn.Module):
             if cfg_scale is not None:  # written so that s = 1 gives the conditional prediction exactly
                 guided = pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = denoise_step(x, guided, t, t_next, self.schedule, config.diffusion_target,
+            x = denoise_step(x, guided, t, t_next, schedule, config.diffusion_target,
                              eta=eta, clip_x0=clip_x0, generator=generator)
         self.extend_image(cache, x[None], torch.zeros(1, dtype=torch.int64, device=self.device), grid, commit=True)
         return unpatchify(x, grid, config.patch_size)  # [C, H, W]
@@ -779,22 +798,26 @@ class Transfusion(nn.Module):
 
 def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < patch_size or s % patch_size for s in hw):
-        raise ValueError(f"image_size: expected an int or (H, W), multiples of patch_size={patch_size}, got {image_size!r}")
+    if len(hw) != 2 or not all(is_int(s, patch_size) and s % patch_size == 0 for s in hw):
+        raise ValueError(
+            f"image_size: expected an int or (H, W), multiples of patch_size={patch_size}, got {image_size!r}"
+        )
     return hw
 
 
 def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_int(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not is_int(top_k, 1):
         raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-    if isinstance(image_steps, bool) or not isinstance(image_steps, int) or not 1 <= image_steps <= config.num_timesteps:
-        raise ValueError(f"image_steps: expected an int in [1, num_timesteps={config.num_timesteps}], got {image_steps!r}")
+    if not is_int(image_steps, 1, config.num_timesteps):
+        raise ValueError(
+            f"image_steps: expected an int in [1, num_timesteps={config.num_timesteps}], got {image_steps!r}"
+        )
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
     if cfg_scale is not None and not math.isfinite(cfg_scale):
