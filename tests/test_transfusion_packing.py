@@ -149,6 +149,13 @@ def test_truncation_keeps_a_prefix_with_whole_images():
     assert batch.num_images == 0
     assert batch.tokens[0, :5].tolist() == [BOS, 1, 2, 3, 4]
     assert (batch.doc_ids[0, 5:] == -1).all()
+    # Text that fills the row up to the BOI: the BOI goes too (no BOI without its image).
+    batch = tc.Packer(CONFIG, 5, truncate=True)([[[1, 2, 3], image]])
+    assert batch.num_images == 0 and batch.tokens[0, :4].tolist() == [BOS, 1, 2, 3]
+    assert int(batch.doc_ids[0, 4]) == -1 and BOI not in batch.targets.tolist()[0]
+    # Text cut mid-run keeps its tokens.
+    batch = tc.Packer(CONFIG, 3, truncate=True)([[[1, 2, 3], image]])
+    assert batch.tokens[0].tolist() == [BOS, 1, 2]
 
 
 def test_num_rows_pads_or_rejects():

@@ -194,8 +194,6 @@ class Packer:
         for segment, length in zip(segments, lengths):
             if segment.is_floating_point():
                 if length + 1 > room:  # the image and its EOI must fit
-                    kept[-1] = kept[-1][:-1]  # drop the BOI that opened it
-                    kept_lengths[-1] -= 1
                     break
                 kept.append(segment)
             else:
@@ -203,8 +201,9 @@ class Packer:
                 length = min(length, room)
             kept_lengths.append(length)
             room -= length
-            if room == 0:
-                break
+        if int(kept[-1][-1]) == self.config.boi_id:  # its image was cut: no BOI without an image
+            kept[-1] = kept[-1][:-1]
+            kept_lengths[-1] -= 1
         return kept, kept_lengths
 
     def _assign_rows(self, lengths: list[int]) -> list[list[int]]:
