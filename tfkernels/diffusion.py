@@ -475,6 +475,10 @@ def _check_inputs(x0, t, schedule, noise, seed, offsets) -> None:
         raise TypeError(f"seed: expected an int in [0, 2**63), got {seed!r}")
 
 
+def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
+
+
 def _tables(schedule: NoiseSchedule, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 coefficient tables on the data's device (a copy if the schedule lives elsewhere)."""
     return schedule.signal_scale.to(device), schedule.noise_scale.to(device)
@@ -501,7 +505,7 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise:
     _check_inputs(x0, t, schedule, noise, seed, offsets)
     signal, noise_scale = _tables(schedule, x0.device)
     if use_triton(x0):
-        return _add_noise_op(x0, t, signal, noise_scale, noise, offsets, seed)
+        return _add_noise_op(x0, t.contiguous(), signal, noise_scale, noise, _contiguous(offsets), seed)
     if not torch.compiler.is_compiling():
         _check_values(t, offsets, x0.shape[0], schedule.num_timesteps, empty_images_ok=True)
     return reference.add_noise(x0, t, schedule.to(x0.device), noise=noise, seed=seed, offsets=offsets)
@@ -546,7 +550,7 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
             _check_values(t, offsets, x0.shape[0], schedule.num_timesteps, empty_images_ok=False)
         return reference.diffusion_loss(pred, x0, t, schedule.to(x0.device), target=target, noise=noise,
                                         seed=seed, offsets=offsets, weights=weights, reduction=reduction)
-    loss = _diffusion_mse_op(pred, x0, t, signal, noise_scale, noise, offsets, seed, target)
+    loss = _diffusion_mse_op(pred, x0, t.contiguous(), signal, noise_scale, noise, _contiguous(offsets), seed, target)
     if weights is not None:
         loss = loss * weights.float()
     return loss if reduction == "none" else loss.sum() / max(num_images, 1)

@@ -1,0 +1,403 @@
+"""tk.add_noise and tk.diffusion_loss's Triton kernels against the reference in float64.
+
+On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest), in float32
+and float16; bfloat16 runs only on a GPU (the interpreter mishandles it). Every comparison is
+anchored to the reference's own error in the same dtype (it computes in float32 and rounds its
+outputs to the data dtype, as the kernels do):
+
+    max |ours - ref64| <= 2 * max |ref_lowp - ref64| + 4 * eps(out dtype) * max(1, max |ref64|)
+
+Seeded mode is compared with the reference given the kernel's own noise, read back exactly through
+``add_noise`` with ``rectified_flow(T=1)`` (a = 0, b = 1); the generator itself is compared with
+``reference.seeded_noise`` separately.
+"""
+
+import math
+
+import pytest
+import torch
+
+import tfkernels as tk
+import tfkernels.diffusion as diffusion_module
+from tfkernels import reference
+from tfkernels._dispatch import use_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    not use_triton(torch.empty(0, device=DEVICE)),
+    reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
+)
+
+CPU_DTYPES = [torch.float32, torch.float16]
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="bfloat16 needs a CUDA GPU (Triton's interpreter mishandles it)")
+TIMESTEPS = [0, 1, 20, 499, 999]
+TARGETS = ["eps", "v", "x0", "flow"]
+# Kernel noise vs reference.seeded_noise: the integer stream and uniforms are exact; log/sqrt/cos
+# differ by float32 rounding (interpreter: numpy vs torch, 1-2 ulp; GPU: approximate instructions).
+SEEDED_NOISE_ATOL = 1e-5
+COSINE = tk.NoiseSchedule.cosine(1000).to(DEVICE)
+FLOW = tk.NoiseSchedule.rectified_flow(1000).to(DEVICE)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """256-element blocks: the packed layout's large image then spans several blocks per program."""
+    monkeypatch.setattr(diffusion_module, "_BLOCK", 256)
+
+
+def _random(shape, dtype, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def _max_error(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _assert_anchored(name, ours, ref64, lowp):
+    eps = torch.finfo(ours.dtype).eps
+    error = _max_error(ours, ref64)
+    bound = 2 * _max_error(lowp, ref64) + 4 * eps * max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
+    assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g}"
+    assert torch.isfinite(ours).all(), name
+
+
+def _kernel_noise(seed, shape, images=1):
+    """The kernels' seeded noise for a buffer of ``shape``: x_t with a = 0, b = 1 is the noise.
+    The noise depends on the flat element index only, so the buffer is read as ``images`` rows."""
+    zeros = torch.zeros(images, math.prod(shape) // images, device=DEVICE)
+    unit = tk.NoiseSchedule.rectified_flow(1).to(DEVICE)
+    t = torch.zeros(images, dtype=torch.long, device=DEVICE)
+    return tk.add_noise(zeros, t, unit, seed=seed).reshape(shape)
+
+
+# Layouts: (x0 shape, offsets as image row counts or None for a batch, timesteps).
+LAYOUTS = {
+    "one_image": ((1, 4, 9, 7), None, [20]),
+    "batch": ((5, 3, 11, 13), None, TIMESTEPS),
+    "packed": ((232, 12), [1, 37, 3, 120, 9, 2, 60], [0, 1, 20, 499, 999, 20, 0]),
+    "packed_one_image": ((50, 16), [50], [499]),
+}
+
+
+def _layout(name, gen):
+    shape, sizes, timesteps = LAYOUTS[name]
+    offsets = None
+    if sizes is not None:
+        offsets = torch.tensor([0] + sizes, device=DEVICE).cumsum(0)
+    return shape, offsets, torch.tensor(timesteps, device=DEVICE)
+
+
+# ------------------------------------------------------------------------------ add_noise
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_add_noise_matches_reference(dtype, layout, seeded, small_blocks):
+    gen = torch.Generator().manual_seed(3)
+    shape, offsets, t = _layout(layout, gen)
+    x0 = _random(shape, dtype, gen)
+    noise = _kernel_noise(11, shape) if seeded else _random(shape, dtype, gen)
+    ours = tk.add_noise(x0, t, COSINE, offsets=offsets, **({"seed": 11} if seeded else {"noise": noise}))
+    assert ours.shape == x0.shape and ours.dtype == dtype
+    ref64 = reference.add_noise(x0.double(), t, COSINE, noise=noise.double(), offsets=offsets)
+    lowp = reference.add_noise(x0, t, COSINE, noise=noise, offsets=offsets)
+    _assert_anchored("x_t", ours, ref64, lowp)
+
+
+@pytest.mark.parametrize("t", TIMESTEPS)
+def test_add_noise_every_listed_timestep_one_image(t):
+    gen = torch.Generator().manual_seed(t)
+    x0, noise = _random((1, 300), torch.float32, gen), _random((1, 300), torch.float32, gen)
+    ours = tk.add_noise(x0, torch.tensor([t], device=DEVICE), COSINE, noise=noise)
+    a, b = (math.sqrt(v) for v in (COSINE.alphas_cumprod[t].item(), 1 - COSINE.alphas_cumprod[t].item()))
+    _assert_anchored("x_t", ours, a * x0.double() + b * noise.double(),
+                     reference.add_noise(x0, torch.tensor([t], device=DEVICE), COSINE, noise=noise))
+
+
+def test_add_noise_gradients_for_x0_and_noise():
+    gen = torch.Generator().manual_seed(4)
+    shape, offsets, t = _layout("packed", gen)
+    x0, noise, grad_out = (_random(shape, torch.float32, gen) for _ in range(3))
+
+    def grads(fn, *inputs):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad((fn(*inputs) * grad_out.to(inputs[0].dtype)).sum(), inputs)
+
+    ours = grads(lambda a, n: tk.add_noise(a, t, COSINE, noise=n, offsets=offsets), x0, noise)
+    ref64 = grads(lambda a, n: reference.add_noise(a, t, COSINE, noise=n, offsets=offsets), x0.double(), noise.double())
+    lowp = grads(lambda a, n: reference.add_noise(a, t, COSINE, noise=n, offsets=offsets), x0, noise)
+    for name, a, r, low in zip(("dx0", "dnoise"), ours, ref64, lowp):
+        _assert_anchored(name, a, r, low)
+
+
+def test_add_noise_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(5)
+    x0 = _random((24, 6), torch.float16, gen).t()  # [6, 24], column-major
+    noise = _random((6, 48), torch.float16, gen)[:, ::2]
+    t = torch.tensor([0, 5, 1, 20, 2, 999, 3, 499, 4, 1, 5, 7], device=DEVICE)[::2]
+    ours = tk.add_noise(x0, t, COSINE, noise=noise)
+    _assert_anchored("x_t", ours, reference.add_noise(x0.double(), t, COSINE, noise=noise.double()),
+                     reference.add_noise(x0, t, COSINE, noise=noise))
+
+
+# ------------------------------------------------------------------------------ diffusion_loss
+def _loss_and_grads(fn, pred, grad_none):
+    """Per-image loss, mean loss, and d/dpred of both (the per-image one with random weights)."""
+    pred = pred.detach().requires_grad_()
+    per_image = fn(pred, "none")
+    (grad_none_pred,) = torch.autograd.grad((per_image * grad_none.to(per_image.dtype)).sum(), pred)
+    mean = fn(pred, "mean")
+    (grad_mean_pred,) = torch.autograd.grad(mean, pred)
+    return per_image, mean, grad_none_pred, grad_mean_pred
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout, seeded, weighted", [
+    ("one_image", False, False), ("batch", True, True), ("packed", False, True), ("packed", True, False),
+])
+def test_diffusion_loss_matches_reference(dtype, target, layout, seeded, weighted, small_blocks):
+    gen = torch.Generator().manual_seed(6)
+    schedule = FLOW if target == "flow" else COSINE
+    shape, offsets, t = _layout(layout, gen)
+    x0, pred = _random(shape, dtype, gen), _random(shape, dtype, gen)
+    noise = _kernel_noise(21, shape) if seeded else _random(shape, dtype, gen)
+    weights = torch.rand(t.shape[0], generator=gen).to(DEVICE) + 0.5 if weighted else None
+    grad_none = torch.randn(t.shape[0], generator=gen).to(DEVICE)
+    source = {"seed": 21} if seeded else {"noise": noise}
+
+    def ours_fn(p, reduction):
+        return tk.diffusion_loss(p, x0, t, schedule, target=target, offsets=offsets, weights=weights,
+                                 reduction=reduction, **source)
+
+    def ref_fn(x0_, noise_, weights_):
+        return lambda p, reduction: reference.diffusion_loss(
+            p, x0_, t, schedule, target=target, noise=noise_, offsets=offsets, weights=weights_, reduction=reduction)
+
+    ours = _loss_and_grads(ours_fn, pred, grad_none)
+    ref64 = _loss_and_grads(ref_fn(x0.double(), noise.double(), None if weights is None else weights.double()),
+                            pred.double(), grad_none)
+    lowp = _loss_and_grads(ref_fn(x0, noise, weights), pred, grad_none)
+    assert ours[0].dtype == ours[1].dtype == torch.float32 and ours[0].shape == t.shape and ours[1].ndim == 0
+    assert ours[2].dtype == ours[3].dtype == dtype
+    for name, a, r, low in zip(("loss[none]", "loss[mean]", "dpred[none]", "dpred[mean]"), ours, ref64, lowp):
+        _assert_anchored(name, a, r, low)
+
+
+def test_diffusion_loss_gradients_for_x0_noise_and_weights():
+    gen = torch.Generator().manual_seed(7)
+    shape, offsets, t = _layout("packed", gen)
+    pred, x0, noise = (_random(shape, torch.float32, gen) for _ in range(3))
+    weights = torch.rand(t.shape[0], generator=gen).to(DEVICE)
+
+    def grads(pred_, x0_, noise_, weights_, fn):
+        inputs = [x.detach().requires_grad_() for x in (pred_, x0_, noise_, weights_)]
+        loss = fn(*inputs[:3], t, COSINE, target="v", noise=inputs[2], offsets=offsets, weights=inputs[3])
+        return torch.autograd.grad(loss, inputs)
+
+    ours = grads(pred, x0, noise, weights, lambda p, a, n, *args, **kw: tk.diffusion_loss(p, a, *args, **kw))
+    ref64 = grads(pred.double(), x0.double(), noise.double(), weights.double(),
+                  lambda p, a, n, *args, **kw: reference.diffusion_loss(p, a, *args, **kw))
+    lowp = grads(pred, x0, noise, weights, lambda p, a, n, *args, **kw: reference.diffusion_loss(p, a, *args, **kw))
+    for name, a, r, low in zip(("dpred", "dx0", "dnoise", "dweights"), ours, ref64, lowp):
+        _assert_anchored(name, a, r, low)
+
+
+def test_diffusion_loss_default_block_size_and_mixed_dtypes():
+    """The default 1024-element block (programs loop over the 120-row image), fp16 pred, fp32 x0."""
+    gen = torch.Generator().manual_seed(8)
+    shape, offsets, t = _layout("packed", gen)
+    x0, noise = _random(shape, torch.float32, gen), _random(shape, torch.float32, gen)
+    pred = _random(shape, torch.float16, gen)
+    ours = tk.diffusion_loss(pred, x0, t, COSINE, target="v", noise=noise, offsets=offsets, reduction="none")
+    ref64 = reference.diffusion_loss(pred.double(), x0.double(), t, COSINE, target="v", noise=noise.double(),
+                                     offsets=offsets, reduction="none")
+    lowp = reference.diffusion_loss(pred, x0, t, COSINE, target="v", noise=noise, offsets=offsets, reduction="none")
+    _assert_anchored("loss", ours, ref64, lowp)
+
+
+def test_no_images_gives_empty_output_and_zero_mean():
+    x0 = torch.zeros(0, 8, device=DEVICE)
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    offsets = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    assert tk.add_noise(x0, t, COSINE, seed=1, offsets=offsets).shape == (0, 8)
+    pred = x0.clone().requires_grad_()
+    loss = tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets)
+    assert loss.item() == 0.0
+    assert tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets, reduction="none").shape == (0,)
+
+
+# ------------------------------------------------------------------------------ seeded noise
+def test_kernel_noise_equals_reference_generator_and_is_reproducible():
+    noise = _kernel_noise(1234, (3, 500))
+    assert torch.equal(noise, _kernel_noise(1234, (3, 500))), "identical across calls"
+    expected = reference.seeded_noise(1234, (3, 500), DEVICE)
+    assert _max_error(noise, expected) <= SEEDED_NOISE_ATOL
+    assert torch.equal(_kernel_noise(1234, (3, 500), images=3), noise), "a function of the flat index only"
+    assert not torch.equal(_kernel_noise(1235, (3, 500)), noise)
+    large_seed = (7 << 40) + 5
+    assert _max_error(_kernel_noise(large_seed, (2, 64)), reference.seeded_noise(large_seed, (2, 64), DEVICE)) \
+        <= SEEDED_NOISE_ATOL
+
+
+def test_kernel_noise_statistics_over_a_large_buffer(monkeypatch):
+    monkeypatch.setattr(diffusion_module, "_BLOCK", 1 << 15)  # few, large interpreted programs
+    noise = _kernel_noise(99, (16, 1 << 16), images=16).flatten().double()
+    n = noise.numel()
+    assert abs(noise.mean().item()) < 5 / math.sqrt(n)
+    assert abs(noise.std().item() - 1) < 5 / math.sqrt(2 * n)
+    assert abs((noise.abs() < 1).double().mean().item() - 0.682689) < 5 * math.sqrt(0.2166 / n)
+    assert abs(torch.corrcoef(torch.stack([noise[:-1], noise[1:]]))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+def test_seeded_noise_is_the_same_in_add_noise_and_diffusion_loss(small_blocks):
+    gen = torch.Generator().manual_seed(9)
+    shape, offsets, t = _layout("packed", gen)
+    x0 = _random(shape, torch.float32, gen)
+    noise = _kernel_noise(77, shape)
+    assert torch.equal(tk.add_noise(x0, t, COSINE, seed=77, offsets=offsets),
+                       tk.add_noise(x0, t, COSINE, noise=noise, offsets=offsets))
+    # eps target: predicting the regenerated noise exactly gives exactly zero loss and gradient.
+    pred = noise.clone().requires_grad_()
+    loss = tk.diffusion_loss(pred, x0, t, COSINE, target="eps", seed=77, offsets=offsets, reduction="none")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    (grad,) = torch.autograd.grad(loss.sum(), pred)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    pred = _random(shape, torch.float32, gen)
+    for target in ("v", "x0"):
+        assert torch.equal(tk.diffusion_loss(pred, x0, t, COSINE, target=target, seed=77, offsets=offsets),
+                           tk.diffusion_loss(pred, x0, t, COSINE, target=target, noise=noise, offsets=offsets))
+
+
+# ------------------------------------------------------------------------------ bf16 coefficients
+def _bf16_eager_add_noise(x0, t, schedule, noise):
+    """What eager code does when the schedule lives in the data's dtype: ᾱ rounded to bfloat16."""
+    acp = schedule.alphas_cumprod.to(torch.bfloat16)[t][:, None]
+    return acp.sqrt() * x0 + (1 - acp).sqrt() * noise
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES + [pytest.param(torch.bfloat16, marks=gpu_only)])
+def test_bf16_coefficients_leave_small_t_unnoised_ours_do_not(dtype):
+    t = torch.arange(20, device=DEVICE)
+    gen = torch.Generator().manual_seed(10)
+    x0, noise = _random((20, 4096), torch.float32, gen), _random((20, 4096), torch.float32, gen)
+    # Eager bf16: 1 - ᾱ_t < 2^-9 for t < 20 rounds ᾱ_t to 1, so x_t is x0 exactly: no noise.
+    eager = _bf16_eager_add_noise(x0.bfloat16(), t, COSINE, noise.bfloat16())
+    assert torch.equal(eager, x0.bfloat16())
+    # Ours: float32 coefficients; the added noise has the schedule's scale b_t >= 0.0064.
+    ours = tk.add_noise(x0.to(dtype), t, COSINE, noise=noise.to(dtype))
+    a, b = COSINE.coefficients(t)
+    assert (b >= 0.0064).all()
+    added = (ours.double() - a.double()[:, None] * x0.to(dtype).double()) / b.double()[:, None]
+    # bf16 output keeps b * noise only to its rounding of x_t (2^-9 relative): a looser check there.
+    tolerance = 0.5 if dtype == torch.bfloat16 else 0.05
+    assert ((added.std(dim=1) - 1).abs() < tolerance).all()
+    assert (added - noise.double()).abs().mean() < tolerance
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def test_torch_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(12)
+    shape, offsets, t = _layout("packed", gen)
+    x0 = _random(shape, torch.float32, gen)
+    pred = _random(shape, torch.float32, gen).requires_grad_()
+    weights = torch.rand(t.shape[0], generator=gen).to(DEVICE)
+
+    def step(pred, x0, t, offsets, weights):
+        x_t = tk.add_noise(x0, t, COSINE, seed=5, offsets=offsets)
+        return tk.diffusion_loss(pred + 0.1 * x_t, x0, t, COSINE, target="v", seed=5, offsets=offsets,
+                                 weights=weights)
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_compiled = compiled(pred, x0, t, offsets, weights)
+    (grad_compiled,) = torch.autograd.grad(loss_compiled, pred)
+    loss_eager = step(pred, x0, t, offsets, weights)
+    (grad_eager,) = torch.autograd.grad(loss_eager, pred)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-7)
+
+
+def test_op_registration_passes_opcheck():
+    gen = torch.Generator().manual_seed(13)
+    x0, noise = _random((3, 5), torch.float32, gen), _random((3, 5), torch.float32, gen)
+    pred = _random((3, 5), torch.float32, gen).requires_grad_()
+    t = torch.tensor([0, 20, 999], device=DEVICE)
+    tables = (COSINE.signal_scale, COSINE.noise_scale)
+    torch.library.opcheck(torch.ops.tfkernels.add_noise.default,
+                          (x0.requires_grad_(), t, *tables, noise.requires_grad_(), None, None))
+    torch.library.opcheck(torch.ops.tfkernels.diffusion_mse.default,
+                          (pred, x0, t, *tables, None, None, 8, "v"))
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(diffusion_module, "use_triton", lambda x: False)
+    x0, noise = torch.randn(2, 6), torch.randn(2, 6)
+    t = torch.tensor([3, 700])
+    assert torch.equal(tk.add_noise(x0, t, COSINE.to("cpu"), noise=noise),
+                       reference.add_noise(x0, t, COSINE.to("cpu"), noise=noise))
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 999\], got t\[1\] = 1000"):
+        tk.add_noise(x0, torch.tensor([3, 1000]), COSINE, noise=noise)
+
+
+# ------------------------------------------------------------------------------ bad inputs
+def _bad_args(**overrides):
+    args = dict(pred=torch.randn(10, 4, device=DEVICE), x0=torch.randn(10, 4, device=DEVICE),
+                t=torch.tensor([1, 2, 3], device=DEVICE), schedule=COSINE, target="eps",
+                noise=torch.randn(10, 4, device=DEVICE), seed=None,
+                offsets=torch.tensor([0, 2, 5, 10], device=DEVICE), weights=None, reduction="mean")
+    args.update(overrides)
+    return args
+
+
+BAD_INPUTS = [
+    (dict(x0=torch.randn(10, 4, device=DEVICE).double()), TypeError, "x0: expected float16, bfloat16 or float32"),
+    (dict(x0=[1.0]), TypeError, "x0: expected a torch.Tensor"),
+    (dict(pred=torch.randn(10, 5, device=DEVICE)), ValueError, r"pred: expected shape \(10, 4\)"),
+    (dict(noise=torch.randn(9, 4, device=DEVICE)), ValueError, r"noise: expected shape \(10, 4\)"),
+    (dict(t=torch.tensor([1.0, 2.0, 3.0], device=DEVICE)), TypeError, "t: expected dtype int32 or int64"),
+    (dict(t=torch.tensor([[1, 2, 3]], device=DEVICE)), ValueError, r"t: expected an int tensor \[N\]"),
+    (dict(offsets=torch.tensor([0, 5, 10], device=DEVICE)), ValueError, r"offsets: expected shape \[N \+ 1\] = \[4\]"),
+    (dict(offsets=None), ValueError, r"t: expected shape \[N = x0.shape\[0\]\] = \[10\]"),
+    (dict(offsets=torch.tensor([0, 2, 5, 10], device=DEVICE).float()), TypeError, "offsets: expected dtype int32"),
+    (dict(seed=3), ValueError, "noise, seed: expected exactly one of them"),
+    (dict(noise=None), ValueError, "noise, seed: expected exactly one of them"),
+    (dict(noise=None, seed=-1), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=None, seed=1.5), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(schedule="cosine"), TypeError, "schedule: expected a tfkernels.NoiseSchedule"),
+    (dict(target="score"), ValueError, "target: expected one of"),
+    (dict(target="flow"), ValueError, "target: 'flow' needs NoiseSchedule.rectified_flow"),
+    (dict(reduction="sum"), ValueError, "reduction: expected 'mean' or 'none'"),
+    (dict(weights=torch.ones(4, device=DEVICE)), ValueError, r"weights: expected shape \[3\]"),
+    (dict(weights=torch.ones(3, dtype=torch.long, device=DEVICE)), TypeError, "weights: expected a float tensor"),
+    (dict(t=torch.tensor([1, 1000, 3], device=DEVICE)), ValueError, r"t: expected timesteps in \[0, 999\], got t\[1\] = 1000"),
+    (dict(t=torch.tensor([1, 2, -4], device=DEVICE)), ValueError, r"got t\[2\] = -4"),
+    (dict(offsets=torch.tensor([1, 2, 5, 10], device=DEVICE)), ValueError, r"offsets: expected offsets\[0\] == 0, got 1"),
+    (dict(offsets=torch.tensor([0, 2, 5, 9], device=DEVICE)), ValueError, r"offsets\[-1\] == 10 \(the rows of x0\), got 9"),
+    (dict(offsets=torch.tensor([0, 6, 5, 10], device=DEVICE)), ValueError,
+     r"offsets: expected increasing .*offsets\[1\] = 6, offsets\[2\] = 5"),
+    (dict(offsets=torch.tensor([0, 5, 5, 10], device=DEVICE)), ValueError,
+     r"every image needs a row.*offsets\[1\] = 5, offsets\[2\] = 5"),
+]
+if DEVICE == "cuda":
+    BAD_INPUTS.append((dict(t=torch.tensor([1, 2, 3])), ValueError, "t: expected device cuda"))
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
+def test_bad_inputs_raise_before_launch(overrides, error, message, monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel was launched on bad input")
+
+    for name in ("_launch_add_noise", "_launch_mse_fwd", "_launch_mse_bwd"):
+        monkeypatch.setattr(diffusion_module, name, no_launch)
+    with pytest.raises(error, match=message):
+        tk.diffusion_loss(**_bad_args(**overrides))
+
+
+def test_add_noise_allows_empty_images_but_checks_offsets():
+    x0 = torch.randn(6, 2, device=DEVICE)
+    t = torch.tensor([5, 6, 7], device=DEVICE)
+    out = tk.add_noise(x0, t, COSINE, seed=3, offsets=torch.tensor([0, 2, 2, 6], device=DEVICE))
+    assert out.shape == x0.shape
+    with pytest.raises(ValueError, match=r"offsets: expected non-decreasing values, got offsets\[1\] = 4, offsets\[2\] = 3"):
+        tk.add_noise(x0, t, COSINE, seed=3, offsets=torch.tensor([0, 4, 3, 6], device=DEVICE))
