@@ -143,12 +143,12 @@ def test_add_noise_non_contiguous_inputs():
 
 # ------------------------------------------------------------------------------ diffusion_loss
 def _loss_and_grads(fn, pred, grad_none):
-    """Per-image loss, mean loss, and d/dpred of both (the per-image one with random weights)."""
+    """Per-image loss, mean loss, and d/dpred of both (random upstream gradients)."""
     pred = pred.detach().requires_grad_()
     per_image = fn(pred, "none")
     (grad_none_pred,) = torch.autograd.grad((per_image * grad_none.to(per_image.dtype)).sum(), pred)
     mean = fn(pred, "mean")
-    (grad_mean_pred,) = torch.autograd.grad(mean, pred)
+    (grad_mean_pred,) = torch.autograd.grad(mean * grad_none[0].to(mean.dtype), pred)
     return per_image, mean, grad_none_pred, grad_mean_pred
 
 
