@@ -179,10 +179,10 @@ if HAS_TRITON:
         partial_ptr,  # float32 [N, num_splits]: this program's share of image i's mean
         t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr,
         num_timesteps, row_elems, num_splits, seed_lo, seed_hi,
-        TARGET: tl.constexpr,  # index in TARGETS
+        TARGET: tl.constexpr,  # index in TARGETS: decides which inputs are read
         SEEDED: tl.constexpr,  # noise from the seed instead of noise_ptr
-        PACKED: tl.constexpr,
-        BLOCK: tl.constexpr,
+        PACKED: tl.constexpr,  # offsets give the images' rows
+        BLOCK: tl.constexpr,  # elements per step of a program
     ):
         image = tl.program_id(0)
         split = tl.program_id(1)
@@ -205,7 +205,10 @@ if HAS_TRITON:
         pred_ptr, x0_ptr, noise_ptr, grad_pred_ptr,  # flat element buffers
         t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr,
         num_timesteps, row_elems, num_splits, seed_lo, seed_hi,
-        TARGET: tl.constexpr, SEEDED: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+        TARGET: tl.constexpr,  # index in TARGETS: decides which inputs are read
+        SEEDED: tl.constexpr,  # regenerate the forward's noise from the seed
+        PACKED: tl.constexpr,  # offsets give the images' rows
+        BLOCK: tl.constexpr,  # elements per step of a program
     ):
         """``dL/dpred = 2 (pred - target) * dL/dmse_i / numel_i`` over image ``i``."""
         image = tl.program_id(0)

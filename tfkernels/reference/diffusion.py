@@ -96,9 +96,8 @@ class NoiseSchedule:
 
     def to(self, device) -> "NoiseSchedule":
         """The same schedule with its tables on ``device``."""
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return NoiseSchedule(self.kind, move(self.signal_scale), move(self.noise_scale),
-                             move(self.alphas_cumprod))
+        alphas_cumprod = None if self.alphas_cumprod is None else self.alphas_cumprod.to(device)
+        return NoiseSchedule(self.kind, self.signal_scale.to(device), self.noise_scale.to(device), alphas_cumprod)
 
     @property
     def device(self) -> torch.device:
