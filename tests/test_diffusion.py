@@ -226,6 +226,8 @@ def test_no_images_gives_empty_output_and_zero_mean():
     loss = tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets)
     assert loss.item() == 0.0
     assert tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets, reduction="none").shape == (0,)
+    assert reference.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets).item() == 0.0
+    assert reference.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets, reduction="none").shape == (0,)
 
 
 # ------------------------------------------------------------------------------ seeded noise

@@ -274,7 +274,7 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
     c_x0 = _broadcast_rows(c_x0[rows], x0).to(compute)
     c_noise = _broadcast_rows(c_noise[rows], x0).to(compute)
     goal = c_x0 * x0.to(compute) + c_noise * noise.to(compute)
-    sq = (pred.to(compute) - goal).square().reshape(rows.shape[0], -1).sum(dim=1)  # [rows]
+    sq = (pred.to(compute) - goal).square().flatten(1).sum(dim=1)  # [rows] (flatten: rows may be 0)
     num_images = t.shape[0]
     per_image_sum = torch.zeros(num_images, dtype=compute, device=pred.device).index_add(0, rows, sq)
     elements_per_row = math.prod(x0.shape[1:])
