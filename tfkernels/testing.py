@@ -11,7 +11,7 @@ import random
 
 import torch
 
-__all__ = ["random_row_layout", "random_layout", "segment_ids_from_layout"]
+__all__ = ["packed_transfusion_layout", "random_row_layout", "random_layout", "segment_ids_from_layout"]
 
 
 def random_row_layout(
@@ -67,3 +67,56 @@ def segment_ids_from_layout(seq_len: int, images, documents, device=None):
         for i, (start, end) in enumerate(spans):
             image_ids[row, start:end] = i + 1
     return doc_ids.to(device), image_ids.to(device)
+
+
+def packed_transfusion_layout(
+    rng: random.Random,
+    batch_size: int,
+    seq_len: int,
+    *,
+    doc_len: tuple[int, int] = (512, 2048),
+    caption_len: tuple[int, int] = (20, 200),
+    image_len: int = 256,
+    image_fraction: float = 0.5,
+):
+    """Fully packed rows of a fixed composition (the benchmark workloads): ``(images, documents)``.
+
+    Every row is filled with documents of ``doc_len`` tokens (uniform; a row's last document takes
+    what is left, between ``doc_len[0]`` and ``2 * doc_len[0]`` tokens, so no row is padded and no
+    document is a stub). A document is text runs of ``caption_len`` tokens with images of
+    ``image_len`` patches between them: an image follows a run while the row's image share is
+    below ``image_fraction`` and the document has room for the image and ``caption_len[0]`` more
+    tokens, so every document starts and ends with text and about ``image_fraction`` of the row's
+    tokens are image patches. Only ``rng`` draws, so a seed fixes the layout.
+    """
+    if not 1 <= doc_len[0] <= doc_len[1]:
+        raise ValueError(f"doc_len: expected 1 <= low <= high, got {doc_len!r}")
+    if not 1 <= caption_len[0] <= caption_len[1]:
+        raise ValueError(f"caption_len: expected 1 <= low <= high, got {caption_len!r}")
+    if image_len < 1 or not 0 <= image_fraction <= 1:
+        raise ValueError(f"image_len >= 1 and 0 <= image_fraction <= 1 expected, got {image_len}, {image_fraction}")
+    images, documents = [], []
+    for _ in range(batch_size):
+        row_images, row_documents = [], []
+        image_tokens = 0
+        doc_start = 0
+        while doc_start < seq_len:
+            left = seq_len - doc_start
+            if left < 2 * doc_len[0]:  # no room for two documents: this one takes the rest
+                length = left
+            else:
+                length = rng.randint(doc_len[0], min(doc_len[1], left - doc_len[0]))
+            doc_end = doc_start + length
+            pos = doc_start
+            while pos < doc_end:
+                pos += min(rng.randint(*caption_len), doc_end - pos)
+                room = doc_end - pos >= image_len + caption_len[0]
+                if room and image_tokens < image_fraction * pos:
+                    row_images.append((pos, pos + image_len))
+                    image_tokens += image_len
+                    pos += image_len
+            row_documents.append(length)
+            doc_start = doc_end
+        images.append(row_images)
+        documents.append(row_documents)
+    return images, documents
