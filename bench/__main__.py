@@ -1,0 +1,54 @@
+"""``python -m bench [--suite attention|diffusion|lm_loss|e2e|all] [--quick] [--out PATH]``.
+
+Runs the suites' workloads with every implementation in every mode and writes one CSV row per
+(workload, implementation, mode). Full-size workloads need a CUDA GPU; ``--quick`` runs small
+shapes (on the CPU: the eager reference paths, wall-clock timed, as a check of the harness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .harness import Environment, Settings, default_output, run_workloads, write_csv
+from .workloads import SUITES
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--suite", default="all", choices=(*SUITES, "all"), help="which suite to run (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes: the CPU check of the harness (figures are CPU figures, labelled so)")
+    parser.add_argument("--out", type=Path,
+                        help="CSV to write (default: bench/results/<device>_<UTC time>.csv; quick runs in "
+                             "bench/results/quick/)")
+    args = parser.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        parser.error("no CUDA device: the full-size workloads need a GPU; use --quick for the CPU check")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        # tfkernels reads the variable at each call: with it, the CPU rows would time Triton's
+        # interpreter, which says nothing about the kernels' speed.
+        print("TRITON_INTERPRET=1 ignored: on the CPU the benchmarks time the reference paths")
+        os.environ["TRITON_INTERPRET"] = "0"
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    workloads = [w for suite in suites for w in SUITES[suite](args.quick, device)]
+    env = Environment.current(device)
+    rows = run_workloads(workloads, Settings.for_device(device, args.quick), env)
+    out = args.out or default_output(env.device, args.quick)
+    write_csv(rows, out)
+    print(f"wrote {len(rows)} rows to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

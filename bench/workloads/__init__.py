@@ -1,0 +1,10 @@
+"""The benchmark suites: each module's ``workloads(quick, device)`` lists its fixed workloads."""
+
+from . import attention, diffusion, e2e, lm_loss
+
+SUITES = {
+    "attention": attention.workloads,
+    "diffusion": diffusion.workloads,
+    "lm_loss": lm_loss.workloads,
+    "e2e": e2e.workloads,
+}
