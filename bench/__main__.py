@@ -26,6 +26,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path,
                         help="CSV to write (default: bench/results/<device>_<UTC time>.csv; quick runs in "
                              "bench/results/quick/)")
+    parser.add_argument("--commit", help="commit to record when the checkout has no git metadata "
+                                          "(default: git rev-parse HEAD, +dirty with local changes)")
     args = parser.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
         parser.error("no CUDA device: the full-size workloads need a GPU; use --quick for the CPU check")
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "0"
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     workloads = [w for suite in suites for w in SUITES[suite](args.quick, device)]
-    env = Environment.current(device)
+    env = Environment.current(device, args.commit)
     rows = run_workloads(workloads, Settings.for_device(device, args.quick), env)
     out = args.out or default_output(env.device, args.quick)
     write_csv(rows, out)

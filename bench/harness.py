@@ -7,8 +7,8 @@ mode on the same input sets, in the same process, and writes one CSV row per
 (workload, implementation, mode).
 
 Modes:
-    forward, backward, forward_backward: an implementation's ``forward(inputs)`` returns the
-        output to differentiate (or a tuple whose first element is it); ``backward`` times
+    forward, backward, forward_backward: an implementation's call returns the output to
+        differentiate (or a tuple whose first element is it); ``backward`` times
         ``torch.autograd.grad`` against a forward graph built before the clock starts.
     any other name (``mask_build``, ``train_step``): the implementation's call is timed as is.
 
@@ -81,7 +81,8 @@ class Implementation:
     ``prepare(first_input_set)`` builds what the implementation keeps across calls (a dense mask,
     a block mask, a compiled function, a model) and returns ``call(input_set)``. ``modes``
     overrides the workload's; ``unavailable(device, mode)`` says why it cannot run there
-    (GPU-only peers, no CPU backward). ``backend`` names what actually runs, e.g. Triton kernels or the eager reference.
+    (GPU-only peers, no CPU backward). ``backend`` names what actually runs, e.g. the Triton
+    kernels or the eager reference.
     """
 
     name: str
@@ -137,7 +138,9 @@ class Environment(NamedTuple):
     timestamp: str
 
     @classmethod
-    def current(cls, device: torch.device) -> "Environment":
+    def current(cls, device: torch.device, commit: str | None = None) -> "Environment":
+        """This process's device and versions; ``commit`` overrides the checkout's (a copy of
+        the tree without git metadata)."""
         try:
             import triton
 
@@ -146,7 +149,7 @@ class Environment(NamedTuple):
             triton_version = "none"
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return cls(name, torch.__version__, triton_version, git_commit(), stamp)
+        return cls(name, torch.__version__, triton_version, commit or git_commit(), stamp)
 
 
 def git_commit() -> str:

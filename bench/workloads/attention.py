@@ -28,7 +28,7 @@ import tfkernels as tk
 from tfkernels.testing import packed_transfusion_layout, segment_ids_from_layout
 
 from ..harness import DIFFERENTIABLE_MODES, MODE_WORK, Implementation, InputSet, Work, Workload
-from .common import bench_dtype, compile_unavailable, dtype_name, tfkernels_backend
+from .common import bench_dtype, dtype_name, tfkernels_backend
 
 SUITE = "attention"
 
