@@ -24,5 +24,7 @@ setup(
     extras_require={
         # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
         "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy"],
+        # python -m bench.plot: PNG charts of a benchmark CSV.
+        "bench": ["matplotlib"],
     },
 )
