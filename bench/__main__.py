@@ -28,15 +28,20 @@ def parse_args(argv):
                              "bench/results/quick/)")
     parser.add_argument("--commit", help="commit to record when the checkout has no git metadata "
                                           "(default: git rev-parse HEAD, +dirty with local changes)")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        help="where to run (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
-    if not args.quick and not torch.cuda.is_available():
-        parser.error("no CUDA device: the full-size workloads need a GPU; use --quick for the CPU check")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.device.type == "cpu" and not args.quick:
+        parser.error("the full-size workloads need a CUDA GPU; use --quick for the CPU check")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         # tfkernels reads the variable at each call: with it, the CPU rows would time Triton's
         # interpreter, which says nothing about the kernels' speed.
