@@ -76,6 +76,10 @@ class TransfusionConfig:
     patch_size: int = 2
     image_encoder: str = "linear"  # "linear" or "unet"
     unet_channels: tuple[int, ...] = (32, 64)  # U-Net: one level per halving, log2(patch_size) + 1
+    # Add a fixed 2-D sine-cosine embedding of each patch's (row, column) to its token, as DiT
+    # does: with RoPE alone a patch knows its distance to other positions but not where in its
+    # image it lies, which a linear patch layer then has to learn slowly.
+    patch_position_embedding: bool = False
     # Diffusion
     noise_schedule: str = "cosine"
     num_timesteps: int = 1000
@@ -338,6 +342,20 @@ class ImageLayout(NamedTuple):
         return groups
 
 
+def patch_position_embedding(layout: ImageLayout, dim: int) -> torch.Tensor:
+    """Sine-cosine features of each patch's row (first half of ``dim``) and column: ``[P, D]``."""
+    row_col = []
+    for grid in layout.grids.tolist():
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        row_col.append(torch.stack([rows.flatten(), cols.flatten()], dim=1))  # raster order
+    coords = torch.cat(row_col).to(layout.offsets.device, torch.float32)  # [P, 2]
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=coords.device) / quarter)
+    angles = coords[:, :, None] * freqs  # [P, 2, D/4]
+    features = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [P, D] (D % 4 == 0)
+    return F.pad(features, (0, dim - features.shape[1]))
+
+
 class LinearPatches(nn.Module):
     """Each patch in and out through one linear layer."""
 
@@ -537,7 +555,10 @@ class Transfusion(nn.Module):
         """Noised patches ``[P, C*p*p]`` at steps ``t [N]`` -> tokens ``[P, D]``, time_emb, skips."""
         time_emb = self.time_embedding(t)  # [N, D]
         tokens, skips = self.image_io.encode(x_t.to(time_emb.dtype), time_emb, layout)
-        return tokens + time_emb[layout.patch_image_index()], time_emb, skips
+        tokens = tokens + time_emb[layout.patch_image_index()]
+        if self.config.patch_position_embedding:
+            tokens = tokens + patch_position_embedding(layout, self.config.dim).to(tokens.dtype)
+        return tokens, time_emb, skips
 
     def _transformer(self, h, positions, mask, cache=None):
         """``h [B, S, D]`` at RoPE positions ``[B, S]`` -> final-normed hidden ``[B, S, D]``."""
