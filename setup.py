@@ -24,6 +24,10 @@ setup(
     extras_require={
         # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
         "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy"],
+        # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
+        "train": ["Pillow", "matplotlib"],
+        # A real image codec: a diffusers AutoencoderKL loaded from a local directory.
+        "vae": ["diffusers"],
         # python -m bench.plot: PNG charts of a benchmark CSV.
         "bench": ["matplotlib"],
     },

@@ -1,0 +1,255 @@
+"""Evaluate a training checkpoint: ``python -m transfusion_core.evaluate CHECKPOINT``.
+
+On the held-out split of the run's data set (``CHECKPOINT/train_state.json`` names it):
+
+- **text -> image**: an image generated from each held-out caption (DDIM, classifier-free
+  guidance) is read back with ``dataset.detect_shapes``: exact (every shape right) and accuracy
+  of each attribute (colour, shape, position). Embedded data set only.
+- **image -> text**: a greedy caption of each held-out image: exact match, and, on the embedded
+  data set, accuracy of each attribute of the parsed caption.
+- **caption perplexity**: per caption byte (EOS included) given the clean image, on held-out
+  image-then-caption documents.
+
+Prints a table (with chance levels) and writes JSON (``CHECKPOINT/eval.json`` by default).
+Attributes are compared shape by shape in reading order of positions; a missing or extra shape
+counts as wrong for every attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .codec import codec_from_description
+from .data import ByteTokenizer, Packer
+from .dataset import ShapesDataset, detect_shapes, make_splits, parse_caption
+from .model import IGNORE_INDEX, Transfusion
+
+TRAIN_STATE_FILE = "train_state.json"  # the run's arguments and progress, next to the weights
+ATTRIBUTES = ("colour", "shape", "position")
+TOKENIZER = ByteTokenizer()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation in both directions
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def text_to_image(model: Transfusion, codec, caption: str, *, steps: int, cfg_scale: float | None,
+                  seed: int) -> torch.Tensor:
+    """An image ``[3, H, W]`` in [-1, 1] generated from a caption (DDIM, ``steps`` steps)."""
+    latent = model.generate([TOKENIZER.encode(caption)], force_image=True, max_new_tokens=0,
+                            image_steps=steps, sampler="ddim", cfg_scale=cfg_scale,
+                            clip_x0=codec.clip_x0, seed=seed)[0]
+    return codec.decode(latent[None])[0]
+
+
+@torch.no_grad()
+def image_to_text(model: Transfusion, latent: torch.Tensor, *, max_new_tokens: int) -> str:
+    """A greedy caption of an image latent ``[C, h, w]`` (the text it generates up to EOS)."""
+    # Should the model open an image instead of text, one denoising step keeps that cheap; the
+    # caption is the text alone.
+    out = model.generate([latent], max_new_tokens=max_new_tokens, temperature=0, image_steps=1, seed=0)
+    return "".join(TOKENIZER.decode(part) for part in out if isinstance(part, list))
+
+
+def attribute_hits(truth, found) -> dict[str, int]:
+    """Right attributes of the true shapes, pairing shapes in reading order (``None``: none right)."""
+    found = found or []
+    hits = dict.fromkeys(ATTRIBUTES, 0)
+    if len(found) != len(truth):  # a missing or extra shape: no pairing to trust
+        return hits
+    for true, guess in zip(truth, found):
+        for name in ATTRIBUTES:
+            hits[name] += getattr(true, name) == getattr(guess, name)
+    return hits
+
+
+@torch.no_grad()
+def caption_perplexity(model: Transfusion, documents, *, batch_size: int = 16) -> float:
+    """Perplexity per caption byte (EOS included) of ``[latent, caption_tokens]`` documents.
+
+    Images are read clean (t = 0), as generation reads a prompt image; the one target before
+    the image (BOS -> BOI) is not a caption byte and is left out.
+    """
+    config = model.config
+    longest = max(len(tokens) for _, tokens in documents)
+    patches = max(latent.shape[1] * latent.shape[2] for latent, _ in documents) // config.patch_size**2
+    packer = Packer(config, longest + patches + 4, image_first_t_max=0)  # BOS, BOI, EOI, EOS
+    nll, count = 0.0, 0
+    for start in range(0, len(documents), batch_size):
+        batch = packer(documents[start:start + batch_size]).to(model.device)
+        hidden, _ = model.predict(batch, batch.patches)
+        scored = (batch.targets != IGNORE_INDEX) & (batch.tokens != config.bos_id)
+        logits = model.logits(hidden[scored])
+        nll += float(F.cross_entropy(logits, batch.targets[scored], reduction="sum"))
+        count += int(scored.sum())
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, image_steps: int = 25,
+             cfg_scale: float | None = 3.0, seed: int = 0, log=print) -> dict:
+    """Metrics of ``model`` on the first ``samples`` items of ``heldout`` (all by default)."""
+    model.eval()
+    count = len(heldout) if samples is None else min(samples, len(heldout))
+    if count < 1:
+        raise ValueError(f"samples: expected at least 1 held-out item, got {samples!r} of {len(heldout)}")
+    items = [heldout[i] for i in range(count)]
+    latents = codec.encode(torch.stack([item.image for item in items]))  # [n, C, h, w]
+    shapes_data = isinstance(heldout, ShapesDataset)
+    longest_caption = max(len(TOKENIZER.encode(item.caption)) for item in items)
+    results = {"samples": count}
+    progress_every = max(1, count // 4)
+
+    started = time.perf_counter()
+    documents = [[latent, TOKENIZER.encode(item.caption)] for latent, item in zip(latents, items)]
+    results["caption_perplexity"] = caption_perplexity(model, documents)
+    seconds = {"caption_perplexity": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    exact, hits, total_shapes = 0, dict.fromkeys(ATTRIBUTES, 0), 0
+    for i, (latent, item) in enumerate(zip(latents, items)):
+        text = image_to_text(model, latent.to(model.device), max_new_tokens=longest_caption + 8)
+        exact += text == item.caption
+        if shapes_data:
+            for name, hit in attribute_hits(item.shapes, parse_caption(text)).items():
+                hits[name] += hit
+            total_shapes += len(item.shapes)
+        if (i + 1) % progress_every == 0 or i + 1 == count:
+            log(f"  image -> text {i + 1}/{count}: exact {exact / (i + 1):.3f}  "
+                f"({time.perf_counter() - started:.0f}s)")
+    results["image_to_text"] = {"exact": exact / count}
+    if shapes_data:
+        results["image_to_text"] |= {name: hits[name] / total_shapes for name in ATTRIBUTES}
+    seconds["image_to_text"] = time.perf_counter() - started
+
+    if shapes_data:
+        started = time.perf_counter()
+        exact, hits = 0, dict.fromkeys(ATTRIBUTES, 0)
+        for i, item in enumerate(items):
+            image = text_to_image(model, codec, item.caption, steps=image_steps, cfg_scale=cfg_scale, seed=seed + i)
+            found = detect_shapes(image)
+            exact += found == item.shapes
+            for name, hit in attribute_hits(item.shapes, found).items():
+                hits[name] += hit
+            if (i + 1) % progress_every == 0 or i + 1 == count:
+                log(f"  text -> image {i + 1}/{count}: exact {exact / (i + 1):.3f}  "
+                    f"({time.perf_counter() - started:.0f}s)")
+        results["text_to_image"] = {"exact": exact / count} | {name: hits[name] / total_shapes for name in ATTRIBUTES}
+        seconds["text_to_image"] = time.perf_counter() - started
+        if heldout.max_shapes == 1:
+            results["chance"] = heldout.chance()
+    results["settings"] = {"image_steps": image_steps, "cfg_scale": cfg_scale, "sampler": "ddim", "seed": seed}
+    results["seconds"] = seconds
+    return results
+
+
+def format_table(results: dict) -> str:
+    chance = results.get("chance", {})
+    rows = [("metric", "value", "chance")]
+    for task, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
+        for name, value in results.get(task, {}).items():
+            rows.append((f"{label} {name}", f"{value:.3f}", f"{chance[name]:.3f}" if name in chance else ""))
+    rows.append(("caption perplexity (per byte)", f"{results['caption_perplexity']:.4f}", ""))
+    widths = [max(len(row[k]) for row in rows) for k in range(3)]
+    lines = ["  ".join(cell.ljust(width) if k == 0 else cell.rjust(width)
+                       for k, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The samples grid
+# ----------------------------------------------------------------------------------------------
+def write_samples_grid(path, text_to_image_rows, image_to_text_rows) -> None:
+    """A PNG of generated samples: images from held-out captions (top) and captions of held-out
+    images (bottom). Rows are ``(caption, image [3, H, W] in [-1, 1], right: bool | None)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(text_to_image_rows), len(image_to_text_rows))
+    figure, axes = plt.subplots(2, columns, figsize=(1.9 * columns, 5.2), squeeze=False)
+    for row, (title, samples) in enumerate((("caption -> generated image", text_to_image_rows),
+                                            ("held-out image -> generated caption", image_to_text_rows))):
+        axes[row][0].set_ylabel(title, fontsize=8)
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column >= len(samples):
+                axis.axis("off")
+                continue
+            caption, image, right = samples[column]
+            axis.imshow(((image.float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(),
+                        interpolation="nearest")
+            mark = "" if right is None else (" [right]" if right else " [wrong]")
+            label = "\n".join(textwrap.wrap(f'"{caption}"{mark}', 22))
+            if row == 0:
+                axis.set_title(label, fontsize=6.5)
+            else:
+                axis.set_xlabel(label, fontsize=6.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def read_train_state(checkpoint) -> dict:
+    path = Path(checkpoint) / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CHECKPOINT: {path} not found; expected a checkpoint written by python -m transfusion_core.train"
+        )
+    return json.loads(path.read_text())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m transfusion_core.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint directory written by transfusion_core.train")
+    parser.add_argument("--samples", type=int, default=None, help="held-out items to use (default: all)")
+    parser.add_argument("--image-steps", type=int, default=25, help="DDIM steps per generated image")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT/eval.json)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    state = read_train_state(args.checkpoint)
+    run = state["args"]
+    codec = codec_from_description(state.get("codec"), device=args.device)
+    _, heldout = make_splits(run["data"], run["heldout_data"], image_size=run["image_size"],
+                             max_shapes=run["max_shapes"], train_samples=run["train_samples"],
+                             heldout_samples=run["heldout_samples"], seed=run["seed"])
+    if heldout is None:
+        parser.error("the run has no held-out data set (train it with --heldout-data)")
+    model = Transfusion.load(args.checkpoint, device=args.device)
+    print(f"evaluating {args.checkpoint} (step {state['step']}) on {min(args.samples or len(heldout), len(heldout))} "
+          f"held-out items", flush=True)
+    results = evaluate(model, codec, heldout, samples=args.samples, image_steps=args.image_steps,
+                       cfg_scale=args.cfg_scale, seed=args.seed, log=lambda line: print(line, flush=True))
+    results["checkpoint"] = str(args.checkpoint)
+    results["step"] = state["step"]
+    print(format_table(results))
+    out = Path(args.out) if args.out is not None else Path(args.checkpoint) / "eval.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
