@@ -18,7 +18,7 @@ from transfusion_core.dataset import (
     ShapesDataset,
     caption,
     detect_shapes,
-    make_splits,
+    heldout_set,
     parse_caption,
     render,
 )
@@ -111,7 +111,7 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(IndexError):
         ShapesDataset(5)[5]
     with pytest.raises(ValueError, match="heldout_data"):
-        make_splits("shapes", "heldout.jsonl")
+        heldout_set("shapes", "heldout.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------

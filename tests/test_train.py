@@ -1,6 +1,7 @@
 """The training script: options, schedule, learning, kernel/reference parity, checkpoints, exact resume."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import transfusion_core as tc
-from transfusion_core import train
+from transfusion_core import evaluate, train
 
 
 @pytest.fixture(autouse=True)
@@ -201,3 +202,33 @@ def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generati
         model.config.patch_position_embedding = False
         _, without = model.predict(batch, x_t)
     assert not torch.allclose(without, packed, atol=1e-3)
+
+
+def test_training_and_evaluation_on_user_data_with_a_corrupt_image(tmp_path, capsys):
+    image_module = pytest.importorskip("PIL.Image")
+    for name, colour in (("red.png", (255, 0, 0)), ("green.png", (0, 255, 0)), ("blue.png", (0, 0, 255))):
+        image_module.new("RGB", (24, 24), colour).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines = ['{"image": "red.png", "caption": "red"}', '{"image": "broken.png", "caption": "broken"}',
+             '{"image": "green.png", "caption": "green"}']
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "heldout.jsonl").write_text('{"image": "blue.png", "caption": "blue"}\n')
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="broken.png"):
+        history = train.main(tiny_argv(out, "--steps", "2", "--batch-size", "4", "--seq-len", "32") + [
+            "--data", str(tmp_path / "train.jsonl"), "--heldout-data", str(tmp_path / "heldout.jsonl")])
+    assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
+    assert "2 images, 1 unreadable skipped" in capsys.readouterr().out
+    results = evaluate.main([str(out / "checkpoint"), "--image-steps", "2"])
+    assert set(results["image_to_text"]) == {"exact"} and "text_to_image" not in results
+    assert results["caption_perplexity"] > 1
+
+
+def test_resume_finds_the_checkpoint_kept_aside_by_an_interrupted_swap(tmp_path, capsys):
+    whole = train.main(tiny_argv(tmp_path / "whole", "--steps", "2"))
+    train.main(tiny_argv(tmp_path, "--steps", "2", "--stop-at", "1"))
+    checkpoint = tmp_path / train.CHECKPOINT_DIR
+    checkpoint.rename(checkpoint.with_name("checkpoint.previous"))  # stopped between the two renames
+    rest = train.main(tiny_argv(tmp_path, "--steps", "2", "--resume"))
+    assert "resumed from" in capsys.readouterr().out and [r["step"] for r in rest] == [2]
+    assert rest[0]["loss"] == whole[1]["loss"] and (checkpoint / "model.safetensors").is_file()

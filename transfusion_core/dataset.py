@@ -324,26 +324,28 @@ class CaptionedImageFolder:
         return CaptionedImage(self.images[index], self.captions[index])
 
 
-def make_splits(data: str, heldout_data: str | None = None, *, image_size: int = 16, max_shapes: int = 1,
-                train_samples: int = 100_000, heldout_samples: int = 48, seed: int = 0):
-    """The training and held-out data sets a run names.
+def training_set(data: str, *, image_size: int = 16, max_shapes: int = 1, train_samples: int = 100_000,
+                 seed: int = 0):
+    """The training data a run names: ``"shapes"`` (the embedded data set, ``train_samples``
+    scenes) or a JSONL file (``CaptionedImageFolder``)."""
+    if data == "shapes":
+        return ShapesDataset(train_samples, seed=seed, image_size=image_size, max_shapes=max_shapes)
+    return CaptionedImageFolder(data, image_size=image_size)
 
-    ``data="shapes"``: the embedded data set, ``train_samples`` training and ``heldout_samples``
-    held-out scenes. Otherwise ``data`` is a JSONL file (``CaptionedImageFolder``) and the
-    held-out set is the JSONL file ``heldout_data``, or ``None``.
-    """
+
+def heldout_set(data: str, heldout_data: str | None = None, *, image_size: int = 16, max_shapes: int = 1,
+                heldout_samples: int = 48, seed: int = 0):
+    """The held-out data of a run: the embedded data set's ``heldout`` split (``heldout_samples``
+    scenes), or for a JSONL data set the JSONL file ``heldout_data`` (``None``: none)."""
     if data == "shapes":
         if heldout_data is not None:
             raise ValueError("heldout_data: only for a JSONL data set; the embedded one has its own held-out split")
-        return (ShapesDataset(train_samples, seed=seed, image_size=image_size, max_shapes=max_shapes),
-                ShapesDataset(heldout_samples, seed=seed, split="heldout", image_size=image_size,
-                              max_shapes=max_shapes))
-    train = CaptionedImageFolder(data, image_size=image_size)
-    heldout = CaptionedImageFolder(heldout_data, image_size=image_size) if heldout_data is not None else None
-    return train, heldout
+        return ShapesDataset(heldout_samples, seed=seed, split="heldout", image_size=image_size,
+                             max_shapes=max_shapes)
+    return CaptionedImageFolder(heldout_data, image_size=image_size) if heldout_data is not None else None
 
 
 __all__ = [
     "COLOURS", "POSITIONS", "SHAPES", "CaptionedImage", "CaptionedImageFolder", "Shape", "ShapesDataset",
-    "caption", "detect_shapes", "make_splits", "parse_caption", "render",
+    "caption", "detect_shapes", "heldout_set", "parse_caption", "render", "training_set",
 ]

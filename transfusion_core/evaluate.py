@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .codec import codec_from_description
 from .data import ByteTokenizer, Packer
-from .dataset import ShapesDataset, detect_shapes, make_splits, parse_caption
+from .dataset import ShapesDataset, detect_shapes, heldout_set, parse_caption
 from .model import IGNORE_INDEX, Transfusion
 
 TRAIN_STATE_FILE = "train_state.json"  # the run's arguments and progress, next to the weights
@@ -232,9 +232,8 @@ def main(argv=None) -> dict:
     state = read_train_state(args.checkpoint)
     run = state["args"]
     codec = codec_from_description(state.get("codec"), device=args.device)
-    _, heldout = make_splits(run["data"], run["heldout_data"], image_size=run["image_size"],
-                             max_shapes=run["max_shapes"], train_samples=run["train_samples"],
-                             heldout_samples=run["heldout_samples"], seed=run["seed"])
+    heldout = heldout_set(run["data"], run["heldout_data"], image_size=run["image_size"],
+                          max_shapes=run["max_shapes"], heldout_samples=run["heldout_samples"], seed=run["seed"])
     if heldout is None:
         parser.error("the run has no held-out data set (train it with --heldout-data)")
     model = Transfusion.load(args.checkpoint, device=args.device)

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .codec import PixelCodec, VAECodec, encode_dataset
 from .data import ByteTokenizer, Packer
-from .dataset import ShapesDataset, detect_shapes, make_splits
+from .dataset import ShapesDataset, detect_shapes, heldout_set, training_set
 from .evaluate import TRAIN_STATE_FILE, image_to_text, read_train_state, text_to_image, write_samples_grid
 from .model import Transfusion, TransfusionConfig, is_int
 
@@ -58,7 +58,7 @@ METRICS_FILE = "metrics.jsonl"
 # Presets: every option below has a value in "tiny"; other presets override some of them.
 PRESETS = {
     # The CPU default: the embedded data set (one shape per 16x16 image), a 0.9M-parameter model.
-    # About 5 minutes of training on 2 CPU cores (see the README for the figures it reaches).
+    # About 6 minutes of training on 2 CPU cores (the README gives the time and figures reached).
     "tiny": dict(
         data="shapes", heldout_data=None, image_size=16, max_shapes=1, train_samples=100_000, heldout_samples=48,
         dim=128, n_layers=4, n_heads=4, image_encoder="linear", patch_size=4, diffusion_target="v",
@@ -71,7 +71,7 @@ PRESETS = {
     "small": dict(
         image_size=32, max_shapes=2, train_samples=1_000_000, heldout_samples=96,
         dim=384, n_layers=8, n_heads=6, image_encoder="unet", patch_size=2,
-        steps=20_000, batch_size=256, micro_batches=4, seq_len=600, lr=5e-4, warmup=1000,
+        steps=20_000, batch_size=256, micro_batches=8, seq_len=1024, lr=5e-4, warmup=1000,
         checkpoint_every=2000, log_every=100,
     ),
 }
@@ -128,7 +128,7 @@ class TrainArgs:
 
 def parse_args(argv=None) -> TrainArgs:
     parser = argparse.ArgumentParser(prog="python -m transfusion_core.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog="An option left out takes the preset's value (PRESETS in this module).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="defaults for every option below")
     parser.add_argument("--out", default=None, help="output directory (default: runs/PRESET)")
     group = parser.add_argument_group("data")
@@ -298,7 +298,7 @@ def model_config(args: TrainArgs, codec) -> TransfusionConfig:
         fields["unet_channels"] = tuple(32 * 2**k for k in range(args.patch_size.bit_length()))
     try:
         return TransfusionConfig(**fields)
-    except ValueError as error:  # name the command-line option rather than the config field
+    except ValueError as error:  # it names a config field: say that the model options set it
         raise ValueError(f"model options: {error}") from None
 
 
@@ -348,9 +348,7 @@ def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step:
     if processes.main:
         partial = path.with_name(path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        plain = Transfusion(config)
-        plain.load_state_dict(weights)
-        plain.save(partial)
+        unwrapped(weights, config).save(partial)
         tensors = {f"{name}/{key}": value.contiguous() for name, state in optimizer_state["state"].items()
                    for key, value in state.items()}
         save_file(tensors, str(partial / OPTIMIZER_FILE))
@@ -385,12 +383,11 @@ def load_checkpoint(path: Path, model, optimizer, args: TrainArgs) -> int:
     return state["step"]
 
 
-def plain_model(model, config: TransfusionConfig, device) -> Transfusion:
-    """The trained weights in an unwrapped model (for generation: FSDP keeps them sharded)."""
-    weights = get_model_state_dict(model, options=FULL_STATE)
-    plain = Transfusion(config)
-    plain.load_state_dict(weights)
-    return plain.to(device).eval()
+def unwrapped(weights: dict, config: TransfusionConfig) -> Transfusion:
+    """A plain model holding full weights (a DDP or FSDP2 model cannot ``save`` or ``generate``)."""
+    model = Transfusion(config)
+    model.load_state_dict(weights)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,13 +398,14 @@ def clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
 
 
-def progress_line(record: dict, args: TrainArgs, elapsed: float, steps_done: int) -> str:
+def progress_line(record: dict, args: TrainArgs, elapsed: float, steps_done: int, tokens_per_s: float) -> str:
+    """One line of progress; ``tokens_per_s`` counts text tokens and image patches, not padding."""
     step = record["step"]
     filled = round(20 * step / args.steps)
     eta = elapsed / max(1, steps_done) * (args.steps - step)
     return (f"step {step:>{len(str(args.steps))}}/{args.steps} [{'#' * filled}{'.' * (20 - filled)}] "
             f"loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} + diffusion {record['diffusion_loss']:.4f} x "
-            f"lambda) | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"lambda) | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s | "
             f"{clock(elapsed)} elapsed, ETA {clock(eta)}")
 
 
@@ -477,9 +475,10 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     if processes.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    train_set, heldout = make_splits(args.data, args.heldout_data, image_size=args.image_size,
-                                     max_shapes=args.max_shapes, train_samples=args.train_samples,
-                                     heldout_samples=args.heldout_samples, seed=args.seed)
+    heldout = heldout_set(args.data, args.heldout_data, image_size=args.image_size, max_shapes=args.max_shapes,
+                          heldout_samples=args.heldout_samples, seed=args.seed)
+    train_set = training_set(args.data, image_size=args.image_size, max_shapes=args.max_shapes,
+                             train_samples=args.train_samples, seed=args.seed)
     if not isinstance(train_set, ShapesDataset):
         print0(processes, f"data: {args.data}: {len(train_set)} images, {len(train_set.skipped)} unreadable skipped")
     codec, latents = PixelCodec(), None
@@ -500,9 +499,12 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
     start = 0
-    if args.resume and (checkpoint_path / TRAIN_STATE_FILE).is_file():
-        start = load_checkpoint(checkpoint_path, wrapped, optimizer, args)
-        print0(processes, f"resumed from {checkpoint_path} at step {start}")
+    resume_from = checkpoint_path
+    if not checkpoint_path.exists():  # a run stopped while swapping checkpoints kept the old one here
+        resume_from = checkpoint_path.with_name(checkpoint_path.name + ".previous")
+    if args.resume and (resume_from / TRAIN_STATE_FILE).is_file():
+        start = load_checkpoint(resume_from, wrapped, optimizer, args)
+        print0(processes, f"resumed from {resume_from} at step {start}")
     elif args.resume:
         print0(processes, f"no checkpoint in {checkpoint_path}: starting from step 0")
 
@@ -523,6 +525,7 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=processes.device.type == "cuda")
     last_step = args.stop_at or args.steps
     history, started = [], time.perf_counter()
+    window_positions = window_seconds = 0.0  # throughput since the last progress line
     for step in range(start, last_step):
         step_started = time.perf_counter()
         lr = learning_rate(args, step)
@@ -550,20 +553,24 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
                   "diffusion_loss": float(sums[2]), "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": float(sums[3]) / seconds, "seconds": seconds}
         history.append(record)
+        window_positions, window_seconds = window_positions + float(sums[3]), window_seconds + seconds
         if processes.main:
             with metrics_path.open("a") as metrics:
                 metrics.write(json.dumps(record) + "\n")
             done = step + 1 - start
             if (step + 1) % args.log_every == 0 or step + 1 in (start + 1, last_step):
-                print(progress_line(record, args, time.perf_counter() - started, done), flush=True)
+                print(progress_line(record, args, time.perf_counter() - started, done,
+                                    window_positions / window_seconds), flush=True)
+                window_positions = window_seconds = 0.0
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == last_step:
             save_checkpoint(checkpoint_path, wrapped, optimizer, config, args, step + 1, codec, processes)
     print0(processes, f"trained steps {start + 1}..{last_step} in {clock(time.perf_counter() - started)}; "
                       f"checkpoint: {checkpoint_path}")
 
     if last_step == args.steps and args.plots:
-        final = plain_model(wrapped, config, processes.device)  # every process takes part in gathering
+        weights = get_model_state_dict(wrapped, options=FULL_STATE)  # every process takes part
         if processes.main:
+            final = unwrapped(weights, config).to(processes.device).eval()
             write_loss_curve(metrics_path, out / "loss_curve.png")
             print(f"wrote {out / 'loss_curve.png'}", flush=True)
             if heldout is not None and args.samples:
