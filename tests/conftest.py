@@ -2,7 +2,24 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """CPU tensors run the eager reference (fast), for tests of the code above the kernels; a test
+    that compares with the kernels sets TRITON_INTERPRET=1 itself."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when another process is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,17 +17,11 @@ import pytest
 import torch
 
 import tfkernels as tk
-from tfkernels._dispatch import use_triton
 from tfkernels.testing import random_layout
+from kernel_support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
-    reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
-)
-
-CPU_DTYPES = [torch.float32, torch.float16]
 
 
 def _random(shape, dtype, gen):
@@ -252,7 +246,6 @@ def test_bad_scale_and_deterministic_flag():
 
 
 # ------------------------------------------------------------------------------ GPU only
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 and long sequences need a CUDA GPU")
 
 
 @gpu_only

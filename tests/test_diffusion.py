@@ -20,18 +20,10 @@ import torch
 import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
 from tfkernels import reference
-from tfkernels._dispatch import use_triton
+from kernel_support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
-    reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
-)
-
-CPU_DTYPES = [torch.float32, torch.float16]
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bfloat16 needs a CUDA GPU (Triton's interpreter mishandles it)")
 TIMESTEPS = [0, 1, 20, 499, 999]
 TARGETS = ["eps", "v", "x0", "flow"]
 # Kernel noise vs reference.seeded_noise: the integer stream and uniforms are exact; log/sqrt/cos

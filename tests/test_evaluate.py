@@ -12,18 +12,7 @@ from transfusion_core.codec import PixelCodec
 from transfusion_core.dataset import Shape, ShapesDataset, detect_shapes, parse_caption, render
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
 
 def tiny_model(seed=0):

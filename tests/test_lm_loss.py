@@ -13,18 +13,10 @@ import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
-from tfkernels._dispatch import use_triton
+from kernel_support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
-    reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
-)
-
-CPU_DTYPES = [torch.float32, torch.float16]
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(),
-                              reason="bfloat16 needs a CUDA GPU (Triton's interpreter mishandles it)")
 
 
 @pytest.fixture

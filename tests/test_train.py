@@ -12,19 +12,7 @@ import transfusion_core as tc
 from transfusion_core import evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    """CPU tensors run the eager reference (fast); the parity test switches the kernels on."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
 
 def tiny_argv(out, *extra):

@@ -16,9 +16,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 @pytest.fixture(scope="module")

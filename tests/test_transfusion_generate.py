@@ -11,10 +11,7 @@ from transfusion_core.model import document_segments, patchify, unpatchify
 from transfusion_core.sampling import denoise_step, diffusion_timesteps, sample_token
 
 
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    """CPU tensors run the eager reference (fast); the model tests compare it with the kernels."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 def tiny_model(image_encoder="linear", seed=0):

@@ -10,10 +10,7 @@ from safetensors import safe_open
 import transfusion_core as tc
 
 
-@pytest.fixture(autouse=True)
-def reference_path(monkeypatch):
-    """CPU tensors run the eager reference (fast); the parity test switches the kernels on."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 def tiny_config(**overrides):
