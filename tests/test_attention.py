@@ -143,6 +143,19 @@ def test_lse_output_and_its_gradient():
     assert_matches_reference(q, k, v, mask, lse_weight=0.1)
 
 
+def test_expanded_upstream_gradients():
+    """out.sum() and lse.sum() hand the backward stride-0 gradients."""
+    mask = _transfusion_mask(100, 2, seed=17)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 100, 100, 4, 2, 32, torch.float32, seed=18))
+    out, lse = tk.attention(q, k, v, mask, return_lse=True)
+    ours = torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = tk.reference.attention(q64, k64, v64, mask)
+    ref = torch.autograd.grad(out64.sum() + torch.where(torch.isfinite(lse64), lse64, 0.0).sum(), (q64, k64, v64))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+
+
 def test_different_layout_per_batch_row_equals_rows_run_alone():
     mask = _transfusion_mask(180, 2, seed=9)
     q, k, v = _qkv(2, 180, 180, 2, 2, 64, torch.float32, seed=10)
@@ -181,6 +194,19 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_takes_a_traced_scale():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    mask = _transfusion_mask(64, 1, seed=19)
+    q, k, v = _qkv(1, 64, 64, 2, 2, 32, torch.float32, seed=20)
+    step = torch.compile(lambda q, k, v, scale: tk.attention(q, k, v, mask, scale=scale), backend=counter,
+                         fullgraph=True)
+    for scale in (0.3, 0.4, 0.5):  # the second value makes dynamo trace scale as a SymFloat
+        torch.testing.assert_close(step(q, k, v, scale), tk.attention(q, k, v, mask, scale=scale),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_torch_compile_does_not_recompile_for_new_layouts():

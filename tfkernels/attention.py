@@ -36,6 +36,7 @@ and their gradients are 0 (the element mask zeroes their probabilities before an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -77,15 +78,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _query_tile_setup(
-        KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv,
+        KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """This program's (batch, head, query tile), its rows' bounds and its key-tile ranges."""
-        head = tl.program_id(0)  # heads vary fastest: a GQA group's heads run side by side
-        work = tl.load(TILE_ORDER + tl.program_id(1))  # heaviest query tile first
+        # One flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1-2 only 65535), heads varying
+        # fastest so a GQA group's heads run side by side; tiles heaviest first.
+        pid = tl.program_id(0)
+        head = (pid % num_heads_q).to(tl.int64)
+        work = tl.load(TILE_ORDER + pid // num_heads_q)
         batch = work // num_q_tiles
         q_tile = work % num_q_tiles
-        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 rows: row * stride may pass 2^31 at long sequences or in packed qkv buffers.
+        offs_m = (q_tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
         row_valid = offs_m < seq_len_q
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
@@ -110,7 +115,7 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose ~3 digits)
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
             kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
             v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
             if MASKED:
@@ -157,7 +162,8 @@ if HAS_TRITON:
     ):
         (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
          tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M,
+            BLOCK_N,
         )
         q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
@@ -204,11 +210,13 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
-        q_tile = tl.program_id(0)
-        bh = tl.program_id(1)
+        pid = tl.program_id(0)  # flat grid: (batch x head, query tile), tiles fastest
+        num_q_tiles = tl.cdiv(seq_len_q, BLOCK_M)
+        bh = pid // num_q_tiles
+        q_tile = pid % num_q_tiles
         batch = (bh // num_heads_q).to(tl.int64)
-        head = bh % num_heads_q
-        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        head = (bh % num_heads_q).to(tl.int64)
+        offs_m = (q_tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         valid = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
         o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -228,7 +236,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
             kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
             vt_ptrs = V + offs_n[None, :] * stride_vn + offs_d[:, None]
             if MASKED:
@@ -265,7 +273,8 @@ if HAS_TRITON:
     ):
         (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
          tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M,
+            BLOCK_N,
         )
         io_mask = row_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
@@ -298,7 +307,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: row * stride may pass 2^31
             q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
             do_ptrs = DO + offs_m[:, None] * stride_dos + offs_d[None, :]
             if MASKED:
@@ -338,17 +347,18 @@ if HAS_TRITON:
         stride_dob, stride_dos, stride_doh,
         stride_dkb, stride_dks, stride_dkh,
         stride_dvb, stride_dvs, stride_dvh,
-        seq_len_q, seq_len_k, num_heads_q, num_k_tiles, q_per_kv, qk_scale, scale,
+        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,  # query rows per inner step
         BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
         DOT_PRECISION: tl.constexpr,
     ):
-        kv_head = tl.program_id(0)
-        work = tl.load(TILE_ORDER + tl.program_id(1))
+        pid = tl.program_id(0)  # flat grid, kv heads fastest (see _query_tile_setup)
+        kv_head = (pid % num_heads_kv).to(tl.int64)
+        work = tl.load(TILE_ORDER + pid // num_heads_kv)
         batch = work // num_k_tiles
         k_tile = work % num_k_tiles
-        offs_n = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (k_tile * BLOCK_N).to(tl.int64) + tl.arange(0, BLOCK_N)
         key_valid = offs_n < seq_len_k
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
@@ -486,15 +496,19 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
     fixed = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=cfg["fwd_m"],
                  DOT_PRECISION=_dot_precision(q.dtype))
     free = dict(BLOCK_N=cfg["fwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, (heads_q, order.numel()), args, fixed, free, q.device)
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, (heads_q * order.numel(),), args, fixed, free, q.device)
     return out, lse
 
 
 def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
+    # The kernels need a unit stride along D; autograd hands out expanded (stride-0) gradients for
+    # e.g. out.sum(), and the LSE gradient is read as a contiguous [B, Hq, Sq] block.
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     # Every row of dq and every key of dk/dv is written by exactly one program: no zero-fill.
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -504,7 +518,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     precision = _dot_precision(q.dtype)
     q_per_kv = heads_q // heads_kv
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_ROWS), batch * heads_q)](
+    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_ROWS) * batch * heads_q,)](
         out, do, dlse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -521,11 +535,11 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        seq_q, seq_k, heads_q, triton.cdiv(seq_k, cfg["bwd_n"]), q_per_kv, scale * _LOG2E, scale,
+        seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, cfg["bwd_n"]), q_per_kv, scale * _LOG2E, scale,
     )
     fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision)
     free = dict(BLOCK_M=cfg["bwd_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv, key_order.numel()), args, fixed, free,
+    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv * key_order.numel(),), args, fixed, free,
             q.device)
     query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"])
     args = (
@@ -539,19 +553,25 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     )
     fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], DOT_PRECISION=precision)
     free = dict(BLOCK_N=cfg["bwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, (heads_q, query_order.numel()), args, fixed, free, q.device)
+    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, (heads_q * query_order.numel(),), args, fixed, free, q.device)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
 # torch.library registration and autograd
 # ----------------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one (e.g. q on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_fwd(q, k, v, kv_start, kv_end, scale)
+    with _on_device(q):
+        return _launch_fwd(q, k, v, kv_start, kv_end, scale)
 
 
 @_attention_fwd.register_fake
@@ -568,7 +588,8 @@ def _attention_bwd(
     lse: torch.Tensor, dlse: torch.Tensor | None, kv_start: torch.Tensor, kv_end: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale)
+    with _on_device(q):
+        return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale)
 
 
 @_attention_bwd.register_fake
@@ -629,7 +650,10 @@ def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected 1..{MAX_HEAD_DIM}, got {dim}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and not isinstance(scale, (int, float, torch.SymFloat)):
+        raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
+    # Under torch.compile a scale may be traced as a symbolic float: only eager values are checked.
+    if isinstance(scale, (int, float)) and not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")

@@ -134,7 +134,8 @@ class IntervalMask:
         if bool(((prefix < 0) | (prefix > seq_len_k)).any()):
             raise ValueError(f"prefix_len: expected values in [0, seq_len_k={seq_len_k}], got {prefix_len!r}")
         pos = _positions(seq_len_q, seq_len_k, device)
-        end = torch.maximum(prefix.reshape(-1, 1), pos + 1).clamp(min=0, max=seq_len_k)
+        end = torch.maximum(prefix.reshape(-1, 1), pos + 1).clamp(max=seq_len_k)
+        end = torch.where(pos + 1 > 0, end, 0)  # rows placed before key 0 see nothing, as in causal
         end = end.expand(batch_size, seq_len_q)
         return cls._from_bounds(torch.zeros_like(end), end, batch_size, seq_len_k)
 
