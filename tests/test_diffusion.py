@@ -20,7 +20,7 @@ import torch
 import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
 from tfkernels import reference
-from kernel_support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from kernel_support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, max_error, requires_triton
 
 pytestmark = requires_triton
 
@@ -41,18 +41,6 @@ def small_blocks(monkeypatch):
 
 def _random(shape, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
-
-
-def _max_error(x, ref):
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-
-
-def _assert_anchored(name, ours, ref64, lowp):
-    eps = torch.finfo(ours.dtype).eps
-    error = _max_error(ours, ref64)
-    bound = 2 * _max_error(lowp, ref64) + 4 * eps * max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g}"
-    assert torch.isfinite(ours).all(), name
 
 
 def _kernel_noise(seed, shape, images=1):
@@ -94,7 +82,7 @@ def test_add_noise_matches_reference(dtype, layout, seeded, small_blocks):
     assert ours.shape == x0.shape and ours.dtype == dtype
     ref64 = reference.add_noise(x0.double(), t, COSINE, noise=noise.double(), offsets=offsets)
     lowp = reference.add_noise(x0, t, COSINE, noise=noise, offsets=offsets)
-    _assert_anchored("x_t", ours, ref64, lowp)
+    assert_anchored("x_t", ours, ref64, lowp)
 
 
 @pytest.mark.parametrize("t", TIMESTEPS)
@@ -103,7 +91,7 @@ def test_add_noise_every_listed_timestep_one_image(t):
     x0, noise = _random((1, 300), torch.float32, gen), _random((1, 300), torch.float32, gen)
     ours = tk.add_noise(x0, torch.tensor([t], device=DEVICE), COSINE, noise=noise)
     a, b = (math.sqrt(v) for v in (COSINE.alphas_cumprod[t].item(), 1 - COSINE.alphas_cumprod[t].item()))
-    _assert_anchored("x_t", ours, a * x0.double() + b * noise.double(),
+    assert_anchored("x_t", ours, a * x0.double() + b * noise.double(),
                      reference.add_noise(x0, torch.tensor([t], device=DEVICE), COSINE, noise=noise))
 
 
@@ -120,7 +108,7 @@ def test_add_noise_gradients_for_x0_and_noise():
     ref64 = grads(lambda a, n: reference.add_noise(a, t, COSINE, noise=n, offsets=offsets), x0.double(), noise.double())
     lowp = grads(lambda a, n: reference.add_noise(a, t, COSINE, noise=n, offsets=offsets), x0, noise)
     for name, a, r, low in zip(("dx0", "dnoise"), ours, ref64, lowp):
-        _assert_anchored(name, a, r, low)
+        assert_anchored(name, a, r, low)
 
 
 def test_add_noise_non_contiguous_inputs():
@@ -129,7 +117,7 @@ def test_add_noise_non_contiguous_inputs():
     noise = _random((6, 48), torch.float16, gen)[:, ::2]
     t = torch.tensor([0, 5, 1, 20, 2, 999, 3, 499, 4, 1, 5, 7], device=DEVICE)[::2]
     ours = tk.add_noise(x0, t, COSINE, noise=noise)
-    _assert_anchored("x_t", ours, reference.add_noise(x0.double(), t, COSINE, noise=noise.double()),
+    assert_anchored("x_t", ours, reference.add_noise(x0.double(), t, COSINE, noise=noise.double()),
                      reference.add_noise(x0, t, COSINE, noise=noise))
 
 
@@ -174,7 +162,7 @@ def test_diffusion_loss_matches_reference(dtype, target, layout, seeded, weighte
     assert ours[0].dtype == ours[1].dtype == torch.float32 and ours[0].shape == t.shape and ours[1].ndim == 0
     assert ours[2].dtype == ours[3].dtype == dtype
     for name, a, r, low in zip(("loss[none]", "loss[mean]", "dpred[none]", "dpred[mean]"), ours, ref64, lowp):
-        _assert_anchored(name, a, r, low)
+        assert_anchored(name, a, r, low)
 
 
 def test_diffusion_loss_gradients_for_x0_noise_and_weights():
@@ -193,7 +181,7 @@ def test_diffusion_loss_gradients_for_x0_noise_and_weights():
                   lambda p, a, n, *args, **kw: reference.diffusion_loss(p, a, *args, **kw))
     lowp = grads(pred, x0, noise, weights, lambda p, a, n, *args, **kw: reference.diffusion_loss(p, a, *args, **kw))
     for name, a, r, low in zip(("dpred", "dx0", "dnoise", "dweights"), ours, ref64, lowp):
-        _assert_anchored(name, a, r, low)
+        assert_anchored(name, a, r, low)
 
 
 def test_diffusion_loss_default_block_size_and_mixed_dtypes():
@@ -206,7 +194,7 @@ def test_diffusion_loss_default_block_size_and_mixed_dtypes():
     ref64 = reference.diffusion_loss(pred.double(), x0.double(), t, COSINE, target="v", noise=noise.double(),
                                      offsets=offsets, reduction="none")
     lowp = reference.diffusion_loss(pred, x0, t, COSINE, target="v", noise=noise, offsets=offsets, reduction="none")
-    _assert_anchored("loss", ours, ref64, lowp)
+    assert_anchored("loss", ours, ref64, lowp)
 
 
 def test_no_images_gives_empty_output_and_zero_mean():
@@ -227,11 +215,11 @@ def test_kernel_noise_equals_reference_generator_and_is_reproducible():
     noise = _kernel_noise(1234, (3, 500))
     assert torch.equal(noise, _kernel_noise(1234, (3, 500))), "identical across calls"
     expected = reference.seeded_noise(1234, (3, 500), DEVICE)
-    assert _max_error(noise, expected) <= SEEDED_NOISE_ATOL
+    assert max_error(noise, expected) <= SEEDED_NOISE_ATOL
     assert torch.equal(_kernel_noise(1234, (3, 500), images=3), noise), "a function of the flat index only"
     assert not torch.equal(_kernel_noise(1235, (3, 500)), noise)
     large_seed = (7 << 40) + 5
-    assert _max_error(_kernel_noise(large_seed, (2, 64)), reference.seeded_noise(large_seed, (2, 64), DEVICE)) \
+    assert max_error(_kernel_noise(large_seed, (2, 64)), reference.seeded_noise(large_seed, (2, 64), DEVICE)) \
         <= SEEDED_NOISE_ATOL
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
-from kernel_support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from kernel_support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
 
 pytestmark = requires_triton
 
@@ -23,18 +23,6 @@ pytestmark = requires_triton
 def small_vocab_blocks(monkeypatch):
     """64-column vocabulary slices: V = 203 then takes four, the last one partial."""
     monkeypatch.setattr(lm_loss_module, "_MAX_BLOCK_V", 64)
-
-
-def _max_error(x, ref):
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-
-
-def _assert_anchored(name, ours, ref64, lowp):
-    eps = torch.finfo(ours.dtype).eps
-    error = _max_error(ours, ref64)
-    bound = 2 * _max_error(lowp, ref64) + 4 * eps * max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
-    assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g}"
-    assert torch.isfinite(ours).all(), name
 
 
 def _eager(hidden, weight, target, ignore_index=-100, reduction="mean", z_loss=0.0):
@@ -77,7 +65,7 @@ def assert_matches_eager(hidden, weight, target, **kwargs):
     assert ours[0].dtype == torch.float32 and ours[0].shape == ref64[0].shape
     assert ours[1].dtype == ours[2].dtype == hidden.dtype
     for name, a, r, low in zip(("loss", "dhidden", "dweight"), ours, ref64, lowp):
-        _assert_anchored(name, a, r, low)
+        assert_anchored(name, a, r, low)
     return ours
 
 
