@@ -77,32 +77,38 @@ if HAS_TRITON:
         return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
 
     @triton.jit
-    def _query_tile_setup(
-        KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _tile_setup(
+        BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_heads, num_tiles,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
+        COLS: tl.constexpr,  # columns (keys, or queries) per inner step
     ):
-        """This program's (batch, head, query tile), its rows' bounds and its key-tile ranges."""
+        """This program's (batch, head, row tile), its rows' interval bounds and column-tile ranges.
+
+        Rows are queries with bounds ``[kv_start, kv_end)`` (forward, dQ) or keys with bounds
+        ``[q_start, q_end)`` (dK/dV): the same monotone structure on either side.
+        """
         # One flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1-2 only 65535), heads varying
         # fastest so a GQA group's heads run side by side; tiles heaviest first.
         pid = tl.program_id(0)
-        head = (pid % num_heads_q).to(tl.int64)
-        work = tl.load(TILE_ORDER + pid // num_heads_q)
-        batch = work // num_q_tiles
-        q_tile = work % num_q_tiles
+        head = (pid % num_heads).to(tl.int64)
+        work = tl.load(TILE_ORDER + pid // num_heads)
+        batch = work // num_tiles
+        tile = work % num_tiles
         # int64 rows: row * stride may pass 2^31 at long sequences or in packed qkv buffers.
-        offs_m = (q_tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < seq_len_q
+        offs = (tile * ROWS).to(tl.int64) + tl.arange(0, ROWS)
+        row_valid = offs < num_rows
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
-        bounds_row = batch * seq_len_q
-        kv_start = tl.load(KV_START + bounds_row + offs_m, mask=row_valid, other=0)
-        kv_end = tl.load(KV_END + bounds_row + offs_m, mask=row_valid, other=0)
-        first = q_tile * BLOCK_M
-        last = tl.minimum(first + BLOCK_M, seq_len_q) - 1
+        bounds_row = batch * num_rows
+        start = tl.load(BOUND_START + bounds_row + offs, mask=row_valid, other=0)
+        end = tl.load(BOUND_END + bounds_row + offs, mask=row_valid, other=0)
+        first = tile * ROWS
+        last = tl.minimum(first + ROWS, num_rows) - 1
         tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            KV_START + bounds_row, KV_END + bounds_row, first, last, BLOCK_N
+            BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, COLS
         )
-        return (batch.to(tl.int64), head, head // q_per_kv, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+        return (batch.to(tl.int64), head, offs, row_valid, offs_d, d_valid, start, end,
                 tile_lo, inner_lo, inner_hi, tile_hi)
 
     @triton.jit
@@ -160,11 +166,11 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
         DOT_PRECISION: tl.constexpr,
     ):
-        (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
-         tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M,
-            BLOCK_N,
+        (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
         )
+        kv_head = head // q_per_kv
         q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         K_head = K + batch64 * stride_kb + kv_head * stride_kh
@@ -271,11 +277,11 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        (batch64, head, kv_head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
-         tile_lo, inner_lo, inner_hi, tile_hi) = _query_tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, q_per_kv, HEAD_DIM, BLOCK_D, BLOCK_M,
-            BLOCK_N,
+        (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
+         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
         )
+        kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                     mask=io_mask, other=0.0)
@@ -353,24 +359,10 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
         DOT_PRECISION: tl.constexpr,
     ):
-        pid = tl.program_id(0)  # flat grid, kv heads fastest (see _query_tile_setup)
-        kv_head = (pid % num_heads_kv).to(tl.int64)
-        work = tl.load(TILE_ORDER + pid // num_heads_kv)
-        batch = work // num_k_tiles
-        k_tile = work % num_k_tiles
-        offs_n = (k_tile * BLOCK_N).to(tl.int64) + tl.arange(0, BLOCK_N)
-        key_valid = offs_n < seq_len_k
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
-        bounds_row = batch * seq_len_k
-        q_start = tl.load(Q_START + bounds_row + offs_n, mask=key_valid, other=0)
-        q_end = tl.load(Q_END + bounds_row + offs_n, mask=key_valid, other=0)
-        first = k_tile * BLOCK_N
-        last = tl.minimum(first + BLOCK_N, seq_len_k) - 1
-        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            Q_START + bounds_row, Q_END + bounds_row, first, last, BLOCK_M
+        (batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end,
+         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+            Q_START, Q_END, TILE_ORDER, seq_len_k, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M
         )
-        batch64 = batch.to(tl.int64)
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(K + batch64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                     mask=io_mask, other=0.0)
