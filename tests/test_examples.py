@@ -14,5 +14,6 @@ def test_quickstart_runs_and_matches_the_reference(capsys):
     printed = capsys.readouterr().out
     dtype = getattr(torch, re.search(r"dtype=torch\.(\w+)", printed).group(1))  # float32 on a CPU, bf16 on a GPU
     error = float(re.search(r"max \|out - reference\(float64\)\| = (\S+);", printed).group(1))
-    assert error < 4 * torch.finfo(dtype).eps  # O(1) outputs: a few ulps
+    # O(1) outputs: float32 accumulation error over <= 64 keys, or two ulps of a bf16 output.
+    assert error < max(16 * torch.finfo(torch.float32).eps, 2 * torch.finfo(dtype).eps)
     assert "padding rows are zero: True" in printed
