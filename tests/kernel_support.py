@@ -26,11 +26,14 @@ def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
 
 
-def assert_anchored(name: str, ours: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor) -> None:
-    """``max |ours - ref64| <= 2 * max |lowp - ref64| + 4 * eps * max(1, max |ref64|)``: within twice
-    eager PyTorch's own error in the same dtype, plus a few ulps for O(1) values."""
+def assert_anchored(name: str, ours: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor,
+                    magnitude: float = 0.0) -> None:
+    """``max |ours - ref64| <= 2 * max |lowp - ref64| + 4 * eps * max(1, max |ref64|, magnitude)``:
+    within twice eager PyTorch's own error in the same dtype, plus a few ulps of the values'
+    magnitude (``magnitude``: the scale of the terms that cancel into a small result)."""
     eps = torch.finfo(ours.dtype).eps
     error = max_error(ours, ref64)
-    bound = 2 * max_error(lowp, ref64) + 4 * eps * max(1.0, ref64.abs().max().item() if ref64.numel() else 0.0)
+    largest = ref64.abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * max_error(lowp, ref64) + 4 * eps * max(1.0, largest, magnitude)
     assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g}"
     assert torch.isfinite(ours).all(), name

@@ -63,13 +63,18 @@ _LN2 = 0.6931471805599453
 if HAS_TRITON:
 
     @triton.jit
-    def _tile_ranges(BOUND_START, BOUND_END, first, last, BLOCK: tl.constexpr):
+    def _tile_ranges(BOUND_START, BOUND_END, first, last, num_cols, BLOCK: tl.constexpr):
         """Tile index ranges ``[lo, inner_lo)`` (edge), ``[inner_lo, inner_hi)`` (no mask),
-        ``[inner_hi, hi)`` (edge) for the rows ``first..last`` of monotone interval bounds."""
-        lo = tl.load(BOUND_START + first)
-        hi = tl.load(BOUND_END + last)
-        inner_lo = tl.load(BOUND_START + last)
-        inner_hi = tl.load(BOUND_END + first)
+        ``[inner_hi, hi)`` (edge) for the rows ``first..last`` of monotone interval bounds.
+
+        The bounds are clamped to ``[0, num_cols]``: ``validate()`` rejects a bad mask in eager
+        mode, but one mutated in place or first seen under torch.compile must still never make a
+        kernel read outside K/V (it gives wrong values instead).
+        """
+        lo = tl.maximum(tl.load(BOUND_START + first), 0)
+        hi = tl.minimum(tl.load(BOUND_END + last), num_cols)
+        inner_lo = tl.maximum(tl.load(BOUND_START + last), 0)
+        inner_hi = tl.minimum(tl.load(BOUND_END + first), num_cols)
         tile_lo = lo // BLOCK
         tile_hi = tl.cdiv(hi, BLOCK)
         inner_tile_lo = tl.cdiv(inner_lo, BLOCK)
@@ -78,7 +83,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_setup(
-        BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_heads, num_tiles,
+        BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
@@ -106,7 +111,7 @@ if HAS_TRITON:
         first = tile * ROWS
         last = tl.minimum(first + ROWS, num_rows) - 1
         tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, COLS
+            BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS
         )
         return (batch.to(tl.int64), head, offs, row_valid, offs_d, d_valid, start, end,
                 tile_lo, inner_lo, inner_hi, tile_hi)
@@ -168,7 +173,8 @@ if HAS_TRITON:
     ):
         (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
          tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
+            KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
+            BLOCK_N,
         )
         kv_head = head // q_per_kv
         q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
@@ -279,7 +285,8 @@ if HAS_TRITON:
     ):
         (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
          tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N
+            KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
+            BLOCK_N,
         )
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
@@ -361,7 +368,8 @@ if HAS_TRITON:
     ):
         (batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end,
          tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
-            Q_START, Q_END, TILE_ORDER, seq_len_k, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M
+            Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D, BLOCK_N,
+            BLOCK_M,
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(K + batch64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
