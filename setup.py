@@ -24,7 +24,8 @@ setup(
     extras_require={
         # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
         # Pillow, matplotlib, diffusers: the suite also tests the train, bench and vae extras' code.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers"],
+        # ruff: scripts/test.sh lints the tree before the tests.
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers", "ruff"],
         # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
         "train": ["Pillow", "matplotlib"],
         # A real image codec: a diffusers AutoencoderKL loaded from a local directory.

@@ -28,9 +28,10 @@ import itertools
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -126,7 +127,7 @@ class Settings:
     cpu_reps: int = 5  # wall-clock calls on the CPU
 
     @classmethod
-    def for_device(cls, device: torch.device, quick: bool) -> "Settings":
+    def for_device(cls, device: torch.device, quick: bool) -> Settings:
         return cls(device, quick, input_sets=2 if device.type == "cpu" else 3)
 
 
@@ -138,7 +139,7 @@ class Environment(NamedTuple):
     timestamp: str
 
     @classmethod
-    def current(cls, device: torch.device, commit: str | None = None) -> "Environment":
+    def current(cls, device: torch.device, commit: str | None = None) -> Environment:
         """This process's device and versions; ``commit`` overrides the checkout's (a copy of
         the tree without git metadata)."""
         try:
@@ -356,8 +357,9 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
         # Each peer compiles once per shape and grad mode; past dynamo's default limit of 8
         # compiled variants a function silently falls back to eager and would be timed as such.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cpu_caveat = ", CPU figures: wall clock on the reference paths, not GPU figures"
     log(f"device {env.device}, torch {env.torch}, triton {env.triton}, commit {env.commit}"
-        + (", CPU figures: wall clock on the reference paths, not GPU figures" if settings.device.type == "cpu" else ""))
+        + (cpu_caveat if settings.device.type == "cpu" else ""))
     cases = [(w, i, m) for w in workloads for i in w.implementations for m in (i.modes or w.modes)]
     rows = []
     input_sets, current = None, None
@@ -386,7 +388,8 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
             **throughput(work, timing.median_ms, env.device),
         }
         rows.append(row)
-        log(f"{label}: {timing.median_ms:.4g} ms" + (f", peak {timing.peak_mb:.4g} MB" if timing.peak_mb is not None else ""))
+        peak = f", peak {timing.peak_mb:.4g} MB" if timing.peak_mb is not None else ""
+        log(f"{label}: {timing.median_ms:.4g} ms{peak}")
     add_ratios(rows)
     return rows
 

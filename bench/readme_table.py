@@ -62,7 +62,8 @@ def table(csv_path: Path, rows: list[dict], relative_to: Path) -> str:
         f"`{first['commit']}`, {first['timestamp']}; [CSV]({link})). Median of `triton.testing.do_bench`; "
         f"the peers column gives each peer's time divided by tfkernels' (above 1: tfkernels is faster).",
         "",
-        "| suite | workload | mode | tfkernels (ms) | tfkernels throughput | tfkernels peak (MB) | peers (time / tfkernels) |",
+        ("| suite | workload | mode | tfkernels (ms) | tfkernels throughput | tfkernels peak (MB) "
+         "| peers (time / tfkernels) |"),
         "| --- | --- | --- | ---: | --- | ---: | --- |",
     ]
     cases = dict.fromkeys((r["suite"], r["workload"], r["mode"]) for r in rows)

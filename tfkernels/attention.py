@@ -43,7 +43,7 @@ import os
 import torch
 
 from . import reference
-from ._dispatch import HAS_TRITON, triton_interpret, use_triton
+from ._dispatch import HAS_TRITON, use_triton
 from .mask import IntervalMask
 
 if HAS_TRITON:

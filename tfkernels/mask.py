@@ -19,7 +19,7 @@ keeps both bounds monotone wherever the padding sits). Their attention output is
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ class IntervalMask:
             f"seq_len_k={self.seq_len_k}, device={self.device})"
         )
 
-    def to(self, device) -> "IntervalMask":
+    def to(self, device) -> IntervalMask:
         """The same mask with its tensors on ``device``."""
         return IntervalMask(self.kv_start.to(device), self.kv_end.to(device), self.seq_len_k)
 
@@ -288,7 +288,7 @@ class IntervalMask:
         return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
 
     # ------------------------------------------------------------------ views
-    def slice_queries(self, start: int, end: int) -> "IntervalMask":
+    def slice_queries(self, start: int, end: int) -> IntervalMask:
         """Rows ``[start, end)`` against the keys up to the last of them (bottom-right aligned).
 
         This is the mask of a KV-cache step: with a square mask for the whole sequence, the
@@ -355,7 +355,7 @@ class IntervalMask:
         return int((self.kv_end.long() - self.kv_start.long()).sum())
 
     # ------------------------------------------------------------------ validation
-    def validate(self, *, batch_size=None, seq_len_q=None, seq_len_k=None, device=None) -> "IntervalMask":
+    def validate(self, *, batch_size=None, seq_len_q=None, seq_len_k=None, device=None) -> IntervalMask:
         """Check the contract; raise ``ValueError`` naming the first violation.
 
         The optional arguments are what the caller's tensors need (an op passes its q/k shapes).

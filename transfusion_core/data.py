@@ -78,7 +78,7 @@ class PackedBatch:
     def num_images(self) -> int:
         return self.image_grids.shape[0]
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "noise_seed"}
         return replace(self, **moved)
 

@@ -120,7 +120,8 @@ def render(shapes, image_size: int = 16, rng: random.Random | None = None) -> to
             half, jitter_y, jitter_x = sum(_HALF_EXTENT) / 2, 0.0, 0.0
         else:
             half = rng.uniform(*_HALF_EXTENT)
-            jitter_y, jitter_x = rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER), rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER)
+            jitter_y = rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER)
+            jitter_x = rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER)
         row, column = POSITIONS[s.position]
         dy = ys - (_GRID / 4 * (2 * row + 1) + jitter_y)
         dx = xs - (_GRID / 4 * (2 * column + 1) + jitter_x)
@@ -225,7 +226,7 @@ def detect_shapes(image: torch.Tensor) -> list[Shape]:
         position = next(name for name, (r, c) in POSITIONS.items()
                         if (centre_y >= size / 2) == bool(r) and (centre_x >= size / 2) == bool(c))
 
-        def moment(offsets, order):
+        def moment(offsets, order, weights=weights, area=area):
             return float((weights * offsets**order).sum()) / area
 
         def kurtosis(offsets):

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -203,7 +204,7 @@ def document_segments(document, config: TransfusionConfig, *, add_eos: bool = Tr
                 f"{name}[{j}]: expected token ids (a list of ints or a 1-D int tensor) or a float image "
                 f"[C, H, W], got {type(item).__name__}"
             )
-        if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < config.vocab_size):
+        if tokens.numel() and not (int(tokens.min()) >= 0 and int(tokens.max()) < config.vocab_size):
             raise ValueError(f"{name}[{j}]: token ids must lie in [0, vocab_size={config.vocab_size})")
         if bool(torch.isin(tokens, special_tokens(config)).any()):
             raise ValueError(
@@ -492,7 +493,7 @@ class KVCache:
         self.length += n
 
     @staticmethod
-    def stack(caches: Sequence["KVCache"]) -> "KVCache":
+    def stack(caches: Sequence[KVCache]) -> KVCache:
         """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
         length = max(c.length for c in caches)
         merged = KVCache.__new__(KVCache)
@@ -793,7 +794,7 @@ class Transfusion(nn.Module):
         save_file({name: t.contiguous() for name, t in self.state_dict().items()}, str(path / WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, path, device=None) -> "Transfusion":
+    def load(cls, path, device=None) -> Transfusion:
         """Build the model of ``path/config.json`` and load ``path/model.safetensors`` into it."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():

@@ -78,7 +78,8 @@ PRESETS = {
 # What a resumed run must share with its checkpoint: everything that changes the arithmetic.
 RUN_IDENTITY = (
     "data", "heldout_data", "image_size", "max_shapes", "train_samples", "dim", "n_layers", "n_heads",
-    "image_encoder", "patch_size", "diffusion_target", "steps", "batch_size", "micro_batches", "seq_len", "lr", "min_lr_ratio",
+    "image_encoder", "patch_size", "diffusion_target", "steps", "batch_size", "micro_batches", "seq_len", "lr",
+    "min_lr_ratio",
     "warmup", "weight_decay", "grad_clip", "caption_first_prob", "drop_caption_prob", "seed", "vae",
 )
 

@@ -112,7 +112,7 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
         elements = images * channels * side * side
         itemsize = torch.empty(0, dtype=dtype).element_size()
 
-        def work(mode: str, elements=elements) -> Work:
+        def work(mode: str, elements=elements, itemsize=itemsize) -> Work:
             return Work(bytes=TENSORS_MOVED[mode] * elements * itemsize)
 
         result.append(Workload(

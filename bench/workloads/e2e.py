@@ -93,7 +93,8 @@ class E2EShape:
         return (f"{self.counts['params'] / 1e6:.3g}M params (dim {config.dim}, {config.n_layers} layers, "
                 f"{config.n_heads} heads of {config.head_dim}, V={config.vocab_size}), B={self.batch} S={self.seq_len} "
                 f"packed (documents {self.doc_len[0]}-{self.doc_len[1]}, captions {self.caption_len[0]}-"
-                f"{self.caption_len[1]}, images [{config.image_channels}, {self.image_side}, {self.image_side}]), AdamW")
+                f"{self.caption_len[1]}, images [{config.image_channels}, {self.image_side}, {self.image_side}]), "
+                "AdamW")
 
 
 def shape_for(quick: bool) -> E2EShape:
@@ -127,7 +128,8 @@ def packed_batch(shape: E2EShape, seed: int) -> tc.PackedBatch:
             items = []
             for run in runs:
                 items.append(torch.randint(TEXT_TOKENS, (run - 2,), generator=generator).tolist())
-                items.append(torch.randn(config.image_channels, shape.image_side, shape.image_side, generator=generator))
+                image_shape = (config.image_channels, shape.image_side, shape.image_side)
+                items.append(torch.randn(image_shape, generator=generator))
             docs.append(items[:-1])  # a document ends with its last text run
             doc_start = doc_end
     packer = tc.Packer(config, shape.seq_len, num_rows=shape.batch, image_first_t_max=None, seed=seed)
@@ -147,7 +149,8 @@ def model_ops(**ops):
 
 def flex_attention_op(block_mask, gqa: bool):
     def attention(q, k, v, mask):
-        out = compiled_flex_attention()(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=gqa)
+        out = compiled_flex_attention()(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask,
+                                        enable_gqa=gqa)
         return heads_first(out)
 
     return attention
@@ -221,8 +224,8 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
         suite=SUITE, name="e2e_train_step", shape=f"{shape.describe()}, {mixed}", dtype=dtype, setup=setup,
         implementations=[
             Implementation("tfkernels", training_step(shape, None), backend=tfkernels_backend),
-            Implementation("flex_eager_losses", training_step(shape, "flex"), backend="torch.compile flex, eager losses",
-                           unavailable=_flex_unavailable),
+            Implementation("flex_eager_losses", training_step(shape, "flex"),
+                           backend="torch.compile flex, eager losses", unavailable=_flex_unavailable),
             Implementation("sdpa_dense_eager_losses", training_step(shape, "sdpa_dense"), backend="sdpa, eager losses"),
         ],
         modes=(MODE,), work=work,

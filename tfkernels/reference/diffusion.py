@@ -62,7 +62,7 @@ class NoiseSchedule:
         self.num_timesteps = signal_scale.shape[0]
 
     @classmethod
-    def cosine(cls, T: int = 1000, max_beta: float = 0.999) -> "NoiseSchedule":
+    def cosine(cls, T: int = 1000, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal's cosine schedule, the Transfusion paper's; equals diffusers'
         ``squaredcos_cap_v2``: betas from ``ᾱ(s) = cos²((s + 0.008) / 1.008 · π/2)`` clipped at
         ``max_beta`` (the last step is clipped), their float32 cumulative product."""
@@ -75,26 +75,26 @@ class NoiseSchedule:
         return cls._ddpm("cosine", torch.tensor(betas, dtype=torch.float32))
 
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """DDPM's linear betas (diffusers' ``linear``): float32 ``linspace(beta_start, beta_end, T)``."""
         _check_timesteps(T)
         return cls._ddpm("linear", torch.linspace(beta_start, beta_end, T, dtype=torch.float32))
 
     @classmethod
-    def rectified_flow(cls, T: int = 1000) -> "NoiseSchedule":
+    def rectified_flow(cls, T: int = 1000) -> NoiseSchedule:
         """Straight path ``x_t = (1 - s) x0 + s noise`` with ``s = (t + 1) / T``."""
         _check_timesteps(T)
         s = torch.arange(1, T + 1, dtype=torch.float64) / T
         return cls("flow", (1 - s).to(torch.float32), s.to(torch.float32))
 
     @classmethod
-    def _ddpm(cls, kind: str, betas: torch.Tensor) -> "NoiseSchedule":
+    def _ddpm(cls, kind: str, betas: torch.Tensor) -> NoiseSchedule:
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float32, as diffusers does
         # The square roots are taken in float64 and rounded once to float32.
         acp = alphas_cumprod.double()
         return cls(kind, acp.sqrt().float(), (1 - acp).sqrt().float(), alphas_cumprod)
 
-    def to(self, device) -> "NoiseSchedule":
+    def to(self, device) -> NoiseSchedule:
         """The same schedule with its tables on ``device``."""
         alphas_cumprod = None if self.alphas_cumprod is None else self.alphas_cumprod.to(device)
         return NoiseSchedule(self.kind, self.signal_scale.to(device), self.noise_scale.to(device), alphas_cumprod)

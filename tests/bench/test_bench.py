@@ -24,7 +24,7 @@ from bench.plot import chart_title, plot_csv
 from bench.workloads import SUITES, e2e
 from tfkernels.testing import packed_transfusion_layout
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODES = {"forward", "backward", "forward_backward"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK_W1 = dict(doc_len=(64, 128), caption_len=(8, 24), image_len=16)  # bench/workloads/attention.py
@@ -92,7 +92,8 @@ def test_peers_compute_what_tfkernels_computes(suite, monkeypatch):
                 output = implementation.prepare(inputs)(inputs)
             results[implementation.name] = (output[0] if isinstance(output, tuple) else output).detach()
         for name, result in results.items():
-            torch.testing.assert_close(result, results["tfkernels"], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(result, results["tfkernels"], rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
             compared += name != "tfkernels"
     assert compared == {"attention": 18, "diffusion": 2, "lm_loss": 1, "e2e": 1}[suite]
 

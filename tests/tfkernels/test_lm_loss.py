@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
-from kernel_support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
+from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
 
 pytestmark = requires_triton
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from transfusion_core.dataset import (
+    _CENTRE_JITTER,
+    _HALF_EXTENT,
     COLOURS,
     POSITIONS,
     SHAPES,
-    _CENTRE_JITTER,
-    _HALF_EXTENT,
     CaptionedImageFolder,
     Shape,
     ShapesDataset,

@@ -11,7 +11,6 @@ from transfusion_core import evaluate, train
 from transfusion_core.codec import PixelCodec
 from transfusion_core.dataset import Shape, ShapesDataset, detect_shapes, parse_caption, render
 
-
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
 

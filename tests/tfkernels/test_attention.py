@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tfkernels as tk
+from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
 from tfkernels.testing import random_layout
-from kernel_support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
 
 pytestmark = requires_triton
 

@@ -9,7 +9,6 @@ from safetensors import safe_open
 
 import transfusion_core as tc
 
-
 pytestmark = pytest.mark.usefixtures("reference_path")
 
 

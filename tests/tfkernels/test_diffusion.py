@@ -19,8 +19,8 @@ import torch
 
 import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
+from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, max_error, requires_triton
 from tfkernels import reference
-from kernel_support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, max_error, requires_triton
 
 pytestmark = requires_triton
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 import transfusion_core as tc
 from transfusion_core import evaluate, train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
 
