@@ -5,8 +5,10 @@
   checkpoints (safetensors + JSON).
 - ``Packer`` / ``PackedBatch``: documents (text token ids and image latents) packed into rows.
 - ``ByteTokenizer``: the embedded byte-level tokenizer.
+- ``ops``: the op seam (``ops.use(attention=...)`` swaps what the model calls).
 """
 
+from . import ops
 from .data import ByteTokenizer, PackedBatch, Packer
 from .model import IGNORE_INDEX, KVCache, Transfusion, TransfusionConfig, TransfusionLoss, patchify, unpatchify
 
@@ -20,5 +22,6 @@ __all__ = [
     "TransfusionConfig",
     "TransfusionLoss",
     "patchify",
+    "ops",
     "unpatchify",
 ]

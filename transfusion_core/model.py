@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import tfkernels as tk
 
+from . import ops
 from .sampling import denoise_step, diffusion_timesteps, sample_token
 
 IGNORE_INDEX = -100
@@ -263,7 +264,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, Sk, Hkv, Dh]: cached keys, then these
-        out = tk.attention(q, k, v, mask)  # [B, S, H, Dh]
+        out = ops.current().attention(q, k, v, mask)  # [B, S, H, Dh]
         return self.wo(out.reshape(batch, seq_len, -1))
 
 
@@ -598,16 +599,17 @@ class Transfusion(nn.Module):
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
         schedule = self._schedule_on(x0.device)
-        x_t = tk.add_noise(x0, batch.timesteps, schedule, offsets=batch.patch_offsets, **noise_args)
+        model_ops = ops.current()
+        x_t = model_ops.add_noise(x0, batch.timesteps, schedule, offsets=batch.patch_offsets, **noise_args)
         hidden, pred = self.predict(batch, x_t)
         is_target = batch.targets != IGNORE_INDEX  # [B, S]
         text_hidden = hidden[is_target]  # [T, D]: only text positions pay for the LM head
         # Under autocast the head runs in the activations' dtype, as an nn.Linear would.
         lm_head = self.output_weight.to(text_hidden.dtype)
-        lm_loss = tk.linear_cross_entropy(text_hidden, lm_head, batch.targets[is_target])
+        lm_loss = model_ops.linear_cross_entropy(text_hidden, lm_head, batch.targets[is_target])
         diffusion_loss = lm_loss.new_zeros(())  # a text-only batch
         if batch.num_images:
-            diffusion_loss = tk.diffusion_loss(
+            diffusion_loss = model_ops.diffusion_loss(
                 pred, x0, batch.timesteps, schedule, target=self.config.diffusion_target,
                 offsets=batch.patch_offsets, **noise_args,
             )

@@ -24,8 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import random
-import types
-import unittest.mock
 
 import torch
 import torch.nn as nn
@@ -34,7 +32,6 @@ import torch.nn.functional as F
 import tfkernels as tk
 import tfkernels.reference
 import transfusion_core as tc
-import transfusion_core.model
 from tfkernels.testing import packed_transfusion_layout
 
 from ..harness import MODE_WORK, Implementation, InputSet, Work, Workload
@@ -139,14 +136,6 @@ def packed_batch(shape: E2EShape, seed: int) -> tc.PackedBatch:
 # ----------------------------------------------------------------------------------------------
 # Implementations
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def model_ops(**ops):
-    """Run ``transfusion_core`` with some ``tfkernels`` ops replaced by ``ops``; restored on exit."""
-    namespace = types.SimpleNamespace(**{**{name: getattr(tk, name) for name in tk.__all__}, **ops})
-    with unittest.mock.patch.object(transfusion_core.model, "tk", namespace):
-        yield
-
-
 def flex_attention_op(block_mask, gqa: bool):
     def attention(q, k, v, mask):
         out = compiled_flex_attention()(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask,
@@ -184,9 +173,9 @@ def training_step(shape: E2EShape, peer: str | None):
 
         def ops_for(mask: tk.IntervalMask):
             if peer == "flex":
-                return model_ops(attention=flex_attention_op(mask.to_flex_block_mask(), gqa), **EAGER_LOSSES)
+                return tc.ops.use(attention=flex_attention_op(mask.to_flex_block_mask(), gqa), **EAGER_LOSSES)
             if peer == "sdpa_dense":
-                return model_ops(attention=sdpa_dense_attention_op(mask.to_dense()[:, None], gqa), **EAGER_LOSSES)
+                return tc.ops.use(attention=sdpa_dense_attention_op(mask.to_dense()[:, None], gqa), **EAGER_LOSSES)
             return contextlib.nullcontext()
 
         def step(inputs):
