@@ -4,7 +4,7 @@ marks that skip a module without a way to run Triton, or a test without a GPU.""
 import pytest
 import torch
 
-from tfkernels._dispatch import use_triton
+import tfkernels as tk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -12,7 +12,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = [torch.float32, torch.float16]
 
 requires_triton = pytest.mark.skipif(
-    not use_triton(torch.empty(0, device=DEVICE)),
+    tk.backend(DEVICE) != "triton",
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
 )
 

@@ -12,14 +12,15 @@
 
 Every op is a plain PyTorch function with autograd, usable under ``torch.compile``. CUDA tensors
 run Triton kernels; CPU tensors run the eager reference (``tfkernels.reference``), or the Triton
-kernels in Triton's interpreter when ``TRITON_INTERPRET=1``.
+kernels in Triton's interpreter when ``TRITON_INTERPRET=1``; ``tk.backend(device)`` says which.
 """
 
+from ._dispatch import backend
 from ._version import __version__
 from .attention import attention
 from .diffusion import NoiseSchedule, add_noise, diffusion_loss
 from .lm_loss import linear_cross_entropy
 from .mask import IntervalMask
 
-__all__ = ["IntervalMask", "NoiseSchedule", "__version__", "add_noise", "attention", "diffusion_loss",
+__all__ = ["IntervalMask", "NoiseSchedule", "__version__", "add_noise", "attention", "backend", "diffusion_loss",
            "linear_cross_entropy"]

@@ -26,3 +26,9 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and triton_interpret()
+
+
+def backend(device: torch.device | str) -> str:
+    """What tfkernels ops run for tensors on ``device``: ``"triton"`` (the kernels, compiled on CUDA or in
+    Triton's interpreter under ``TRITON_INTERPRET=1``) or ``"reference"`` (the eager PyTorch reference)."""
+    return "triton" if use_triton(torch.empty(0, device=device)) else "reference"

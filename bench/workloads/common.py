@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tfkernels._dispatch import use_triton
+import tfkernels as tk
 
 
 def bench_dtype(device: torch.device) -> torch.dtype:
@@ -19,7 +19,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tfkernels_backend(device: torch.device) -> str:
     """What a tfkernels op runs on this device: its Triton kernels or the eager reference."""
-    return "triton" if use_triton(torch.empty(0, device=device)) else "reference (eager)"
+    return "triton" if tk.backend(device) == "triton" else "reference (eager)"
 
 
 def compile_unavailable(device: torch.device, mode: str) -> str | None:
