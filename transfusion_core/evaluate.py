@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .codec import codec_from_description
 from .data import ByteTokenizer, Packer
-from .dataset import ShapesDataset, detect_shapes, heldout_set, parse_caption
+from .datasets import ShapesDataset, detect_shapes, heldout_set, parse_caption
 from .model import IGNORE_INDEX, Transfusion
 
 TRAIN_STATE_FILE = "train_state.json"  # the run's arguments and progress, next to the weights

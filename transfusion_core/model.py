@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import tfkernels as tk
 
 from . import ops
-from .sampling import denoise_step, diffusion_timesteps, sample_token
+from .generate import denoise_step, diffusion_timesteps, sample_token
 
 IGNORE_INDEX = -100
 IMAGE_ENCODERS = ("linear", "unet")

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .codec import PixelCodec, VAECodec, encode_dataset
 from .data import ByteTokenizer, Packer
-from .dataset import ShapesDataset, detect_shapes, heldout_set, training_set
+from .datasets import ShapesDataset, detect_shapes, heldout_set, training_set
 from .evaluate import TRAIN_STATE_FILE, image_to_text, read_train_state, text_to_image, write_samples_grid
 from .model import Transfusion, TransfusionConfig, is_int
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from transfusion_core.dataset import (
+from transfusion_core.datasets import (
     _CENTRE_JITTER,
     _HALF_EXTENT,
     COLOURS,

@@ -9,7 +9,7 @@ import torch
 import transfusion_core as tc
 from transfusion_core import evaluate, train
 from transfusion_core.codec import PixelCodec
-from transfusion_core.dataset import Shape, ShapesDataset, detect_shapes, parse_caption, render
+from transfusion_core.datasets import Shape, ShapesDataset, detect_shapes, parse_caption, render
 
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
@@ -38,7 +38,7 @@ def test_a_perfect_model_scores_one_and_chance_is_reported(monkeypatch):
     def perfect_generate(prompt, *, force_image=False, **kwargs):
         if force_image:
             return [render(parse_caption(tc.ByteTokenizer().decode(prompt[0])))]
-        return [tc.ByteTokenizer().encode(tc.dataset.caption(detect_shapes(prompt[0])))]
+        return [tc.ByteTokenizer().encode(tc.datasets.caption(detect_shapes(prompt[0])))]
 
     monkeypatch.setattr(model, "generate", perfect_generate)
     results = evaluate.evaluate(model, PixelCodec(), ShapesDataset(6, split="heldout"), log=lambda line: None)

@@ -8,7 +8,7 @@ import torch
 import tfkernels as tk
 import transfusion_core as tc
 from transfusion_core.model import document_segments, patchify, unpatchify
-from transfusion_core.sampling import denoise_step, diffusion_timesteps, sample_token
+from transfusion_core.generate import denoise_step, diffusion_timesteps, sample_token
 
 pytestmark = pytest.mark.usefixtures("reference_path")
 

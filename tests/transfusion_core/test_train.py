@@ -64,7 +64,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def test_micro_batches_are_a_function_of_seed_step_and_index(tmp_path):
     args = train.parse_args(tiny_argv(tmp_path, "--micro-batches", "2"))
     config = train.model_config(args, train.PixelCodec())
-    dataset = tc.dataset.ShapesDataset(100, seed=args.seed)
+    dataset = tc.datasets.ShapesDataset(100, seed=args.seed)
 
     def packed(step, micro):
         stream = train.DocumentStream(dataset, None, args.seed)
@@ -177,7 +177,7 @@ def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generati
                                   patch_position_embedding=True)
     model = tc.Transfusion(config).eval()
     tokens = tc.ByteTokenizer().encode("a red circle at the top left")
-    image = tc.dataset.ShapesDataset(1)[0].image
+    image = tc.datasets.ShapesDataset(1)[0].image
     batch = tc.Packer(config, 64, seed=0)([[tokens, image]])
     x_t = torch.randn_like(batch.patches)
     with torch.no_grad():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from transfusion_core import codec, evaluate, train
-from transfusion_core.dataset import ShapesDataset
+from transfusion_core.datasets import ShapesDataset
 
 diffusers = pytest.importorskip("diffusers")
 
