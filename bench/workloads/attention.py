@@ -28,7 +28,7 @@ import tfkernels as tk
 from tfkernels.testing import packed_transfusion_layout, segment_ids_from_layout
 
 from ..harness import DIFFERENTIABLE_MODES, MODE_WORK, Implementation, InputSet, Work, Workload
-from .common import bench_dtype, dtype_name, tfkernels_backend
+from .common import BACKWARD_MODES, bench_dtype, compiled, dtype_name, tfkernels_backend
 
 SUITE = "attention"
 
@@ -163,15 +163,23 @@ def tfkernels_mask_build(shape: AttentionShape) -> Implementation:
     return Implementation("tfkernels", prepare, backend="torch ops", modes=("mask_build",))
 
 
-@functools.cache
-def compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex_unavailable(device: torch.device, mode: str) -> str | None:
-    if device.type == "cpu" and mode in ("backward", "forward_backward"):
+def flex_unavailable(device: torch.device, mode: str) -> str | None:
+    if device.type == "cpu" and mode in BACKWARD_MODES:
         return "FlexAttention has no backward on the CPU"
     return None
+
+
+def flex_bshd(q, k, v, block_mask, gqa: bool, flex=None) -> torch.Tensor:
+    """FlexAttention on ``[B, S, H, D]`` tensors (as ``[B, H, S, D]`` views); ``flex`` defaults to
+    the compiled one."""
+    flex = flex or compiled(flex_attention)
+    return heads_first(flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=gqa))
+
+
+def sdpa_dense_bshd(q, k, v, dense, gqa: bool) -> torch.Tensor:
+    """SDPA on ``[B, S, H, D]`` tensors with a dense boolean mask; SDPA picks the kernel."""
+    q, k, v = (heads_first(t) for t in (q, k, v))
+    return heads_first(F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa))
 
 
 def flex_attention_peer(shape: AttentionShape) -> Implementation:
@@ -181,20 +189,19 @@ def flex_attention_peer(shape: AttentionShape) -> Implementation:
     def prepare(first: InputSet):
         block_mask = first.data.mask.to_flex_block_mask()
         on_cpu = first.data.q.device.type == "cpu"
-        flex = flex_attention if on_cpu else compiled_flex_attention()
+        flex = flex_attention if on_cpu else compiled(flex_attention)
 
         def call(inputs):
             q, k, v = (t.detach() if on_cpu else t for t in (inputs.data.q, inputs.data.k, inputs.data.v))
             with warnings.catch_warnings():
                 # Uncompiled on the CPU on purpose (see above): not the mistake torch warns about.
                 warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
-                out = flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=shape.gqa)
-            return heads_first(out)
+                return flex_bshd(q, k, v, block_mask, shape.gqa, flex)
 
         return call
 
     return Implementation(
-        "flex", prepare, unavailable=_flex_unavailable,
+        "flex", prepare, unavailable=flex_unavailable,
         backend=lambda device: "eager, no autograd (CPU)" if device.type == "cpu" else "torch.compile",
     )
 
@@ -212,11 +219,7 @@ def sdpa_dense_mask_peer(shape: AttentionShape) -> Implementation:
     def prepare(first: InputSet):
         dense = first.data.mask.to_dense()[:, None]  # [B, 1, Sq, Sk]
 
-        def call(inputs):
-            q, k, v = (heads_first(t) for t in (inputs.data.q, inputs.data.k, inputs.data.v))
-            return heads_first(F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=shape.gqa))
-
-        return call
+        return lambda inputs: sdpa_dense_bshd(inputs.data.q, inputs.data.k, inputs.data.v, dense, shape.gqa)
 
     return Implementation("sdpa_dense_mask", prepare, backend="sdpa (auto)")
 

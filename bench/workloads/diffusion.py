@@ -10,7 +10,6 @@ the bandwidth ceiling at this size.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import tfkernels as tk
 
 from ..harness import DIFFERENTIABLE_MODES, Implementation, InputSet, Work, Workload
-from .common import bench_dtype, compile_unavailable, dtype_name, tfkernels_backend
+from .common import bench_dtype, dtype_name, eager_peers, tfkernels_backend
 
 SUITE = "diffusion"
 TENSORS_MOVED = {"forward": 4, "backward": 4, "forward_backward": 8, "copy": 8}
@@ -60,9 +59,8 @@ def eager_noise_and_loss(x0, noise, pred, t, signal_scale, noise_scale):
     return F.mse_loss(pred.float(), noise.float()), x_t
 
 
-@functools.cache
-def _compiled_eager():
-    return torch.compile(eager_noise_and_loss, dynamic=False)
+def eager_arguments(data: DiffusionData) -> tuple:
+    return data.x0, data.noise, data.pred, data.t, data.schedule.signal_scale, data.schedule.noise_scale
 
 
 def tfkernels_noise_and_loss(seeded: bool) -> Implementation:
@@ -76,21 +74,6 @@ def tfkernels_noise_and_loss(seeded: bool) -> Implementation:
         return call
 
     return Implementation("tfkernels_seeded" if seeded else "tfkernels", prepare, backend=tfkernels_backend)
-
-
-def eager_peer(compiled: bool) -> Implementation:
-    def prepare(first: InputSet):
-        fn = _compiled_eager() if compiled else eager_noise_and_loss
-
-        def call(inputs):
-            d = inputs.data
-            return fn(d.x0, d.noise, d.pred, d.t, d.schedule.signal_scale, d.schedule.noise_scale)
-
-        return call
-
-    if compiled:
-        return Implementation("compiled_eager", prepare, backend="torch.compile", unavailable=compile_unavailable)
-    return Implementation("eager", prepare, backend="eager")
 
 
 def device_copy() -> Implementation:
@@ -120,7 +103,7 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
             shape=f"{images} images [{channels}, {side}, {side}], cosine, eps {dtype_name(dtype)}",
             dtype=dtype, setup=setup_for(images, channels, side, dtype),
             implementations=[tfkernels_noise_and_loss(seeded=False), tfkernels_noise_and_loss(seeded=True),
-                             eager_peer(compiled=False), eager_peer(compiled=True), device_copy()],
+                             *eager_peers(eager_noise_and_loss, eager_arguments), device_copy()],
             modes=DIFFERENTIABLE_MODES, work=work,
         ))
     return result

@@ -10,8 +10,8 @@ positions on the CPU.
 Peers: the same model and batch with the attention swapped for compiled FlexAttention (block mask
 built each step) or SDPA with the dense mask, and the losses for eager code
 (``tfkernels.reference`` noise and diffusion loss, ``F.cross_entropy`` over materialised logits).
-The model calls its ops through its module's ``tk`` name and has no argument for the attention
-function, so the peers replace that name for the duration of each step (``model_ops``).
+The peers swap the model's ops for the duration of each step through its op seam
+(``transfusion_core.ops.use``); nothing in the model module is patched.
 
 Useful FLOPs per step: ``6 x tokens x`` the transformer's matmul parameters, ``6 x text targets x
 V x dim`` for the LM head, and ``3.5 x 4 x visible pairs x head dim x heads x layers`` for
@@ -27,7 +27,6 @@ import random
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.reference
@@ -35,7 +34,7 @@ import transfusion_core as tc
 from tfkernels.testing import packed_transfusion_layout
 
 from ..harness import MODE_WORK, Implementation, InputSet, Work, Workload
-from .attention import compiled_flex_attention, heads_first
+from .attention import flex_bshd, flex_unavailable, sdpa_dense_bshd
 from .common import bench_dtype, tfkernels_backend
 from .lm_loss import eager_linear_cross_entropy
 
@@ -136,23 +135,6 @@ def packed_batch(shape: E2EShape, seed: int) -> tc.PackedBatch:
 # ----------------------------------------------------------------------------------------------
 # Implementations
 # ----------------------------------------------------------------------------------------------
-def flex_attention_op(block_mask, gqa: bool):
-    def attention(q, k, v, mask):
-        out = compiled_flex_attention()(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask,
-                                        enable_gqa=gqa)
-        return heads_first(out)
-
-    return attention
-
-
-def sdpa_dense_attention_op(dense, gqa: bool):
-    def attention(q, k, v, mask):
-        q, k, v = (heads_first(t) for t in (q, k, v))
-        return heads_first(F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa))
-
-    return attention
-
-
 EAGER_LOSSES = {
     "add_noise": tfkernels.reference.add_noise,
     "diffusion_loss": tfkernels.reference.diffusion_loss,
@@ -173,9 +155,11 @@ def training_step(shape: E2EShape, peer: str | None):
 
         def ops_for(mask: tk.IntervalMask):
             if peer == "flex":
-                return tc.ops.use(attention=flex_attention_op(mask.to_flex_block_mask(), gqa), **EAGER_LOSSES)
+                block_mask = mask.to_flex_block_mask()
+                return tc.ops.use(attention=lambda q, k, v, _mask: flex_bshd(q, k, v, block_mask, gqa), **EAGER_LOSSES)
             if peer == "sdpa_dense":
-                return tc.ops.use(attention=sdpa_dense_attention_op(mask.to_dense()[:, None], gqa), **EAGER_LOSSES)
+                dense = mask.to_dense()[:, None]
+                return tc.ops.use(attention=lambda q, k, v, _mask: sdpa_dense_bshd(q, k, v, dense, gqa), **EAGER_LOSSES)
             return contextlib.nullcontext()
 
         def step(inputs):
@@ -194,10 +178,6 @@ def training_step(shape: E2EShape, peer: str | None):
     return prepare
 
 
-def _flex_unavailable(device: torch.device, mode: str) -> str | None:
-    return "FlexAttention has no backward on the CPU" if device.type == "cpu" else None
-
-
 def workloads(quick: bool, device: torch.device) -> list[Workload]:
     shape = shape_for(quick)
     dtype = bench_dtype(device)
@@ -214,7 +194,7 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
         implementations=[
             Implementation("tfkernels", training_step(shape, None), backend=tfkernels_backend),
             Implementation("flex_eager_losses", training_step(shape, "flex"),
-                           backend="torch.compile flex, eager losses", unavailable=_flex_unavailable),
+                           backend="torch.compile flex, eager losses", unavailable=flex_unavailable),
             Implementation("sdpa_dense_eager_losses", training_step(shape, "sdpa_dense"), backend="sdpa, eager losses"),
         ],
         modes=(MODE,), work=work,

@@ -7,7 +7,6 @@ float32 on the CPU). Compute-bound: useful FLOPs are the projection's, ``2 N H V
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import tfkernels as tk
 
 from ..harness import DIFFERENTIABLE_MODES, Implementation, InputSet, Work, Workload
-from .common import bench_dtype, compile_unavailable, dtype_name, tfkernels_backend
+from .common import bench_dtype, dtype_name, eager_peers, tfkernels_backend
 
 SUITE = "lm_loss"
 PROJECTIONS = {"forward": 1, "backward": 2, "forward_backward": 3}  # [N, H] x [H, V] products per mode
@@ -47,24 +46,15 @@ def eager_linear_cross_entropy(hidden, weight, target, ignore_index=-100):
     return F.cross_entropy(F.linear(hidden, weight).float(), target, ignore_index=ignore_index)
 
 
-@functools.cache
-def _compiled_eager():
-    return torch.compile(eager_linear_cross_entropy, dynamic=False)
+def loss_arguments(data: LMLossData) -> tuple:
+    return data.hidden, data.weight, data.target
 
 
-def implementation(name: str) -> Implementation:
-    functions = {"tfkernels": lambda: tk.linear_cross_entropy, "eager": lambda: eager_linear_cross_entropy,
-                 "compiled_eager": _compiled_eager}
-
+def tfkernels_loss() -> Implementation:
     def prepare(first: InputSet):
-        fn = functions[name]()
-        return lambda inputs: fn(inputs.data.hidden, inputs.data.weight, inputs.data.target)
+        return lambda inputs: tk.linear_cross_entropy(*loss_arguments(inputs.data))
 
-    if name == "tfkernels":
-        return Implementation(name, prepare, backend=tfkernels_backend)
-    if name == "compiled_eager":
-        return Implementation(name, prepare, backend="torch.compile", unavailable=compile_unavailable)
-    return Implementation(name, prepare, backend="eager")
+    return Implementation("tfkernels", prepare, backend=tfkernels_backend)
 
 
 def workloads(quick: bool, device: torch.device) -> list[Workload]:
@@ -77,6 +67,6 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
     return [Workload(
         suite=SUITE, name="lm_loss", shape=f"N={tokens} H={hidden_size} V={vocab_size} {dtype_name(dtype)}",
         dtype=dtype, setup=setup_for(tokens, hidden_size, vocab_size, dtype),
-        implementations=[implementation(name) for name in ("tfkernels", "eager", "compiled_eager")],
+        implementations=[tfkernels_loss(), *eager_peers(eager_linear_cross_entropy, loss_arguments)],
         modes=DIFFERENTIABLE_MODES, work=work,
     )]
