@@ -6,11 +6,17 @@
 - ``Packer`` / ``PackedBatch``: documents (text token ids and image latents) packed into rows.
 - ``ByteTokenizer``: the embedded byte-level tokenizer.
 - ``ops``: the op seam (``ops.use(attention=...)`` swaps what the model calls).
+
+Where each lives (README.md in this folder has the table): ``config``, ``data``, ``model``,
+``generate``, ``checkpoint``; the training script's ``train``, ``evaluate``, ``datasets``,
+``codec`` and ``plots``.
 """
 
 from . import ops
-from .data import ByteTokenizer, PackedBatch, Packer
-from .model import IGNORE_INDEX, KVCache, Transfusion, TransfusionConfig, TransfusionLoss, patchify, unpatchify
+from .config import IGNORE_INDEX, TransfusionConfig
+from .data import ByteTokenizer, PackedBatch, Packer, patchify, unpatchify
+from .generate import KVCache
+from .model import Transfusion, TransfusionLoss
 
 __all__ = [
     "IGNORE_INDEX",

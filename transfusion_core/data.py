@@ -1,29 +1,23 @@
-"""Documents, a byte-level tokenizer, and the packer that turns documents into training rows.
+"""Documents: a byte-level tokenizer, the layout the model reads, and the packer into training rows.
 
 A document is an ordered list of text (token ids) and images (latents ``[C, H, W]``). The model
-reads it as ``BOS, text..., BOI, patches..., EOI, text..., EOS`` (``document_segments``). The
-packer places whole documents into rows of ``seq_len`` positions, pads, and returns a
-``PackedBatch``: what ``Transfusion.forward`` takes.
+reads it as ``BOS, text..., BOI, patches..., EOI, text..., EOS`` (``document_segments``), an image
+as its ``p x p`` patches in raster order (``patchify`` / ``unpatchify``). The packer places
+whole documents into rows of ``seq_len`` positions, pads, and returns a ``PackedBatch``: what
+``Transfusion.forward`` takes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+from einops import rearrange
 
 import tfkernels as tk
 
-from .model import (
-    IGNORE_INDEX,
-    TransfusionConfig,
-    document_segments,
-    is_int,
-    noise_schedule,
-    patchify,
-    segment_length,
-    special_tokens,
-)
+from .config import IGNORE_INDEX, TransfusionConfig, is_int, noise_schedule
 
 
 class ByteTokenizer:
@@ -40,6 +34,86 @@ class ByteTokenizer:
         return bytes(t for t in (int(t) for t in tokens) if t < 256).decode("utf-8", errors="replace")
 
 
+# ----------------------------------------------------------------------------------------------
+# Documents as the model sees them
+# ----------------------------------------------------------------------------------------------
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[..., C, H, W]`` -> ``[..., (H/p)*(W/p), C*p*p]``, patches in raster order."""
+    return rearrange(image, "... c (h p) (w q) -> ... (h w) (c p q)", p=patch_size, q=patch_size)
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """``[..., h*w, C*p*p]`` -> ``[..., C, h*p, w*p]`` (inverse of ``patchify``)."""
+    return rearrange(patches, "... (h w) (c p q) -> ... c (h p) (w q)", h=grid[0], w=grid[1],
+                     p=patch_size, q=patch_size)
+
+
+def document_segments(document, config: TransfusionConfig, *, add_eos: bool = True, name: str = "document"):
+    """A document as the model reads it: alternating token runs and images.
+
+    Args:
+        document: ordered list of items: text as token ids (list of ints or a 1-D int tensor)
+            and images as float latents ``[C, H, W]`` (H, W multiples of ``patch_size``).
+        add_eos: end with EOS (training documents do; a generation prompt does not).
+        name: how error messages call the document, e.g. ``documents[3]``.
+
+    Returns:
+        A list of 1-D int64 token runs (BOS first, BOI/EOI around every image, EOS last) and
+        image tensors, e.g. ``[[BOS, *caption, BOI], image, [EOI, EOS]]``.
+    """
+    if isinstance(document, (str, torch.Tensor)) or not isinstance(document, Sequence):
+        raise ValueError(f"{name}: expected a list of token-id lists and image tensors, got {type(document).__name__}")
+    segments, run = [], [config.bos_id]
+    for j, item in enumerate(document):
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
+            channels, p = config.image_channels, config.patch_size
+            if item.ndim != 3 or item.shape[0] != channels or item.shape[1] < 1 or item.shape[2] < 1:
+                raise ValueError(f"{name}[{j}]: expected an image [{channels}, H, W], got shape {tuple(item.shape)}")
+            if item.shape[1] % p or item.shape[2] % p:
+                raise ValueError(f"{name}[{j}]: image size {tuple(item.shape[1:])} is not a multiple of patch_size={p}")
+            segments.append(torch.tensor(run + [config.boi_id]))
+            segments.append(item)
+            run = [config.eoi_id]
+            continue
+        tokens = None
+        if isinstance(item, (list, tuple)) and all(is_int(i) for i in item):
+            tokens = torch.tensor(item, dtype=torch.int64)
+        elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dtype != torch.bool:
+            tokens = item.to(torch.int64)
+        if tokens is None or tokens.ndim != 1:
+            raise ValueError(
+                f"{name}[{j}]: expected token ids (a list of ints or a 1-D int tensor) or a float image "
+                f"[C, H, W], got {type(item).__name__}"
+            )
+        if tokens.numel() and not (int(tokens.min()) >= 0 and int(tokens.max()) < config.vocab_size):
+            raise ValueError(f"{name}[{j}]: token ids must lie in [0, vocab_size={config.vocab_size})")
+        if bool(torch.isin(tokens, special_tokens(config)).any()):
+            raise ValueError(
+                f"{name}[{j}]: text contains a special token (BOS/EOS/BOI/EOI ids "
+                f"{special_tokens(config).tolist()}); the layout inserts those itself"
+            )
+        run += tokens.tolist()
+    if add_eos:
+        run.append(config.eos_id)
+    segments.append(torch.tensor(run))
+    return segments
+
+
+def special_tokens(config: TransfusionConfig) -> torch.Tensor:
+    """int64 ``[4]``: BOS, EOS, BOI, EOI."""
+    return torch.tensor([config.bos_id, config.eos_id, config.boi_id, config.eoi_id])
+
+
+def segment_length(segment: torch.Tensor, patch_size: int) -> int:
+    """Positions a segment of ``document_segments`` takes: its tokens, or its image patches."""
+    if segment.is_floating_point():
+        return (segment.shape[1] // patch_size) * (segment.shape[2] // patch_size)
+    return segment.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class PackedBatch:
     """Documents packed into ``B`` rows of ``S`` positions, with ``N`` images of ``P`` patches.

@@ -3,7 +3,7 @@
 On the held-out split of the run's data set (``CHECKPOINT/train_state.json`` names it):
 
 - **text -> image**: an image generated from each held-out caption (DDIM, classifier-free
-  guidance) is read back with ``dataset.detect_shapes``: exact (every shape right) and accuracy
+  guidance) is read back with ``datasets.detect_shapes``: exact (every shape right) and accuracy
   of each attribute (colour, shape, position). Embedded data set only.
 - **image -> text**: a greedy caption of each held-out image: exact match, and, on the embedded
   data set, accuracy of each attribute of the parsed caption.
@@ -11,6 +11,7 @@ On the held-out split of the run's data set (``CHECKPOINT/train_state.json`` nam
   image-then-caption documents.
 
 Prints a table (with chance levels) and writes JSON (``CHECKPOINT/eval.json`` by default).
+``write_samples`` draws the training run's ``samples.png`` from the same generation helpers.
 Attributes are compared shape by shape in reading order of positions; a missing or extra shape
 counts as wrong for every attribute.
 """
@@ -20,19 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import textwrap
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import read_train_state
 from .codec import codec_from_description
+from .config import IGNORE_INDEX
 from .data import ByteTokenizer, Packer
 from .datasets import ShapesDataset, detect_shapes, heldout_set, parse_caption
-from .model import IGNORE_INDEX, Transfusion
+from .model import Transfusion
+from .plots import write_samples_grid
 
-TRAIN_STATE_FILE = "train_state.json"  # the run's arguments and progress, next to the weights
 ATTRIBUTES = ("colour", "shape", "position")
 TOKENIZER = ByteTokenizer()
 
@@ -168,54 +170,29 @@ def format_table(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The samples grid
+# The samples figure
 # ----------------------------------------------------------------------------------------------
-def write_samples_grid(path, text_to_image_rows, image_to_text_rows) -> None:
-    """A PNG of generated samples: images from held-out captions (top) and captions of held-out
-    images (bottom). Rows are ``(caption, image [3, H, W] in [-1, 1], right: bool | None)``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = max(len(text_to_image_rows), len(image_to_text_rows))
-    figure, axes = plt.subplots(2, columns, figsize=(1.9 * columns, 5.2), squeeze=False)
-    for row, (title, samples) in enumerate((("caption -> generated image", text_to_image_rows),
-                                            ("held-out image -> generated caption", image_to_text_rows))):
-        axes[row][0].set_ylabel(title, fontsize=8)
-        for column in range(columns):
-            axis = axes[row][column]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if column >= len(samples):
-                axis.axis("off")
-                continue
-            caption, image, right = samples[column]
-            axis.imshow(((image.float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(),
-                        interpolation="nearest")
-            mark = "" if right is None else (" [right]" if right else " [wrong]")
-            label = "\n".join(textwrap.wrap(f'"{caption}"{mark}', 22))
-            if row == 0:
-                axis.set_title(label, fontsize=6.5)
-            else:
-                axis.set_xlabel(label, fontsize=6.5)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def write_samples(path, model: Transfusion, codec, heldout, *, samples: int, steps: int,
+                  cfg_scale: float | None) -> None:
+    """``samples.png``: images from the first ``samples`` held-out captions (``steps`` DDIM steps,
+    guidance ``cfg_scale``) and greedy captions of the first held-out images."""
+    count = min(samples, len(heldout))
+    items = [heldout[i] for i in range(count)]
+    judged = isinstance(heldout, ShapesDataset)
+    longest = max(len(item.caption.encode()) for item in items)
+    text_to_image_rows, image_to_text_rows = [], []
+    for i, item in enumerate(items):
+        image = text_to_image(model, codec, item.caption, steps=steps, cfg_scale=cfg_scale, seed=i)
+        text_to_image_rows.append((item.caption, image, detect_shapes(image) == item.shapes if judged else None))
+        latent = codec.encode(item.image[None])[0].to(model.device)
+        text = image_to_text(model, latent, max_new_tokens=longest + 8)
+        image_to_text_rows.append((text, item.image, text == item.caption))
+    write_samples_grid(path, text_to_image_rows, image_to_text_rows)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def read_train_state(checkpoint) -> dict:
-    path = Path(checkpoint) / TRAIN_STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"CHECKPOINT: {path} not found; expected a checkpoint written by python -m transfusion_core.train"
-        )
-    return json.loads(path.read_text())
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m transfusion_core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by transfusion_core.train")

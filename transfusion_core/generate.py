@@ -1,14 +1,90 @@
-"""Sampling steps of generation: next text token, and one reverse diffusion step.
+"""Generation: the KV cache, the sampling steps, and the mixed-modal loop ``generate(model, prompt)``.
+
+LM mode samples text tokens through the cache (``sample_token``: temperature, top-k, top-p). At
+BOI it switches to diffusion mode: it appends ``(H/p)*(W/p)`` noise patches, denoises them against
+the cached prefix (``denoise_step``: DDPM or DDIM, any ``tk.NoiseSchedule``, optional
+classifier-free guidance), writes the clean image into the cache, then EOI, and returns to LM
+mode. ``Transfusion.generate`` and ``Transfusion.new_cache`` are thin methods calling this module.
 
 The diffusion step works for any ``tk.NoiseSchedule``: the forward process is
 ``x_t = a_t * x0 + b_t * noise`` with ``(a_t, b_t) = schedule.coefficients(t)``.
+
+Shapes: ``B`` cache rows, ``n`` new positions, ``V`` vocabulary, ``Hkv`` key/value heads, ``Dh``
+head dim, ``C*p*p`` values per patch.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
+
+from .config import TransfusionConfig, is_int
+from .data import document_segments, patchify, unpatchify
+from .model import Transfusion
+
+SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # name -> eta: 1 is DDPM's ancestral step, 0 is DDIM's
 
 
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every layer for the positions generated so far.
+
+    Rows are right-aligned: every row ends at ``length`` and row ``b``'s keys start at
+    ``row_start[b]`` (its mask never shows the slots before), so sequences of different lengths,
+    like a prompt and the unconditional prefix of classifier-free guidance, share one batch.
+    A step writes its keys at ``[length, length + n)``; ``commit(n)`` keeps them, otherwise the
+    next step overwrites them (a denoising step's noisy patches).
+    """
+
+    def __init__(self, config: TransfusionConfig, batch_size: int, device, dtype, capacity: int = 256):
+        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+        self.row_start = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_start.shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v [B, n, Hkv, Dh]`` after the committed keys; return all ``[B, length+n, ...]``."""
+        end = self.length + k.shape[1]
+        if end > self.keys[layer].shape[1]:
+            grow = max(end, 2 * self.keys[layer].shape[1]) - self.keys[layer].shape[1]
+            self.keys[layer] = F.pad(self.keys[layer], (0, 0, 0, 0, 0, grow))
+            self.values[layer] = F.pad(self.values[layer], (0, 0, 0, 0, 0, grow))
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    @staticmethod
+    def stack(caches: Sequence[KVCache]) -> KVCache:
+        """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
+        length = max(c.length for c in caches)
+        merged = KVCache.__new__(KVCache)
+        merged.length = length
+        merged.row_start = torch.cat([c.row_start + (length - c.length) for c in caches])
+        merged.keys, merged.values = [], []
+        for layer in range(len(caches[0].keys)):
+            for store, source in ((merged.keys, "keys"), (merged.values, "values")):
+                rows = [F.pad(getattr(c, source)[layer][:, :c.length], (0, 0, 0, 0, length - c.length, 0))
+                        for c in caches]
+                store.append(torch.cat(rows))
+        return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling steps
+# ----------------------------------------------------------------------------------------------
 def sample_token(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator) -> int:
     """One token from logits ``[V]``: greedy when ``temperature == 0``, else softmax sampling
     restricted to the ``top_k`` likeliest tokens and to the smallest set of mass ``top_p``."""
@@ -72,3 +148,163 @@ def denoise_step(x_t, pred, t: int, t_next, schedule, target: str, *, eta: float
     if eta > 0:
         x_s = x_s + sigma * torch.randn(x_t.shape, device=device, generator=generator, dtype=x_t.dtype)
     return x_s
+
+
+# ----------------------------------------------------------------------------------------------
+# The generation loop
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(
+    model: Transfusion,
+    prompt,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    force_image: bool = False,
+    image_size: int | tuple[int, int] | None = None,
+    image_steps: int = 250,
+    sampler: str = "ddpm",
+    cfg_scale: float | None = None,
+    clip_x0: float | None = None,
+    seed: int | None = None,
+) -> list:
+    """Continue a mixed-modal prompt: text in LM mode, images in diffusion mode.
+
+    Args:
+        prompt: list of token-id lists and image latents ``[C, H, W]`` (a document without
+            EOS). An image in the prompt is read clean (t = 0): captioning.
+        max_new_tokens: most text tokens to sample (a sampled BOI counts, a forced one not).
+        temperature: softmax temperature; 0 is greedy (argmax).
+        top_k, top_p: keep the ``top_k`` likeliest tokens / the smallest set of mass ``top_p``.
+        force_image: start with BOI, so that the first thing generated is an image
+            (text -> image; with ``max_new_tokens=0`` the image is all that is generated).
+        image_size: latent side ``H = W``, or ``(H, W)``; ``config.image_size`` by default.
+        image_steps: denoising steps per image (at most ``num_timesteps``).
+        sampler: ``"ddpm"`` (ancestral, as in the paper) or ``"ddim"`` (deterministic,
+            for fewer steps).
+        cfg_scale: classifier-free guidance scale ``s``; the prediction is
+            ``cond + (s - 1) * (cond - uncond)`` with ``uncond`` from the prefix ``BOS, BOI``
+            batched alongside. ``None``: no guidance (and no unconditional row).
+        clip_x0: clamp each step's predicted clean image to ``[-clip_x0, clip_x0]`` (1.0 for
+            pixels in [-1, 1], as DDPM samplers do; ``None`` for unbounded latents).
+        seed: seed of every random choice (tokens and noise); ``None`` draws one.
+
+    Returns:
+        The generated continuation as a list of texts (lists of token ids, without the
+        special tokens) and images (``[C, H, W]`` float32), in order. Stops at EOS or
+        after ``max_new_tokens``.
+    """
+    config = model.config
+    _check_generate_args(
+        max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config
+    )
+    image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
+    generator = torch.Generator(device=model.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    segments = document_segments(prompt, config, add_eos=False, name="prompt")
+    if force_image:
+        segments[-1] = torch.cat([segments[-1], torch.tensor([config.boi_id])])
+    cache = model.new_cache()
+    logits = prefill(model, cache, segments)
+    last_token = int(segments[-1][-1])
+    never_sampled = torch.tensor([config.bos_id, config.eoi_id], device=model.device)
+    outputs, text, sampled = [], [], 0
+    while True:
+        if last_token == config.boi_id:
+            if text:
+                outputs.append(text)
+                text = []
+            outputs.append(generate_image(model, cache, image_hw, steps=image_steps, eta=SAMPLERS[sampler],
+                                          cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator))
+            logits = model.extend_text(cache, torch.tensor([[config.eoi_id]], device=model.device))[0, -1]
+            last_token = config.eoi_id
+            continue
+        if sampled == max_new_tokens:
+            break
+        logits[never_sampled] = float("-inf")
+        last_token = sample_token(logits, temperature, top_k, top_p, generator)
+        sampled += 1
+        if last_token == config.eos_id:
+            break
+        if last_token != config.boi_id:
+            text.append(last_token)
+        logits = model.extend_text(cache, torch.tensor([[last_token]], device=model.device))[0, -1]
+    if text:
+        outputs.append(text)
+    return outputs
+
+
+def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, eta, cfg_scale, clip_x0,
+                   generator) -> torch.Tensor:
+    """Denoise one image after the cache (which ends with BOI), then commit it clean."""
+    config = model.config
+    grid = (image_hw[0] // config.patch_size, image_hw[1] // config.patch_size)
+    n = grid[0] * grid[1]
+    rows = cache
+    if cfg_scale is not None:
+        unconditional = model.new_cache()
+        model.extend_text(unconditional, torch.tensor([[config.bos_id, config.boi_id]], device=model.device))
+        rows = KVCache.stack([cache, unconditional])  # row 0 conditional, row 1 unconditional
+    x = torch.randn(n, config.patch_dim, device=model.device, generator=generator)  # [n, C*p*p] x_T
+    schedule = model.schedule_on(model.device)
+    timesteps = diffusion_timesteps(config.num_timesteps, steps).tolist()
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((rows.batch_size,), t, dtype=torch.int64, device=model.device)
+        pred = model.extend_image(rows, x.expand(rows.batch_size, n, -1), t_batch, grid, commit=False).float()
+        guided = pred[0]  # [n, C*p*p]; pred is [B, n, C*p*p], B = 2 with guidance
+        if cfg_scale is not None:  # written so that s = 1 gives the conditional prediction exactly
+            guided = pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        x = denoise_step(x, guided, t, t_next, schedule, config.diffusion_target,
+                         eta=eta, clip_x0=clip_x0, generator=generator)
+    model.extend_image(cache, x[None], torch.zeros(1, dtype=torch.int64, device=model.device), grid, commit=True)
+    return unpatchify(x, grid, config.patch_size)  # [C, H, W]
+
+
+def prefill(model: Transfusion, cache: KVCache, segments) -> torch.Tensor:
+    """Run a prompt's segments into the cache; return the last position's logits ``[V]``."""
+    logits = None
+    for segment in segments:
+        if segment.is_floating_point():  # a prompt image is clean: t = 0
+            grid = (segment.shape[1] // model.config.patch_size, segment.shape[2] // model.config.patch_size)
+            patches = patchify(segment.to(model.device, torch.float32), model.config.patch_size)[None]  # [1, n, C*p*p]
+            clean = torch.zeros(1, dtype=torch.int64, device=model.device)
+            model.extend_image(cache, patches, clean, grid, commit=True)
+        else:
+            logits = model.extend_text(cache, segment.to(model.device)[None])[0, -1]
+    return logits
+
+
+def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(hw) != 2 or not all(is_int(s, patch_size) and s % patch_size == 0 for s in hw):
+        raise ValueError(
+            f"image_size: expected an int or (H, W), multiples of patch_size={patch_size}, got {image_size!r}"
+        )
+    return hw
+
+
+def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config):
+    if not is_int(max_new_tokens, 0):
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and not is_int(top_k, 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if not is_int(image_steps, 1, config.num_timesteps):
+        raise ValueError(
+            f"image_steps: expected an int in [1, num_timesteps={config.num_timesteps}], got {image_steps!r}"
+        )
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale: expected None or a finite number, got {cfg_scale!r}")
+    if clip_x0 is not None and not 0 < clip_x0 < math.inf:
+        raise ValueError(f"clip_x0: expected None or a number > 0, got {clip_x0!r}")

@@ -12,223 +12,32 @@ Transfusion mask: causal, bidirectional inside each image, blind across packed d
 (``tk.IntervalMask``, ``tk.attention``). Text positions are trained with next-token prediction,
 patches with the diffusion loss; ``loss = lm_loss + diffusion_loss_weight * diffusion_loss``.
 
+This module holds the model only: its config is ``config.py``'s, the documents and packed
+batches it reads are ``data.py``'s; the KV cache and the generation loop (``generate.py``) and the
+checkpoint files (``checkpoint.py``) are reached through thin methods.
+
 Shapes: ``B`` rows, ``S`` positions, ``D`` model dim, ``N`` images, ``P`` patches of all images,
 ``C*p*p`` values per patch (``p`` = patch size), ``V`` vocabulary, ``H`` heads, ``Dh`` head dim.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 
 import tfkernels as tk
 
-from . import ops
-from .generate import denoise_step, diffusion_timesteps, sample_token
+from . import checkpoint, ops
+from .config import IGNORE_INDEX, TransfusionConfig, noise_schedule
+from .data import patchify, unpatchify
 
-IGNORE_INDEX = -100
-IMAGE_ENCODERS = ("linear", "unet")
-NOISE_SCHEDULES = ("cosine", "linear", "rectified_flow")
-DIFFUSION_TARGETS = ("eps", "v", "x0", "flow")
-SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # name -> eta: 1 is DDPM's ancestral step, 0 is DDIM's
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def is_int(value, low=None, high=None) -> bool:
-    """``value`` is an int (not a bool) with ``low <= value <= high`` (bounds optional)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return False
-    return (low is None or value >= low) and (high is None or value <= high)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class TransfusionConfig:
-    # Text. The defaults fit transfusion_core.ByteTokenizer: bytes 0..255, then the specials.
-    vocab_size: int = 260
-    bos_id: int = 256
-    eos_id: int = 257
-    boi_id: int = 258  # begin of image
-    eoi_id: int = 259  # end of image
-    tie_embeddings: bool = False
-    # Transformer
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: n_heads (no GQA)
-    ffn_dim: int | None = None  # None: SwiGLU's 8/3 * dim, rounded up to a multiple of 32
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    # Images: latents [image_channels, H, W] with H and W multiples of patch_size
-    image_channels: int = 3
-    image_size: int = 16  # side of generated images when generate() is not told otherwise
-    patch_size: int = 2
-    image_encoder: str = "linear"  # "linear" or "unet"
-    unet_channels: tuple[int, ...] = (32, 64)  # U-Net: one level per halving, log2(patch_size) + 1
-    # Add a fixed 2-D sine-cosine embedding of each patch's (row, column) to its token, as DiT
-    # does: with RoPE alone a patch knows its distance to other positions but not where in its
-    # image it lies, which a linear patch layer then has to learn slowly.
-    patch_position_embedding: bool = False
-    # Diffusion
-    noise_schedule: str = "cosine"
-    num_timesteps: int = 1000
-    diffusion_target: str = "eps"
-    diffusion_loss_weight: float = 5.0  # the paper's lambda
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_dim is None:
-            self.ffn_dim = 32 * math.ceil(8 * self.dim / 3 / 32)
-        self.unet_channels = tuple(self.unet_channels)  # JSON gives a list
-        self._validate()
-
-    def _validate(self):
-        def fail(name, expected):
-            raise ValueError(f"TransfusionConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "image_channels", "image_size", "patch_size", "num_timesteps"):
-            value = getattr(self, name)
-            if not is_int(value, 1):
-                fail(name, "an int >= 1")
-        specials = ("bos_id", "eos_id", "boi_id", "eoi_id")
-        for name in specials:
-            value = getattr(self, name)
-            if not is_int(value, 0, self.vocab_size - 1):
-                fail(name, f"a token id in [0, vocab_size={self.vocab_size})")
-        if len({getattr(self, name) for name in specials}) != len(specials):
-            fail("boi_id", f"bos_id, eos_id, boi_id and eoi_id all different ({[getattr(self, n) for n in specials]})")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            fail("n_heads", f"a divisor of dim={self.dim} leaving an even head dim")
-        if self.n_heads % self.n_kv_heads:
-            fail("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
-        if self.image_size % self.patch_size:
-            fail("image_size", f"a multiple of patch_size={self.patch_size}")
-        if self.image_encoder not in IMAGE_ENCODERS:
-            fail("image_encoder", f"one of {IMAGE_ENCODERS}")
-        if self.image_encoder == "unet":
-            levels = self.patch_size.bit_length() - 1
-            if self.patch_size != 1 << levels or levels < 1:
-                fail("patch_size", "a power of 2, at least 2, with image_encoder='unet'")
-            if len(self.unet_channels) != levels + 1 or not all(is_int(c, 1) for c in self.unet_channels):
-                fail("unet_channels", f"{levels + 1} positive ints (log2(patch_size) + 1 levels)")
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            fail("noise_schedule", f"one of {NOISE_SCHEDULES}")
-        if self.diffusion_target not in DIFFUSION_TARGETS:
-            fail("diffusion_target", f"one of {DIFFUSION_TARGETS}")
-        if self.diffusion_target == "flow" and self.noise_schedule != "rectified_flow":
-            fail("diffusion_target", "'eps', 'v' or 'x0' unless noise_schedule='rectified_flow' (flow velocity)")
-        if not self.diffusion_loss_weight >= 0:
-            fail("diffusion_loss_weight", "a number >= 0")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch: ``C * p * p``."""
-        return self.image_channels * self.patch_size**2
-
-
-def noise_schedule(config: TransfusionConfig) -> tk.NoiseSchedule:
-    """The ``tk.NoiseSchedule`` named by the config."""
-    if config.noise_schedule == "cosine":
-        return tk.NoiseSchedule.cosine(T=config.num_timesteps)
-    if config.noise_schedule == "linear":
-        return tk.NoiseSchedule.linear(T=config.num_timesteps)
-    return tk.NoiseSchedule.rectified_flow(T=config.num_timesteps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Documents as the model sees them
-# ----------------------------------------------------------------------------------------------
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``[..., C, H, W]`` -> ``[..., (H/p)*(W/p), C*p*p]``, patches in raster order."""
-    return rearrange(image, "... c (h p) (w q) -> ... (h w) (c p q)", p=patch_size, q=patch_size)
-
-
-def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """``[..., h*w, C*p*p]`` -> ``[..., C, h*p, w*p]`` (inverse of ``patchify``)."""
-    return rearrange(patches, "... (h w) (c p q) -> ... c (h p) (w q)", h=grid[0], w=grid[1],
-                     p=patch_size, q=patch_size)
-
-
-def document_segments(document, config: TransfusionConfig, *, add_eos: bool = True, name: str = "document"):
-    """A document as the model reads it: alternating token runs and images.
-
-    Args:
-        document: ordered list of items: text as token ids (list of ints or a 1-D int tensor)
-            and images as float latents ``[C, H, W]`` (H, W multiples of ``patch_size``).
-        add_eos: end with EOS (training documents do; a generation prompt does not).
-        name: how error messages call the document, e.g. ``documents[3]``.
-
-    Returns:
-        A list of 1-D int64 token runs (BOS first, BOI/EOI around every image, EOS last) and
-        image tensors, e.g. ``[[BOS, *caption, BOI], image, [EOI, EOS]]``.
-    """
-    if isinstance(document, (str, torch.Tensor)) or not isinstance(document, Sequence):
-        raise ValueError(f"{name}: expected a list of token-id lists and image tensors, got {type(document).__name__}")
-    segments, run = [], [config.bos_id]
-    for j, item in enumerate(document):
-        if isinstance(item, torch.Tensor) and item.is_floating_point():
-            channels, p = config.image_channels, config.patch_size
-            if item.ndim != 3 or item.shape[0] != channels or item.shape[1] < 1 or item.shape[2] < 1:
-                raise ValueError(f"{name}[{j}]: expected an image [{channels}, H, W], got shape {tuple(item.shape)}")
-            if item.shape[1] % p or item.shape[2] % p:
-                raise ValueError(f"{name}[{j}]: image size {tuple(item.shape[1:])} is not a multiple of patch_size={p}")
-            segments.append(torch.tensor(run + [config.boi_id]))
-            segments.append(item)
-            run = [config.eoi_id]
-            continue
-        tokens = None
-        if isinstance(item, (list, tuple)) and all(is_int(i) for i in item):
-            tokens = torch.tensor(item, dtype=torch.int64)
-        elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dtype != torch.bool:
-            tokens = item.to(torch.int64)
-        if tokens is None or tokens.ndim != 1:
-            raise ValueError(
-                f"{name}[{j}]: expected token ids (a list of ints or a 1-D int tensor) or a float image "
-                f"[C, H, W], got {type(item).__name__}"
-            )
-        if tokens.numel() and not (int(tokens.min()) >= 0 and int(tokens.max()) < config.vocab_size):
-            raise ValueError(f"{name}[{j}]: token ids must lie in [0, vocab_size={config.vocab_size})")
-        if bool(torch.isin(tokens, special_tokens(config)).any()):
-            raise ValueError(
-                f"{name}[{j}]: text contains a special token (BOS/EOS/BOI/EOI ids "
-                f"{special_tokens(config).tolist()}); the layout inserts those itself"
-            )
-        run += tokens.tolist()
-    if add_eos:
-        run.append(config.eos_id)
-    segments.append(torch.tensor(run))
-    return segments
-
-
-def special_tokens(config: TransfusionConfig) -> torch.Tensor:
-    """int64 ``[4]``: BOS, EOS, BOI, EOI."""
-    return torch.tensor([config.bos_id, config.eos_id, config.boi_id, config.eoi_id])
-
-
-def segment_length(segment: torch.Tensor, patch_size: int) -> int:
-    """Positions a segment of ``document_segments`` takes: its tokens, or its image patches."""
-    if segment.is_floating_point():
-        return (segment.shape[1] // patch_size) * (segment.shape[2] // patch_size)
-    return segment.numel()
+if TYPE_CHECKING:  # generate.py imports this module; the model only passes its caches along
+    from .generate import KVCache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,60 +265,6 @@ class UNetPatches(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# KV cache for generation
-# ----------------------------------------------------------------------------------------------
-class KVCache:
-    """Keys and values of every layer for the positions generated so far.
-
-    Rows are right-aligned: every row ends at ``length`` and row ``b``'s keys start at
-    ``row_start[b]`` (its mask never shows the slots before), so sequences of different lengths,
-    like a prompt and the unconditional prefix of classifier-free guidance, share one batch.
-    A step writes its keys at ``[length, length + n)``; ``commit(n)`` keeps them, otherwise the
-    next step overwrites them (a denoising step's noisy patches).
-    """
-
-    def __init__(self, config: TransfusionConfig, batch_size: int, device, dtype, capacity: int = 256):
-        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.length = 0
-        self.row_start = torch.zeros(batch_size, dtype=torch.int64, device=device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.row_start.shape[0]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write ``k, v [B, n, Hkv, Dh]`` after the committed keys; return all ``[B, length+n, ...]``."""
-        end = self.length + k.shape[1]
-        if end > self.keys[layer].shape[1]:
-            grow = max(end, 2 * self.keys[layer].shape[1]) - self.keys[layer].shape[1]
-            self.keys[layer] = F.pad(self.keys[layer], (0, 0, 0, 0, 0, grow))
-            self.values[layer] = F.pad(self.values[layer], (0, 0, 0, 0, 0, grow))
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-    def commit(self, n: int) -> None:
-        self.length += n
-
-    @staticmethod
-    def stack(caches: Sequence[KVCache]) -> KVCache:
-        """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
-        length = max(c.length for c in caches)
-        merged = KVCache.__new__(KVCache)
-        merged.length = length
-        merged.row_start = torch.cat([c.row_start + (length - c.length) for c in caches])
-        merged.keys, merged.values = [], []
-        for layer in range(len(caches[0].keys)):
-            for store, source in ((merged.keys, "keys"), (merged.values, "values")):
-                rows = [F.pad(getattr(c, source)[layer][:, :c.length], (0, 0, 0, 0, length - c.length, 0))
-                        for c in caches]
-                store.append(torch.cat(rows))
-        return merged
-
-
-# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 class TransfusionLoss(NamedTuple):
@@ -519,6 +274,9 @@ class TransfusionLoss(NamedTuple):
 
 
 class Transfusion(nn.Module):
+    """``model(batch)``: the training loss of a ``PackedBatch``; ``predict``: hidden states and image
+    predictions; ``extend_text`` / ``extend_image``: the next positions after a KV cache."""
+
     def __init__(self, config: TransfusionConfig):
         super().__init__()
         self.config = config
@@ -598,7 +356,7 @@ class Transfusion(nn.Module):
         """
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
-        schedule = self._schedule_on(x0.device)
+        schedule = self.schedule_on(x0.device)
         model_ops = ops.current()
         x_t = model_ops.add_noise(x0, batch.timesteps, schedule, offsets=batch.patch_offsets, **noise_args)
         hidden, pred = self.predict(batch, x_t)
@@ -615,16 +373,13 @@ class Transfusion(nn.Module):
             )
         return TransfusionLoss(lm_loss + self.config.diffusion_loss_weight * diffusion_loss, lm_loss, diffusion_loss)
 
-    def _schedule_on(self, device) -> tk.NoiseSchedule:
+    def schedule_on(self, device) -> tk.NoiseSchedule:
         """The noise schedule with its tables on ``device`` (moved once, not at every step)."""
         if self.schedule.device != torch.device(device):
             self.schedule = self.schedule.to(device)
         return self.schedule
 
     # ------------------------------------------------------------------ cached steps
-    def new_cache(self, batch_size: int = 1) -> KVCache:
-        return KVCache(self.config, batch_size, self.device, self.tok_embeddings.weight.dtype)
-
     def _cached_step(self, cache: KVCache, h: torch.Tensor, bidirectional: bool):
         """Run ``h [B, n, D]`` as the next ``n`` positions of every cache row."""
         batch, n, _ = h.shape
@@ -663,188 +418,25 @@ class Transfusion(nn.Module):
             cache.commit(n)
         return self.image_io.decode(hidden.flatten(0, 1), time_emb, layout, skips).view(batch, n, -1)
 
-    def _prefill(self, cache: KVCache, segments) -> torch.Tensor:
-        """Run a prompt's segments into the cache; return the last position's logits ``[V]``."""
-        logits = None
-        for segment in segments:
-            if segment.is_floating_point():  # a prompt image is clean: t = 0
-                grid = (segment.shape[1] // self.config.patch_size, segment.shape[2] // self.config.patch_size)
-                patches = patchify(segment.to(self.device, torch.float32), self.config.patch_size)[None]
-                clean = torch.zeros(1, dtype=torch.int64, device=self.device)
-                self.extend_image(cache, patches, clean, grid, commit=True)
-            else:
-                logits = self.extend_text(cache, segment.to(self.device)[None])[0, -1]
-        return logits
+    # ------------------------------------------------------------------ generation and checkpoints
+    def new_cache(self, batch_size: int = 1) -> KVCache:
+        """An empty ``transfusion_core.generate.KVCache`` for this model's layers, device and dtype."""
+        from .generate import KVCache  # generate.py builds on this module, not the other way round
 
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt,
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        force_image: bool = False,
-        image_size: int | tuple[int, int] | None = None,
-        image_steps: int = 250,
-        sampler: str = "ddpm",
-        cfg_scale: float | None = None,
-        clip_x0: float | None = None,
-        seed: int | None = None,
-    ) -> list:
-        """Continue a mixed-modal prompt: text in LM mode, images in diffusion mode.
+        return KVCache(self.config, batch_size, self.device, self.tok_embeddings.weight.dtype)
 
-        Args:
-            prompt: list of token-id lists and image latents ``[C, H, W]`` (a document without
-                EOS). An image in the prompt is read clean (t = 0): captioning.
-            max_new_tokens: most text tokens to sample (a sampled BOI counts, a forced one not).
-            temperature: softmax temperature; 0 is greedy (argmax).
-            top_k, top_p: keep the ``top_k`` likeliest tokens / the smallest set of mass ``top_p``.
-            force_image: start with BOI, so that the first thing generated is an image
-                (text -> image; with ``max_new_tokens=0`` the image is all that is generated).
-            image_size: latent side ``H = W``, or ``(H, W)``; ``config.image_size`` by default.
-            image_steps: denoising steps per image (at most ``num_timesteps``).
-            sampler: ``"ddpm"`` (ancestral, as in the paper) or ``"ddim"`` (deterministic,
-                for fewer steps).
-            cfg_scale: classifier-free guidance scale ``s``; the prediction is
-                ``cond + (s - 1) * (cond - uncond)`` with ``uncond`` from the prefix ``BOS, BOI``
-                batched alongside. ``None``: no guidance (and no unconditional row).
-            clip_x0: clamp each step's predicted clean image to ``[-clip_x0, clip_x0]`` (1.0 for
-                pixels in [-1, 1], as DDPM samplers do; ``None`` for unbounded latents).
-            seed: seed of every random choice (tokens and noise); ``None`` draws one.
+    def generate(self, prompt, **options) -> list:
+        """Continue a mixed-modal prompt: ``transfusion_core.generate.generate(self, prompt, **options)``
+        (its docstring lists the options and what it returns)."""
+        from .generate import generate
 
-        Returns:
-            The generated continuation as a list of texts (lists of token ids, without the
-            special tokens) and images (``[C, H, W]`` float32), in order. Stops at EOS or
-            after ``max_new_tokens``.
-        """
-        config = self.config
-        _check_generate_args(
-            max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config
-        )
-        image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        segments = document_segments(prompt, config, add_eos=False, name="prompt")
-        if force_image:
-            segments[-1] = torch.cat([segments[-1], torch.tensor([config.boi_id])])
-        cache = self.new_cache()
-        logits = self._prefill(cache, segments)
-        last_token = int(segments[-1][-1])
-        never_sampled = torch.tensor([config.bos_id, config.eoi_id], device=self.device)
-        outputs, text, sampled = [], [], 0
-        while True:
-            if last_token == config.boi_id:
-                if text:
-                    outputs.append(text)
-                    text = []
-                outputs.append(self._generate_image(cache, image_hw, steps=image_steps, eta=SAMPLERS[sampler],
-                                                    cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator))
-                logits = self.extend_text(cache, torch.tensor([[config.eoi_id]], device=self.device))[0, -1]
-                last_token = config.eoi_id
-                continue
-            if sampled == max_new_tokens:
-                break
-            logits[never_sampled] = float("-inf")
-            last_token = sample_token(logits, temperature, top_k, top_p, generator)
-            sampled += 1
-            if last_token == config.eos_id:
-                break
-            if last_token != config.boi_id:
-                text.append(last_token)
-            logits = self.extend_text(cache, torch.tensor([[last_token]], device=self.device))[0, -1]
-        if text:
-            outputs.append(text)
-        return outputs
+        return generate(self, prompt, **options)
 
-    def _generate_image(self, cache, image_hw, *, steps, eta, cfg_scale, clip_x0, generator) -> torch.Tensor:
-        """Denoise one image after the cache (which ends with BOI), then commit it clean."""
-        config = self.config
-        grid = (image_hw[0] // config.patch_size, image_hw[1] // config.patch_size)
-        n = grid[0] * grid[1]
-        rows = cache
-        if cfg_scale is not None:
-            unconditional = self.new_cache()
-            self.extend_text(unconditional, torch.tensor([[config.bos_id, config.boi_id]], device=self.device))
-            rows = KVCache.stack([cache, unconditional])  # row 0 conditional, row 1 unconditional
-        x = torch.randn(n, config.patch_dim, device=self.device, generator=generator)  # [n, C*p*p] x_T
-        schedule = self._schedule_on(self.device)
-        timesteps = diffusion_timesteps(config.num_timesteps, steps).tolist()
-        for i, t in enumerate(timesteps):
-            t_batch = torch.full((rows.batch_size,), t, dtype=torch.int64, device=self.device)
-            pred = self.extend_image(rows, x.expand(rows.batch_size, n, -1), t_batch, grid, commit=False).float()
-            guided = pred[0]
-            if cfg_scale is not None:  # written so that s = 1 gives the conditional prediction exactly
-                guided = pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            x = denoise_step(x, guided, t, t_next, schedule, config.diffusion_target,
-                             eta=eta, clip_x0=clip_x0, generator=generator)
-        self.extend_image(cache, x[None], torch.zeros(1, dtype=torch.int64, device=self.device), grid, commit=True)
-        return unpatchify(x, grid, config.patch_size)  # [C, H, W]
-
-    # ------------------------------------------------------------------ checkpoints
     def save(self, path) -> None:
         """Write ``path/model.safetensors`` (weights) and ``path/config.json``; nothing pickled."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({name: t.contiguous() for name, t in self.state_dict().items()}, str(path / WEIGHTS_FILE))
+        checkpoint.save_model(self, path)
 
     @classmethod
     def load(cls, path, device=None) -> Transfusion:
         """Build the model of ``path/config.json`` and load ``path/model.safetensors`` into it."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{path}: expected a checkpoint directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config_fields = json.loads((path / CONFIG_FILE).read_text())
-        unknown = set(config_fields) - {f.name for f in fields(TransfusionConfig)}
-        if unknown:
-            raise ValueError(f"{path / CONFIG_FILE}: unknown TransfusionConfig fields {sorted(unknown)}")
-        model = cls(TransfusionConfig(**config_fields))
-        weights = load_file(str(path / WEIGHTS_FILE))
-        expected = model.state_dict()
-        problems = [f"missing {name}" for name in expected if name not in weights]
-        problems += [f"unexpected {name}" for name in weights if name not in expected]
-        problems += [
-            f"{name}: checkpoint shape {tuple(weights[name].shape)}, config needs {tuple(t.shape)}"
-            for name, t in expected.items() if name in weights and weights[name].shape != t.shape
-        ]
-        if problems:
-            raise ValueError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: " + "; ".join(problems))
-        model.load_state_dict(weights)
-        return model.to(device) if device is not None else model
-
-
-def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or not all(is_int(s, patch_size) and s % patch_size == 0 for s in hw):
-        raise ValueError(
-            f"image_size: expected an int or (H, W), multiples of patch_size={patch_size}, got {image_size!r}"
-        )
-    return hw
-
-
-def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config):
-    if not is_int(max_new_tokens, 0):
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not is_int(top_k, 1):
-        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-    if not is_int(image_steps, 1, config.num_timesteps):
-        raise ValueError(
-            f"image_steps: expected an int in [1, num_timesteps={config.num_timesteps}], got {image_steps!r}"
-        )
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
-    if cfg_scale is not None and not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale: expected None or a finite number, got {cfg_scale!r}")
-    if clip_x0 is not None and not 0 < clip_x0 < math.inf:
-        raise ValueError(f"clip_x0: expected None or a number > 0, got {clip_x0!r}")
+        return checkpoint.load_model(cls, path, device)

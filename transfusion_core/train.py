@@ -16,7 +16,8 @@ Output in ``--out``: ``checkpoint/`` (``model.safetensors`` + ``config.json``, l
 ``Transfusion.load``; ``optimizer.safetensors``; ``train_state.json`` with the step and the
 arguments; nothing pickled), written every ``--checkpoint-every`` steps and at the end;
 ``metrics.jsonl`` (one line per step); ``loss_curve.png`` and ``samples.png`` (images generated
-from held-out captions, captions generated for held-out images).
+from held-out captions, captions generated for held-out images). The checkpoint files are
+``checkpoint.py``'s, the loss curve ``plots.py``'s, the samples ``evaluate.write_samples``'.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,14 +44,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .checkpoint import TRAIN_STATE_FILE, read_train_state, read_training_tensors, write_training_checkpoint
 from .codec import PixelCodec, VAECodec, encode_dataset
+from .config import TransfusionConfig, is_int
 from .data import ByteTokenizer, Packer
-from .datasets import ShapesDataset, detect_shapes, heldout_set, training_set
-from .evaluate import TRAIN_STATE_FILE, image_to_text, read_train_state, text_to_image, write_samples_grid
-from .model import Transfusion, TransfusionConfig, is_int
+from .datasets import ShapesDataset, heldout_set, training_set
+from .evaluate import write_samples
+from .model import Transfusion
+from .plots import write_loss_curve
 
 CHECKPOINT_DIR = "checkpoint"
-OPTIMIZER_FILE = "optimizer.safetensors"
 METRICS_FILE = "metrics.jsonl"
 
 # Presets: every option below has a value in "tiny"; other presets override some of them.
@@ -347,21 +348,9 @@ def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step:
     weights = get_model_state_dict(model, options=FULL_STATE)  # gathered on rank 0 under FSDP
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     if processes.main:
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        unwrapped(weights, config).save(partial)
-        tensors = {f"{name}/{key}": value.contiguous() for name, state in optimizer_state["state"].items()
-                   for key, value in state.items()}
-        save_file(tensors, str(partial / OPTIMIZER_FILE))
         train_state = {"step": step, "args": dataclasses.asdict(args), "codec": codec.describe(),
                        "param_groups": optimizer_state["param_groups"], "world_size": processes.world_size}
-        (partial / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=2) + "\n")
-        previous = path.with_name(path.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if path.exists():
-            path.rename(previous)
-        partial.rename(path)
-        shutil.rmtree(previous, ignore_errors=True)
+        write_training_checkpoint(path, unwrapped(weights, config), optimizer_state, train_state)
     if processes.world_size > 1:
         dist.barrier()
 
@@ -374,13 +363,9 @@ def load_checkpoint(path: Path, model, optimizer, args: TrainArgs) -> int:
                    for name in RUN_IDENTITY if saved.get(name) != getattr(args, name)]
     if differences:
         raise ValueError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
-    set_model_state_dict(model, load_file(str(path / "model.safetensors")), options=FULL_STATE)
-    per_parameter = {}
-    for key, value in load_file(str(path / OPTIMIZER_FILE)).items():
-        name, _, field = key.rpartition("/")
-        per_parameter.setdefault(name, {})[field] = value
-    set_optimizer_state_dict(model, optimizer, {"state": per_parameter, "param_groups": state["param_groups"]},
-                             options=FULL_STATE)
+    weights, optimizer_state = read_training_tensors(path, state["param_groups"])
+    set_model_state_dict(model, weights, options=FULL_STATE)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)
     return state["step"]
 
 
@@ -392,7 +377,7 @@ def unwrapped(weights: dict, config: TransfusionConfig) -> Transfusion:
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress, curves, samples
+# Progress
 # ----------------------------------------------------------------------------------------------
 def clock(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
@@ -408,47 +393,6 @@ def progress_line(record: dict, args: TrainArgs, elapsed: float, steps_done: int
             f"loss {record['loss']:.4f} (lm {record['lm_loss']:.4f} + diffusion {record['diffusion_loss']:.4f} x "
             f"lambda) | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s | "
             f"{clock(elapsed)} elapsed, ETA {clock(eta)}")
-
-
-def write_loss_curve(metrics_path: Path, out_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    steps = [r["step"] for r in records]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    window = max(1, len(records) // 50)  # a moving average keeps the trend readable
-    for key, label in (("loss", "total"), ("lm_loss", "LM (per text token)"), ("diffusion_loss", "diffusion (MSE)")):
-        values = torch.tensor([r[key] for r in records])
-        smooth = values.unfold(0, window, 1).mean(dim=1) if len(values) >= window else values
-        axis.plot(steps[window - 1:] if len(values) >= window else steps, smooth.tolist(), label=label)
-    axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title(f"training loss (moving average over {window} steps)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_path, dpi=110)
-    plt.close(figure)
-
-
-def write_samples(path: Path, model: Transfusion, codec, heldout, args: TrainArgs) -> None:
-    """Images from the first held-out captions, captions of the first held-out images."""
-    count = min(args.samples, len(heldout))
-    items = [heldout[i] for i in range(count)]
-    judged = isinstance(heldout, ShapesDataset)
-    longest = max(len(item.caption.encode()) for item in items)
-    text_to_image_rows, image_to_text_rows = [], []
-    for i, item in enumerate(items):
-        image = text_to_image(model, codec, item.caption, steps=args.sample_steps, cfg_scale=args.cfg_scale, seed=i)
-        text_to_image_rows.append((item.caption, image, detect_shapes(image) == item.shapes if judged else None))
-        latent = codec.encode(item.image[None])[0].to(model.device)
-        text = image_to_text(model, latent, max_new_tokens=longest + 8)
-        image_to_text_rows.append((text, item.image, text == item.caption))
-    write_samples_grid(path, text_to_image_rows, image_to_text_rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +519,8 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
             write_loss_curve(metrics_path, out / "loss_curve.png")
             print(f"wrote {out / 'loss_curve.png'}", flush=True)
             if heldout is not None and args.samples:
-                write_samples(out / "samples.png", final, codec, heldout, args)
+                write_samples(out / "samples.png", final, codec, heldout, samples=args.samples,
+                              steps=args.sample_steps, cfg_scale=args.cfg_scale)
                 print(f"wrote {out / 'samples.png'}", flush=True)
     return history
 

@@ -1,35 +1,29 @@
-"""Training on VAE latents: a tiny diffusers AutoencoderKL from a local directory, latents cached."""
+"""Image codecs: pixels as the latent, and a tiny diffusers AutoencoderKL from a local directory with
+its latents cached."""
 
 import pytest
 import torch
 
-from transfusion_core import codec, evaluate, train
+from transfusion_core import codec
 from transfusion_core.datasets import ShapesDataset
 
-diffusers = pytest.importorskip("diffusers")
+
+def test_pixel_codec_is_the_identity_within_the_pixel_range():
+    pixels = codec.PixelCodec()
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert pixels.encode(images) is images
+    assert torch.equal(pixels.decode(images), images)
+    assert torch.equal(pixels.decode(torch.tensor([-3.0, 0.5, 2.0])), torch.tensor([-1.0, 0.5, 1.0]))
+    assert (pixels.latent_channels, pixels.downsample, pixels.clip_x0) == (3, 1, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()  # the runs below set one thread
-    yield
-    torch.set_num_threads(threads)
-
-
-pytestmark = pytest.mark.usefixtures("reference_path")
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A randomly initialised 2-level AutoencoderKL (16x16 RGB -> 4x8x8), saved the diffusers way."""
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+def test_codec_from_description_rebuilds_the_codec(vae_dir):
+    assert isinstance(codec.codec_from_description(None), codec.PixelCodec)
+    assert isinstance(codec.codec_from_description(codec.PixelCodec().describe()), codec.PixelCodec)
+    vae = codec.codec_from_description(codec.VAECodec(vae_dir).describe())
+    assert isinstance(vae, codec.VAECodec) and vae.path == vae_dir.resolve()
+    with pytest.raises(ValueError, match="codec: unknown description"):
+        codec.codec_from_description({"kind": "jpeg"})
 
 
 def test_latents_are_encoded_once_then_read_from_the_cache(vae_dir, tmp_path, monkeypatch):
@@ -55,17 +49,6 @@ def test_latents_are_encoded_once_then_read_from_the_cache(vae_dir, tmp_path, mo
 
 
 def test_a_missing_vae_directory_is_named(tmp_path):
+    pytest.importorskip("diffusers")
     with pytest.raises(FileNotFoundError, match="path"):
         codec.VAECodec(tmp_path)
-
-
-def test_training_and_evaluation_on_vae_latents(vae_dir, tmp_path):
-    out = tmp_path / "run"
-    train.main(["--out", str(out), "--vae", str(vae_dir), "--patch-size", "2", "--train-samples", "16",
-                "--heldout-samples", "2", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "4",
-                "--steps", "2", "--no-plots", "--threads", "1"])
-    state = evaluate.read_train_state(out / "checkpoint")
-    assert state["codec"] == {"kind": "vae", "path": str(vae_dir.resolve())}
-    assert len(list((out / "latents").glob("latents-*.safetensors"))) == 1
-    results = evaluate.main([str(out / "checkpoint"), "--image-steps", "2", "--threads", "1"])
-    assert results["samples"] == 2 and 0 <= results["text_to_image"]["exact"] <= 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import transfusion_core as tc
-from transfusion_core.model import patchify
+from transfusion_core.data import patchify, unpatchify
 
 CONFIG = tc.TransfusionConfig(dim=32, n_layers=1, n_heads=2, image_size=4)
 BOS, EOS, BOI, EOI = CONFIG.bos_id, CONFIG.eos_id, CONFIG.boi_id, CONFIG.eoi_id
@@ -224,6 +224,14 @@ def test_bad_packer_arguments():
         tc.Packer(CONFIG, 16, image_first_t_max=1000)
     with pytest.raises(ValueError, match="documents: expected at least one document"):
         tc.Packer(CONFIG, 16)([])
+
+
+def test_patchify_round_trip():
+    image = torch.randn(2, 3, 4, 6)
+    patches = patchify(image, 2)
+    assert patches.shape == (2, 6, 12)
+    torch.testing.assert_close(patches[0, 1], image[0, :, 0:2, 2:4].flatten())  # raster order
+    assert torch.equal(unpatchify(patches, (2, 3), 2), image)
 
 
 def test_byte_tokenizer_round_trip():

@@ -7,7 +7,8 @@ import torch
 
 import tfkernels as tk
 import transfusion_core as tc
-from transfusion_core.model import document_segments, patchify, unpatchify
+from transfusion_core import generate
+from transfusion_core.data import document_segments, unpatchify
 from transfusion_core.generate import denoise_step, diffusion_timesteps, sample_token
 
 pytestmark = pytest.mark.usefixtures("reference_path")
@@ -38,7 +39,7 @@ def prefill(model, prompt, force_image=False):
     segments = document_segments(prompt, model.config, add_eos=False)
     if force_image:
         segments[-1] = torch.cat([segments[-1], torch.tensor([model.config.boi_id])])
-    return cache, model._prefill(cache, segments)
+    return cache, generate.prefill(model, cache, segments)
 
 
 @pytest.mark.parametrize("image_encoder", ["linear", "unet"])
@@ -113,8 +114,8 @@ def test_generated_image_enters_the_cache_clean():
     model = tiny_model("unet")
     prompt = [[40, 41, 42]]
     cache, _ = prefill(model, prompt, force_image=True)
-    image = model._generate_image(cache, (4, 4), steps=3, eta=1.0, cfg_scale=None, clip_x0=1.0,
-                                  generator=torch.Generator().manual_seed(0))
+    image = generate.generate_image(model, cache, (4, 4), steps=3, eta=1.0, cfg_scale=None, clip_x0=1.0,
+                                    generator=torch.Generator().manual_seed(0))
     assert image.abs().max() <= 1.0 and image.std() > 0.1
     assert cache.length == 1 + 3 + 1 + 4
     logits = [model.extend_text(cache, torch.tensor([[model.config.eoi_id]]))[0, -1]]
@@ -242,14 +243,6 @@ def test_bad_prompt_item_is_named():
         tiny_model().generate([[1, 2], torch.randn(1, 4, 4)])
 
 
-def test_patchify_round_trip():
-    image = torch.randn(2, 3, 4, 6)
-    patches = patchify(image, 2)
-    assert patches.shape == (2, 6, 12)
-    torch.testing.assert_close(patches[0, 1], image[0, :, 0:2, 2:4].flatten())  # raster order
-    assert torch.equal(unpatchify(patches, (2, 3), 2), image)
-
-
 def test_clip_x0_bounds_the_denoised_image():
     schedule = tk.NoiseSchedule.cosine()
     x_t = 3 * torch.randn(4, 12)
@@ -258,3 +251,16 @@ def test_clip_x0_bounds_the_denoised_image():
     assert x0.abs().max() <= 1.0 and x0.abs().max() == 1.0
     image = tiny_model().generate([[1]], force_image=True, max_new_tokens=0, image_steps=3, clip_x0=1.0, seed=0)[0]
     assert image.abs().max() <= 1.0
+
+
+def test_model_methods_delegate_to_the_generate_module():
+    model = tiny_model()
+    kwargs = dict(force_image=True, max_new_tokens=2, image_steps=2, seed=5)
+    by_method, by_function = model.generate([[3, 4]], **kwargs), generate.generate(model, [[3, 4]], **kwargs)
+    assert len(by_method) == len(by_function)
+    for x, y in zip(by_method, by_function):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    cache = model.new_cache(batch_size=3)
+    assert isinstance(cache, generate.KVCache) and cache.batch_size == 3 and cache.length == 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+        model.generate([[1]], steps=3)

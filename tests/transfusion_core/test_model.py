@@ -1,36 +1,16 @@
-"""Transfusion model: loss, gradients, kernel path vs reference path, training, checkpoints."""
+"""Transfusion model: loss, gradients, kernel path vs reference path, training, the patch position hook."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import transfusion_core as tc
+from transfusion_core.datasets import ShapesDataset
+
+from .support import packed, tiny_config
 
 pytestmark = pytest.mark.usefixtures("reference_path")
-
-
-def tiny_config(**overrides):
-    fields = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, image_size=4, unet_channels=(8, 16))
-    return tc.TransfusionConfig(**(fields | overrides))
-
-
-def documents(seed=0):
-    """Captions before and after images of two sizes, text alone, two images in one document."""
-    g = torch.Generator().manual_seed(seed)
-    tok = tc.ByteTokenizer()
-    return [
-        [tok.encode("red dot"), torch.randn(3, 4, 4, generator=g)],
-        [torch.randn(3, 4, 8, generator=g), tok.encode("wide")],
-        [tok.encode("just some text")],
-        [torch.randn(3, 4, 4, generator=g), tok.encode("and"), torch.randn(3, 2, 2, generator=g)],
-    ]
-
-
-def packed(seed=0, seq_len=48):
-    return tc.Packer(tiny_config(), seq_len, seed=seed)(documents(seed))
 
 
 @pytest.mark.parametrize("image_encoder", ["linear", "unet"])
@@ -116,64 +96,23 @@ def test_predict_rejects_a_patch_buffer_of_the_wrong_size():
         model.predict(batch, batch.patches[:-1])
 
 
-UNET_PATCH_3 = dict(image_encoder="unet", patch_size=3, image_size=6)
-
-
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(dim=30), r"TransfusionConfig.n_heads: expected a divisor of dim=30"),
-        (dict(n_kv_heads=3), r"TransfusionConfig.n_kv_heads: expected a divisor of n_heads=4"),
-        (dict(image_encoder="vae"), r"TransfusionConfig.image_encoder: expected one of"),
-        (UNET_PATCH_3, r"TransfusionConfig.patch_size: expected a power of 2,"),
-        (dict(image_encoder="unet", patch_size=4), r"TransfusionConfig.unet_channels: expected 3 positive ints"),
-        (dict(eoi_id=256), r"TransfusionConfig.boi_id: expected bos_id, eos_id, boi_id and eoi_id all different"),
-        (dict(vocab_size=100), r"TransfusionConfig.bos_id: expected a token id in \[0, vocab_size=100\)"),
-        (dict(diffusion_target="noise"), r"TransfusionConfig.diffusion_target: expected one of"),
-        (dict(image_size=5), r"TransfusionConfig.image_size: expected a multiple of patch_size=2"),
-    ],
-)
-def test_bad_config_is_named(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_config(**overrides)
-
-
-# ------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
-def test_save_load_round_trip_gives_identical_outputs(image_encoder, tmp_path):
+def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generation():
+    """The model hook the training script turns on: the image predictions of a packed batch
+    equal those of the KV-cache path (prompt, then the noised image), and the hook matters."""
     torch.manual_seed(0)
-    model = tc.Transfusion(tiny_config(image_encoder=image_encoder, tie_embeddings=True, n_kv_heads=None))
-    model.save(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as weights:
-        assert set(weights.keys()) == set(model.state_dict())
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["n_kv_heads"] == 4
-    loaded = tc.Transfusion.load(tmp_path / "ckpt")
-    assert loaded.config == model.config
-    batch = packed()
-    torch.testing.assert_close(loaded(batch), model(batch), rtol=0, atol=0)
-    prompt = [tc.ByteTokenizer().encode("red")]
-    kwargs = dict(max_new_tokens=4, force_image=True, image_steps=3, seed=1)
-    expected, got = model.generate(prompt, **kwargs), loaded.generate(prompt, **kwargs)
-    assert len(got) == len(expected) and isinstance(got[0], torch.Tensor)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_mismatched_checkpoint_raises(tmp_path):
-    model = tc.Transfusion(tiny_config())
-    model.save(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"ffn_dim": 64}))
-    shape_message = r"layers.0.feed_forward.w1.weight: checkpoint shape \(96, 32\), config needs \(64, 32\)"
-    with pytest.raises(ValueError, match=shape_message):
-        tc.Transfusion.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config | {"image_encoder": "unet"}))
-    names_message = r"does not match .*missing image_io.conv_in.weight.*unexpected image_io.patch_in.weight"
-    with pytest.raises(ValueError, match=names_message):
-        tc.Transfusion.load(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config | {"n_experts": 8}))
-    with pytest.raises(ValueError, match=r"unknown TransfusionConfig fields \['n_experts'\]"):
-        tc.Transfusion.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
-        tc.Transfusion.load(tmp_path / "missing")
+    config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, image_size=16,
+                                  patch_position_embedding=True)
+    model = tc.Transfusion(config).eval()
+    tokens = tc.ByteTokenizer().encode("a red circle at the top left")
+    image = ShapesDataset(1)[0].image
+    batch = tc.Packer(config, 64, seed=0)([[tokens, image]])
+    x_t = torch.randn_like(batch.patches)
+    with torch.no_grad():
+        _, from_batch = model.predict(batch, x_t)
+        cache = model.new_cache()
+        model.extend_text(cache, torch.tensor([[config.bos_id, *tokens, config.boi_id]]))
+        cached = model.extend_image(cache, x_t[None], batch.timesteps, (4, 4), commit=False)[0]
+        torch.testing.assert_close(cached, from_batch, rtol=1e-4, atol=1e-5)
+        model.config.patch_position_embedding = False
+        _, without = model.predict(batch, x_t)
+    assert not torch.allclose(without, from_batch, atol=1e-3)

@@ -1,4 +1,4 @@
-"""The training script: options, schedule, learning, kernel/reference parity, checkpoints, exact resume."""
+"""The training script: options, schedule, learning, kernel/reference parity, checkpoints, exact resume,\nuser data, VAE latents (the torchrun tests are in test_train_distributed.py)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import transfusion_core as tc
-from transfusion_core import evaluate, train
+from transfusion_core import checkpoint, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
@@ -169,28 +169,6 @@ def test_the_end_of_a_run_writes_the_loss_curve_and_samples(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generation():
-    """The model hook the training script turns on: the image predictions of a packed batch
-    equal those of the KV-cache path (prompt, then the noised image), and the hook matters."""
-    torch.manual_seed(0)
-    config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, image_size=16,
-                                  patch_position_embedding=True)
-    model = tc.Transfusion(config).eval()
-    tokens = tc.ByteTokenizer().encode("a red circle at the top left")
-    image = tc.datasets.ShapesDataset(1)[0].image
-    batch = tc.Packer(config, 64, seed=0)([[tokens, image]])
-    x_t = torch.randn_like(batch.patches)
-    with torch.no_grad():
-        _, packed = model.predict(batch, x_t)
-        cache = model.new_cache()
-        model.extend_text(cache, torch.tensor([[config.bos_id, *tokens, config.boi_id]]))
-        cached = model.extend_image(cache, x_t[None], batch.timesteps, (4, 4), commit=False)[0]
-        torch.testing.assert_close(cached, packed, rtol=1e-4, atol=1e-5)
-        model.config.patch_position_embedding = False
-        _, without = model.predict(batch, x_t)
-    assert not torch.allclose(without, packed, atol=1e-3)
-
-
 def test_training_and_evaluation_on_user_data_with_a_corrupt_image(tmp_path, capsys):
     image_module = pytest.importorskip("PIL.Image")
     for name, colour in (("red.png", (255, 0, 0)), ("green.png", (0, 255, 0)), ("blue.png", (0, 0, 255))):
@@ -219,3 +197,15 @@ def test_resume_finds_the_checkpoint_kept_aside_by_an_interrupted_swap(tmp_path,
     rest = train.main(tiny_argv(tmp_path, "--steps", "2", "--resume"))
     assert "resumed from" in capsys.readouterr().out and [r["step"] for r in rest] == [2]
     assert rest[0]["loss"] == whole[1]["loss"] and (checkpoint / "model.safetensors").is_file()
+
+
+def test_training_and_evaluation_on_vae_latents(vae_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--out", str(out), "--vae", str(vae_dir), "--patch-size", "2", "--train-samples", "16",
+                "--heldout-samples", "2", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "4",
+                "--steps", "2", "--no-plots", "--threads", "1"])
+    state = checkpoint.read_train_state(out / "checkpoint")
+    assert state["codec"] == {"kind": "vae", "path": str(vae_dir.resolve())}
+    assert len(list((out / "latents").glob("latents-*.safetensors"))) == 1
+    results = evaluate.main([str(out / "checkpoint"), "--image-steps", "2", "--threads", "1"])
+    assert results["samples"] == 2 and 0 <= results["text_to_image"]["exact"] <= 1
