@@ -1,4 +1,4 @@
-"""The packer against the documents it packs, checked position by position."""
+"""The document layout and the packer against the documents it packs, checked position by position."""
 
 import pytest
 import torch
