@@ -302,7 +302,7 @@ class Packer:
 
     # ------------------------------------------------------------------ the batch
     def _fill(self, laid_out, rows) -> PackedBatch:
-        shape = (len(rows), self.seq_len)
+        shape = (len(rows), self.seq_len)  # [B, S]
         tokens = torch.zeros(shape, dtype=torch.int64)
         positions = torch.zeros(shape, dtype=torch.int64)
         doc_ids = torch.full(shape, -1, dtype=torch.int64)
@@ -318,7 +318,7 @@ class Packer:
                 p = start
                 for segment, length, cap in laid_out[doc]:
                     if segment.is_floating_point():
-                        patches.append(patchify(segment.float(), patch_size))
+                        patches.append(patchify(segment.float(), patch_size))  # [h*w, C*p*p]
                         grids.append((segment.shape[1] // patch_size, segment.shape[2] // patch_size))
                         caps.append(cap)
                         image_ids[r, p:p + length] = len(patches)
@@ -330,7 +330,7 @@ class Packer:
         targets = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
         next_is_text = is_text[:, :-1] & is_text[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
         targets[:, :-1] = torch.where(next_is_text, tokens[:, 1:], IGNORE_INDEX)
-        counts = torch.tensor([p.shape[0] for p in patches], dtype=torch.int64)
+        counts = torch.tensor([p.shape[0] for p in patches], dtype=torch.int64)  # [N] patches per image
         timesteps = torch.zeros(0, dtype=torch.int64)
         if caps:
             timesteps = self.schedule.sample_timesteps(

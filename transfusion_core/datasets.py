@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .config import is_int
+
 # Pure colours far apart in RGB, so that even a blurry generated shape has one nearest colour.
 COLOURS = {
     "red": (1.0, 0.0, 0.0),
@@ -108,7 +110,7 @@ def render(shapes, image_size: int = 16, rng: random.Random | None = None) -> to
 
     ``rng`` draws each shape's size and centre jitter; ``None`` draws them centred, mid-size.
     """
-    if not isinstance(image_size, int) or image_size < _GRID or image_size % _GRID:
+    if not is_int(image_size, _GRID) or image_size % _GRID:
         raise ValueError(f"image_size: expected a multiple of {_GRID}, got {image_size!r}")
     positions = [s.position for s in shapes]
     if len(set(positions)) != len(positions):
@@ -163,7 +165,7 @@ class ShapesDataset:
 
     def __init__(self, num_samples: int, *, seed: int = 0, split: str = "train", image_size: int = 16,
                  max_shapes: int = 1):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        if not is_int(num_samples, 1):
             raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
@@ -279,7 +281,7 @@ class CaptionedImageFolder:
             from PIL import Image, UnidentifiedImageError
         except ImportError as error:
             raise ImportError("CaptionedImageFolder needs Pillow: pip install 'tfkernels[train]'") from error
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        if not is_int(image_size, 1):
             raise ValueError(f"image_size: expected an int >= 1, got {image_size!r}")
         path = Path(jsonl_path)
         if not path.is_file():

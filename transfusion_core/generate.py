@@ -73,7 +73,7 @@ class KVCache:
         merged = KVCache.__new__(KVCache)
         merged.length = length
         merged.row_start = torch.cat([c.row_start + (length - c.length) for c in caches])
-        merged.keys, merged.values = [], []
+        merged.keys, merged.values = [], []  # per layer [sum of B, length, Hkv, Dh], left-padded rows
         for layer in range(len(caches[0].keys)):
             for store, source in ((merged.keys, "keys"), (merged.values, "values")):
                 rows = [F.pad(getattr(c, source)[layer][:, :c.length], (0, 0, 0, 0, length - c.length, 0))
