@@ -1,5 +1,6 @@
 """What the kernel test modules share: the device, the dtypes the interpreter handles, and the
-marks that skip a module without a way to run Triton, or a test without a GPU."""
+marks that skip a module without a way to run Triton, or a test without a GPU. (The assertion
+helpers, ``assert_anchored`` and ``max_error``, are public: ``tfkernels.testing``.)"""
 
 import pytest
 import torch
@@ -21,19 +22,16 @@ gpu_only = pytest.mark.skipif(
     reason="needs a CUDA GPU: bfloat16 (the interpreter mishandles it) and full-size shapes",
 )
 
-
-def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-
-
-def assert_anchored(name: str, ours: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor,
-                    magnitude: float = 0.0) -> None:
-    """``max |ours - ref64| <= 2 * max |lowp - ref64| + 4 * eps * max(1, max |ref64|, magnitude)``:
-    within twice eager PyTorch's own error in the same dtype, plus a few ulps of the values'
-    magnitude (``magnitude``: the scale of the terms that cancel into a small result)."""
-    eps = torch.finfo(ours.dtype).eps
-    error = max_error(ours, ref64)
-    largest = ref64.abs().max().item() if ref64.numel() else 0.0
-    bound = 2 * max_error(lowp, ref64) + 4 * eps * max(1.0, largest, magnitude)
-    assert error <= bound, f"{name}: max error {error:.3g} > bound {bound:.3g}"
-    assert torch.isfinite(ours).all(), name
+# alphas_cumprod of diffusers' DDPMScheduler(num_train_timesteps=1000, beta_schedule=...) at a few
+# timesteps, printed once with diffusers 0.42.1 (float32 values, exactly as printed): an independent
+# source for the schedule tests, which must hold without diffusers installed.
+DIFFUSERS_ALPHAS_CUMPROD = {
+    "cosine": {  # beta_schedule="squaredcos_cap_v2"
+        0: 0.9999586939811707, 1: 0.9999125599861145, 20: 0.9981141686439514, 499: 0.4938434660434723,
+        500: 0.4922850430011749, 998: 2.428766265438753e-06, 999: 2.4287349909002387e-09,
+    },
+    "linear": {  # beta_schedule="linear"
+        0: 0.9998999834060669, 1: 0.9997800588607788, 20: 0.9937353134155273, 499: 0.07858723402023315,
+        999: 4.035830352222547e-05,
+    },
+}

@@ -37,12 +37,12 @@ and their gradients are 0 (the element mask zeroes their probabilities before an
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 
 from . import reference
+from ._checks import check_float, check_float_tensor
 from ._dispatch import HAS_TRITON, use_triton
 from .mask import IntervalMask
 
@@ -52,7 +52,6 @@ if HAS_TRITON:
 
 __all__ = ["attention"]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -80,6 +79,12 @@ if HAS_TRITON:
         inner_tile_lo = tl.cdiv(inner_lo, BLOCK)
         inner_tile_hi = tl.maximum(inner_hi // BLOCK, inner_tile_lo)
         return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
+
+    @triton.jit
+    def _rows_ptrs(T, batch, head, rows, stride_b, stride_s, stride_h, offs_d):
+        """``[len(rows), BLOCK_D]`` pointers to ``T[batch, rows, head, :]`` of a ``[B, S, H, D]`` tensor
+        (unit stride along D)."""
+        return T + batch * stride_b + head * stride_h + rows[:, None] * stride_s + offs_d[None, :]
 
     @triton.jit
     def _tile_setup(
@@ -177,7 +182,7 @@ if HAS_TRITON:
             BLOCK_N,
         )
         kv_head = head // q_per_kv
-        q_ptrs = Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+        q_ptrs = _rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d)
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         K_head = K + batch64 * stride_kb + kv_head * stride_kh
         V_head = V + batch64 * stride_vb + kv_head * stride_vh
@@ -186,27 +191,19 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-        acc, m_i, l_i = _fwd_key_tiles(
-            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-            tile_lo, inner_lo, seq_len_k, qk_scale, offs_d, d_valid,
-            BLOCK_N, True, EVEN_D, DOT_PRECISION,
-        )
-        acc, m_i, l_i = _fwd_key_tiles(
-            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-            inner_lo, inner_hi, seq_len_k, qk_scale, offs_d, d_valid,
-            BLOCK_N, False, EVEN_D, DOT_PRECISION,
-        )
-        acc, m_i, l_i = _fwd_key_tiles(
-            acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-            inner_hi, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
-            BLOCK_N, True, EVEN_D, DOT_PRECISION,
-        )
+        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
+        for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+            acc, m_i, l_i = _fwd_key_tiles(
+                acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
+                BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION,
+            )
 
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
         out = acc / l_div[:, None]
         lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * 0.6931471805599453)
-        o_ptrs = O + batch64 * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        o_ptrs = _rows_ptrs(O, batch64, head, offs_m, stride_ob, stride_os, stride_oh, offs_d)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
         lse_row = (batch64 * num_heads_q + head) * seq_len_q
         tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
@@ -231,9 +228,9 @@ if HAS_TRITON:
         offs_m = (q_tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         valid = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        o = tl.load(_rows_ptrs(O, batch, head, offs_m, stride_ob, stride_os, stride_oh, offs_d),
                     mask=valid, other=0.0).to(tl.float32)
-        do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+        do = tl.load(_rows_ptrs(DO, batch, head, offs_m, stride_dob, stride_dos, stride_doh, offs_d),
                      mask=valid, other=0.0).to(tl.float32)
         delta = tl.sum(o * do, 1)
         row = bh.to(tl.int64) * seq_len_q + offs_m
@@ -290,9 +287,9 @@ if HAS_TRITON:
         )
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + batch64 * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+        q = tl.load(_rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d),
                     mask=io_mask, other=0.0)
-        do = tl.load(DO + batch64 * stride_dob + head * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+        do = tl.load(_rows_ptrs(DO, batch64, head, offs_m, stride_dob, stride_dos, stride_doh, offs_d),
                      mask=io_mask, other=0.0)
         stats_row = (batch64 * num_heads_q + head) * seq_len_q
         lse2 = tl.load(LSE + stats_row + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
@@ -301,16 +298,12 @@ if HAS_TRITON:
         V_head = V + batch64 * stride_vb + kv_head * stride_vh
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                           tile_lo, inner_lo, seq_len_k, qk_scale, offs_d, d_valid,
-                           BLOCK_N, True, EVEN_D, DOT_PRECISION)
-        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                           inner_lo, inner_hi, seq_len_k, qk_scale, offs_d, d_valid,
-                           BLOCK_N, False, EVEN_D, DOT_PRECISION)
-        dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                           inner_hi, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
-                           BLOCK_N, True, EVEN_D, DOT_PRECISION)
-        dq_ptrs = DQ + batch64 * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
+        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
+        for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+            dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                               tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
+                               BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION)
+        dq_ptrs = _rows_ptrs(DQ, batch64, head, offs_m, stride_dqb, stride_dqs, stride_dqh, offs_d)
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
 
     @triton.jit
@@ -372,29 +365,26 @@ if HAS_TRITON:
             BLOCK_M,
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + batch64 * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+        k = tl.load(_rows_ptrs(K, batch64, kv_head, offs_n, stride_kb, stride_ks, stride_kh, offs_d),
                     mask=io_mask, other=0.0)
-        v = tl.load(V + batch64 * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+        v = tl.load(_rows_ptrs(V, batch64, kv_head, offs_n, stride_vb, stride_vs, stride_vh, offs_d),
                     mask=io_mask, other=0.0)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
         for group_member in range(q_per_kv):
             head = kv_head * q_per_kv + group_member
             Q_head = Q + batch64 * stride_qb + head * stride_qh
             DO_head = DO + batch64 * stride_dob + head * stride_doh
             stats_row = (batch64 * num_heads_q + head) * seq_len_q
-            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                       stride_qs, stride_dos, q_start, q_end, tile_lo, inner_lo, seq_len_q,
-                                       qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION)
-            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                       stride_qs, stride_dos, q_start, q_end, inner_lo, inner_hi, seq_len_q,
-                                       qk_scale, offs_d, d_valid, BLOCK_M, False, EVEN_D, DOT_PRECISION)
-            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                       stride_qs, stride_dos, q_start, q_end, inner_hi, tile_hi, seq_len_q,
-                                       qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION)
-        dk_ptrs = DK + batch64 * stride_dkb + kv_head * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-        dv_ptrs = DV + batch64 * stride_dvb + kv_head * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+            for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+                dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
+                                           stride_qs, stride_dos, q_start, q_end, tiles[segment], tiles[segment + 1],
+                                           seq_len_q, qk_scale, offs_d, d_valid, BLOCK_M, segment != 1, EVEN_D,
+                                           DOT_PRECISION)
+        dk_ptrs = _rows_ptrs(DK, batch64, kv_head, offs_n, stride_dkb, stride_dks, stride_dkh, offs_d)
+        dv_ptrs = _rows_ptrs(DV, batch64, kv_head, offs_n, stride_dvb, stride_dvs, stride_dvh, offs_d)
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
 
@@ -624,12 +614,9 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
     """Raise a clear error for anything a kernel cannot take, before any launch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        check_float_tensor(name, t)
         if t.ndim != 4:
             raise ValueError(f"{name}: expected shape [B, S, H, D], got {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {t.dtype}")
     if not isinstance(mask, IntervalMask):
         raise TypeError(f"mask: expected a tfkernels.IntervalMask, got {type(mask).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -650,10 +637,10 @@ def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected 1..{MAX_HEAD_DIM}, got {dim}")
-    if scale is not None and not isinstance(scale, (int, float, torch.SymFloat)):
-        raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
-    # Under torch.compile a scale may be traced as a symbolic float: only eager values are checked.
-    if isinstance(scale, (int, float)) and not torch.compiler.is_compiling() and not math.isfinite(scale):
+    if scale is not None and not torch.compiler.is_compiling():
+        check_float("scale", scale, what="a finite float or None")
+    elif scale is not None and not isinstance(scale, (int, float, torch.SymFloat)):
+        # Under torch.compile a scale may be traced as a symbolic float: only its type is checked.
         raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")

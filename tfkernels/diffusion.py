@@ -14,8 +14,9 @@ is CUDA-graph safe. Trade-off: an image far larger than the average walks its ru
 ``splits`` programs; Transfusion's images are usually one size, where the split is even.
 
 Seeded noise is regenerated in every kernel that needs it, from the seed and the element's
-row-major index (Philox-4x32-10 + Box-Muller, ``reference.seeded_noise``), so ``add_noise`` and
-``diffusion_loss`` with one seed see identical noise and the loss never stores or reads it.
+row-major index (Philox-4x32-10 + Box-Muller; constants in ``tfkernels._philox``, the same stream
+in torch is ``reference.seeded_noise``), so ``add_noise`` and ``diffusion_loss`` with one seed see
+identical noise and the loss never stores or reads it.
 
 The loss forward is one pass (squared error summed per image); the backward is one pass that
 recomputes the target and writes ``dL/dpred = 2 (pred - target) * g_i / numel_i``. Targets that
@@ -31,19 +32,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._checks import check_choice, check_float_tensor, check_index_tensor, is_int
 from ._dispatch import HAS_TRITON, use_triton
-from .reference.diffusion import (
-    PHILOX_KEY_A,
-    PHILOX_KEY_B,
-    PHILOX_ROUND_A,
-    PHILOX_ROUND_B,
-    PHILOX_ROUNDS,
-    TARGETS,
-    UNIFORM_BITS,
-    NoiseSchedule,
-    check_target,
-    target_coefficients,
-)
+from ._philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, UNIFORM_BITS
+from .reference.diffusion import REDUCTIONS
+from .schedule import TARGETS, NoiseSchedule, check_target, target_coefficients
 
 if HAS_TRITON:
     import triton
@@ -51,7 +44,6 @@ if HAS_TRITON:
 
 __all__ = ["NoiseSchedule", "add_noise", "diffusion_loss"]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements per block: 1024 = 4 warps x 32 lanes x 8 contiguous elements (16-byte fp16 vectors).
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -109,23 +101,27 @@ if HAS_TRITON:
         return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * _TWO_PI)
 
     @triton.jit
-    def _image_span(offsets_ptr, image, row_elems, PACKED: tl.constexpr):
-        """First and one-past-last flat element of ``image`` (int64)."""
+    def _image_program(t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits,
+                       PACKED: tl.constexpr, BLOCK: tl.constexpr):
+        """What every diffusion kernel starts with: image ``i = program_id(0)``, its flat elements
+        ``[start, end)`` (int64), the float32 coefficients ``(a, b)`` of its timestep, and this
+        program's blocks, ``range(first, end, step)``.
+
+        The host checked the timesteps; the clamp only keeps a bad one from reading outside the tables.
+        """
+        image = tl.program_id(0)
+        split = tl.program_id(1)
         if PACKED:
             start = tl.load(offsets_ptr + image).to(tl.int64) * row_elems
             end = tl.load(offsets_ptr + image + 1).to(tl.int64) * row_elems
         else:
             start = image.to(tl.int64) * row_elems
             end = start + row_elems
-        return start, end
-
-    @triton.jit
-    def _image_coefficients(t_ptr, signal_ptr, noise_scale_ptr, image, num_timesteps):
-        """float32 ``(a, b)`` of the image's timestep. The host checked the range; the clamp only
-        keeps a bad value from reading outside the tables."""
         t = tl.load(t_ptr + image).to(tl.int32)
         t = tl.minimum(tl.maximum(t, 0), num_timesteps - 1)
-        return tl.load(signal_ptr + t), tl.load(noise_scale_ptr + t)
+        a = tl.load(signal_ptr + t)
+        b = tl.load(noise_scale_ptr + t)
+        return image, start, end, a, b, start + split * BLOCK, num_splits * BLOCK
 
     @triton.jit
     def _noise_block(noise_ptr, index, in_image, seed_lo, seed_hi, SEEDED: tl.constexpr):
@@ -159,11 +155,9 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
         """``out = a[t_i] * x + b[t_i] * noise`` over image ``i = program_id(0)``."""
-        image = tl.program_id(0)
-        split = tl.program_id(1)
-        start, end = _image_span(offsets_ptr, image, row_elems, PACKED)
-        a, b = _image_coefficients(t_ptr, signal_ptr, noise_scale_ptr, image, num_timesteps)
-        for block_start in range(start + split * BLOCK, end, num_splits * BLOCK):
+        image, start, end, a, b, first, step = _image_program(
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
+        for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
             in_image = index < end
             out = a * tl.load(x_ptr + index, mask=in_image, other=0.0).to(tl.float32)
@@ -184,12 +178,10 @@ if HAS_TRITON:
         PACKED: tl.constexpr,  # offsets give the images' rows
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
-        image = tl.program_id(0)
-        split = tl.program_id(1)
-        start, end = _image_span(offsets_ptr, image, row_elems, PACKED)
-        a, b = _image_coefficients(t_ptr, signal_ptr, noise_scale_ptr, image, num_timesteps)
+        image, start, end, a, b, first, step = _image_program(
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
         sq_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        for block_start in range(start + split * BLOCK, end, num_splits * BLOCK):
+        for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
             in_image = index < end
             pred = tl.load(pred_ptr + index, mask=in_image, other=0.0).to(tl.float32)
@@ -197,7 +189,7 @@ if HAS_TRITON:
             err = tl.where(in_image, pred - goal, 0.0)
             sq_sum += err * err
         count = (end - start).to(tl.float32)
-        tl.store(partial_ptr + image * num_splits + split, tl.sum(sq_sum, axis=0) / count)
+        tl.store(partial_ptr + image * num_splits + tl.program_id(1), tl.sum(sq_sum, axis=0) / count)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _mse_bwd_kernel(
@@ -211,12 +203,10 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
         """``dL/dpred = 2 (pred - target) * dL/dmse_i / numel_i`` over image ``i``."""
-        image = tl.program_id(0)
-        split = tl.program_id(1)
-        start, end = _image_span(offsets_ptr, image, row_elems, PACKED)
-        a, b = _image_coefficients(t_ptr, signal_ptr, noise_scale_ptr, image, num_timesteps)
+        image, start, end, a, b, first, step = _image_program(
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
         scale = 2.0 * tl.load(grad_mse_ptr + image) / (end - start).to(tl.float32)
-        for block_start in range(start + split * BLOCK, end, num_splits * BLOCK):
+        for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
             in_image = index < end
             pred = tl.load(pred_ptr + index, mask=in_image, other=0.0).to(tl.float32)
@@ -432,23 +422,16 @@ _diffusion_mse_op.register_autograd(_diffusion_mse_backward, setup_context=_diff
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
-def _check_float(name: str, x, like: torch.Tensor | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
-    if like is not None:
-        if x.shape != like.shape:
-            raise ValueError(f"{name}: expected shape {tuple(like.shape)} (as x0), got {tuple(x.shape)}")
-        if x.device != like.device:
-            raise ValueError(f"{name}: expected device {like.device} (as x0), got {x.device}")
+def _check_like_x0(name: str, x, x0: torch.Tensor) -> None:
+    check_float_tensor(name, x)
+    if x.shape != x0.shape:
+        raise ValueError(f"{name}: expected shape {tuple(x0.shape)} (as x0), got {tuple(x.shape)}")
+    if x.device != x0.device:
+        raise ValueError(f"{name}: expected device {x0.device} (as x0), got {x.device}")
 
 
 def _check_index(name: str, x, length: int, device: torch.device, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected an int tensor [{what}], got {type(x).__name__}")
-    if x.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name}: expected dtype int32 or int64, got {x.dtype}")
+    check_index_tensor(name, x, f"[{what}]")
     if x.ndim != 1 or x.shape[0] != length:
         raise ValueError(f"{name}: expected shape [{what}] = [{length}], got {tuple(x.shape)}")
     if x.device != device:
@@ -457,13 +440,14 @@ def _check_index(name: str, x, length: int, device: torch.device, what: str) -> 
 
 def _check_inputs(x0, t, schedule, noise, seed, offsets) -> None:
     """Types, shapes and devices: everything checkable without reading the tensors' values."""
-    _check_float("x0", x0)
+    check_float_tensor("x0", x0)
     if x0.ndim < 1:
         raise ValueError("x0: expected [N, ...] or a patch buffer [P, C], got a 0-d tensor")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a tfkernels.NoiseSchedule, got {type(schedule).__name__}")
-    if not isinstance(t, torch.Tensor) or t.ndim != 1:
-        raise ValueError(f"t: expected an int tensor [N], one timestep per image, got {t!r:.80}")
+    check_index_tensor("t", t, "[N]")
+    if t.ndim != 1:
+        raise ValueError(f"t: expected an int tensor [N], one timestep per image, got shape {tuple(t.shape)}")
     if offsets is None:
         _check_index("t", t, x0.shape[0], x0.device, "N = x0.shape[0]")
     else:
@@ -473,9 +457,9 @@ def _check_inputs(x0, t, schedule, noise, seed, offsets) -> None:
         raise ValueError("noise, seed: expected exactly one of them (a noise tensor, or an int seed "
                          "to generate it in-kernel)")
     if noise is not None:
-        _check_float("noise", noise, like=x0)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
-        raise TypeError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        _check_like_x0("noise", noise, x0)
+    elif not is_int(seed, 0, _MAX_SEED - 1):
+        raise (ValueError if is_int(seed) else TypeError)(f"seed: expected an int in [0, 2**63), got {seed!r}")
 
 
 def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -534,12 +518,9 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
         Differentiable in pred (one fused pass), and in x0, noise and weights.
     """
     _check_inputs(x0, t, schedule, noise, seed, offsets)
-    _check_float("pred", pred, like=x0)
-    if not isinstance(target, str):
-        raise TypeError(f"target: expected a str, one of {TARGETS}, got {type(target).__name__}")
+    _check_like_x0("pred", pred, x0)
     check_target(target, schedule)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     num_images = t.shape[0]
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:

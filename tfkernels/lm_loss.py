@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._checks import check_choice, check_float, check_float_tensor, check_index_tensor, check_int
 from ._dispatch import HAS_TRITON, use_triton
 from .reference.lm_loss import REDUCTIONS
 
@@ -45,7 +46,6 @@ if HAS_TRITON:
 
 __all__ = ["linear_cross_entropy"]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Vocabulary slice per step of a row program: 4096 fp32 values = 16 per thread at 8 warps.
 _MAX_BLOCK_V = 4096
 _NUM_WARPS = 8
@@ -252,14 +252,10 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 # Public function
 # ----------------------------------------------------------------------------------------------
 def _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss) -> None:
-    for name, x in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {x.dtype}")
+    for name, x, shape in (("hidden", hidden, "[N, H]"), ("weight", weight, "[V, H]")):
+        check_float_tensor(name, x)
         if x.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-d tensor ({'[N, H]' if name == 'hidden' else '[V, H]'}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a 2-d tensor ({shape}), got shape {tuple(x.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if weight.shape[1] != hidden.shape[1]:
@@ -267,21 +263,15 @@ def _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss) -> No
                          f"got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight: expected at least one class (V >= 1), got V = 0")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target: expected an int tensor [N], got {type(target).__name__}")
-    if target.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"target: expected dtype int32 or int64, got {target.dtype}")
+    check_index_tensor("target", target, "[N]")
     if target.shape != hidden.shape[:1]:
         raise ValueError(f"target: expected shape [{hidden.shape[0]}] (hidden's rows), got {tuple(target.shape)}")
     for name, x in (("weight", weight), ("target", target)):
         if x.device != hidden.device:
             raise ValueError(f"{name}: expected device {hidden.device} (as hidden), got {x.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0.0 <= z_loss < float("inf"):
-        raise ValueError(f"z_loss: expected a finite float >= 0, got {z_loss!r}")
+    check_int("ignore_index", ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_float("z_loss", z_loss, 0)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

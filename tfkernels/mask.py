@@ -15,6 +15,9 @@ sits at absolute position ``i + Sk - Sq``, so the last query is the last key's p
 
 Padding tokens see nothing: their interval is empty, ``[p, p)`` at their own position ``p`` (which
 keeps both bounds monotone wherever the padding sits). Their attention output is zero.
+
+Holds ``IntervalMask`` and ``segment_ids_from_layout``, which turns a layout of span lists (as
+``IntervalMask.from_spans`` takes it) into the per-token segment ids ``from_segment_ids`` takes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IntervalMask"]
+from ._checks import check_int, is_int, is_int_dtype
+
+__all__ = ["IntervalMask", "segment_ids_from_layout"]
 
 
 def _positions(seq_len_q: int, seq_len_k: int, device) -> torch.Tensor:
@@ -31,10 +36,11 @@ def _positions(seq_len_q: int, seq_len_k: int, device) -> torch.Tensor:
     return torch.arange(seq_len_q, device=device) + (seq_len_k - seq_len_q)
 
 
-def _check_size(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
+def _check_shape(batch_size, seq_len_q, seq_len_k) -> int:
+    """The constructors' sizes: ints >= 0. Returns ``seq_len_k`` (``seq_len_q`` when ``None``)."""
+    check_int("batch_size", batch_size, 0)
+    check_int("seq_len_q", seq_len_q, 0)
+    return seq_len_q if seq_len_k is None else check_int("seq_len_k", seq_len_k, 0)
 
 
 class IntervalMask:
@@ -94,18 +100,14 @@ class IntervalMask:
     def causal(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
         """Causal mask; with ``seq_len_k > seq_len_q`` the queries are the last ``seq_len_q``
         positions (KV-cache decoding). Rows placed before key 0 (``Sq > Sk``) see nothing."""
-        _check_size("batch_size", batch_size)
-        _check_size("seq_len_q", seq_len_q)
-        seq_len_k = seq_len_q if seq_len_k is None else _check_size("seq_len_k", seq_len_k)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
         end = (_positions(seq_len_q, seq_len_k, device) + 1).clamp(min=0)
         return cls._from_bounds(torch.zeros_like(end), end, batch_size, seq_len_k)
 
     @classmethod
     def full(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
         """Every query sees every key (bidirectional encoder, DiT, cross-attention)."""
-        _check_size("batch_size", batch_size)
-        _check_size("seq_len_q", seq_len_q)
-        seq_len_k = seq_len_q if seq_len_k is None else _check_size("seq_len_k", seq_len_k)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
         start = torch.zeros(seq_len_q, dtype=torch.int64, device=device)
         return cls._from_bounds(start, start + seq_len_k, batch_size, seq_len_k)
 
@@ -123,18 +125,18 @@ class IntervalMask:
 
         ``prefix_len`` is an int or one int per row (list or ``[B]`` tensor).
         """
-        _check_size("batch_size", batch_size)
-        _check_size("seq_len_q", seq_len_q)
-        seq_len_k = seq_len_q if seq_len_k is None else _check_size("seq_len_k", seq_len_k)
-        prefix = torch.as_tensor(prefix_len, device=device).to(torch.int64)
-        if prefix.dtype.is_floating_point or prefix.ndim > 1:
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
+        prefix = torch.as_tensor(prefix_len, device=device)
+        if not is_int_dtype(prefix.dtype):
+            raise TypeError(f"prefix_len: expected an int or a [batch_size] int list, got {prefix_len!r}")
+        if prefix.ndim > 1:
             raise ValueError(f"prefix_len: expected an int or a [batch_size] int list, got {prefix_len!r}")
         if prefix.ndim == 1 and prefix.shape[0] != batch_size:
             raise ValueError(f"prefix_len: expected {batch_size} values (one per row), got {prefix.shape[0]}")
         if bool(((prefix < 0) | (prefix > seq_len_k)).any()):
             raise ValueError(f"prefix_len: expected values in [0, seq_len_k={seq_len_k}], got {prefix_len!r}")
         pos = _positions(seq_len_q, seq_len_k, device)
-        end = torch.maximum(prefix.reshape(-1, 1), pos + 1).clamp(max=seq_len_k)
+        end = torch.maximum(prefix.to(torch.int64).reshape(-1, 1), pos + 1).clamp(max=seq_len_k)
         end = torch.where(pos + 1 > 0, end, 0)  # rows placed before key 0 see nothing, as in causal
         end = end.expand(batch_size, seq_len_q)
         return cls._from_bounds(torch.zeros_like(end), end, batch_size, seq_len_k)
@@ -151,10 +153,8 @@ class IntervalMask:
     ):
         """Causal with a window: position ``p`` sees ``[p - window + 1, p]`` (``window`` keys,
         itself included)."""
-        _check_size("window", window, minimum=1)
-        _check_size("batch_size", batch_size)
-        _check_size("seq_len_q", seq_len_q)
-        seq_len_k = seq_len_q if seq_len_k is None else _check_size("seq_len_k", seq_len_k)
+        check_int("window", window, 1)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
         pos = _positions(seq_len_q, seq_len_k, device)
         end = (pos + 1).clamp(min=0)
         start = (pos + 1 - window).clamp(min=0).minimum(end)
@@ -178,7 +178,7 @@ class IntervalMask:
             documents: per row, the document lengths, packed from position 0; positions past
                 the last document are padding and see nothing. ``None``: one document per row.
         """
-        _check_size("seq_len", seq_len)
+        check_int("seq_len", seq_len, 0)
         if images is None and documents is None:
             raise ValueError("from_spans: give images, documents or both (one list per batch row)")
         batch_size = len(images) if images is not None else len(documents)
@@ -202,8 +202,9 @@ class IntervalMask:
     @staticmethod
     def _row_from_spans(row: int, seq_len: int, spans, doc_lens):
         for length in doc_lens:
-            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-                raise ValueError(f"documents[{row}]: expected non-negative int lengths, got {doc_lens!r}")
+            if not is_int(length, 0):
+                error = ValueError if is_int(length) else TypeError
+                raise error(f"documents[{row}]: expected non-negative int lengths, got {doc_lens!r}")
         if sum(doc_lens) > seq_len:
             raise ValueError(
                 f"documents[{row}]: lengths sum to {sum(doc_lens)}, more than seq_len={seq_len}"
@@ -221,8 +222,8 @@ class IntervalMask:
             if len(span) != 2:
                 raise ValueError(f"images[{row}][{i}]: expected a (start, end) pair, got {span!r}")
             s, e = span
-            if not (isinstance(s, int) and isinstance(e, int) and 0 <= s < e <= seq_len):
-                raise ValueError(
+            if not (is_int(s, 0) and is_int(e, 0, seq_len) and s < e):
+                raise (ValueError if is_int(s) and is_int(e) else TypeError)(
                     f"images[{row}][{i}]: expected 0 <= start < end <= seq_len={seq_len}, got {span!r}"
                 )
             if s < previous_end:
@@ -248,18 +249,18 @@ class IntervalMask:
                 inside one document is one bidirectional image span.
         """
         if not isinstance(doc_ids, torch.Tensor) or doc_ids.ndim != 2:
-            raise ValueError(f"doc_ids: expected an int tensor [B, S], got {_describe(doc_ids)}")
-        if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
-            raise ValueError(f"doc_ids: expected an integer dtype, got {doc_ids.dtype}")
+            error = ValueError if isinstance(doc_ids, torch.Tensor) else TypeError
+            raise error(f"doc_ids: expected an int tensor [B, S], got {_describe(doc_ids)}")
+        if not is_int_dtype(doc_ids.dtype):
+            raise TypeError(f"doc_ids: expected an integer dtype, got {doc_ids.dtype}")
         if image_ids is None:
             image_ids = torch.zeros_like(doc_ids)
         if not isinstance(image_ids, torch.Tensor) or image_ids.shape != doc_ids.shape:
-            raise ValueError(
-                f"image_ids: expected a tensor of doc_ids' shape {tuple(doc_ids.shape)}, "
-                f"got {_describe(image_ids)}"
-            )
-        if image_ids.dtype.is_floating_point or image_ids.dtype == torch.bool:
-            raise ValueError(f"image_ids: expected an integer dtype, got {image_ids.dtype}")
+            error = ValueError if isinstance(image_ids, torch.Tensor) else TypeError
+            raise error(f"image_ids: expected a tensor of doc_ids' shape {tuple(doc_ids.shape)}, "
+                        f"got {_describe(image_ids)}")
+        if not is_int_dtype(image_ids.dtype):
+            raise TypeError(f"image_ids: expected an integer dtype, got {image_ids.dtype}")
         if image_ids.device != doc_ids.device:
             raise ValueError(f"image_ids: expected device {doc_ids.device}, got {image_ids.device}")
         batch_size, seq_len = doc_ids.shape
@@ -294,8 +295,8 @@ class IntervalMask:
         This is the mask of a KV-cache step: with a square mask for the whole sequence, the
         queries at positions ``[start, end)`` attend to the ``end`` cached and new keys.
         """
-        _check_size("start", start)
-        _check_size("end", end)
+        check_int("start", start, 0)
+        check_int("end", end, 0)
         if not start <= end <= self.seq_len_q:
             raise ValueError(
                 f"slice_queries: expected 0 <= start <= end <= seq_len_q={self.seq_len_q}, "
@@ -356,7 +357,8 @@ class IntervalMask:
 
     # ------------------------------------------------------------------ validation
     def validate(self, *, batch_size=None, seq_len_q=None, seq_len_k=None, device=None) -> IntervalMask:
-        """Check the contract; raise ``ValueError`` naming the first violation.
+        """Check the contract: ``TypeError`` for a wrong type or dtype, else ``ValueError`` naming the
+        first violation (for values, the first bad batch row and query).
 
         The optional arguments are what the caller's tensors need (an op passes its q/k shapes).
         Structure (type, dtype, shape, device) is checked on every call; values (range and
@@ -366,9 +368,9 @@ class IntervalMask:
         start, end = self.kv_start, self.kv_end
         for name, t in (("kv_start", start), ("kv_end", end)):
             if not isinstance(t, torch.Tensor):
-                raise ValueError(f"mask.{name}: expected an int32 tensor [B, Sq], got {_describe(t)}")
+                raise TypeError(f"mask.{name}: expected an int32 tensor [B, Sq], got {_describe(t)}")
             if t.dtype != torch.int32:
-                raise ValueError(f"mask.{name}: expected dtype torch.int32, got {t.dtype}")
+                raise TypeError(f"mask.{name}: expected dtype torch.int32, got {t.dtype}")
             if t.ndim != 2:
                 raise ValueError(f"mask.{name}: expected shape [B, Sq], got {tuple(t.shape)}")
         if start.shape != end.shape:
@@ -377,8 +379,7 @@ class IntervalMask:
             )
         if start.device != end.device:
             raise ValueError(f"mask: kv_start on {start.device} but kv_end on {end.device}")
-        if isinstance(self.seq_len_k, bool) or not isinstance(self.seq_len_k, int) or self.seq_len_k < 0:
-            raise ValueError(f"mask.seq_len_k: expected an int >= 0, got {self.seq_len_k!r}")
+        check_int("mask.seq_len_k", self.seq_len_k, 0)
         expected = (("batch_size", batch_size, self.batch_size), ("seq_len_q", seq_len_q, self.seq_len_q),
                     ("seq_len_k", seq_len_k, self.seq_len_k))
         for name, want, have in expected:
@@ -414,7 +415,28 @@ class IntervalMask:
                 got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
             raise ValueError(f"mask.{name}: batch row {row}, query {col}: {what}, got {got}")
 
+
 def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"tensor {tuple(x.shape)} {x.dtype} on {x.device}"
     return type(x).__name__
+
+
+def segment_ids_from_layout(seq_len: int, images, documents, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(doc_ids, image_ids)`` int64 ``[B, S]`` tensors of a layout, for ``IntervalMask.from_segment_ids``.
+
+    ``images`` and ``documents`` are per-row lists as ``IntervalMask.from_spans`` takes them, so
+    ``from_segment_ids(*segment_ids_from_layout(S, images, documents))`` equals
+    ``from_spans(S, images, documents)``. Padding gets doc id -1; image ``i`` of a row gets image id
+    ``i + 1``.
+    """
+    doc_ids = torch.full((len(documents), seq_len), -1, dtype=torch.int64)
+    image_ids = torch.zeros((len(documents), seq_len), dtype=torch.int64)
+    for row, (spans, lengths) in enumerate(zip(images, documents)):
+        offset = 0
+        for doc, length in enumerate(lengths):
+            doc_ids[row, offset : offset + length] = doc
+            offset += length
+        for i, (start, end) in enumerate(spans):
+            image_ids[row, start:end] = i + 1
+    return doc_ids.to(device), image_ids.to(device)

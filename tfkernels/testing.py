@@ -1,8 +1,20 @@
-"""Random packed Transfusion layouts, shared by the tests and the benchmarks.
+"""Helpers for testing code that uses tfkernels, shared by this project's tests and benchmarks.
 
-A layout of one row is ``(images, documents)`` in the form ``IntervalMask.from_spans`` takes:
-``images`` a sorted list of ``(start, end)`` bidirectional spans, ``documents`` the lengths of
-the documents packed from position 0 (what follows them is padding).
+Assertions:
+
+- ``max_error(x, ref)``: the largest absolute difference, in float64;
+- ``assert_anchored(name, ours, ref64, lowp)``: the anchored tolerance the kernels' own tests use:
+  an implementation in a low-precision dtype is within twice the error that eager PyTorch makes in
+  the same dtype, plus a few ulps. No hand-tuned ``atol``/``rtol`` per test, and a bound that
+  tightens by itself when the dtype or the inputs make eager code more precise.
+
+Random layouts of packed Transfusion rows (in the form ``IntervalMask.from_spans`` takes:
+``images`` a sorted list of ``(start, end)`` bidirectional spans per row, ``documents`` the lengths
+of the documents packed from position 0, what follows them being padding):
+
+- ``random_row_layout`` / ``random_layout``: irregular rows that hit the mask's edge cases;
+- ``packed_transfusion_layout``: fully packed rows of a fixed composition (the benchmark workloads);
+- ``segment_ids_from_layout`` (from ``tfkernels.mask``): the same layout as segment-id tensors.
 """
 
 from __future__ import annotations
@@ -11,7 +23,47 @@ import random
 
 import torch
 
-__all__ = ["packed_transfusion_layout", "random_row_layout", "random_layout", "segment_ids_from_layout"]
+from ._checks import check_float, check_int
+from .mask import segment_ids_from_layout
+
+__all__ = ["assert_anchored", "max_error", "packed_transfusion_layout", "random_layout", "random_row_layout",
+           "segment_ids_from_layout"]
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |x - ref|`` computed in float64 (0.0 for empty tensors)."""
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def assert_anchored(name: str, ours: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor,
+                    magnitude: float = 0.0) -> None:
+    """Assert that ``ours`` is as close to the exact result as eager PyTorch in ``ours``' dtype is.
+
+    Passes when ``ours`` is finite everywhere and
+
+        max |ours - ref64| <= 2 * max |lowp - ref64| + 4 * eps * max(1, max |ref64|, magnitude)
+
+    Args:
+        name: what is compared, for the failure message (e.g. ``"dq"``).
+        ours: the result under test, in a float dtype whose ``eps`` sets the ulp term.
+        ref64: the same computation in float64 (the reference, on float64 inputs).
+        lowp: the same computation done the usual eager way in ``ours``' dtype, on the same inputs:
+            its error is the anchor.
+        magnitude: the scale of terms that cancel into a small result (e.g. the largest gradient
+            when a gradient sums terms that cancel to ~0), so that its ulps are allowed.
+
+    Raises:
+        AssertionError naming ``name``, the error and the bound.
+    """
+    eps = torch.finfo(ours.dtype).eps
+    error = max_error(ours, ref64)
+    largest = ref64.abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * max_error(lowp, ref64) + 4 * eps * max(1.0, largest, magnitude)
+    # Raised, not asserted: the check must hold under ``python -O`` too.
+    if not error <= bound:  # also when the error is NaN
+        raise AssertionError(f"{name}: max error {error:.3g} > bound {bound:.3g}")
+    if not torch.isfinite(ours).all():
+        raise AssertionError(f"{name}: not finite")
 
 
 def random_row_layout(
@@ -52,23 +104,6 @@ def random_layout(rng: random.Random, batch_size: int, seq_len: int, **kwargs):
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-def segment_ids_from_layout(seq_len: int, images, documents, device=None):
-    """The ``(doc_ids, image_ids)`` tensors of a layout, for ``IntervalMask.from_segment_ids``.
-
-    Padding gets doc id -1; image ``i`` of a row gets image id ``i + 1``.
-    """
-    doc_ids = torch.full((len(documents), seq_len), -1, dtype=torch.int64)
-    image_ids = torch.zeros((len(documents), seq_len), dtype=torch.int64)
-    for row, (spans, lengths) in enumerate(zip(images, documents)):
-        offset = 0
-        for doc, length in enumerate(lengths):
-            doc_ids[row, offset : offset + length] = doc
-            offset += length
-        for i, (start, end) in enumerate(spans):
-            image_ids[row, start:end] = i + 1
-    return doc_ids.to(device), image_ids.to(device)
-
-
 def packed_transfusion_layout(
     rng: random.Random,
     batch_size: int,
@@ -93,8 +128,8 @@ def packed_transfusion_layout(
         raise ValueError(f"doc_len: expected 1 <= low <= high, got {doc_len!r}")
     if not 1 <= caption_len[0] <= caption_len[1]:
         raise ValueError(f"caption_len: expected 1 <= low <= high, got {caption_len!r}")
-    if image_len < 1 or not 0 <= image_fraction <= 1:
-        raise ValueError(f"image_len >= 1 and 0 <= image_fraction <= 1 expected, got {image_len}, {image_fraction}")
+    check_int("image_len", image_len, 1)
+    check_float("image_fraction", image_fraction, 0, 1)
     images, documents = [], []
     for _ in range(batch_size):
         row_images, row_documents = [], []

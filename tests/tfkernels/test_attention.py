@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import tfkernels as tk
-from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
-from tfkernels.testing import random_layout
+from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tfkernels.testing import assert_anchored, random_layout
 
 pytestmark = requires_triton
 
@@ -194,16 +194,24 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_torch_compile_takes_a_traced_scale():
+    """The second scale value makes dynamo trace the scale as a SymFloat, which the argument checks
+    must take without a graph break (fullgraph). The op's float argument then specialises it again,
+    so each new value compiles the frame once more; a value seen before reuses its frame."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
-    mask = _transfusion_mask(64, 1, seed=19)
+    mask = _transfusion_mask(64, 1, seed=19).validate()  # checked once: its state stays the same below
     q, k, v = _qkv(1, 64, 64, 2, 2, 32, torch.float32, seed=20)
     step = torch.compile(lambda q, k, v, scale: tk.attention(q, k, v, mask, scale=scale), backend=counter,
                          fullgraph=True)
-    for scale in (0.3, 0.4, 0.5):  # the second value makes dynamo trace scale as a SymFloat
+    frames = []
+    for scale in (0.3, 0.4, 0.5, 0.4, 0.3):
         torch.testing.assert_close(step(q, k, v, scale), tk.attention(q, k, v, mask, scale=scale),
                                    rtol=1e-6, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert frames[0] == 1, f"the first call compiles one frame, got {frames}"
+    assert frames[1] > frames[0] and frames[2] == frames[1] + 1, f"each new scale compiles once more, got {frames}"
+    assert frames[3] == frames[4] == frames[2], f"a scale seen before recompiled: {frames}"
 
 
 def test_torch_compile_does_not_recompile_for_new_layouts():
@@ -262,8 +270,11 @@ def test_bad_inputs_raise_before_launch(args, error, message):
 
 
 def test_bad_scale_and_deterministic_flag():
-    with pytest.raises(TypeError, match=r"scale: expected a finite float or None, got nan"):
+    # A NaN scale is a float of the wrong value: ValueError (it was a TypeError before the one rule).
+    with pytest.raises(ValueError, match=r"scale: expected a finite float or None, got nan"):
         tk.attention(**_bad(), scale=float("nan"))
+    with pytest.raises(TypeError, match=r"scale: expected a finite float or None, got '0.5'"):
+        tk.attention(**_bad(), scale="0.5")
     with pytest.raises(TypeError, match=r"deterministic: expected a bool, got 'yes'"):
         tk.attention(**_bad(), deterministic="yes")
 

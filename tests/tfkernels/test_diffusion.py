@@ -19,8 +19,9 @@ import torch
 
 import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
-from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, max_error, requires_triton
+from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 from tfkernels import reference
+from tfkernels.testing import assert_anchored, max_error
 
 pytestmark = requires_triton
 
@@ -339,17 +340,21 @@ BAD_INPUTS = [
     (dict(noise=torch.randn(9, 4, device=DEVICE)), ValueError, r"noise: expected shape \(10, 4\)"),
     (dict(t=torch.tensor([1.0, 2.0, 3.0], device=DEVICE)), TypeError, "t: expected dtype int32 or int64"),
     (dict(t=torch.tensor([[1, 2, 3]], device=DEVICE)), ValueError, r"t: expected an int tensor \[N\]"),
+    (dict(t=[1, 2, 3]), TypeError, r"t: expected an int tensor \[N\], got list"),
     (dict(offsets=torch.tensor([0, 5, 10], device=DEVICE)), ValueError, r"offsets: expected shape \[N \+ 1\] = \[4\]"),
     (dict(offsets=None), ValueError, r"t: expected shape \[N = x0.shape\[0\]\] = \[10\]"),
     (dict(offsets=torch.tensor([0, 2, 5, 10], device=DEVICE).float()), TypeError, "offsets: expected dtype int32"),
     (dict(seed=3), ValueError, "noise, seed: expected exactly one of them"),
     (dict(noise=None), ValueError, "noise, seed: expected exactly one of them"),
-    (dict(noise=None, seed=-1), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    # A negative seed is an int of the wrong value: ValueError (it was a TypeError before the one rule).
+    (dict(noise=None, seed=-1), ValueError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=None, seed=2**63), ValueError, r"seed: expected an int in \[0, 2\*\*63\)"),
     (dict(noise=None, seed=1.5), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
     (dict(schedule="cosine"), TypeError, "schedule: expected a tfkernels.NoiseSchedule"),
     (dict(target="score"), ValueError, "target: expected one of"),
+    (dict(target=1), TypeError, "target: expected a str, one of"),
     (dict(target="flow"), ValueError, "target: 'flow' needs NoiseSchedule.rectified_flow"),
-    (dict(reduction="sum"), ValueError, "reduction: expected 'mean' or 'none'"),
+    (dict(reduction="sum"), ValueError, r"reduction: expected one of \('mean', 'none'\), got 'sum'"),
     (dict(weights=torch.ones(4, device=DEVICE)), ValueError, r"weights: expected shape \[3\]"),
     (dict(weights=torch.ones(3, dtype=torch.long, device=DEVICE)), TypeError, "weights: expected a float tensor"),
     (dict(t=torch.tensor([1, 1000, 3], device=DEVICE)), ValueError, r"t: expected timesteps in \[0, 999\], got t\[1\] = 1000"),

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
-from tests.support import CPU_DTYPES, DEVICE, assert_anchored, gpu_only, requires_triton
+from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tfkernels.testing import assert_anchored
 
 pytestmark = requires_triton
 
@@ -210,6 +211,8 @@ BAD_INPUTS = [
     (dict(target=torch.tensor([0, -1, 2, 3, 4, 9], device=DEVICE)), ValueError, r"got target\[1\] = -1"),
     (dict(reduction="avg"), ValueError, "reduction: expected one of"),
     (dict(z_loss=-1.0), ValueError, "z_loss: expected a finite float >= 0"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss: expected a finite float >= 0"),
+    (dict(z_loss="0.1"), TypeError, "z_loss: expected a finite float >= 0"),
     (dict(ignore_index=None), TypeError, "ignore_index: expected an int"),
 ]
 if DEVICE == "cuda":

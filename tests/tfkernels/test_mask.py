@@ -1,4 +1,5 @@
-"""IntervalMask against brute-force per-(query, key) definitions of each mask."""
+"""tfkernels.mask: IntervalMask against brute-force per-(query, key) definitions of each mask, and
+segment_ids_from_layout."""
 
 import random
 
@@ -8,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfkernels as tk
-from tfkernels.testing import random_layout, segment_ids_from_layout
+from tfkernels.mask import segment_ids_from_layout
+from tfkernels.testing import random_layout
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -86,6 +88,13 @@ def test_from_segment_ids_equals_from_spans(layout):
     assert torch.equal(ids_mask.kv_start, spans_mask.kv_start)
     assert torch.equal(ids_mask.kv_end, spans_mask.kv_end)
     assert ids_mask.seq_len_k == seq_len
+
+
+def test_segment_ids_from_layout_values():
+    doc_ids, image_ids = segment_ids_from_layout(8, [[(1, 3), (4, 5)], []], [[4, 2], [8]])
+    assert doc_ids.dtype == image_ids.dtype == torch.int64
+    assert doc_ids.tolist() == [[0, 0, 0, 0, 1, 1, -1, -1], [0] * 8], "padding gets doc id -1"
+    assert image_ids.tolist() == [[0, 1, 1, 0, 2, 0, 0, 0], [0] * 8], "image i gets id i + 1"
 
 
 @SETTINGS
@@ -193,29 +202,32 @@ def _mask(start, end, seq_len_k):
 
 
 @pytest.mark.parametrize(
-    "mask, message",
+    "mask, error, message",
     [
-        (_mask([0, -1, 0], [1, 2, 3], 3), r"mask.kv_start: batch row 0, query 1: expected kv_start >= 0, got \[-1, 2\)"),
-        (_mask([0, 0, 0], [1, 2, 4], 3), r"mask.kv_end: batch row 0, query 2: expected kv_end <= seq_len_k=3, got \[0, 4\)"),
-        (_mask([0, 2, 2], [1, 1, 3], 3), r"mask.kv_end: batch row 0, query 1: expected kv_start <= kv_end, got \[2, 1\)"),
-        (_mask([0, 1, 0], [1, 2, 3], 3),
+        (_mask([0, -1, 0], [1, 2, 3], 3), ValueError, r"mask.kv_start: batch row 0, query 1: expected kv_start >= 0, got \[-1, 2\)"),
+        (_mask([0, 0, 0], [1, 2, 4], 3), ValueError, r"mask.kv_end: batch row 0, query 2: expected kv_end <= seq_len_k=3, got \[0, 4\)"),
+        (_mask([0, 2, 2], [1, 1, 3], 3), ValueError, r"mask.kv_end: batch row 0, query 1: expected kv_start <= kv_end, got \[2, 1\)"),
+        (_mask([0, 1, 0], [1, 2, 3], 3), ValueError,
          r"mask.kv_start: batch row 0, query 2: expected kv_start non-decreasing along queries, got \[0, 3\) after \[1, 2\)"),
-        (_mask([0, 0, 0], [2, 1, 3], 3),
+        (_mask([0, 0, 0], [2, 1, 3], 3), ValueError,
          r"mask.kv_end: batch row 0, query 1: expected kv_end non-decreasing along queries, got \[0, 1\) after \[0, 2\)"),
-        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int32), 3),
+        # A wrong dtype or Python type is a TypeError (it was a ValueError before the one rule).
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int64), torch.ones(1, 3, dtype=torch.int32), 3), TypeError,
          r"mask.kv_start: expected dtype torch.int32, got torch.int64"),
-        (tk.IntervalMask(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 3),
+        (tk.IntervalMask(torch.zeros(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), 3), ValueError,
          r"mask.kv_start: expected shape \[B, Sq\], got \(3,\)"),
-        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 4, dtype=torch.int32), 3),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 4, dtype=torch.int32), 3), ValueError,
          r"mask: kv_start \(1, 3\) and kv_end \(1, 4\) differ in shape"),
-        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), -1),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), -1), ValueError,
          r"mask.seq_len_k: expected an int >= 0, got -1"),
-        (tk.IntervalMask([0, 0], torch.ones(1, 3, dtype=torch.int32), 3),
+        (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), 3.0), TypeError,
+         r"mask.seq_len_k: expected an int >= 0, got 3.0"),
+        (tk.IntervalMask([0, 0], torch.ones(1, 3, dtype=torch.int32), 3), TypeError,
          r"mask.kv_start: expected an int32 tensor \[B, Sq\], got list"),
     ],
 )
-def test_validation_errors(mask, message):
-    with pytest.raises(ValueError, match=message):
+def test_validation_errors(mask, error, message):
+    with pytest.raises(error, match=message):
         mask.validate()
 
 
@@ -239,36 +251,50 @@ def test_validation_against_the_inputs():
 
 
 @pytest.mark.parametrize(
-    "call, message",
+    "call, error, message",
     [
-        (lambda: tk.IntervalMask.from_spans(10), r"from_spans: give images, documents or both"),
-        (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 2)]]),
+        (lambda: tk.IntervalMask.from_spans(10), ValueError, r"from_spans: give images, documents or both"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 2)]]), ValueError,
          r"images\[0\]\[0\]: expected 0 <= start < end <= seq_len=10, got \(3, 2\)"),
-        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 5), (4, 6)]]),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 4.0)]]), TypeError,
+         r"images\[0\]\[0\]: expected 0 <= start < end <= seq_len=10, got \(3, 4.0\)"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 5), (4, 6)]]), ValueError,
          r"images\[0\]\[1\]: span \(4, 6\) overlaps or precedes the previous span"),
-        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 6)]], documents=[[4, 6]]),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(2, 6)]], documents=[[4, 6]]), ValueError,
          r"images\[0\]\[0\]: span \(2, 6\) is not inside one document"),
-        (lambda: tk.IntervalMask.from_spans(10, images=[[(8, 10)]], documents=[[8]]),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[(8, 10)]], documents=[[8]]), ValueError,
          r"images\[0\]\[0\]: span \(8, 10\) is not inside one document"),
-        (lambda: tk.IntervalMask.from_spans(10, documents=[[6, 6]]),
+        (lambda: tk.IntervalMask.from_spans(10, documents=[[6, 6]]), ValueError,
          r"documents\[0\]: lengths sum to 12, more than seq_len=10"),
-        (lambda: tk.IntervalMask.from_spans(10, images=[[], []], documents=[[10]]),
+        (lambda: tk.IntervalMask.from_spans(10, documents=[[6, -1]]), ValueError,
+         r"documents\[0\]: expected non-negative int lengths, got \[6, -1\]"),
+        (lambda: tk.IntervalMask.from_spans(10, documents=[[6, True]]), TypeError,
+         r"documents\[0\]: expected non-negative int lengths, got \[6, True\]"),
+        (lambda: tk.IntervalMask.from_spans(10, images=[[], []], documents=[[10]]), ValueError,
          r"from_spans: images has 2 rows but documents has 1"),
-        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(4, dtype=torch.long)),
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(4, dtype=torch.long)), ValueError,
          r"doc_ids: expected an int tensor \[B, S\]"),
-        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4), None),
+        (lambda: tk.IntervalMask.from_segment_ids([[0, 0]]), TypeError,
+         r"doc_ids: expected an int tensor \[B, S\], got list"),
+        # A wrong dtype or Python type is a TypeError (it was a ValueError before the one rule).
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4), None), TypeError,
          r"doc_ids: expected an integer dtype, got torch.float32"),
         (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)),
-         r"image_ids: expected a tensor of doc_ids' shape \(1, 4\)"),
-        (lambda: tk.IntervalMask.causal(2, -1), r"seq_len_q: expected an int >= 0, got -1"),
-        (lambda: tk.IntervalMask.sliding_window(0, 1, 4), r"window: expected an int >= 1, got 0"),
-        (lambda: tk.IntervalMask.prefix_lm([1, 2, 3], 2, 4), r"prefix_len: expected 2 values \(one per row\), got 3"),
-        (lambda: tk.IntervalMask.prefix_lm(9, 1, 4), r"prefix_len: expected values in \[0, seq_len_k=4\]"),
-        (lambda: tk.IntervalMask.causal(1, 8).slice_queries(5, 3), r"slice_queries: expected 0 <= start <= end"),
+         ValueError, r"image_ids: expected a tensor of doc_ids' shape \(1, 4\)"),
+        (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool)),
+         TypeError, r"image_ids: expected an integer dtype, got torch.bool"),
+        (lambda: tk.IntervalMask.causal(2, -1), ValueError, r"seq_len_q: expected an int >= 0, got -1"),
+        (lambda: tk.IntervalMask.causal(2, 8.0), TypeError, r"seq_len_q: expected an int >= 0, got 8.0"),
+        (lambda: tk.IntervalMask.full(True, 8), TypeError, r"batch_size: expected an int >= 0, got True"),
+        (lambda: tk.IntervalMask.sliding_window(0, 1, 4), ValueError, r"window: expected an int >= 1, got 0"),
+        (lambda: tk.IntervalMask.prefix_lm([1, 2, 3], 2, 4), ValueError, r"prefix_len: expected 2 values \(one per row\), got 3"),
+        (lambda: tk.IntervalMask.prefix_lm(9, 1, 4), ValueError, r"prefix_len: expected values in \[0, seq_len_k=4\]"),
+        (lambda: tk.IntervalMask.prefix_lm(1.5, 1, 4), TypeError, r"prefix_len: expected an int or a \[batch_size\] int list"),
+        (lambda: tk.IntervalMask.causal(1, 8).slice_queries(5, 3), ValueError, r"slice_queries: expected 0 <= start <= end"),
     ],
 )
-def test_constructor_errors(call, message):
-    with pytest.raises(ValueError, match=message):
+def test_constructor_errors(call, error, message):
+    with pytest.raises(error, match=message):
         call()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_choice
+
 __all__ = ["REDUCTIONS", "linear_cross_entropy"]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -27,8 +29,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Returns:
         float32 loss (float64 when the inputs are float64), computed in that precision.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     compute = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(compute) @ weight.to(compute).T  # [N, V]
     counted = target != ignore_index

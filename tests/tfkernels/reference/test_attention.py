@@ -1,13 +1,16 @@
 """reference.attention against an independent dense formula, and its edge cases."""
 
+import importlib
 import random
 
 import pytest
 import torch
 
 import tfkernels as tk
-from tfkernels.reference import masked_attention as reference_attention
 from tfkernels.testing import random_layout
+
+# The module (tfkernels.reference.attention, the attribute, is the function it exports).
+reference_attention = importlib.import_module("tfkernels.reference.attention")
 
 
 def dense_attention(q, k, v, dense_mask, scale):

@@ -1,9 +1,9 @@
 """tfkernels.reference diffusion ops against independent formulas and hand-computed values.
 
-Schedules: the paper's closed forms (cosine: Nichol & Dhariwal's ᾱ(t) = f(t)/f(0); linear: the
-product of DDPM's betas), values evaluated with mpmath at 30 digits, and diffusers' procedure
-rewritten here. Seeded noise: the published Philox-4x32-10 known-answer vectors (Random123) and the
-Box-Muller formula in float64. Noise and loss: per-image loops over the closed forms in float64.
+Seeded noise: the Box-Muller formula in float64 over the Philox words (the generator itself is
+checked against its published known answers in test_philox.py). Noise and loss: per-image loops in
+float64 over coefficients from independent sources: diffusers' ᾱ table (hard-coded in
+tests.support) for the cosine schedule, ``s = (t + 1) / T`` for rectified flow.
 """
 
 import math
@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
+from tests.support import DIFFUSERS_ALPHAS_CUMPROD
+from tfkernels._philox import philox4x32
 from tfkernels.reference import NoiseSchedule, add_noise, diffusion_loss, seeded_noise
-from tfkernels.reference.diffusion import philox4x32
 
 T = 1000
 # Relative error bound of a float32 cumulative product of T float32 factors, each factor itself
@@ -20,125 +21,7 @@ T = 1000
 CUMPROD_RTOL = (2 * T + 2) * 2.0**-24
 
 
-def _cosine_alpha_bar_closed_form(t: int) -> float:
-    """ᾱ_t = f((t + 1) / T) / f(0), f(u) = cos²((u + 0.008) / 1.008 · π/2); the last step's beta is
-    clipped at 0.999, so ᾱ_{T-1} = 0.001 · ᾱ_{T-2}."""
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    if t == T - 1:
-        return 0.001 * f((T - 1) / T) / f(0)
-    return f((t + 1) / T) / f(0)
-
-
-def _linear_alpha_bar_closed_form(t: int, beta_start=1e-4, beta_end=0.02) -> float:
-    return math.prod(1 - (beta_start + i * (beta_end - beta_start) / (T - 1)) for i in range(t + 1))
-
-
-# ------------------------------------------------------------------------------ schedules
-# ᾱ_t from the paper's formulas, evaluated with mpmath at 30 digits (rounded to 12).
-COSINE_HAND = {0: 0.999958715775, 1: 0.999912575927, 499: 0.493843590441, 999: 2.42876690703e-9}
-LINEAR_HAND = {0: 0.9999, 1: 0.999780092072, 499: 0.0785872428818, 999: 4.03582976538e-5}
-
-
-@pytest.mark.parametrize("t", [0, 1, 499, 999])
-def test_cosine_schedule_values(t):
-    schedule = NoiseSchedule.cosine(T)
-    acp = schedule.alphas_cumprod
-    assert acp.dtype == torch.float32 and acp.shape == (T,)
-    assert acp[t].item() == pytest.approx(_cosine_alpha_bar_closed_form(t), rel=CUMPROD_RTOL)
-    assert acp[t].item() == pytest.approx(COSINE_HAND[t], rel=CUMPROD_RTOL)
-    a, b = schedule.coefficients(torch.tensor([t]))
-    assert a.dtype == b.dtype == torch.float32
-    assert a.item() == pytest.approx(math.sqrt(COSINE_HAND[t]), rel=CUMPROD_RTOL)
-    # b comes from the float32 ᾱ table (as in diffusers): 1 - ᾱ is exact only to ᾱ's rounding,
-    # and b itself is rounded to float32.
-    assert b.item() ** 2 == pytest.approx(1 - COSINE_HAND[t], abs=CUMPROD_RTOL * COSINE_HAND[t] + 2.0**-23)
-    assert b.item() == pytest.approx(math.sqrt(1 - acp[t].item()), rel=2.0**-23)
-
-
-def test_cosine_schedule_equals_diffusers_squaredcos_cap_v2_procedure():
-    """diffusers: betas_for_alpha_bar(T, max_beta=0.999) as float32, then float32 cumprod of 1 - beta."""
-    def alpha_bar(u):
-        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
-                         dtype=torch.float32)
-    expected = torch.cumprod(1.0 - betas, dim=0)
-    torch.testing.assert_close(NoiseSchedule.cosine(T).alphas_cumprod, expected, rtol=0, atol=1e-6)
-    assert betas[-1].item() == pytest.approx(0.999), "the last step is the clipped one"
-
-
-def test_cosine_schedule_matches_installed_diffusers():
-    diffusers = pytest.importorskip("diffusers")
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
-    torch.testing.assert_close(NoiseSchedule.cosine(T).alphas_cumprod, scheduler.alphas_cumprod, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("t", [0, 1, 499, 999])
-def test_linear_schedule_values(t):
-    schedule = NoiseSchedule.linear(T)
-    acp = schedule.alphas_cumprod[t].item()
-    assert acp == pytest.approx(_linear_alpha_bar_closed_form(t), rel=CUMPROD_RTOL)
-    assert acp == pytest.approx(LINEAR_HAND[t], rel=CUMPROD_RTOL)
-    a, b = schedule.coefficients(torch.tensor([t]))
-    assert a.item() ** 2 + b.item() ** 2 == pytest.approx(1.0, abs=4e-7)
-
-
-@pytest.mark.parametrize("t, s", [(0, 0.001), (1, 0.002), (499, 0.5), (999, 1.0)])
-def test_rectified_flow_schedule_values(t, s):
-    schedule = NoiseSchedule.rectified_flow(T)
-    assert schedule.kind == "flow" and schedule.alphas_cumprod is None and schedule.num_timesteps == T
-    a, b = schedule.coefficients(torch.tensor([t]))
-    assert a.item() == pytest.approx(1 - s, abs=1e-7) and b.item() == pytest.approx(s, abs=1e-7)
-
-
-def test_schedule_to_device_and_coefficient_shapes():
-    schedule = NoiseSchedule.cosine(50).to("cpu")
-    assert schedule.device == torch.device("cpu") and schedule.alphas_cumprod.device.type == "cpu"
-    a, b = schedule.coefficients(torch.tensor([[3, 4], [5, 49]]))
-    assert a.shape == b.shape == (2, 2)
-    with pytest.raises(ValueError, match=r"t: expected values in \[0, 49\]"):
-        schedule.coefficients(torch.tensor([50]))
-    with pytest.raises(TypeError, match="t: expected integer timesteps"):
-        schedule.coefficients(torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="T: expected an int >= 1"):
-        NoiseSchedule.linear(0)
-
-
-def test_sample_timesteps_range_uniformity_and_per_image_cap():
-    schedule = NoiseSchedule.cosine(10)
-    gen = torch.Generator().manual_seed(0)
-    t = schedule.sample_timesteps(20000, generator=gen)
-    assert t.dtype == torch.int64 and t.shape == (20000,)
-    counts = torch.bincount(t, minlength=10).double()
-    assert counts.numel() == 10, "values stay in [0, T - 1]"
-    # Chi-square with 9 degrees of freedom: P(X > 40) < 1e-5.
-    assert ((counts - 2000) ** 2 / 2000).sum() < 40
-    cap = torch.tensor([0, 4, 9] * 3000)
-    capped = schedule.sample_timesteps(cap.shape[0], t_max=cap, generator=gen)
-    assert (capped <= cap).all() and (capped >= 0).all()
-    assert set(capped[cap == 4].tolist()) == set(range(5)), "every value up to the cap occurs"
-    assert schedule.sample_timesteps(100, t_max=3).max() <= 3
-    again = schedule.sample_timesteps(50, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(again, schedule.sample_timesteps(50, generator=torch.Generator().manual_seed(7)))
-    with pytest.raises(ValueError, match="t_max: expected an int in"):
-        schedule.sample_timesteps(4, t_max=10)
-    with pytest.raises(ValueError, match=r"t_max: expected values in \[0, 9\]"):
-        schedule.sample_timesteps(2, t_max=torch.tensor([3, 12]))
-
-
 # ------------------------------------------------------------------------------ seeded noise
-@pytest.mark.parametrize("counter, key, expected", [
-    # Random123 kat_vectors, philox4x32 with 10 rounds.
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-])
-def test_philox_known_answers(counter, key, expected):
-    words = philox4x32(*(torch.tensor([c]) for c in counter), *key)
-    assert tuple(int(w) for w in words) == expected
-
-
 def test_seeded_noise_is_box_muller_of_philox_words():
     seed = (5 << 32) | 123
     index = torch.tensor([0, 1, 77])
@@ -168,7 +51,7 @@ def _closed_form_coefficients(kind: str, t: int) -> tuple[float, float]:
     if kind == "flow":
         s = (t + 1) / T
         return 1 - s, s
-    acp = _cosine_alpha_bar_closed_form(t)
+    acp = DIFFUSERS_ALPHAS_CUMPROD["cosine"][t]
     return math.sqrt(acp), math.sqrt(1 - acp)
 
 
@@ -260,5 +143,7 @@ def test_flow_target_needs_flow_schedule_and_unknown_target_fails():
         diffusion_loss(x, x, torch.tensor([1, 2]), NoiseSchedule.cosine(T), target="flow", noise=x)
     with pytest.raises(ValueError, match="target: expected one of"):
         diffusion_loss(x, x, torch.tensor([1, 2]), NoiseSchedule.cosine(T), target="score", noise=x)
+    with pytest.raises(ValueError, match=r"reduction: expected one of \('mean', 'none'\)"):
+        diffusion_loss(x, x, torch.tensor([1, 2]), NoiseSchedule.cosine(T), noise=x, reduction="sum")
     with pytest.raises(ValueError, match="noise, seed: give exactly one"):
         add_noise(x, torch.tensor([1, 2]), NoiseSchedule.cosine(T), noise=x, seed=3)
