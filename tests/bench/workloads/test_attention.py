@@ -1,0 +1,71 @@
+"""bench/workloads/attention.py: the W1 layout the packed workloads use, that every peer computes
+what tfkernels computes, and that the TFLOP/s column counts visible (q, k) pairs only."""
+
+import random
+
+import pytest
+
+import tfkernels as tk
+from tfkernels.testing import packed_transfusion_layout
+
+from ..support import assert_peers_agree, work
+
+QUICK_W1 = dict(doc_len=(64, 128), caption_len=(8, 24), image_len=16)  # bench/workloads/attention.py
+
+
+def test_packed_transfusion_layout_has_the_w1_composition():
+    images, documents = packed_transfusion_layout(random.Random(0), 2, 8192)
+    assert (images, documents) == packed_transfusion_layout(random.Random(0), 2, 8192)
+    assert (images, documents) != packed_transfusion_layout(random.Random(1), 2, 8192)
+    for row_images, row_documents in zip(images, documents):
+        assert sum(row_documents) == 8192  # fully packed, no padding
+        assert all(512 <= n <= 2048 for n in row_documents[:-1])
+        assert 512 <= row_documents[-1] < 1024  # the last document takes the rest
+        starts = [sum(row_documents[:i]) for i in range(len(row_documents) + 1)]
+        for start, end in row_images:
+            assert end - start == 256
+            doc = max(i for i, s in enumerate(starts) if s <= start)
+            # inside one document, with a caption before it and text after it
+            assert start - starts[doc] >= 20 and starts[doc + 1] - end >= 20
+        patches = sum(end - start for start, end in row_images)
+        assert 0.4 <= patches / 8192 <= 0.6
+    mask = tk.IntervalMask.from_spans(8192, images, documents)
+    mask.validate()
+
+
+def test_packed_transfusion_layout_rejects_bad_ranges():
+    with pytest.raises(ValueError, match="doc_len"):
+        packed_transfusion_layout(random.Random(0), 1, 64, doc_len=(10, 5))
+    with pytest.raises(ValueError, match="caption_len"):
+        packed_transfusion_layout(random.Random(0), 1, 64, caption_len=(0, 5))
+
+
+def test_peers_compute_what_tfkernels_computes(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # tfkernels' reference path: fast on the CPU
+    assert_peers_agree("attention")
+
+
+def test_attention_tflops_count_visible_pairs(quick_rows):
+    images, documents = packed_transfusion_layout(random.Random(0), 2, 256, **QUICK_W1)
+    pairs = {
+        "W1_packed_hkv16": int(tk.IntervalMask.from_spans(256, images, documents).to_dense().sum()),
+        "W3_causal": 256 * 257 // 2,
+        "W4_full": 128 * 128,
+        "W5_image_vs_cache": 16 * 256,
+        "W5_decode": 256,
+    }
+    factor = {"forward": 1.0, "backward": 2.5, "forward_backward": 3.5}
+    head_dim, heads_q = 32, 4
+    checked = 0
+    for row in quick_rows:
+        if row["suite"] != "attention":
+            continue
+        if row["mode"] == "mask_build":
+            assert row["tflops"] is None
+            continue
+        assert row["gb_per_s"] is None and row["tokens_per_s"] is None
+        if row["workload"] in pairs:
+            flops = 4 * pairs[row["workload"]] * head_dim * heads_q * factor[row["mode"]]
+            assert work(row, "tflops", 1e12) == pytest.approx(flops, rel=1e-4)
+            checked += 1
+    assert checked >= 30
