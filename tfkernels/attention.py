@@ -63,8 +63,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_ranges(BOUND_START, BOUND_END, first, last, num_cols, BLOCK: tl.constexpr):
-        """Tile index ranges ``[lo, inner_lo)`` (edge), ``[inner_lo, inner_hi)`` (no mask),
-        ``[inner_hi, hi)`` (edge) for the rows ``first..last`` of monotone interval bounds.
+        """Tile indices ``(lo, inner_lo, inner_hi, hi)`` for the rows ``first..last`` of monotone
+        interval bounds: segment ``s`` of the walk is ``[tiles[s], tiles[s + 1])``, tiles ``[lo,
+        inner_lo)`` (edge), ``[inner_lo, inner_hi)`` (interior: no mask), ``[inner_hi, hi)`` (edge).
 
         The bounds are clamped to ``[0, num_cols]``: ``validate()`` rejects a bad mask in eager
         mode, but one mutated in place or first seen under torch.compile must still never make a
@@ -93,7 +94,8 @@ if HAS_TRITON:
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
     ):
-        """This program's (batch, head, row tile), its rows' interval bounds and column-tile ranges.
+        """This program's (batch, head, row tile), its rows' interval bounds and column tiles
+        (``_tile_ranges``).
 
         Rows are queries with bounds ``[kv_start, kv_end)`` (forward, dQ) or keys with bounds
         ``[q_start, q_end)`` (dK/dV): the same monotone structure on either side.
@@ -115,11 +117,8 @@ if HAS_TRITON:
         end = tl.load(BOUND_END + bounds_row + offs, mask=row_valid, other=0)
         first = tile * ROWS
         last = tl.minimum(first + ROWS, num_rows) - 1
-        tile_lo, inner_lo, inner_hi, tile_hi = _tile_ranges(
-            BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS
-        )
-        return (batch.to(tl.int64), head, offs, row_valid, offs_d, d_valid, start, end,
-                tile_lo, inner_lo, inner_hi, tile_hi)
+        tiles = _tile_ranges(BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS)
+        return batch.to(tl.int64), head, offs, row_valid, offs_d, d_valid, start, end, tiles
 
     @triton.jit
     def _fwd_key_tiles(
@@ -176,8 +175,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
         DOT_PRECISION: tl.constexpr,
     ):
-        (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
-         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+        batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
             KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
             BLOCK_N,
         )
@@ -191,7 +189,6 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
         for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
             acc, m_i, l_i = _fwd_key_tiles(
                 acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
@@ -280,8 +277,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        (batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end,
-         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+        batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
             KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
             BLOCK_N,
         )
@@ -298,7 +294,6 @@ if HAS_TRITON:
         V_head = V + batch64 * stride_vb + kv_head * stride_vh
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
         for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
             dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
                                tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
@@ -359,8 +354,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
         DOT_PRECISION: tl.constexpr,
     ):
-        (batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end,
-         tile_lo, inner_lo, inner_hi, tile_hi) = _tile_setup(
+        batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
             Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D, BLOCK_N,
             BLOCK_M,
         )
@@ -372,7 +366,6 @@ if HAS_TRITON:
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        tiles = (tile_lo, inner_lo, inner_hi, tile_hi)
         for group_member in range(q_per_kv):
             head = kv_head * q_per_kv + group_member
             Q_head = Q + batch64 * stride_qb + head * stride_qh
