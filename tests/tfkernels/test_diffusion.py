@@ -21,12 +21,12 @@ import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 from tfkernels import reference
+from tfkernels.schedule import TARGETS
 from tfkernels.testing import assert_anchored, max_error
 
 pytestmark = requires_triton
 
 TIMESTEPS = [0, 1, 20, 499, 999]
-TARGETS = ["eps", "v", "x0", "flow"]
 # Kernel noise vs reference.seeded_noise: the integer stream and uniforms are exact; log/sqrt/cos
 # differ by float32 rounding (interpreter: numpy vs torch, 1-2 ulp; GPU: approximate instructions).
 SEEDED_NOISE_ATOL = 1e-5

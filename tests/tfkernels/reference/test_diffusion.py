@@ -14,6 +14,7 @@ import torch
 from tests.support import DIFFUSERS_ALPHAS_CUMPROD
 from tfkernels._philox import philox4x32
 from tfkernels.reference import NoiseSchedule, add_noise, diffusion_loss, seeded_noise
+from tfkernels.schedule import TARGETS
 
 T = 1000
 # Relative error bound of a float32 cumulative product of T float32 factors, each factor itself
@@ -97,7 +98,7 @@ def test_add_noise_low_precision_uses_float32_coefficients_and_seeded_noise():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("target", ["eps", "v", "x0", "flow"])
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_diffusion_loss_against_closed_form(target, packed):
     kind = "flow" if target == "flow" else "cosine"
