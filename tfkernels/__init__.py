@@ -13,14 +13,20 @@
 Every op is a plain PyTorch function with autograd, usable under ``torch.compile``. CUDA tensors
 run Triton kernels; CPU tensors run the eager reference (``tfkernels.reference``), or the Triton
 kernels in Triton's interpreter when ``TRITON_INTERPRET=1``; ``tk.backend(device)`` says which.
+
+Modules: ``mask`` (``IntervalMask``, segment ids), ``schedule`` (``NoiseSchedule``, the diffusion
+targets), one per op (``attention``, ``diffusion``, ``lm_loss``: kernels, launchers, autograd and
+registration, the public function), ``reference`` (the eager semantics of each op), ``testing``
+(assertions and random layouts for tests of code that uses tfkernels).
 """
 
 from ._dispatch import backend
 from ._version import __version__
 from .attention import attention
-from .diffusion import NoiseSchedule, add_noise, diffusion_loss
+from .diffusion import add_noise, diffusion_loss
 from .lm_loss import linear_cross_entropy
 from .mask import IntervalMask
+from .schedule import NoiseSchedule
 
 __all__ = ["IntervalMask", "NoiseSchedule", "__version__", "add_noise", "attention", "backend", "diffusion_loss",
            "linear_cross_entropy"]

@@ -60,6 +60,9 @@ _LN2 = 0.6931471805599453
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    # Globals read inside jit functions must be constexpr.
+    _LOG2E_C = tl.constexpr(_LOG2E)
+    _LN2_C = tl.constexpr(_LN2)
 
     @triton.jit
     def _tile_ranges(BOUND_START, BOUND_END, first, last, num_cols, BLOCK: tl.constexpr):
@@ -199,7 +202,7 @@ if HAS_TRITON:
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
         out = acc / l_div[:, None]
-        lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * 0.6931471805599453)
+        lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * _LN2_C)
         o_ptrs = _rows_ptrs(O, batch64, head, offs_m, stride_ob, stride_os, stride_oh, offs_d)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
         lse_row = (batch64 * num_heads_q + head) * seq_len_q
@@ -288,7 +291,7 @@ if HAS_TRITON:
         do = tl.load(_rows_ptrs(DO, batch64, head, offs_m, stride_dob, stride_dos, stride_doh, offs_d),
                      mask=io_mask, other=0.0)
         stats_row = (batch64 * num_heads_q + head) * seq_len_q
-        lse2 = tl.load(LSE + stats_row + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + stats_row + offs_m, mask=row_valid, other=0.0) * _LOG2E_C
         delta = tl.load(DELTA + stats_row + offs_m, mask=row_valid, other=0.0)
         K_head = K + batch64 * stride_kb + kv_head * stride_kh
         V_head = V + batch64 * stride_vb + kv_head * stride_vh
@@ -316,7 +319,7 @@ if HAS_TRITON:
                 io_mask = row_valid[:, None] & d_valid[None, :]
                 q = tl.load(q_ptrs, mask=io_mask, other=0.0)
                 do = tl.load(do_ptrs, mask=io_mask, other=0.0)
-                lse2 = tl.load(LSE + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+                lse2 = tl.load(LSE + offs_m, mask=row_valid, other=0.0) * _LOG2E_C
                 delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
             else:
                 if EVEN_D:
@@ -325,7 +328,7 @@ if HAS_TRITON:
                 else:
                     q = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
                     do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
-                lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+                lse2 = tl.load(LSE + offs_m) * _LOG2E_C
                 delta = tl.load(DELTA + offs_m)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
             pt = tl.math.exp2(st - lse2[None, :])
