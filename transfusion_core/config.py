@@ -1,6 +1,6 @@
 """The model's configuration: ``TransfusionConfig`` and the constants it is checked against.
 
-Also the one int check of the package (``is_int``) and ``noise_schedule(config)``, the
+Also ``is_int`` (tfkernels' own int check, re-exported for the package) and ``noise_schedule(config)``, the
 ``tk.NoiseSchedule`` a config names (the packer samples timesteps from it, the model noises with it).
 Imports nothing from the rest of ``transfusion_core``.
 """
@@ -11,18 +11,15 @@ import math
 from dataclasses import dataclass
 
 import tfkernels as tk
+from tfkernels._checks import is_int
+from tfkernels.schedule import TARGETS as DIFFUSION_TARGETS
 
 IGNORE_INDEX = -100  # target of a position with no next-token target (PackedBatch.targets)
 IMAGE_ENCODERS = ("linear", "unet")
 NOISE_SCHEDULES = ("cosine", "linear", "rectified_flow")
-DIFFUSION_TARGETS = ("eps", "v", "x0", "flow")
 
-
-def is_int(value, low=None, high=None) -> bool:
-    """``value`` is an int (not a bool) with ``low <= value <= high`` (bounds optional)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return False
-    return (low is None or value >= low) and (high is None or value <= high)
+__all__ = ["DIFFUSION_TARGETS", "IGNORE_INDEX", "IMAGE_ENCODERS", "NOISE_SCHEDULES", "TransfusionConfig", "is_int",
+           "noise_schedule"]
 
 
 @dataclass
