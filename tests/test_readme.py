@@ -1,0 +1,21 @@
+"""The README's tables name files that exist, and it points at nothing outside the repository."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = {"bench/results/"}  # written by python -m bench; absent until a run's results are committed
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_path_the_readme_names_exists():
+    # `tfkernels/mask.py`, [bench/README.md](bench/README.md), `tests/tfkernels/test_dispatch.py`, ...
+    named = set(re.findall(r"`((?:tfkernels|transfusion_core|bench|tests|docs|scripts|examples)/[\w./<>]+)`", README))
+    named |= set(re.findall(r"\]\(((?!https?:)[^)]+)\)", README))
+    assert len(named) > 20
+    missing = sorted(p for p in named if "<" not in p and p not in OUTPUTS and not (ROOT / p).exists())
+    assert not missing, f"README names paths that do not exist: {missing}"
+
+
+def test_the_readme_cites_no_document_outside_the_repository():
+    assert "shared/" not in README and "DESIGN" not in README
