@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import tfkernels as tk
-from tfkernels._checks import is_int
+from tfkernels._checks import check_choice, check_float, check_int, is_int
 from tfkernels.schedule import TARGETS as DIFFUSION_TARGETS
 
 IGNORE_INDEX = -100  # target of a position with no next-token target (PackedBatch.targets)
@@ -24,7 +24,12 @@ __all__ = ["DIFFUSION_TARGETS", "IGNORE_INDEX", "IMAGE_ENCODERS", "NOISE_SCHEDUL
 
 @dataclass
 class TransfusionConfig:
-    """Every size and choice of the model, checked when built (a ``ValueError`` names the field)."""
+    """Every size and choice of the model, checked when built (``dataclasses.replace`` too).
+
+    A field of the wrong type raises ``TypeError`` (``norm_eps="1e-5"``, ``dim=32.0``,
+    ``tie_embeddings=1``), a value out of range or inconsistent with another field ``ValueError``;
+    the message starts with ``TransfusionConfig.<field>``. A bool is never an int here.
+    """
 
     # Text. The defaults fit transfusion_core.ByteTokenizer: bytes 0..255, then the specials.
     vocab_size: int = 260
@@ -58,6 +63,7 @@ class TransfusionConfig:
     diffusion_loss_weight: float = 5.0  # the paper's lambda
 
     def __post_init__(self):
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
@@ -65,19 +71,45 @@ class TransfusionConfig:
         self.unet_channels = tuple(self.unet_channels)  # JSON gives a list
         self._validate()
 
+    def _check_types(self):
+        """Each field on its own: ``TypeError`` for a value of the wrong type, ``ValueError`` for one
+        out of its range, the message naming the field (tfkernels' ``check_*`` rule)."""
+        def name(field):
+            return f"TransfusionConfig.{field}"
+
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "image_channels", "image_size", "patch_size",
+                      "num_timesteps"):
+            check_int(name(field), getattr(self, field), 1)
+        for field in ("n_kv_heads", "ffn_dim"):
+            if getattr(self, field) is not None:
+                check_int(name(field), getattr(self, field), 1)
+        for field in ("bos_id", "eos_id", "boi_id", "eoi_id"):
+            check_int(name(field), getattr(self, field))  # the range is checked against vocab_size below
+        for field in ("tie_embeddings", "patch_position_embedding"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{name(field)}: expected a bool, got {getattr(self, field)!r}")
+        for field in ("norm_eps", "rope_theta"):
+            value = check_float(name(field), getattr(self, field), what="a finite float > 0")
+            if value <= 0:
+                raise ValueError(f"{name(field)}: expected a finite float > 0, got {getattr(self, field)!r}")
+            setattr(self, field, value)
+        self.diffusion_loss_weight = check_float(name("diffusion_loss_weight"), self.diffusion_loss_weight, 0)
+        check_choice(name("image_encoder"), self.image_encoder, IMAGE_ENCODERS)
+        check_choice(name("noise_schedule"), self.noise_schedule, NOISE_SCHEDULES)
+        check_choice(name("diffusion_target"), self.diffusion_target, DIFFUSION_TARGETS)
+        if not isinstance(self.unet_channels, (list, tuple)):
+            raise TypeError(f"{name('unet_channels')}: expected a tuple of ints, got {self.unet_channels!r}")
+        for i, channels in enumerate(self.unet_channels):
+            check_int(f"{name('unet_channels')}[{i}]", channels, 1)
+
     def _validate(self):
+        """The fields against each other (their types and ranges are ``_check_types``')."""
         def fail(name, expected):
             raise ValueError(f"TransfusionConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "image_channels", "image_size", "patch_size", "num_timesteps"):
-            value = getattr(self, name)
-            if not is_int(value, 1):
-                fail(name, "an int >= 1")
         specials = ("bos_id", "eos_id", "boi_id", "eoi_id")
         for name in specials:
-            value = getattr(self, name)
-            if not is_int(value, 0, self.vocab_size - 1):
+            if not is_int(getattr(self, name), 0, self.vocab_size - 1):
                 fail(name, f"a token id in [0, vocab_size={self.vocab_size})")
         if len({getattr(self, name) for name in specials}) != len(specials):
             fail("boi_id", f"bos_id, eos_id, boi_id and eoi_id all different ({[getattr(self, n) for n in specials]})")
@@ -87,22 +119,14 @@ class TransfusionConfig:
             fail("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
         if self.image_size % self.patch_size:
             fail("image_size", f"a multiple of patch_size={self.patch_size}")
-        if self.image_encoder not in IMAGE_ENCODERS:
-            fail("image_encoder", f"one of {IMAGE_ENCODERS}")
         if self.image_encoder == "unet":
             levels = self.patch_size.bit_length() - 1
             if self.patch_size != 1 << levels or levels < 1:
                 fail("patch_size", "a power of 2, at least 2, with image_encoder='unet'")
-            if len(self.unet_channels) != levels + 1 or not all(is_int(c, 1) for c in self.unet_channels):
+            if len(self.unet_channels) != levels + 1:
                 fail("unet_channels", f"{levels + 1} positive ints (log2(patch_size) + 1 levels)")
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            fail("noise_schedule", f"one of {NOISE_SCHEDULES}")
-        if self.diffusion_target not in DIFFUSION_TARGETS:
-            fail("diffusion_target", f"one of {DIFFUSION_TARGETS}")
         if self.diffusion_target == "flow" and self.noise_schedule != "rectified_flow":
             fail("diffusion_target", "'eps', 'v' or 'x0' unless noise_schedule='rectified_flow' (flow velocity)")
-        if not self.diffusion_loss_weight >= 0:
-            fail("diffusion_loss_weight", "a number >= 0")
 
     @property
     def head_dim(self) -> int:

@@ -52,11 +52,49 @@ def test_is_int_takes_ints_only_and_checks_the_bounds(value, low, high, expected
     assert is_int(value, low, high) is expected
 
 
-def test_bool_and_float_sizes_are_rejected():
-    with pytest.raises(ValueError, match=r"TransfusionConfig.n_layers: expected an int >= 1, got True"):
-        tiny_config(n_layers=True)
-    with pytest.raises(ValueError, match=r"TransfusionConfig.dim: expected an int >= 1, got 32.0"):
-        tiny_config(dim=32.0)
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", True, r"TransfusionConfig.n_layers: expected an int >= 1, got True"),
+    ("dim", 32.0, r"TransfusionConfig.dim: expected an int >= 1, got 32.0"),
+    ("vocab_size", "260", r"TransfusionConfig.vocab_size: expected an int"),
+    ("n_kv_heads", 2.0, r"TransfusionConfig.n_kv_heads: expected an int >= 1"),
+    ("ffn_dim", "64", r"TransfusionConfig.ffn_dim: expected an int >= 1"),
+    ("bos_id", None, r"TransfusionConfig.bos_id: expected an int"),
+    ("norm_eps", "1e-5", r"TransfusionConfig.norm_eps: expected a finite float > 0, got '1e-5'"),
+    ("rope_theta", None, r"TransfusionConfig.rope_theta: expected a finite float > 0, got None"),
+    ("diffusion_loss_weight", "5", r"TransfusionConfig.diffusion_loss_weight: expected a finite float"),
+    ("tie_embeddings", 1, r"TransfusionConfig.tie_embeddings: expected a bool, got 1"),
+    ("patch_position_embedding", "yes", r"TransfusionConfig.patch_position_embedding: expected a bool, got 'yes'"),
+    ("image_encoder", None, r"TransfusionConfig.image_encoder: expected a str"),
+    ("noise_schedule", 3, r"TransfusionConfig.noise_schedule: expected a str"),
+    ("diffusion_target", ["eps"], r"TransfusionConfig.diffusion_target: expected a str"),
+    ("unet_channels", "ab", r"TransfusionConfig.unet_channels: expected a tuple of ints, got 'ab'"),
+    ("unet_channels", (8, 16.0), r"TransfusionConfig.unet_channels\[1\]: expected an int >= 1, got 16.0"),
+])
+def test_a_field_of_the_wrong_type_raises_type_error_naming_it(field, value, message):
+    with pytest.raises(TypeError, match=message):
+        tiny_config(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dim", 0, r"TransfusionConfig.dim: expected an int >= 1, got 0"),
+    ("norm_eps", 0.0, r"TransfusionConfig.norm_eps: expected a finite float > 0, got 0.0"),
+    ("norm_eps", float("nan"), r"TransfusionConfig.norm_eps: expected a finite float > 0, got nan"),
+    ("rope_theta", -1.0, r"TransfusionConfig.rope_theta: expected a finite float > 0"),
+    ("diffusion_loss_weight", float("inf"), r"TransfusionConfig.diffusion_loss_weight: expected a finite float >= 0"),
+    ("diffusion_loss_weight", -1, r"TransfusionConfig.diffusion_loss_weight: expected a finite float >= 0"),
+    ("unet_channels", (8, 0), r"TransfusionConfig.unet_channels\[1\]: expected an int >= 1, got 0"),
+    ("bos_id", -1, r"TransfusionConfig.bos_id: expected a token id in \[0, vocab_size=260\)"),
+])
+def test_a_field_out_of_range_raises_value_error_naming_it(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**{field: value})
+
+
+def test_replace_checks_too_and_numbers_are_stored_as_floats():
+    config = tiny_config(norm_eps=1, rope_theta=500)
+    assert isinstance(config.norm_eps, float) and isinstance(config.rope_theta, float)
+    with pytest.raises(TypeError, match="TransfusionConfig.norm_eps"):
+        dataclasses.replace(config, norm_eps="1e-5")
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "rectified_flow"])
