@@ -42,11 +42,16 @@ DIFFERENTIABLE_MODES = ("forward", "backward", "forward_backward")
 BACKWARD_WORK = 2.5
 MODE_WORK = {"forward": 1.0, "backward": BACKWARD_WORK, "forward_backward": 1.0 + BACKWARD_WORK}
 
+# Attention workloads: visible (q, k) pairs and the pairs computed by tfkernels' tile walk and by a
+# FlexAttention block mask (bench.tile_waste); the same in every row of a workload, empty elsewhere.
+TILE_WASTE_COLUMNS = ("visible_pairs", "fwd_tile_pairs", "fwd_waste", "bwd_tile_pairs", "bwd_waste",
+                      "flex_block_pairs", "flex_waste")
 CSV_COLUMNS = (
     "suite", "workload", "shape", "implementation", "backend", "mode", "dtype",
     "device", "torch", "triton", "commit", "timestamp", "timer", "quick",
     "median_ms", "p20_ms", "p80_ms", "peak_mb",
     "tflops", "gb_per_s", "tokens_per_s", "mfu", "time_vs_tfkernels",
+    *TILE_WASTE_COLUMNS,
 )
 
 # Dense bf16 tensor-core peak (no sparsity) per device, for MFU; matched on the CUDA device name.
@@ -114,6 +119,9 @@ class Workload:
     # Forward mode runs with autograd recording (a training forward) unless this is False
     # (inference shapes such as decoding).
     training: bool = True
+    # Workload-level figures, computed once when the workload runs: (CSV columns, a line to print),
+    # e.g. the attention workloads' tile waste (TILE_WASTE_COLUMNS).
+    summary: Callable[[], tuple[dict, str]] | None = None
 
 
 @dataclass
@@ -333,7 +341,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def read_csv(path: Path) -> list[dict]:
     """Rows with the numeric columns as floats (None where empty) and ``quick`` as a bool."""
     numeric = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "gb_per_s", "tokens_per_s", "mfu",
-               "time_vs_tfkernels")
+               "time_vs_tfkernels", *TILE_WASTE_COLUMNS)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -347,11 +355,20 @@ def read_csv(path: Path) -> list[dict]:
 # Running workloads
 # ----------------------------------------------------------------------------------------------
 def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Environment,
-                  log: Callable[[str], None] = print) -> list[dict]:
+                  log: Callable[[str], None] = print, *,
+                  select: Callable[[Workload, Implementation, str], bool] | None = None,
+                  gate: Callable[[Workload, Implementation, str], str | None] | None = None,
+                  on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Run every (workload, implementation, mode) and return the rows, ratios filled in.
 
     A peer that cannot run (GPU-only, no kernel for the shape, out of memory) is skipped with the
     reason logged; an error in tfkernels itself is raised, never skipped.
+
+    Hooks (``bench.gpu_check`` runs the suites in timed stages with them; all default to off):
+    ``select(workload, implementation, mode)`` keeps only the cases it returns True for;
+    ``gate(...)``, asked just before a case starts, returns a reason to skip it (e.g. the stage's
+    time budget is spent) or None; ``on_row(rows)`` is called after each row with the rows so far
+    (ratios not yet filled in), so that a caller can write them out as they come.
     """
     if settings.device.type == "cuda":
         # Each peer compiles once per shape and grad mode; past dynamo's default limit of 8
@@ -360,15 +377,24 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
     cpu_caveat = ", CPU figures: wall clock on the reference paths, not GPU figures"
     log(f"device {env.device}, torch {env.torch}, triton {env.triton}, commit {env.commit}"
         + (cpu_caveat if settings.device.type == "cpu" else ""))
-    cases = [(w, i, m) for w in workloads for i in w.implementations for m in (i.modes or w.modes)]
+    cases = [(w, i, m) for w in workloads for i in w.implementations for m in (i.modes or w.modes)
+             if select is None or select(w, i, m)]
     rows = []
     input_sets, current = None, None
     for number, (workload, implementation, mode) in enumerate(cases, 1):
         label = f"[{number}/{len(cases)}] {workload.suite} {workload.name} {implementation.name} {mode}"
+        reason = gate(workload, implementation, mode) if gate is not None else None
+        if reason is not None:
+            log(f"{label}: skipped, {reason}")
+            continue
         if workload is not current:
             input_sets, current = None, workload  # free the previous workload's inputs first
             _empty_cache(settings.device)
             input_sets = [workload.setup(settings.device, seed) for seed in range(settings.input_sets)]
+            summary_columns = {}
+            if workload.summary is not None:
+                summary_columns, text = workload.summary()
+                log(f"{workload.suite} {workload.name}: {text}")
         try:
             rotate = prepare_case(workload, implementation, mode, input_sets, settings.device)
             with peer_errors_as_skips(implementation):
@@ -386,10 +412,13 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
             "mode": mode, "dtype": str(workload.dtype).removeprefix("torch."),
             **env._asdict(), "quick": settings.quick, **timing._asdict(),
             **throughput(work, timing.median_ms, env.device),
+            **dict.fromkeys(TILE_WASTE_COLUMNS), **summary_columns,
         }
         rows.append(row)
         peak = f", peak {timing.peak_mb:.4g} MB" if timing.peak_mb is not None else ""
         log(f"{label}: {timing.median_ms:.4g} ms{peak}")
+        if on_row is not None:
+            on_row(rows)
     add_ratios(rows)
     return rows
 
