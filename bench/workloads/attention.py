@@ -15,6 +15,7 @@ Useful FLOPs count the visible (query, key) pairs only: forward ``4 * pairs * D 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import random
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import tfkernels as tk
 from tfkernels.testing import packed_transfusion_layout, segment_ids_from_layout
 
 from ..harness import DIFFERENTIABLE_MODES, MODE_WORK, Implementation, InputSet, Work, Workload
+from ..tile_waste import tile_waste
 from .common import BACKWARD_MODES, bench_dtype, compiled, dtype_name, tfkernels_backend
 
 SUITE = "attention"
@@ -169,11 +171,13 @@ def flex_unavailable(device: torch.device, mode: str) -> str | None:
     return None
 
 
-def flex_bshd(q, k, v, block_mask, gqa: bool, flex=None) -> torch.Tensor:
+def flex_bshd(q, k, v, block_mask, gqa: bool, flex=None, kernel_options=None) -> torch.Tensor:
     """FlexAttention on ``[B, S, H, D]`` tensors (as ``[B, H, S, D]`` views); ``flex`` defaults to
     the compiled one."""
     flex = flex or compiled(flex_attention)
-    return heads_first(flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=gqa))
+    options = {} if kernel_options is None else {"kernel_options": kernel_options}
+    return heads_first(flex(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask, enable_gqa=gqa,
+                            **options))
 
 
 def sdpa_dense_bshd(q, k, v, dense, gqa: bool) -> torch.Tensor:
@@ -204,6 +208,34 @@ def flex_attention_peer(shape: AttentionShape) -> Implementation:
         "flex", prepare, unavailable=flex_unavailable,
         backend=lambda device: "eager, no autograd (CPU)" if device.type == "cpu" else "torch.compile",
     )
+
+
+def flash_cute_missing() -> str | None:
+    """Why FlexAttention's ``BACKEND="FLASH"`` path cannot run here (it needs FlashAttention's CuTe
+    DSL kernels, the ``flash_attn.cute`` package), or None."""
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # no flash_attn package at all
+        found = False
+    return None if found else "FlexAttention BACKEND=FLASH needs flash_attn.cute, not installed"
+
+
+def flex_flash_peer(shape: AttentionShape) -> Implementation:
+    """Optional peer: compiled FlexAttention with ``kernel_options={"BACKEND": "FLASH"}`` (the
+    CuTe-DSL FlashAttention kernels), skipped where ``flash_attn.cute`` is not installed."""
+
+    def prepare(first: InputSet):
+        block_mask = first.data.mask.to_flex_block_mask()
+        options = {"BACKEND": "FLASH"}
+        return lambda inputs: flex_bshd(inputs.data.q, inputs.data.k, inputs.data.v, block_mask, shape.gqa,
+                                        kernel_options=options)
+
+    def unavailable(device, mode):
+        if device.type != "cuda":
+            return "FlexAttention BACKEND=FLASH needs CUDA"
+        return flash_cute_missing()
+
+    return Implementation("flex_flash", prepare, backend="torch.compile flex, BACKEND=FLASH", unavailable=unavailable)
 
 
 def flex_block_mask_build() -> Implementation:
@@ -246,13 +278,21 @@ def sdpa_ceiling_peer(shape: AttentionShape, name: str, backend: SDPBackend) -> 
 
 
 def implementations(shape: AttentionShape) -> list[Implementation]:
-    impls = [tfkernels_attention(), flex_attention_peer(shape), sdpa_dense_mask_peer(shape)]
+    impls = [tfkernels_attention(), flex_attention_peer(shape), sdpa_dense_mask_peer(shape), flex_flash_peer(shape)]
     if shape.mask_kind in ("causal", "full"):
         impls += [sdpa_ceiling_peer(shape, "sdpa_flash", SDPBackend.FLASH_ATTENTION),
                   sdpa_ceiling_peer(shape, "sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
     if shape.training:
         impls += [tfkernels_mask_build(shape), flex_block_mask_build()]
     return impls
+
+
+def tile_waste_summary(shape: AttentionShape) -> tuple[dict, str]:
+    """The tile-waste columns and line (``bench.tile_waste``): visible pairs, and the pairs computed
+    by tfkernels' tile walk at its default CUDA tiles for bf16 at the shape's head dim (also in the
+    quick mode: the figure is about the GPU kernels) and by a FlexAttention 128x128 block mask."""
+    waste = tile_waste(shape.build_mask("cpu", shape.segment_ids("cpu")), shape.head_dim)
+    return waste.columns(backward=shape.training), "tile waste: " + waste.describe(backward=shape.training)
 
 
 def workloads(quick: bool, device: torch.device) -> list[Workload]:
@@ -269,5 +309,6 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
             suite=SUITE, name=shape.name, shape=shape.describe(dtype), dtype=dtype,
             setup=setup_for(shape, dtype), implementations=implementations(shape),
             modes=DIFFERENTIABLE_MODES if shape.training else ("forward",), work=work, training=shape.training,
+            summary=functools.partial(tile_waste_summary, shape),
         ))
     return result

@@ -7,6 +7,7 @@ float32 on the CPU). Compute-bound: useful FLOPs are the projection's, ``2 N H V
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,41 @@ def tfkernels_loss() -> Implementation:
     return Implementation("tfkernels", prepare, backend=tfkernels_backend)
 
 
+def torch_linear_cross_entropy() -> Implementation:
+    """Optional peer: torch's own ``F.linear_cross_entropy`` (newer torch only), on its chunked path
+    (``torch.nn.LinearCrossEntropyOptions()``) where torch has one, else its reference path."""
+
+    def prepare(first: InputSet):
+        chunked = {"options": torch.nn.LinearCrossEntropyOptions()} if hasattr(torch.nn, "LinearCrossEntropyOptions") \
+            else {}
+        return lambda inputs: F.linear_cross_entropy(*loss_arguments(inputs.data), **chunked)
+
+    def unavailable(device, mode):
+        if hasattr(F, "linear_cross_entropy"):
+            return None
+        return f"torch {torch.__version__} has no F.linear_cross_entropy"
+
+    backend = "torch chunked" if hasattr(torch.nn, "LinearCrossEntropyOptions") else "torch"
+    return Implementation("torch_linear_cross_entropy", prepare, backend=backend, unavailable=unavailable)
+
+
+def liger_linear_cross_entropy() -> Implementation:
+    """Optional peer: Liger Kernel's fused linear cross-entropy (Triton, CUDA only), skipped where
+    ``liger_kernel`` is not installed."""
+
+    def prepare(first: InputSet):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda inputs: liger_fused_linear_cross_entropy(*loss_arguments(inputs.data))
+
+    def unavailable(device, mode):
+        if device.type != "cuda":
+            return "Liger's kernels need CUDA"
+        return None if importlib.util.find_spec("liger_kernel") else "liger_kernel is not installed"
+
+    return Implementation("liger", prepare, backend="liger (triton)", unavailable=unavailable)
+
+
 def workloads(quick: bool, device: torch.device) -> list[Workload]:
     dtype = bench_dtype(device)
     tokens, hidden_size, vocab_size = (256, 64, 512) if quick else (16384, 2048, 65536)
@@ -67,6 +103,7 @@ def workloads(quick: bool, device: torch.device) -> list[Workload]:
     return [Workload(
         suite=SUITE, name="lm_loss", shape=f"N={tokens} H={hidden_size} V={vocab_size} {dtype_name(dtype)}",
         dtype=dtype, setup=setup_for(tokens, hidden_size, vocab_size, dtype),
-        implementations=[tfkernels_loss(), *eager_peers(eager_linear_cross_entropy, loss_arguments)],
+        implementations=[tfkernels_loss(), *eager_peers(eager_linear_cross_entropy, loss_arguments),
+                         torch_linear_cross_entropy(), liger_linear_cross_entropy()],
         modes=DIFFERENTIABLE_MODES, work=work,
     )]
