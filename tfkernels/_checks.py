@@ -7,15 +7,21 @@ the argument's name: ``"name: expected ..., got ..."``.
 
 ``is_int`` is the predicate (for callers that raise their own error); the ``check_*`` functions
 raise. A bool is never an int or a float here, although Python says it is one.
+
+The autocast rule of the ops is applied here too (``autocast_dtype``, ``autocast_cast``,
+``autocast_off``): inside an op autocast is off; an op that is a matmul consumer (attention, the LM
+loss) first casts its float operands to autocast's dtype, as ``nn.Linear`` does; an elementwise op
+(the diffusion ops) takes its inputs as given and computes in float32. See the README, "Autocast".
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "check_choice", "check_float", "check_float_tensor", "check_index_tensor",
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "autocast_cast", "autocast_dtype", "autocast_off", "check_choice", "check_float", "check_float_tensor", "check_index_tensor",
            "check_int", "is_int", "is_int_dtype", "is_real"]
 
 # The dtypes the kernels take for data (activations, weights, images).
@@ -103,3 +109,33 @@ def check_index_tensor(name: str, x, shape: str) -> torch.Tensor:
     if x.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name}: expected dtype int32 or int64, got {x.dtype}")
     return x
+
+
+# Device types whose autocast state the ops read: ``torch.is_autocast_enabled`` raises for others
+# (e.g. "meta"), where autocast cannot be on anyway.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device type, or ``None`` where autocast is off
+    there (and for a non-tensor, which the op's own checks then reject). Traceable by
+    ``torch.compile`` (dynamo folds the autocast state into a constant and guards on it)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in _AUTOCAST_DEVICE_TYPES:
+        return None
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """``tensors``, each cast to ``dtype`` if it is a tensor of one of ``FLOAT_DTYPES``, else as given:
+    what autocast does to the operands of ``nn.Linear`` (float64, integer tensors and non-tensors
+    are left alone, for the op's checks to judge)."""
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else x for x in tensors)
+
+
+def autocast_off(x):
+    """A context that turns autocast off on ``x``'s device type (a no-op one where autocast does not
+    exist): inside an op, torch functions must run in the dtypes the op chose, not autocast's."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in _AUTOCAST_DEVICE_TYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
