@@ -42,7 +42,7 @@ import os
 import torch
 
 from . import reference
-from ._checks import check_float, check_float_tensor
+from ._checks import autocast_cast, autocast_dtype, autocast_off, check_float, check_float_tensor
 from ._dispatch import HAS_TRITON, use_triton
 from .mask import IntervalMask
 
@@ -679,7 +679,17 @@ def attention(
 
     CUDA tensors run the Triton kernels; CPU tensors run ``tfkernels.reference.attention``, or
     the Triton kernels in the interpreter when ``TRITON_INTERPRET=1``.
+
+    Under autocast (on q's device type) it is a matmul consumer like SDPA: float q, k, v are cast
+    to autocast's dtype (so they may differ in dtype before the cast) and the op runs with
+    autocast off (products accumulated and the softmax computed in float32); out has autocast's
+    dtype, lse is float32, the gradients come back in q's, k's and v's own dtypes.
     """
+    dtype = autocast_dtype(q)
+    if dtype is not None:
+        q, k, v = autocast_cast(dtype, q, k, v)
+        with autocast_off(q):
+            return attention(q, k, v, mask, scale, return_lse, deterministic)
     _check_inputs(q, k, v, mask, scale, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_triton(q):
