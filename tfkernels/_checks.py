@@ -21,8 +21,8 @@ import math
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "autocast_cast", "autocast_dtype", "autocast_off", "check_choice", "check_float", "check_float_tensor", "check_index_tensor",
-           "check_int", "is_int", "is_int_dtype", "is_real"]
+__all__ = ["FLOAT_DTYPES", "INDEX_DTYPES", "autocast_cast", "autocast_dtype", "autocast_off", "check_choice",
+           "check_float", "check_float_tensor", "check_index_tensor", "check_int", "is_int", "is_int_dtype", "is_real"]
 
 # The dtypes the kernels take for data (activations, weights, images).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
