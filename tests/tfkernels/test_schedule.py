@@ -89,10 +89,10 @@ def test_schedule_to_device_and_coefficient_shapes():
         schedule.coefficients(torch.tensor([50]))
     with pytest.raises(TypeError, match="t: expected integer timesteps"):
         schedule.coefficients(torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="T: expected an int >= 1"):
+    with pytest.raises(ValueError, match=r"T: expected an int in \[1, 1048576\], got 0"):
         NoiseSchedule.linear(0)
     # A wrong type is a TypeError (it was a ValueError before the one rule).
-    with pytest.raises(TypeError, match="T: expected an int >= 1, got 10.0"):
+    with pytest.raises(TypeError, match=r"T: expected an int in \[1, 1048576\], got 10.0"):
         NoiseSchedule.cosine(10.0)
     assert "kind='cosine', num_timesteps=50" in repr(schedule)
 
@@ -127,6 +127,18 @@ def test_sample_timesteps_range_uniformity_and_per_image_cap():
     (lambda s: s.sample_timesteps(2, t_max=torch.tensor([3.0, 4.0])), TypeError, r"t_max: expected an int tensor \[2\]"),
     (lambda s: s.sample_timesteps(2, t_max=torch.tensor([3, 4, 5])), ValueError,
      r"t_max: expected an int tensor \[2\], got shape \(3,\)"),
+    (lambda s: s.sample_timesteps(2, generator=5), TypeError, "generator: expected a torch.Generator or None, got int"),
+    (lambda s: s.sample_timesteps(2, device=1.5), TypeError, "device: expected a torch.device, a str or an int"),
+    (lambda s: s.sample_timesteps(2, device="bogus"), ValueError, "device: expected a device, got 'bogus'"),
+    (lambda s: s.sample_timesteps(2, device=-1), ValueError, "device: expected a device, got -1"),
+    (lambda s: s.sample_timesteps(2, device="meta", generator=torch.Generator()), ValueError,
+     "device: expected the generator's device type 'cpu', got meta"),
+    # Timesteps that are not integers, in any container: a named TypeError, not torch's own.
+    (lambda s: s.coefficients(None), TypeError, "t: expected integer timesteps"),
+    (lambda s: s.coefficients("3"), TypeError, "t: expected integer timesteps"),
+    (lambda s: s.coefficients([[1], [1, 2]]), TypeError, "t: expected integer timesteps"),
+    (lambda s: s.coefficients(torch.tensor([True])), TypeError, "t: expected integer timesteps, got torch.bool"),
+    (lambda s: s.coefficients(torch.tensor([1j])), TypeError, "t: expected integer timesteps, got torch.complex64"),
 ])
 def test_sample_timesteps_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
@@ -148,3 +160,66 @@ def test_target_coefficients_and_check_target():
         check_target("flow", NoiseSchedule.cosine(4))
     with pytest.raises(TypeError, match="target: expected a str, one of"):
         check_target(None, NoiseSchedule.cosine(4))
+
+
+# ------------------------------------------------------------------------------ parameters (issue 11, item 6)
+@pytest.mark.parametrize("call, error, message", [
+    # Betas outside [0, 1] or not finite made tables above 1 or NaN; now a named error.
+    (lambda: NoiseSchedule.linear(beta_start=-0.1), ValueError, r"beta_start: expected a finite float in \[0, 1\]"),
+    (lambda: NoiseSchedule.linear(beta_end=float("inf")), ValueError, r"beta_end: expected a finite float in \[0, 1\]"),
+    (lambda: NoiseSchedule.linear(beta_end=1.5), ValueError, r"beta_end: expected a finite float in \[0, 1\]"),
+    (lambda: NoiseSchedule.linear(beta_start=float("nan")), ValueError, "beta_start: expected a finite float"),
+    (lambda: NoiseSchedule.linear(beta_start="0.1"), TypeError, "beta_start: expected a finite float"),
+    (lambda: NoiseSchedule.linear(beta_end=True), TypeError, "beta_end: expected a finite float"),
+    (lambda: NoiseSchedule.cosine(max_beta=-1), ValueError, r"max_beta: expected a float in \(0, 1\], got -1"),
+    (lambda: NoiseSchedule.cosine(max_beta=0.0), ValueError, r"max_beta: expected a float in \(0, 1\], got 0.0"),
+    (lambda: NoiseSchedule.cosine(max_beta=1.01), ValueError, r"max_beta: expected a float in \(0, 1\]"),
+    (lambda: NoiseSchedule.cosine(max_beta=None), TypeError, r"max_beta: expected a float in \(0, 1\]"),
+    # T: a table the kernels index with int32, and that builds in a second at most.
+    (lambda: NoiseSchedule.cosine(2**21), ValueError, r"T: expected an int in \[1, 1048576\]"),
+    (lambda: NoiseSchedule.rectified_flow(2**40), ValueError, r"T: expected an int in \[1, 1048576\]"),
+    (lambda: NoiseSchedule.rectified_flow(True), TypeError, "T: expected an int"),
+])
+def test_constructor_parameters_are_checked(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_extreme_valid_parameters_give_tables_in_range():
+    for schedule in (NoiseSchedule.linear(5, 0.0, 1.0), NoiseSchedule.linear(3, 1.0, 0.0), NoiseSchedule.linear(1),
+                     NoiseSchedule.cosine(1), NoiseSchedule.cosine(7, max_beta=1.0), NoiseSchedule.rectified_flow(1)):
+        for table in (schedule.signal_scale, schedule.noise_scale):
+            assert table.dtype == torch.float32 and torch.isfinite(table).all()
+            assert ((table >= 0) & (table <= 1)).all()
+
+
+def _tables(T=4):
+    flow = NoiseSchedule.rectified_flow(T)
+    return flow.signal_scale, flow.noise_scale
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (("diffusion", *_tables()), ValueError, r"kind: expected one of \('cosine', 'linear', 'flow'\), got 'diffusion'"),
+    ((None, *_tables()), TypeError, "kind: expected a str"),
+    (("flow", _tables()[0], _tables(5)[1]), ValueError, r"noise_scale: expected shape \(4,\) on cpu \(as signal_scale\)"),
+    (("flow", [1.0, 0.5], torch.ones(2)), TypeError, r"signal_scale: expected a float32 tensor \[T\], got list"),
+    (("flow", _tables()[0].double(), _tables()[1]), TypeError, "signal_scale: expected a float32 tensor .T., got torch.float64"),
+    (("flow", torch.ones(2, 2), torch.ones(2, 2)), ValueError, r"signal_scale: expected a float32 tensor .T. with 1 <= T"),
+    (("flow", torch.ones(0), torch.ones(0)), ValueError, r"signal_scale: expected a float32 tensor .T. with 1 <= T"),
+    (("flow", torch.tensor([1.0, 2.0]), torch.ones(2)), ValueError, r"signal_scale: expected values in \[0, 1\], got signal_scale\[1\] = 2.0"),
+    (("flow", torch.ones(2), torch.tensor([0.5, float("nan")])), ValueError, r"noise_scale\[1\] = nan"),
+    (("flow", torch.ones(2), torch.tensor([-0.5, 0.5])), ValueError, r"noise_scale\[0\] = -0.5"),
+    (("flow", *_tables(), torch.ones(4)), ValueError, "alphas_cumprod: expected None for a 'flow' schedule"),
+    (("cosine", *_tables()), ValueError, "alphas_cumprod: expected a float32 tensor .T. for a 'cosine' schedule, got None"),
+    (("linear", *_tables(), torch.ones(3)), ValueError, r"alphas_cumprod: expected shape \(4,\)"),
+])
+def test_raw_constructor_checks_kind_and_tables(args, error, message):
+    with pytest.raises(error, match=message):
+        NoiseSchedule(*args)
+
+
+def test_raw_constructor_accepts_a_valid_schedule_s_tables():
+    for schedule in (NoiseSchedule.cosine(20), NoiseSchedule.linear(20), NoiseSchedule.rectified_flow(20)):
+        again = NoiseSchedule(schedule.kind, schedule.signal_scale, schedule.noise_scale, schedule.alphas_cumprod)
+        assert again.num_timesteps == 20 and again.kind == schedule.kind
+        assert torch.equal(again.coefficients([0, 19])[1], schedule.coefficients([0, 19])[1])
