@@ -36,7 +36,16 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._checks import check_choice, check_float, check_float_tensor, check_index_tensor, check_int
+from ._checks import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
+    check_choice,
+    check_float,
+    check_float_tensor,
+    check_index_tensor,
+    check_int,
+)
 from ._dispatch import HAS_TRITON, use_triton
 from .reference.lm_loss import REDUCTIONS
 
@@ -49,6 +58,8 @@ __all__ = ["linear_cross_entropy"]
 # Vocabulary slice per step of a row program: 4096 fp32 values = 16 per thread at 8 warps.
 _MAX_BLOCK_V = 4096
 _NUM_WARPS = 8
+# ignore_index is compared with the targets as an int64.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
@@ -110,8 +121,16 @@ def _launch(hidden, weight, target, ignore_index, z_loss, grad_scale, scale_per_
     """Per-row losses (float32 ``[N]``) and, if asked, the gradients of ``sum(g_r * loss_r)``.
 
     ``grad_scale`` holds ``g``: float32 ``[N]`` if ``scale_per_row``, else ``[1]`` shared by all rows.
-    Returns ``(loss_rows, grad_hidden or None, grad_weight or None)``.
+    Returns ``(loss_rows, grad_hidden or None, grad_weight or None)``. Autocast is off inside: the
+    GEMMs run in the inputs' dtype (a backward called under autocast must not recast them).
     """
+    with autocast_off(hidden):
+        return _launch_chunks(hidden, weight, target, ignore_index, z_loss, grad_scale, scale_per_row,
+                              grad_hidden_needed, grad_weight_needed)
+
+
+def _launch_chunks(hidden, weight, target, ignore_index, z_loss, grad_scale, scale_per_row, grad_hidden_needed,
+                   grad_weight_needed):
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     target = target.contiguous()
@@ -269,7 +288,7 @@ def _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss) -> No
     for name, x in (("weight", weight), ("target", target)):
         if x.device != hidden.device:
             raise ValueError(f"{name}: expected device {hidden.device} (as hidden), got {x.device}")
-    check_int("ignore_index", ignore_index)
+    check_int("ignore_index", ignore_index, _INT64_MIN, _INT64_MAX)  # compared with int64 targets
     check_choice("reduction", reduction, REDUCTIONS)
     check_float("z_loss", z_loss, 0)
 
@@ -289,7 +308,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 
     Returns:
         float32 loss; differentiable in hidden and weight (gradients in their dtype).
+
+    Under autocast (on hidden's device type) it is a matmul consumer like ``nn.Linear``: float
+    hidden and weight are cast to autocast's dtype (then they may differ in dtype before the cast),
+    the op runs with autocast off (GEMMs in that dtype with float32 accumulation, the softmax in
+    float32), the loss is float32 and the gradients come back in hidden's and weight's own dtypes.
     """
+    dtype = autocast_dtype(hidden)
+    if dtype is not None:
+        hidden, weight = autocast_cast(dtype, hidden, weight)
+        with autocast_off(hidden):
+            return linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss)
     _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss)
     z_loss = float(z_loss)
     if not use_triton(hidden):

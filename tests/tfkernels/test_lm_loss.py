@@ -7,6 +7,8 @@ dtype, then ``F.cross_entropy``), against float64:
     max |ours - ref64| <= 2 * max |eager_lowp - ref64| + 4 * eps(out dtype) * max(1, max |ref64|)
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,14 @@ from tfkernels.testing import assert_anchored
 
 pytestmark = requires_triton
 
+
+@pytest.fixture(params=["kernel", "reference"])
+def path(request, monkeypatch):
+    """Run a test on the kernel path and on the reference path (which CPU tensors take without the
+    interpreter): the same input must give the same answer or the same named error on both."""
+    if request.param == "reference":
+        monkeypatch.setattr(lm_loss_module, "use_triton", lambda x: False)
+    return request.param
 
 
 @pytest.fixture
@@ -119,12 +129,31 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients(reduction):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
-def test_no_rows():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_rows(reduction, path):
     hidden, weight, target = _inputs(0, 8, 40, torch.float32, seed=8)
-    hidden.requires_grad_()
-    loss = tk.linear_cross_entropy(hidden, weight, target)
-    assert loss.item() == 0.0
-    assert torch.autograd.grad(loss, hidden)[0].shape == (0, 8)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    loss = tk.linear_cross_entropy(hidden, weight, target, reduction=reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ((0,) if reduction == "none" else ())
+    assert loss.sum().item() == 0.0
+    grad_hidden, grad_weight = torch.autograd.grad(loss.sum(), (hidden, weight))
+    assert grad_hidden.shape == (0, 8) and torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+def test_zero_hidden_size_gives_uniform_logits(path):
+    """H = 0: every logit is 0, the loss is log V on both paths."""
+    hidden, weight = torch.zeros(3, 0, device=DEVICE), torch.zeros(7, 0, device=DEVICE)
+    loss = tk.linear_cross_entropy(hidden, weight, torch.tensor([0, 3, 6], device=DEVICE), reduction="none")
+    torch.testing.assert_close(loss, torch.full((3,), math.log(7), device=DEVICE))
+
+
+@pytest.mark.parametrize("ignore_index", [2**40, -(2**63), 2**63 - 1])
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
+def test_ignore_index_anywhere_in_int64(ignore_index, target_dtype, path):
+    """An ignore_index no target can equal (beyond int32 for int32 targets) ignores nothing."""
+    hidden, weight, target = _inputs(6, 4, 9, torch.float32, seed=14)
+    loss = tk.linear_cross_entropy(hidden, weight, target.to(target_dtype), ignore_index=ignore_index)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, target), rtol=1e-5, atol=1e-6)
 
 
 def test_logits_are_chunked_never_n_by_v(monkeypatch):
@@ -214,16 +243,27 @@ BAD_INPUTS = [
     (dict(z_loss=float("inf")), ValueError, "z_loss: expected a finite float >= 0"),
     (dict(z_loss="0.1"), TypeError, "z_loss: expected a finite float >= 0"),
     (dict(ignore_index=None), TypeError, "ignore_index: expected an int"),
+    (dict(ignore_index=True), TypeError, "ignore_index: expected an int"),
+    (dict(ignore_index=-100.0), TypeError, "ignore_index: expected an int"),
+    # Beyond int64 it used to overflow deep inside torch.
+    (dict(ignore_index=2**70), ValueError, r"ignore_index: expected an int in \[-9223372036854775808, 9223372036854775807\]"),
+    (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index: expected an int in"),
+    (dict(hidden=torch.randn(6, 4, device=DEVICE).to(torch.complex64)), TypeError, "hidden: expected float16"),
+    (dict(target=torch.tensor([0, 1, 2, 3, 4, 5], device=DEVICE).bool()), TypeError, "target: expected dtype int32"),
+    (dict(target=[0, 1, 2, 3, 4, 5]), TypeError, r"target: expected an int tensor \[N\], got list"),
+    (dict(reduction=None), TypeError, "reduction: expected a str"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss: expected a finite float >= 0"),
 ]
 if DEVICE == "cuda":
     BAD_INPUTS.append((dict(target=torch.tensor([0, 1, 2, 3, -100, 9])), ValueError, "target: expected device cuda"))
 
 
 @pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
-def test_bad_inputs_raise_before_launch(overrides, error, message, monkeypatch):
+def test_bad_inputs_raise_before_launch(overrides, error, message, path, monkeypatch):
     def no_launch(*args, **kwargs):
-        raise AssertionError("a kernel was launched on bad input")
+        raise AssertionError("a kernel or the reference ran on bad input")
 
     monkeypatch.setattr(lm_loss_module, "_launch", no_launch)
+    monkeypatch.setattr(lm_loss_module.reference, "linear_cross_entropy", no_launch)
     with pytest.raises(error, match=message):
         tk.linear_cross_entropy(**_bad_args(**overrides))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_choice
+from .._checks import autocast_off, check_choice
 
 __all__ = ["REDUCTIONS", "linear_cross_entropy"]
 
@@ -27,9 +27,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         z_loss: weight of ``logsumexp(logits)^2`` added to each non-ignored row (PaLM's z-loss).
 
     Returns:
-        float32 loss (float64 when the inputs are float64), computed in that precision.
+        float32 loss (float64 when the inputs are float64), computed in that precision, autocast or
+        not (autocast is off inside; ``tk.linear_cross_entropy`` casts its inputs first).
     """
     check_choice("reduction", reduction, REDUCTIONS)
+    with autocast_off(hidden):
+        return _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss)
+
+
+def _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss):
     compute = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(compute) @ weight.to(compute).T  # [N, V]
     counted = target != ignore_index
