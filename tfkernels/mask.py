@@ -16,19 +16,40 @@ sits at absolute position ``i + Sk - Sq``, so the last query is the last key's p
 Padding tokens see nothing: their interval is empty, ``[p, p)`` at their own position ``p`` (which
 keeps both bounds monotone wherever the padding sits). Their attention output is zero.
 
-Holds ``IntervalMask`` and ``segment_ids_from_layout``, which turns a layout of span lists (as
-``IntervalMask.from_spans`` takes it) into the per-token segment ids ``from_segment_ids`` takes.
+Validation policy (what every op taking a mask relies on):
+
+* In eager mode the values are checked (``validate``) on first use and again whenever ``kv_start``
+  or ``kv_end`` changed since the last check: another tensor object (swapped tensors) or a changed
+  version counter (``tensor._version``, bumped by every in-place edit through PyTorch, views
+  included). An invalid mask raises a ``ValueError`` naming the first bad row, before any launch.
+  Edits that bypass the version counter (through ``.data``, a NumPy or DLPack alias) are not seen.
+* While ``torch.compile`` traces, values cannot be read back without a graph break, so both the
+  kernels and the reference compute with ``canonical_bounds`` of the mask: the identity on every
+  valid mask, and a valid mask for every invalid one (bounds made monotone and clamped into
+  ``[0, Sk]``; a row whose start passes its end becomes empty). ``TFKERNELS_MASK_ASSERT=1`` (read
+  when the graph is traced) adds a device-side assertion that the mask was valid: a
+  ``RuntimeError`` on the CPU, a device-side assert on CUDA (fatal for the process's CUDA context).
+* Whatever the values, the kernels never touch memory outside their tensors and never loop longer
+  than a valid mask of the same shape would make them (they clamp every bound they read).
+
+Holds ``IntervalMask``, ``canonical_bounds`` and ``segment_ids_from_layout``, which turns a layout
+of span lists (as ``IntervalMask.from_spans`` takes it) into the per-token segment ids
+``from_segment_ids`` takes.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 from ._checks import check_int, is_int, is_int_dtype
 
-__all__ = ["IntervalMask", "segment_ids_from_layout"]
+__all__ = ["IntervalMask", "canonical_bounds", "segment_ids_from_layout"]
+
+# Positions are stored as int32: every size and bound must fit.
+INT32_MAX = 2**31 - 1
 
 
 def _positions(seq_len_q: int, seq_len_k: int, device) -> torch.Tensor:
@@ -36,11 +57,32 @@ def _positions(seq_len_q: int, seq_len_k: int, device) -> torch.Tensor:
     return torch.arange(seq_len_q, device=device) + (seq_len_k - seq_len_q)
 
 
+def _check_size(name: str, value) -> int:
+    """A size: an int in ``[0, 2**31 - 1]`` (the mask stores int32 positions)."""
+    return check_int(name, value, 0, INT32_MAX)
+
+
 def _check_shape(batch_size, seq_len_q, seq_len_k) -> int:
-    """The constructors' sizes: ints >= 0. Returns ``seq_len_k`` (``seq_len_q`` when ``None``)."""
-    check_int("batch_size", batch_size, 0)
-    check_int("seq_len_q", seq_len_q, 0)
-    return seq_len_q if seq_len_k is None else check_int("seq_len_k", seq_len_k, 0)
+    """The constructors' sizes: ints in ``[0, 2**31 - 1]``. Returns ``seq_len_k`` (``seq_len_q`` when ``None``)."""
+    _check_size("batch_size", batch_size)
+    _check_size("seq_len_q", seq_len_q)
+    return seq_len_q if seq_len_k is None else _check_size("seq_len_k", seq_len_k)
+
+
+def canonical_bounds(kv_start: torch.Tensor, kv_end: torch.Tensor, seq_len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The valid mask nearest to any ``[B, Sq]`` bounds, on the device, with no host sync.
+
+    ``start' = clamp(cummax(start), 0, Sk)`` and ``end' = max(clamp(cummax(end), 0, Sk), start')``
+    along the queries: the identity on every valid mask; for an invalid one, bounds that are
+    monotone and in range, where a row whose start passes its end becomes empty. Ops compute with
+    it while ``torch.compile`` traces (both the kernels and the reference), where ``validate``
+    cannot read the values.
+    """
+    if kv_start.shape[-1] == 0:
+        return kv_start, kv_end
+    start = kv_start.cummax(dim=-1).values.clamp(0, seq_len_k)
+    end = torch.maximum(kv_end.cummax(dim=-1).values.clamp(0, seq_len_k), start)
+    return start, end
 
 
 class IntervalMask:
@@ -60,9 +102,10 @@ class IntervalMask:
         self.kv_start = kv_start
         self.kv_end = kv_end
         self.seq_len_k = seq_len_k
-        # Value checks read the tensors back to the host; once a mask passed them, later calls
-        # (every layer of a model uses the same mask) skip the sync.
-        self._values_checked = False
+        # Value checks read the tensors back to the host; the state they passed in (tensor objects,
+        # version counters, seq_len_k) lets later calls (every layer of a model uses the same mask)
+        # skip the sync until something changes.
+        self._checked_state = None
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -126,7 +169,15 @@ class IntervalMask:
         ``prefix_len`` is an int or one int per row (list or ``[B]`` tensor).
         """
         seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        prefix = torch.as_tensor(prefix_len, device=device)
+        expected = "an int or a [batch_size] int list"
+        try:
+            prefix = torch.as_tensor(prefix_len, device=device)
+        except ValueError as error:  # an int past int64
+            raise ValueError(
+                f"prefix_len: expected values in [0, seq_len_k={seq_len_k}], got {prefix_len!r}"
+            ) from error
+        except (TypeError, RuntimeError) as error:  # None, str, objects
+            raise TypeError(f"prefix_len: expected {expected}, got {prefix_len!r}") from error
         if not is_int_dtype(prefix.dtype):
             raise TypeError(f"prefix_len: expected an int or a [batch_size] int list, got {prefix_len!r}")
         if prefix.ndim > 1:
@@ -155,6 +206,7 @@ class IntervalMask:
         itself included)."""
         check_int("window", window, 1)
         seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
+        window = min(window, max(seq_len_k, 1))  # any wider window sees the same keys (int64-safe below)
         pos = _positions(seq_len_q, seq_len_k, device)
         end = (pos + 1).clamp(min=0)
         start = (pos + 1 - window).clamp(min=0).minimum(end)
@@ -178,7 +230,7 @@ class IntervalMask:
             documents: per row, the document lengths, packed from position 0; positions past
                 the last document are padding and see nothing. ``None``: one document per row.
         """
-        check_int("seq_len", seq_len, 0)
+        _check_size("seq_len", seq_len)
         if images is None and documents is None:
             raise ValueError("from_spans: give images, documents or both (one list per batch row)")
         batch_size = len(images) if images is not None else len(documents)
@@ -264,6 +316,9 @@ class IntervalMask:
         if image_ids.device != doc_ids.device:
             raise ValueError(f"image_ids: expected device {doc_ids.device}, got {image_ids.device}")
         batch_size, seq_len = doc_ids.shape
+        if seq_len > INT32_MAX:
+            raise ValueError(f"doc_ids: expected at most 2**31 - 1 tokens per row (the mask holds int32 positions), "
+                             f"got {seq_len}")
         device = doc_ids.device
         pos = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
         if seq_len == 0:
@@ -358,12 +413,14 @@ class IntervalMask:
     # ------------------------------------------------------------------ validation
     def validate(self, *, batch_size=None, seq_len_q=None, seq_len_k=None, device=None) -> IntervalMask:
         """Check the contract: ``TypeError`` for a wrong type or dtype, else ``ValueError`` naming the
-        first violation (for values, the first bad batch row and query).
+        first violation (for values, the first bad batch row and query, in row-major order).
 
         The optional arguments are what the caller's tensors need (an op passes its q/k shapes).
-        Structure (type, dtype, shape, device) is checked on every call; values (range and
-        monotonicity) once per mask and not while ``torch.compile`` traces, where they would
-        force a host sync and a graph break.
+        Structure (type, dtype, shape, device, sizes) is checked on every call. Values (range and
+        monotonicity) are checked in eager mode on the first call and again whenever ``kv_start`` or
+        ``kv_end`` is another tensor or was edited in place since (its version counter changed), or
+        ``seq_len_k`` changed; not while ``torch.compile`` traces, where they would force a host sync
+        and a graph break: ops then compute with ``canonical_bounds`` (see the module docstring).
         """
         start, end = self.kv_start, self.kv_end
         for name, t in (("kv_start", start), ("kv_end", end)):
@@ -379,7 +436,8 @@ class IntervalMask:
             )
         if start.device != end.device:
             raise ValueError(f"mask: kv_start on {start.device} but kv_end on {end.device}")
-        check_int("mask.seq_len_k", self.seq_len_k, 0)
+        _check_size("mask.seq_len_k", self.seq_len_k)
+        _check_size("mask.seq_len_q", self.seq_len_q)
         expected = (("batch_size", batch_size, self.batch_size), ("seq_len_q", seq_len_q, self.seq_len_q),
                     ("seq_len_k", seq_len_k, self.seq_len_k))
         for name, want, have in expected:
@@ -387,33 +445,52 @@ class IntervalMask:
                 raise ValueError(f"mask.{name}: is {have} but the inputs need {want}")
         if device is not None and torch.device(device) != start.device:
             raise ValueError(f"mask: tensors are on {start.device} but the inputs are on {torch.device(device)}")
-        if not self._values_checked and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self  # values: ops use _op_bounds (canonical bounds, computed on the device)
+        state = (start, end, start._version, end._version, self.seq_len_k)
+        checked = self._checked_state
+        if checked is None or not (checked[0] is start and checked[1] is end and checked[2:] == state[2:]):
             self._check_values()
-            self._values_checked = True
+            self._checked_state = state
         return self
+
+    def _op_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounds an op computes with, after ``validate()``: the (validated) tensors themselves in eager
+        mode; ``canonical_bounds`` while ``torch.compile`` traces, with a device-side assertion that they
+        equal the mask's own bounds when ``TFKERNELS_MASK_ASSERT=1``. Every op (kernel or reference) goes
+        through here, so both paths see the same bounds on every mask, valid or not."""
+        if not torch.compiler.is_compiling():
+            return self.kv_start, self.kv_end
+        start, end = canonical_bounds(self.kv_start, self.kv_end, self.seq_len_k)
+        if os.environ.get("TFKERNELS_MASK_ASSERT", "0") == "1":
+            valid = ((start == self.kv_start) & (end == self.kv_end)).all()
+            torch._assert_async(valid, "mask: invalid kv_start/kv_end values under torch.compile "
+                                       "(TFKERNELS_MASK_ASSERT=1; call validate() in eager mode to name the row)")
+        return start, end
 
     def _check_values(self) -> None:
         start, end, sk = self.kv_start, self.kv_end, self.seq_len_k
+        if start.numel() == 0:
+            return
+        false = torch.zeros_like(start[:, :1], dtype=torch.bool)
+        monotone = "non-decreasing along queries"
         checks = [
             ("kv_start", start < 0, "expected kv_start >= 0"),
             ("kv_end", end > sk, f"expected kv_end <= seq_len_k={sk}"),
             ("kv_end", end < start, "expected kv_start <= kv_end"),
-            ("kv_start", start[:, 1:] < start[:, :-1], "expected kv_start non-decreasing along queries"),
-            ("kv_end", end[:, 1:] < end[:, :-1], "expected kv_end non-decreasing along queries"),
+            # Query q compared with query q - 1 (query 0 has no predecessor).
+            ("kv_start", torch.cat([false, start[:, 1:] < start[:, :-1]], 1), f"expected kv_start {monotone}"),
+            ("kv_end", torch.cat([false, end[:, 1:] < end[:, :-1]], 1), f"expected kv_end {monotone}"),
         ]
-        if start.numel() == 0:
+        bad = torch.stack([b for _, b, _ in checks])  # [checks, B, Sq]
+        if not bool(bad.any()):  # the one host sync of a valid mask
             return
-        failed = torch.stack([bad.any() for _, bad, _ in checks]).tolist()  # one host sync
-        for (name, bad, what), is_bad in zip(checks, failed):
-            if not is_bad:
-                continue
-            row, col = bad.nonzero()[0].tolist()
-            looks_back = bad.shape[1] != start.shape[1]  # monotonicity compares with the row before
-            col += looks_back
-            got = f"[{int(start[row, col])}, {int(end[row, col])})"
-            if looks_back:
-                got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
-            raise ValueError(f"mask.{name}: batch row {row}, query {col}: {what}, got {got}")
+        row, col = bad.any(0).nonzero()[0].tolist()  # the first bad query, row-major
+        name, _, what = checks[int(bad[:, row, col].nonzero()[0])]
+        got = f"[{int(start[row, col])}, {int(end[row, col])})"
+        if what.endswith(monotone):
+            got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
+        raise ValueError(f"mask.{name}: batch row {row}, query {col}: {what}, got {got}")
 
 
 def _describe(x) -> str:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfkernels as tk
-from tfkernels.mask import segment_ids_from_layout
+from tfkernels.mask import canonical_bounds, segment_ids_from_layout
 from tfkernels.testing import random_layout
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -219,9 +219,9 @@ def _mask(start, end, seq_len_k):
         (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 4, dtype=torch.int32), 3), ValueError,
          r"mask: kv_start \(1, 3\) and kv_end \(1, 4\) differ in shape"),
         (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), -1), ValueError,
-         r"mask.seq_len_k: expected an int >= 0, got -1"),
+         r"mask.seq_len_k: expected an int in \[0, 2147483647\], got -1"),
         (tk.IntervalMask(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 3, dtype=torch.int32), 3.0), TypeError,
-         r"mask.seq_len_k: expected an int >= 0, got 3.0"),
+         r"mask.seq_len_k: expected an int in \[0, 2147483647\], got 3.0"),
         (tk.IntervalMask([0, 0], torch.ones(1, 3, dtype=torch.int32), 3), TypeError,
          r"mask.kv_start: expected an int32 tensor \[B, Sq\], got list"),
     ],
@@ -283,14 +283,18 @@ def test_validation_against_the_inputs():
          ValueError, r"image_ids: expected a tensor of doc_ids' shape \(1, 4\)"),
         (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.bool)),
          TypeError, r"image_ids: expected an integer dtype, got torch.bool"),
-        (lambda: tk.IntervalMask.causal(2, -1), ValueError, r"seq_len_q: expected an int >= 0, got -1"),
-        (lambda: tk.IntervalMask.causal(2, 8.0), TypeError, r"seq_len_q: expected an int >= 0, got 8.0"),
-        (lambda: tk.IntervalMask.full(True, 8), TypeError, r"batch_size: expected an int >= 0, got True"),
+        (lambda: tk.IntervalMask.causal(2, -1), ValueError, r"seq_len_q: expected an int in \[0, 2147483647\], got -1"),
+        (lambda: tk.IntervalMask.causal(2, 8.0), TypeError, r"seq_len_q: expected an int in \[0, 2147483647\], got 8.0"),
+        (lambda: tk.IntervalMask.full(True, 8), TypeError, r"batch_size: expected an int in \[0, 2147483647\], got True"),
         (lambda: tk.IntervalMask.sliding_window(0, 1, 4), ValueError, r"window: expected an int >= 1, got 0"),
         (lambda: tk.IntervalMask.prefix_lm([1, 2, 3], 2, 4), ValueError, r"prefix_len: expected 2 values \(one per row\), got 3"),
         (lambda: tk.IntervalMask.prefix_lm(9, 1, 4), ValueError, r"prefix_len: expected values in \[0, seq_len_k=4\]"),
         (lambda: tk.IntervalMask.prefix_lm(1.5, 1, 4), TypeError, r"prefix_len: expected an int or a \[batch_size\] int list"),
         (lambda: tk.IntervalMask.causal(1, 8).slice_queries(5, 3), ValueError, r"slice_queries: expected 0 <= start <= end"),
+        (lambda: tk.IntervalMask.prefix_lm(2**70, 1, 4), ValueError, r"prefix_len: expected values in \[0, seq_len_k=4\]"),
+        (lambda: tk.IntervalMask.prefix_lm([2**70], 1, 4), ValueError, r"prefix_len: expected values in \[0, seq_len_k=4\]"),
+        (lambda: tk.IntervalMask.prefix_lm(None, 1, 4), TypeError, r"prefix_len: expected an int or a \[batch_size\] int list"),
+        (lambda: tk.IntervalMask.prefix_lm("3", 1, 4), TypeError, r"prefix_len: expected an int or a \[batch_size\] int list"),
     ],
 )
 def test_constructor_errors(call, error, message):
@@ -298,13 +302,180 @@ def test_constructor_errors(call, error, message):
         call()
 
 
-def test_values_are_checked_once_per_mask():
+# ------------------------------------------------------------------------------ int32 sizes (issue 11, item 4)
+TOO_BIG = [2**31, 2**32 + 6, 2**63, 2**70]
+
+
+@pytest.mark.parametrize("size", TOO_BIG)
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("seq_len_k", lambda n: tk.IntervalMask.causal(1, 4, n)),
+        ("seq_len_q", lambda n: tk.IntervalMask.causal(1, n, 4)),
+        ("batch_size", lambda n: tk.IntervalMask.causal(n, 4)),
+        ("seq_len_k", lambda n: tk.IntervalMask.full(1, 3, n)),
+        ("seq_len_q", lambda n: tk.IntervalMask.full(1, n)),
+        ("seq_len_k", lambda n: tk.IntervalMask.prefix_lm(0, 1, 3, n)),
+        ("seq_len_q", lambda n: tk.IntervalMask.prefix_lm(0, 1, n, 4)),
+        ("seq_len_k", lambda n: tk.IntervalMask.sliding_window(2, 1, 3, n)),
+        ("batch_size", lambda n: tk.IntervalMask.sliding_window(2, n, 3)),
+        ("seq_len", lambda n: tk.IntervalMask.from_spans(n, documents=[[1]])),
+        ("mask.seq_len_k", lambda n: tk.IntervalMask(torch.zeros(1, 2, dtype=torch.int32),
+                                                     torch.ones(1, 2, dtype=torch.int32), n).validate()),
+    ],
+)
+def test_sizes_past_int32_are_rejected_by_name(name, call, size):
+    """Positions are int32: causal(1, 4, 2**32 + 6) used to wrap and full(1, 3, 2**31) built a mask its own
+    validate() rejected. Every constructor now names the size that does not fit."""
+    with pytest.raises(ValueError, match=rf"^{name}: expected an int in \[0, 2147483647\], got {size}$"):
+        call(size)
+
+
+def test_largest_int32_sizes_are_accepted_and_huge_windows_are_causal():
+    big = 2**31 - 1
+    mask = tk.IntervalMask.causal(1, 2, big).validate()
+    assert mask.kv_end.tolist() == [[big - 1, big]] and mask.seq_len_k == big
+    assert tk.IntervalMask.full(1, 1, big).validate().kv_end.tolist() == [[big]]
+    for window in (big, 2**31, 2**70):  # wider than the keys: the causal mask, no overflow
+        wide = tk.IntervalMask.sliding_window(window, 2, 5, 7)
+        causal = tk.IntervalMask.causal(2, 5, 7)
+        assert torch.equal(wide.kv_start, causal.kv_start) and torch.equal(wide.kv_end, causal.kv_end)
+
+
+# ------------------------------------------------------------------------------ validation policy (item 2)
+def test_validation_names_the_first_bad_query_in_row_major_order():
+    """Several violations: the first (batch row, query) is named, whichever check it fails."""
+    start = torch.tensor([[0, 0, 0, 0], [0, 0, 0, -1]], dtype=torch.int32)
+    end = torch.tensor([[1, 2, 3, 5], [1, 1, 3, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"mask.kv_end: batch row 0, query 3: expected kv_end <= seq_len_k=4"):
+        tk.IntervalMask(start, end, 4).validate()
+    end[0, 3] = 4
+    start[0, 2:] = 4  # row 0 now fails first at query 2 (start past end); row 1 still fails at query 1
+    with pytest.raises(ValueError, match=r"mask.kv_end: batch row 0, query 2: expected kv_start <= kv_end, got \[4, 3\)"):
+        tk.IntervalMask(start, end, 4).validate()
+
+
+def _count_value_checks(monkeypatch):
+    calls = []
+    original = tk.IntervalMask._check_values
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(tk.IntervalMask, "_check_values", counting)
+    return calls
+
+
+def test_values_are_checked_once_until_the_tensors_change(monkeypatch):
+    calls = _count_value_checks(monkeypatch)
     mask = tk.IntervalMask.causal(1, 4)
     mask.validate()
-    mask.kv_end[0, 0] = 9  # mutated in place after the check: the cached verdict stands
     mask.validate()
-    with pytest.raises(ValueError, match="kv_end <= seq_len_k"):
-        tk.IntervalMask(mask.kv_start, mask.kv_end, 4).validate()
+    assert len(calls) == 1, "an unchanged mask is checked once (one host sync per mask, not per layer)"
+    mask.kv_end[0, 0] = 1  # an in-place edit that keeps the mask valid: re-checked, passes
+    mask.validate()
+    assert len(calls) == 2
+    mask.validate()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.kv_end.__setitem__((0, 0), 9), r"mask.kv_end: batch row 0, query 0: expected kv_end <= seq_len_k=4"),
+        (lambda m: m.kv_start[0].fill_(-1), r"mask.kv_start: batch row 0, query 0: expected kv_start >= 0"),  # via a view
+        (lambda m: m.kv_start.copy_(torch.tensor([[0, 2, 1, 3]])), r"query 2: expected kv_start non-decreasing"),
+        (lambda m: m.kv_end.add_(2**31 - 5), r"query 0: expected kv_end <= seq_len_k=4"),
+        (lambda m: setattr(m, "kv_end", torch.full((1, 4), 5, dtype=torch.int32)), r"query 0: expected kv_end <= seq_len_k"),
+        (lambda m: setattr(m, "kv_start", m.kv_end.clone()), None),  # swapped for a valid tensor: checked, passes
+        (lambda m: (setattr(m, "kv_start", m.kv_end), setattr(m, "kv_end", m.kv_start.clone().sub_(1))),
+         r"expected kv_start <= kv_end"),  # swapped start and end
+        (lambda m: setattr(m, "seq_len_k", 3), r"query 3: expected kv_end <= seq_len_k=3"),
+    ],
+)
+def test_values_are_rechecked_after_in_place_edits_and_swaps(edit, message):
+    """Issue 11, item 2: a mask edited in place (its version counter moves) or given other tensors after its
+    first check is checked again; the error names the first bad row."""
+    mask = tk.IntervalMask.causal(1, 4)
+    mask.validate()
+    edit(mask)
+    if message is None:
+        mask.validate()
+    else:
+        with pytest.raises(ValueError, match=message):
+            mask.validate()
+        with pytest.raises(ValueError, match=message):  # and on every later call until fixed
+            mask.validate()
+
+
+def _is_valid(start, end, seq_len_k):
+    return (bool((start >= 0).all() and (end <= seq_len_k).all() and (start <= end).all())
+            and bool((start[:, 1:] >= start[:, :-1]).all() and (end[:, 1:] >= end[:, :-1]).all()))
+
+
+@SETTINGS
+@given(layouts())
+def test_canonical_bounds_is_the_identity_on_valid_masks(layout):
+    seq_len, images, documents = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
+    start, end = canonical_bounds(mask.kv_start, mask.kv_end, seq_len)
+    assert torch.equal(start, mask.kv_start) and torch.equal(end, mask.kv_end)
+    for other in (tk.IntervalMask.causal(2, 5, 9), tk.IntervalMask.causal(2, 9, 5), tk.IntervalMask.full(1, 3, 0),
+                  tk.IntervalMask.prefix_lm([2, 7], 2, 6, 8), tk.IntervalMask.sliding_window(3, 1, 7, 5)):
+        start, end = canonical_bounds(other.kv_start, other.kv_end, other.seq_len_k)
+        assert torch.equal(start, other.kv_start) and torch.equal(end, other.kv_end)
+
+
+INT32_EDGES = [-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 2, 2**31 - 1]
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(0, 12), st.integers(0, 12), st.data())
+def test_canonical_bounds_turns_any_values_into_a_valid_mask(batch, seq_q, seq_k, data):
+    values = st.one_of(st.integers(-3, seq_k + 3), st.sampled_from(INT32_EDGES))
+    start = torch.tensor(data.draw(st.lists(st.lists(values, min_size=seq_q, max_size=seq_q), min_size=batch,
+                                            max_size=batch)), dtype=torch.int32).reshape(batch, seq_q)
+    end = torch.tensor(data.draw(st.lists(st.lists(values, min_size=seq_q, max_size=seq_q), min_size=batch,
+                                          max_size=batch)), dtype=torch.int32).reshape(batch, seq_q)
+    new_start, new_end = canonical_bounds(start, end, seq_k)
+    assert new_start.dtype == new_end.dtype == torch.int32 and new_start.shape == start.shape
+    assert _is_valid(new_start, new_end, seq_k)
+    tk.IntervalMask(new_start, new_end, seq_k).validate()
+    # The rule, row by row: running maxima clamped into [0, Sk]; a start past its end empties the row.
+    for b in range(batch):
+        run_s = run_e = -(2**40)
+        for i in range(seq_q):
+            run_s, run_e = max(run_s, int(start[b, i])), max(run_e, int(end[b, i]))
+            s_i = min(max(run_s, 0), seq_k)
+            assert int(new_start[b, i]) == s_i and int(new_end[b, i]) == max(min(max(run_e, 0), seq_k), s_i)
+
+
+def test_compiled_ops_use_the_canonical_bounds_and_can_assert(monkeypatch):
+    """Under torch.compile values cannot be read back: ops compute with the canonical bounds; with
+    TFKERNELS_MASK_ASSERT=1 (read at trace time) an invalid mask fails a device-side assertion."""
+    start = torch.tensor([[0, 3, 1, 2**31 - 1]], dtype=torch.int32)
+    end = torch.tensor([[-5, 4, 2, 2**31 - 1]], dtype=torch.int32)
+
+    def bounds(kv_start, kv_end):
+        mask = tk.IntervalMask(kv_start, kv_end, 6).validate(seq_len_k=6)
+        return mask._op_bounds()
+
+    compiled = torch.compile(bounds, fullgraph=True, backend="aot_eager")
+    got = compiled(start, end)
+    assert [t.tolist() for t in got] == [[[0, 3, 3, 6]], [[0, 4, 4, 6]]]
+    assert [t.tolist() for t in got] == [t.tolist() for t in canonical_bounds(start, end, 6)]
+    with pytest.raises(ValueError, match="batch row 0, query 0: expected kv_start <= kv_end"):
+        bounds(start, end)  # eager: the same mask is rejected by name
+    valid = tk.IntervalMask.causal(1, 4, 6)
+    monkeypatch.setenv("TFKERNELS_MASK_ASSERT", "1")
+    torch._dynamo.reset()
+    asserting = torch.compile(bounds, fullgraph=True, backend="aot_eager")
+    assert [t.tolist() for t in asserting(valid.kv_start, valid.kv_end)] == [valid.kv_start.tolist(),
+                                                                          valid.kv_end.tolist()]
+    with pytest.raises(RuntimeError, match="TFKERNELS_MASK_ASSERT"):
+        asserting(start, end)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------ interop
