@@ -29,10 +29,12 @@ Coefficients are float32 table lookups whatever the data dtype; loads are cast t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
-from ._checks import check_choice, check_float_tensor, check_index_tensor, is_int
+from ._checks import autocast_dtype, autocast_off, check_choice, check_float_tensor, check_index_tensor, is_int
 from ._dispatch import HAS_TRITON, use_triton
 from ._philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, UNIFORM_BITS
 from .reference.diffusion import REDUCTIONS
@@ -326,6 +328,17 @@ def _check_values(t: torch.Tensor, offsets: torch.Tensor | None, num_rows: int, 
                          f"offsets[{bad + 1}] = {int(offsets[bad + 1])}")
 
 
+def _check_weights(weights: torch.Tensor) -> None:
+    """Loss weights are finite and ``>= 0`` (one host sync; skipped during CUDA graph capture): a
+    negative weight turns the loss into a reward, a NaN or inf one poisons the mean over images."""
+    if weights.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    bad = ~(torch.isfinite(weights) & (weights >= 0))
+    if bool(bad.any()):
+        index = int(bad.int().argmax())
+        raise ValueError(f"weights: expected finite values >= 0, got weights[{index}] = {weights[index].item()}")
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library registration and autograd
 # ----------------------------------------------------------------------------------------------
@@ -488,7 +501,13 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise:
 
     Returns:
         x_t, contiguous, x0's shape and dtype; differentiable in x0 and noise.
+
+    Under autocast it is an elementwise op: the inputs are taken as given, autocast is off inside
+    (float32 arithmetic), x_t has x0's dtype.
     """
+    if autocast_dtype(x0) is not None:
+        with autocast_off(x0):
+            return add_noise(x0, t, schedule, noise, seed, offsets)
     _check_inputs(x0, t, schedule, noise, seed, offsets)
     signal, noise_scale = _tables(schedule, x0.device)
     if use_triton(x0):
@@ -505,29 +524,43 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
     """Per-image mean squared error of ``pred`` against the diffusion target; one pass each way.
 
     Args:
-        pred: the model's prediction, x0's shape; float16/bfloat16/float32.
+        pred: the model's prediction, x0's shape; float16/bfloat16/float32 (any of them: pred, x0
+            and noise need not share a dtype).
         x0, t, schedule, noise, seed, offsets: as in ``add_noise`` (the same seed and offsets
-            regenerate the same noise; it is never stored). Every image needs at least one row.
+            regenerate the same noise; it is never stored). Every image needs at least one element
+            (one row of a packed buffer, and rows of at least one element): the mean over an empty
+            image is undefined, a ``ValueError``.
         target: ``"eps"`` (the noise), ``"v"`` (``a * noise - b * x0``), ``"x0"``, or ``"flow"``
             (``noise - x0``, the velocity of ``NoiseSchedule.rectified_flow()``, which it needs).
-        weights: optional float ``[N]``, multiplies each image's loss.
+        weights: optional float ``[N]``, finite and ``>= 0``, multiplies each image's loss.
         reduction: ``"mean"`` over images (0 when ``N == 0``) or ``"none"`` (float32 ``[N]``).
 
     Returns:
         float32 loss, ``weights[i] * mean((pred_i - target_i)^2)`` reduced over images.
         Differentiable in pred (one fused pass), and in x0, noise and weights.
+
+    Under autocast it is an elementwise op: the inputs are taken as given, autocast is off inside
+    (float32 arithmetic), the loss is float32 and the gradients have the inputs' dtypes.
     """
+    if autocast_dtype(x0) is not None:
+        with autocast_off(x0):
+            return diffusion_loss(pred, x0, t, schedule, target, noise, seed, offsets, weights, reduction)
     _check_inputs(x0, t, schedule, noise, seed, offsets)
     _check_like_x0("pred", pred, x0)
     check_target(target, schedule)
     check_choice("reduction", reduction, REDUCTIONS)
     num_images = t.shape[0]
+    if num_images and math.prod(x0.shape[1:]) == 0:
+        raise ValueError(f"x0: expected images of at least one element (the loss is a mean over each image), "
+                         f"got shape {tuple(x0.shape)}")
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or not weights.dtype.is_floating_point:
             raise TypeError(f"weights: expected a float tensor [N], got {weights!r:.60}")
         if weights.shape != (num_images,) or weights.device != x0.device:
             raise ValueError(f"weights: expected shape [{num_images}] on {x0.device}, got "
                              f"{tuple(weights.shape)} on {weights.device}")
+        if not torch.compiler.is_compiling():
+            _check_weights(weights)
     signal, noise_scale = _tables(schedule, x0.device)
     if not use_triton(x0):
         if not torch.compiler.is_compiling():

@@ -13,6 +13,7 @@ Seeded mode is compared with the reference given the kernel's own noise, read ba
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 from tfkernels import reference
-from tfkernels.schedule import TARGETS
+from tfkernels.schedule import TARGETS, target_coefficients
 from tfkernels.testing import assert_anchored, max_error
 
 pytestmark = requires_triton
@@ -32,6 +33,15 @@ TIMESTEPS = [0, 1, 20, 499, 999]
 SEEDED_NOISE_ATOL = 1e-5
 COSINE = tk.NoiseSchedule.cosine(1000).to(DEVICE)
 FLOW = tk.NoiseSchedule.rectified_flow(1000).to(DEVICE)
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def path(request, monkeypatch):
+    """Run a test on the kernel path and on the reference path (which CPU tensors take without the
+    interpreter): the same input must give the same answer or the same named error on both."""
+    if request.param == "reference":
+        monkeypatch.setattr(diffusion_module, "use_triton", lambda x: False)
+    return request.param
 
 
 @pytest.fixture
@@ -198,17 +208,51 @@ def test_diffusion_loss_default_block_size_and_mixed_dtypes():
     assert_anchored("loss", ours, ref64, lowp)
 
 
-def test_no_images_gives_empty_output_and_zero_mean():
-    x0 = torch.zeros(0, 8, device=DEVICE)
+@pytest.mark.parametrize("shape, packed", [((0, 8), True), ((0, 8), False), ((0, 0), True), ((0, 3, 0), False)])
+def test_no_images_gives_empty_output_and_zero_mean(shape, packed, path):
+    x0 = torch.zeros(shape, device=DEVICE)
     t = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    offsets = torch.zeros(1, dtype=torch.long, device=DEVICE)
-    assert tk.add_noise(x0, t, COSINE, seed=1, offsets=offsets).shape == (0, 8)
+    offsets = torch.zeros(1, dtype=torch.long, device=DEVICE) if packed else None
+    assert tk.add_noise(x0, t, COSINE, seed=1, offsets=offsets).shape == shape
     pred = x0.clone().requires_grad_()
     loss = tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets)
-    assert loss.item() == 0.0
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    assert torch.autograd.grad(loss, pred)[0].shape == shape
     assert tk.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets, reduction="none").shape == (0,)
     assert reference.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets).item() == 0.0
     assert reference.diffusion_loss(pred, x0, t, COSINE, seed=1, offsets=offsets, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("shape, sizes", [((3, 0), None), ((3, 2, 0), None), ((4, 0), [1, 1, 2]), ((3, 0, 5), [1, 2])])
+def test_images_of_no_elements_are_a_named_error(shape, sizes, path):
+    """The per-image mean over no elements is undefined: it was NaN on both paths, now a ValueError
+    (add_noise, which has no mean, still takes them)."""
+    x0 = torch.zeros(shape, device=DEVICE)
+    num_images = shape[0] if sizes is None else len(sizes)
+    t = torch.full((num_images,), 5, device=DEVICE)
+    offsets = None if sizes is None else torch.tensor([0] + sizes, device=DEVICE).cumsum(0)
+    assert tk.add_noise(x0, t, COSINE, seed=1, offsets=offsets).shape == shape
+    with pytest.raises(ValueError, match=r"x0: expected images of at least one element .*got shape " + re.escape(str(shape))):
+        tk.diffusion_loss(x0, x0, t, COSINE, seed=1, offsets=offsets)
+    with pytest.raises(ValueError, match="x0: expected images of at least one element"):
+        reference.diffusion_loss(x0, x0, t, COSINE, seed=1, offsets=offsets)
+
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_one_element_per_image_batch_of_shape_n(target, path):
+    """x0 [N]: each image is one value; the reference crashed on it while the kernels took it."""
+    gen = torch.Generator().manual_seed(15)
+    x0, pred, noise = (_random((5,), torch.float32, gen) for _ in range(3))
+    t = torch.tensor(TIMESTEPS, device=DEVICE)
+    x_t = tk.add_noise(x0, t, COSINE, noise=noise)
+    a, b = COSINE.coefficients(t)
+    torch.testing.assert_close(x_t, a * x0 + b * noise)
+    loss = tk.diffusion_loss(pred, x0, t, COSINE, target=target, noise=noise, reduction="none")
+    c_x0, c_noise = target_coefficients(target, a, b)
+    torch.testing.assert_close(loss, (pred - c_x0 * x0 - c_noise * noise).square())
+    as_rows = tk.diffusion_loss(pred[:, None], x0[:, None], t, COSINE, target=target, seed=4)
+    torch.testing.assert_close(tk.diffusion_loss(pred, x0, t, COSINE, target=target, seed=4), as_rows,
+                               rtol=1e-6, atol=1e-6)  # seeded noise: the kernels' and torch's differ by ulps
 
 
 # ------------------------------------------------------------------------------ seeded noise
@@ -365,20 +409,65 @@ BAD_INPUTS = [
      r"offsets: expected increasing .*offsets\[1\] = 6, offsets\[2\] = 5"),
     (dict(offsets=torch.tensor([0, 5, 5, 10], device=DEVICE)), ValueError,
      r"every image needs a row.*offsets\[1\] = 5, offsets\[2\] = 5"),
+    (dict(t=torch.tensor([True, False, True], device=DEVICE)), TypeError, "t: expected dtype int32 or int64, got torch.bool"),
+    (dict(t=torch.tensor([1j, 2j, 3j], device=DEVICE)), TypeError, "t: expected dtype int32 or int64, got torch.complex64"),
+    (dict(t=torch.tensor([1, 2, 3], device=DEVICE, dtype=torch.int16)), TypeError, "t: expected dtype int32 or int64"),
+    (dict(offsets=torch.tensor([0, 2, 5, 10], device=DEVICE).bool()), TypeError, "offsets: expected dtype int32"),
+    (dict(offsets=[0, 2, 5, 10]), TypeError, "offsets: expected an int tensor"),
+    (dict(noise=None, seed=True), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=None, seed="7"), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=torch.randn(10, 4, device=DEVICE).double()), TypeError, "noise: expected float16, bfloat16 or float32"),
+    (dict(pred=torch.randn(10, 4, device=DEVICE).to(torch.complex64)), TypeError, "pred: expected float16"),
+    (dict(reduction=None), TypeError, "reduction: expected a str"),
+    (dict(weights=[1.0, 1.0, 1.0]), TypeError, "weights: expected a float tensor"),
+    (dict(weights=torch.ones(3, device=DEVICE).bool()), TypeError, "weights: expected a float tensor"),
+    # Weights that are not finite, or negative, used to give a NaN or negative loss silently.
+    (dict(weights=torch.tensor([1.0, float("nan"), 1.0], device=DEVICE)), ValueError,
+     r"weights: expected finite values >= 0, got weights\[1\] = nan"),
+    (dict(weights=torch.tensor([1.0, 1.0, float("inf")], device=DEVICE)), ValueError, r"got weights\[2\] = inf"),
+    (dict(weights=torch.tensor([1.0, -0.5, 1.0], device=DEVICE)), ValueError, r"got weights\[1\] = -0.5"),
+    (dict(x0=torch.randn(10, 0, device=DEVICE), pred=torch.randn(10, 0, device=DEVICE),
+          noise=torch.randn(10, 0, device=DEVICE)), ValueError, "x0: expected images of at least one element"),
+    (dict(x0=torch.tensor(1.0, device=DEVICE)), ValueError, "x0: expected .N, ....* got a 0-d tensor"),
+    (dict(schedule=None), TypeError, "schedule: expected a tfkernels.NoiseSchedule, got NoneType"),
 ]
 if DEVICE == "cuda":
     BAD_INPUTS.append((dict(t=torch.tensor([1, 2, 3])), ValueError, "t: expected device cuda"))
 
 
 @pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
-def test_bad_inputs_raise_before_launch(overrides, error, message, monkeypatch):
+def test_bad_inputs_raise_before_launch(overrides, error, message, path, monkeypatch):
     def no_launch(*args, **kwargs):
-        raise AssertionError("a kernel was launched on bad input")
+        raise AssertionError("a kernel or the reference ran on bad input")
 
     for name in ("_launch_add_noise", "_launch_mse_fwd", "_launch_mse_bwd"):
         monkeypatch.setattr(diffusion_module, name, no_launch)
+    for name in ("add_noise", "diffusion_loss"):
+        monkeypatch.setattr(diffusion_module.reference, name, no_launch)
     with pytest.raises(error, match=message):
         tk.diffusion_loss(**_bad_args(**overrides))
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(t=torch.tensor([True, False, True], device=DEVICE)), TypeError, "t: expected dtype int32 or int64"),
+    (dict(t=torch.tensor([1, 2, 1000], device=DEVICE)), ValueError, r"t: expected timesteps in \[0, 999\], got t\[2\]"),
+    (dict(offsets=torch.tensor([0, 2, 5, 10], device=DEVICE).double()), TypeError, "offsets: expected dtype int32"),
+    (dict(offsets=torch.tensor([0, 6, 5, 10], device=DEVICE)), ValueError, "offsets: expected non-decreasing values"),
+    (dict(noise=None, seed=2.0), TypeError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=None, seed=-3), ValueError, r"seed: expected an int in \[0, 2\*\*63\)"),
+    (dict(noise=torch.randn(10, 4, device=DEVICE).to(torch.complex64)), TypeError, "noise: expected float16"),
+    (dict(x0=torch.randn(10, 4, device=DEVICE).int()), TypeError, "x0: expected float16"),
+])
+def test_add_noise_bad_inputs_raise_before_launch(overrides, error, message, path, monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel or the reference ran on bad input")
+
+    monkeypatch.setattr(diffusion_module, "_launch_add_noise", no_launch)
+    monkeypatch.setattr(diffusion_module.reference, "add_noise", no_launch)
+    args = _bad_args(**overrides)
+    with pytest.raises(error, match=message):
+        tk.add_noise(args["x0"], args["t"], args["schedule"], noise=args["noise"], seed=args["seed"],
+                     offsets=args["offsets"])
 
 
 def test_add_noise_allows_empty_images_but_checks_offsets():

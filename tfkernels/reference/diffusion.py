@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .._checks import check_choice
+from .._checks import autocast_off, check_choice
 from .._philox import UINT32, UNIFORM_BITS, philox4x32
 from ..schedule import TARGETS, NoiseSchedule, check_target, target_coefficients
 
@@ -74,8 +74,13 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise=
         x0: ``[N, ...]`` with ``t`` ``[N]``, or a patch buffer ``[P, C]`` with ``offsets`` ``[N + 1]``.
         t: int ``[N]``, one timestep per image.
         noise: like x0; or ``seed``: int, noise from ``seeded_noise(seed, x0.shape)``.
-    Arithmetic runs in float32, or float64 when x0 is float64.
+    Arithmetic runs in float32, or float64 when x0 is float64, autocast or not (it is off inside).
     """
+    with autocast_off(x0):
+        return _add_noise(x0, t, schedule, noise, seed, offsets)
+
+
+def _add_noise(x0, t, schedule, noise, seed, offsets):
     noise = _noise_for(x0, noise, seed)
     compute = torch.promote_types(x0.dtype, torch.float32)
     a, b = schedule.coefficients(t)
@@ -91,10 +96,20 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
 
     ``loss_i = weights[i] * mean_over_image_i((pred - target)^2)``; ``reduction="mean"`` returns the
     mean over images (0 when there are none), ``"none"`` the ``[N]`` per-image values. Float32
-    (float64 when the inputs are float64); differentiable in every tensor argument.
+    (float64 when the inputs are float64), autocast or not (it is off inside); differentiable in
+    every tensor argument. ``x0`` is ``[N, ...]`` (``[N]``: one element per image) or a packed
+    buffer; an image of no elements has no mean: ``ValueError``.
     """
     check_target(target, schedule)
     check_choice("reduction", reduction, REDUCTIONS)
+    if t.shape[0] and math.prod(x0.shape[1:]) == 0:
+        raise ValueError(f"x0: expected images of at least one element (the loss is a mean over each image), "
+                         f"got shape {tuple(x0.shape)}")
+    with autocast_off(x0):
+        return _diffusion_loss(pred, x0, t, schedule, target, noise, seed, offsets, weights, reduction)
+
+
+def _diffusion_loss(pred, x0, t, schedule, target, noise, seed, offsets, weights, reduction):
     noise = _noise_for(x0, noise, seed)
     compute = torch.promote_types(torch.promote_types(pred.dtype, x0.dtype), torch.float32)
     a, b = schedule.coefficients(t)
@@ -103,10 +118,10 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
     c_x0 = _broadcast_rows(c_x0[rows], x0).to(compute)
     c_noise = _broadcast_rows(c_noise[rows], x0).to(compute)
     goal = c_x0 * x0.to(compute) + c_noise * noise.to(compute)
-    sq = (pred.to(compute) - goal).square().flatten(1).sum(dim=1)  # [rows] (flatten: rows may be 0)
+    elements_per_row = math.prod(x0.shape[1:])  # 1 for x0 [N]
+    sq = (pred.to(compute) - goal).square().reshape(x0.shape[0], elements_per_row).sum(dim=1)  # [rows]
     num_images = t.shape[0]
     per_image_sum = torch.zeros(num_images, dtype=compute, device=pred.device).index_add(0, rows, sq)
-    elements_per_row = math.prod(x0.shape[1:])
     per_image_count = torch.zeros(num_images, dtype=compute, device=pred.device).index_add(
         0, rows, torch.full_like(sq, elements_per_row))
     loss = per_image_sum / per_image_count
