@@ -343,8 +343,10 @@ class Transfusion(nn.Module):
                 f"x_t: expected {int(is_image.sum())} patches (the batch's image positions), got {x_t.shape[0]}"
             )
         patch_tokens, time_emb, skips = self._embed_images(x_t, batch.timesteps, layout)
-        # Patches fill the image positions in row-major order, the order of the patch buffer.
-        h = h.masked_scatter(is_image[..., None], patch_tokens)
+        # Patches fill the image positions in row-major order, the order of the patch buffer. Under
+        # autocast the patch tokens come out of autocast's linears in its dtype while the token
+        # embeddings stay in the parameters' dtype: the residual stream keeps the embeddings' dtype.
+        h = h.masked_scatter(is_image[..., None], patch_tokens.to(h.dtype))
         hidden = self._transformer(h, batch.positions, batch.mask)
         return hidden, self.image_io.decode(hidden[is_image], time_emb, layout, skips)
 
