@@ -355,7 +355,7 @@ def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step:
         dist.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, args: TrainArgs) -> int:
+def load_checkpoint(path: Path, model, optimizer, args: TrainArgs, config: TransfusionConfig) -> int:
     """Restore weights and optimizer state (every process reads the files); return the step."""
     state = read_train_state(path)
     saved = state["args"]
@@ -363,7 +363,7 @@ def load_checkpoint(path: Path, model, optimizer, args: TrainArgs) -> int:
                    for name in RUN_IDENTITY if saved.get(name) != getattr(args, name)]
     if differences:
         raise ValueError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
-    weights, optimizer_state = read_training_tensors(path, state["param_groups"])
+    weights, optimizer_state = read_training_tensors(path, Transfusion, config, state["param_groups"])
     set_model_state_dict(model, weights, options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)
     return state["step"]
@@ -448,7 +448,7 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     if not checkpoint_path.exists():  # a run stopped while swapping checkpoints kept the old one here
         resume_from = checkpoint_path.with_name(checkpoint_path.name + ".previous")
     if args.resume and (resume_from / TRAIN_STATE_FILE).is_file():
-        start = load_checkpoint(resume_from, wrapped, optimizer, args)
+        start = load_checkpoint(resume_from, wrapped, optimizer, args, config)
         print0(processes, f"resumed from {resume_from} at step {start}")
     elif args.resume:
         print0(processes, f"no checkpoint in {checkpoint_path}: starting from step 0")
