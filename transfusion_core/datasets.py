@@ -14,7 +14,9 @@ text -> image generation.
 
 User data (``CaptionedImageFolder``): a JSONL file of ``{"image": path, "caption": text}`` lines,
 paths relative to the file's folder, loaded with Pillow, centre-cropped to a square, resized and
-normalised to [-1, 1]; a missing or unreadable image is skipped with a warning and counted.
+normalised to [-1, 1]; a missing or unreadable image is skipped with a warning and counted. Every
+other problem with the file is a ``DataError`` (a ``ValueError``) whose message is one line
+starting with ``file:line:`` and saying what is wrong, raised while loading, never hours later.
 
 Images are float32 ``[3, H, W]`` in [-1, 1] (black background = -1).
 """
@@ -22,7 +24,10 @@ Images are float32 ``[3, H, W]`` in [-1, 1] (black background = -1).
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
+import os
 import random
 import re
 import warnings
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tfkernels._checks import check_choice, check_int
 
 from .config import is_int
 
@@ -68,6 +75,14 @@ _TRIANGLE_SKEW = 0.25
 _SQUARE_KURTOSIS_GAP = 0.3
 
 
+class DataError(ValueError):
+    """A user data file is wrong: the message starts with ``file:line:`` (or ``file:``) and says what."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A user data file is not there (also a ``FileNotFoundError``)."""
+
+
 @dataclass(frozen=True)
 class Shape:
     """One shape of a scene: a colour name, a shape name and a position name."""
@@ -79,12 +94,12 @@ class Shape:
     def __post_init__(self):
         for name, value, allowed in (("colour", self.colour, COLOURS), ("shape", self.shape, SHAPES),
                                      ("position", self.position, POSITIONS)):
-            if value not in allowed:
-                raise ValueError(f"Shape.{name}: expected one of {tuple(allowed)}, got {value!r}")
+            check_choice(f"Shape.{name}", value, tuple(allowed))
 
 
 def caption(shapes) -> str:
     """``"a red circle at the top left"``; several shapes are joined by ``" and "``."""
+    shapes = _check_shapes(shapes)
     return " and ".join(f"a {s.colour} {s.shape} at the {s.position}" for s in shapes)
 
 
@@ -95,6 +110,8 @@ _CAPTION_PART = re.compile(
 
 def parse_caption(text: str) -> list[Shape] | None:
     """The shapes a caption names, or ``None`` when it is not a caption of this data set."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
     parts = text.split(" and ")
     shapes = []
     for part in parts:
@@ -110,8 +127,12 @@ def render(shapes, image_size: int = 16, rng: random.Random | None = None) -> to
 
     ``rng`` draws each shape's size and centre jitter; ``None`` draws them centred, mid-size.
     """
-    if not is_int(image_size, _GRID) or image_size % _GRID:
+    check_int("image_size", image_size, _GRID)
+    if image_size % _GRID:
         raise ValueError(f"image_size: expected a multiple of {_GRID}, got {image_size!r}")
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng: expected None or a random.Random, got {type(rng).__name__}")
+    shapes = _check_shapes(shapes)
     positions = [s.position for s in shapes]
     if len(set(positions)) != len(positions):
         raise ValueError(f"shapes: at most one shape per position, got positions {positions}")
@@ -136,6 +157,15 @@ def render(shapes, image_size: int = 16, rng: random.Random | None = None) -> to
         coverage = torch.nn.functional.avg_pool2d(inside[None].float(), _SUBSAMPLES)[0]  # [S, S]
         image += torch.tensor(COLOURS[s.colour])[:, None, None] * coverage
     return image * 2 - 1
+
+
+def _check_shapes(shapes) -> list[Shape]:
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, (list, tuple)):
+        raise TypeError(f"shapes: expected a list of Shape, got {type(shapes).__name__}")
+    for i, shape in enumerate(shapes):
+        if not isinstance(shape, Shape):
+            raise TypeError(f"shapes[{i}]: expected a Shape, got {type(shape).__name__}")
+    return list(shapes)
 
 
 @functools.lru_cache(maxsize=4)
@@ -165,12 +195,10 @@ class ShapesDataset:
 
     def __init__(self, num_samples: int, *, seed: int = 0, split: str = "train", image_size: int = 16,
                  max_shapes: int = 1):
-        if not is_int(num_samples, 1):
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-        if max_shapes not in (1, 2):
-            raise ValueError(f"max_shapes: expected 1 or 2, got {max_shapes!r}")
+        check_int("num_samples", num_samples, 1)
+        check_int("seed", seed)
+        check_choice("split", split, SPLITS)
+        check_int("max_shapes", max_shapes, 1, 2)
         render([], image_size)  # validates image_size
         self.num_samples, self.seed, self.split = num_samples, seed, split
         self.image_size, self.max_shapes = image_size, max_shapes
@@ -179,6 +207,8 @@ class ShapesDataset:
         return self.num_samples
 
     def __getitem__(self, index: int) -> CaptionedImage:
+        if not is_int(index):
+            raise TypeError(f"index: expected an int, got {index!r}")
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         rng = random.Random(f"{self.seed}:{self.split}:{index}")  # str seeds hash the same in every run
@@ -187,6 +217,15 @@ class ShapesDataset:
         shapes = [Shape(rng.choice(sorted(COLOURS)), rng.choice(SHAPES), p) for p in positions]
         shapes.sort(key=lambda s: list(POSITIONS).index(s.position))  # captions read in reading order
         return CaptionedImage(render(shapes, self.image_size, rng), caption(shapes), shapes)
+
+    @functools.cached_property
+    def longest_caption_bytes(self) -> int:
+        """UTF-8 bytes of the longest caption this data set can draw (every scene of ``max_shapes``)."""
+        singles = [Shape(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
+        longest = max(len(caption([s]).encode()) for s in singles)
+        if self.max_shapes == 2:
+            longest = max(len(caption([a, b]).encode()) for a in singles for b in singles if a.position != b.position)
+        return longest
 
     def chance(self) -> dict[str, float]:
         """Accuracy of a uniform random guess among one-shape scenes: per attribute and exact."""
@@ -203,9 +242,13 @@ def detect_shapes(image: torch.Tensor) -> list[Shape]:
     (the palette colour nearest its mean colour, brightness divided out), its position (the
     quadrant of its centroid) and its shape (from its moments: see ``_TRIANGLE_SKEW``).
     """
-    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] != image.shape[2]:
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        raise TypeError(f"image: expected a float tensor [3, S, S], got "
+                        f"{image.dtype if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] != image.shape[2] or image.shape[1] < 1:
         raise ValueError(f"image: expected a square RGB image [3, S, S], got shape {tuple(image.shape)}")
-    rgb = ((image.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    # A NaN pixel (a diverged model's) reads as background; infinities clamp to either end.
+    rgb = ((image.detach().float().cpu().nan_to_num(nan=-1.0) + 1) / 2).clamp(0, 1)
     size = rgb.shape[1]
     coverage = rgb.amax(dim=0)  # [S, S]
     min_area = _MIN_AREA_FRACTION * 2 * (_HALF_EXTENT[0] * size / _GRID) ** 2  # smallest triangle
@@ -266,51 +309,131 @@ def _components(mask: torch.Tensor) -> list[torch.Tensor]:
     return components
 
 
+def _no_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"key {key!r} appears more than once")
+    return dict(pairs)
+
+
+def _utf8(text: str) -> bytes | None:
+    """``text`` in UTF-8, or ``None`` if it holds a lone surrogate (JSON's ``"\\ud800"``)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
 class CaptionedImageFolder:
     """User data: a JSONL file of ``{"image": path, "caption": text}`` lines and their images.
 
     Image paths are relative to the JSONL file's folder (or absolute). Every image is read once
     with Pillow, converted to RGB, centre-cropped to a square, resized to ``image_size`` and
     normalised to [-1, 1]. An image that is missing or cannot be decoded is skipped with a
-    warning; ``skipped`` lists ``(line number, reason)`` of each. A line that is not a JSON object
-    with string ``image`` and ``caption`` raises ``ValueError`` naming the file and line.
+    warning; ``skipped`` lists ``(line number, reason)`` of each. Lines are split on ``"\\n"``
+    only (a raw U+2028 or U+0085 inside a caption is text), blank lines are skipped.
+
+    Everything else raises ``DataError`` (a ``ValueError``) naming ``file:line`` and the fault,
+    while loading: a line that is not UTF-8 or not JSON (or has a key twice), that is not an
+    object with string ``image`` and ``caption``, an empty image path or one with a NUL byte, a
+    lone surrogate in either string, a caption of more than ``max_caption_bytes`` UTF-8 bytes
+    (every such line is counted; ``None``: no limit), no readable image at all. A missing JSONL
+    file raises ``MissingDataError`` (a ``DataError`` and a ``FileNotFoundError``).
+
+    ``lines[i]`` is the line of item ``i``; ``fingerprint`` (``{"bytes", "sha256"}``) covers the
+    JSONL file and every image file it names (a missing one counts as missing), so that a run can
+    tell that the data changed.
     """
 
-    def __init__(self, jsonl_path, *, image_size: int = 16):
+    def __init__(self, jsonl_path, *, image_size: int = 16, max_caption_bytes: int | None = None):
         try:
-            from PIL import Image, UnidentifiedImageError
+            from PIL import Image
         except ImportError as error:
             raise ImportError("CaptionedImageFolder needs Pillow: pip install 'tfkernels[train]'") from error
-        if not is_int(image_size, 1):
-            raise ValueError(f"image_size: expected an int >= 1, got {image_size!r}")
+        if not isinstance(jsonl_path, (str, os.PathLike)):
+            raise TypeError(f"jsonl_path: expected a str or os.PathLike, got {type(jsonl_path).__name__}")
+        if "\0" in os.fspath(jsonl_path):
+            raise ValueError(f"jsonl_path: contains a NUL byte: {jsonl_path!r}")
+        check_int("image_size", image_size, 1)
+        if max_caption_bytes is not None:
+            check_int("max_caption_bytes", max_caption_bytes, 0)
         path = Path(jsonl_path)
         if not path.is_file():
-            raise FileNotFoundError(f"jsonl_path: {path} is not a file")
+            raise MissingDataError(f"{path}: no such file")
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
         self.image_size = image_size
-        self.images, self.captions, self.skipped = [], [], []
-        for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
+        self.images, self.captions, self.lines, self.skipped = [], [], [], []
+        digest, total = hashlib.sha256(raw), len(raw)
+        too_long = []
+        for line_number, line in enumerate(raw.split(b"\n"), start=1):
+            where = f"{path}:{line_number}"
+            if line_number == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                line = line[3:]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})"
+                                ) from None
+            if not text.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(text, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not JSON ({error.msg})") from None
+                raise DataError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+            except (ValueError, RecursionError) as error:
+                raise DataError(f"{where}: not JSON ({error})") from None
             if not (isinstance(record, dict) and isinstance(record.get("image"), str)
                     and isinstance(record.get("caption"), str)):
-                raise ValueError(f"{path}:{line_number}: expected an object with string 'image' and 'caption'")
-            image_path = path.parent / record["image"]
+                raise DataError(f"{where}: expected an object with string 'image' and 'caption'")
+            image_name, caption_text = record["image"], record["caption"]
+            if not image_name:
+                raise DataError(f"{where}: 'image' is an empty path")
+            if "\0" in image_name:
+                raise DataError(f"{where}: 'image' contains a NUL byte: {image_name!r}")
+            for key, value in (("image", image_name), ("caption", caption_text)):
+                if _utf8(value) is None:
+                    raise DataError(f"{where}: '{key}' holds a lone surrogate (not Unicode text): {value!r}")
+            caption_bytes = len(caption_text.encode("utf-8"))
+            if max_caption_bytes is not None and caption_bytes > max_caption_bytes:
+                too_long.append((line_number, caption_bytes))
+            image_path = path.parent / image_name
+            digest.update(b"\0" + image_name.encode("utf-8") + b"\0")
             try:
-                with Image.open(image_path) as opened:
-                    picture = opened.convert("RGB")  # decodes the whole file: truncation fails here
-            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-                reason = f"{image_path}: {type(error).__name__}: {error}"
-                warnings.warn(f"{path}:{line_number}: skipping unreadable image {reason}", stacklevel=2)
-                self.skipped.append((line_number, reason))
+                data = image_path.read_bytes()
+            except OSError as error:
+                digest.update(b"missing")
+                self._skip(where, line_number, f"{image_path}: {type(error).__name__}: {error.strerror or error}")
                 continue
-            self.images.append(self._normalised(picture, Image))
-            self.captions.append(record["caption"])
+            digest.update(hashlib.sha256(data).digest())
+            total += len(data)
+            try:
+                with Image.open(io.BytesIO(data)) as opened:
+                    picture = opened.convert("RGB")  # decodes the whole file: truncation fails here
+                pixels = self._normalised(picture, Image)
+            except Exception as error:  # noqa: BLE001 - any decoder failure: Pillow raises many kinds
+                self._skip(where, line_number, f"{image_path}: {type(error).__name__}: {error}")
+                continue
+            self.images.append(pixels)
+            self.captions.append(caption_text)
+            self.lines.append(line_number)
+        if too_long:
+            line_number, length = too_long[0]
+            raise DataError(
+                f"{path}:{line_number}: caption of {length} bytes, more than the {max_caption_bytes} a training row "
+                f"has room for with its image ({len(too_long)} such lines; the longest has "
+                f"{max(n for _, n in too_long)} bytes): shorten them or raise --seq-len"
+            )
         if not self.images:
-            raise ValueError(f"{path}: no readable image ({len(self.skipped)} skipped)")
+            raise DataError(f"{path}: no readable image ({len(self.skipped)} skipped)")
+        self.fingerprint = {"bytes": total, "sha256": digest.hexdigest()}
+
+    def _skip(self, where: str, line_number: int, reason: str) -> None:
+        warnings.warn(f"{where}: skipping unreadable image {reason}", stacklevel=3)
+        self.skipped.append((line_number, reason))
 
     def _normalised(self, picture, image_module) -> torch.Tensor:
         side = min(picture.size)
@@ -324,22 +447,35 @@ class CaptionedImageFolder:
         return len(self.images)
 
     def __getitem__(self, index: int) -> CaptionedImage:
+        if not is_int(index):
+            raise TypeError(f"index: expected an int, got {index!r}")
+        if not 0 <= index < len(self.images):
+            raise IndexError(f"index {index} out of range for {len(self.images)} images")
         return CaptionedImage(self.images[index], self.captions[index])
 
 
+def _check_data(name: str, value) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected \"shapes\" or a JSONL path, got {type(value).__name__}")
+
+
 def training_set(data: str, *, image_size: int = 16, max_shapes: int = 1, train_samples: int = 100_000,
-                 seed: int = 0):
+                 seed: int = 0, max_caption_bytes: int | None = None):
     """The training data a run names: ``"shapes"`` (the embedded data set, ``train_samples``
-    scenes) or a JSONL file (``CaptionedImageFolder``)."""
+    scenes) or a JSONL file (``CaptionedImageFolder``, captions of at most ``max_caption_bytes``)."""
+    _check_data("data", data)
     if data == "shapes":
         return ShapesDataset(train_samples, seed=seed, image_size=image_size, max_shapes=max_shapes)
-    return CaptionedImageFolder(data, image_size=image_size)
+    return CaptionedImageFolder(data, image_size=image_size, max_caption_bytes=max_caption_bytes)
 
 
 def heldout_set(data: str, heldout_data: str | None = None, *, image_size: int = 16, max_shapes: int = 1,
                 heldout_samples: int = 48, seed: int = 0):
     """The held-out data of a run: the embedded data set's ``heldout`` split (``heldout_samples``
     scenes), or for a JSONL data set the JSONL file ``heldout_data`` (``None``: none)."""
+    _check_data("data", data)
+    if heldout_data is not None:
+        _check_data("heldout_data", heldout_data)
     if data == "shapes":
         if heldout_data is not None:
             raise ValueError("heldout_data: only for a JSONL data set; the embedded one has its own held-out split")
@@ -349,6 +485,7 @@ def heldout_set(data: str, heldout_data: str | None = None, *, image_size: int =
 
 
 __all__ = [
-    "COLOURS", "POSITIONS", "SHAPES", "CaptionedImage", "CaptionedImageFolder", "Shape", "ShapesDataset",
+    "COLOURS", "POSITIONS", "SHAPES", "CaptionedImage", "CaptionedImageFolder", "DataError", "MissingDataError",
+    "Shape", "ShapesDataset",
     "caption", "detect_shapes", "heldout_set", "parse_caption", "render", "training_set",
 ]
