@@ -16,8 +16,11 @@ import torch
 from einops import rearrange
 
 import tfkernels as tk
+from tfkernels._checks import check_float, check_int
 
 from .config import IGNORE_INDEX, TransfusionConfig, is_int, noise_schedule
+
+INT32_MAX = 2**31 - 1  # positions index int32 interval masks
 
 
 class ByteTokenizer:
@@ -52,17 +55,26 @@ def document_segments(document, config: TransfusionConfig, *, add_eos: bool = Tr
     """A document as the model reads it: alternating token runs and images.
 
     Args:
-        document: ordered list of items: text as token ids (list of ints or a 1-D int tensor)
-            and images as float latents ``[C, H, W]`` (H, W multiples of ``patch_size``).
+        document: ordered list of items: text as token ids (list of ints or a 1-D integer tensor)
+            and images as float latents ``[C, H, W]`` (H, W multiples of ``patch_size``, every
+            value finite).
         add_eos: end with EOS (training documents do; a generation prompt does not).
         name: how error messages call the document, e.g. ``documents[3]``.
 
     Returns:
         A list of 1-D int64 token runs (BOS first, BOI/EOI around every image, EOS last) and
         image tensors, e.g. ``[[BOS, *caption, BOI], image, [EOI, EOS]]``.
+
+    Raises:
+        TypeError: the document is not a list, or an item is neither token ids nor a float image
+            (a complex or bool tensor, a list holding a non-int).
+        ValueError: an image of the wrong shape or with NaN or infinite values, a token id out
+            of ``[0, vocab_size)`` or a special token in the text.
     """
-    if isinstance(document, (str, torch.Tensor)) or not isinstance(document, Sequence):
-        raise ValueError(f"{name}: expected a list of token-id lists and image tensors, got {type(document).__name__}")
+    if not isinstance(config, TransfusionConfig):
+        raise TypeError(f"config: expected a TransfusionConfig, got {type(config).__name__}")
+    if isinstance(document, (str, bytes, torch.Tensor)) or not isinstance(document, Sequence):
+        raise TypeError(f"{name}: expected a list of token-id lists and image tensors, got {type(document).__name__}")
     segments, run = [], [config.bos_id]
     for j, item in enumerate(document):
         if isinstance(item, torch.Tensor) and item.is_floating_point():
@@ -71,20 +83,30 @@ def document_segments(document, config: TransfusionConfig, *, add_eos: bool = Tr
                 raise ValueError(f"{name}[{j}]: expected an image [{channels}, H, W], got shape {tuple(item.shape)}")
             if item.shape[1] % p or item.shape[2] % p:
                 raise ValueError(f"{name}[{j}]: image size {tuple(item.shape[1:])} is not a multiple of patch_size={p}")
+            finite = torch.isfinite(item)
+            if not bool(finite.all()):
+                raise ValueError(f"{name}[{j}]: image has {int((~finite).sum())} NaN or infinite values")
             segments.append(torch.tensor(run + [config.boi_id]))
             segments.append(item)
             run = [config.eoi_id]
             continue
         tokens = None
         if isinstance(item, (list, tuple)) and all(is_int(i) for i in item):
+            if not all(0 <= i < config.vocab_size for i in item):  # before torch.tensor: 2**70 overflows it
+                raise ValueError(f"{name}[{j}]: token ids must lie in [0, vocab_size={config.vocab_size})")
             tokens = torch.tensor(item, dtype=torch.int64)
-        elif isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dtype != torch.bool:
+        elif isinstance(item, torch.Tensor) and not (item.is_complex() or item.dtype == torch.bool):
             tokens = item.to(torch.int64)
-        if tokens is None or tokens.ndim != 1:
-            raise ValueError(
-                f"{name}[{j}]: expected token ids (a list of ints or a 1-D int tensor) or a float image "
-                f"[C, H, W], got {type(item).__name__}"
+        if tokens is None:
+            got = f"a {item.dtype} tensor" if isinstance(item, torch.Tensor) else type(item).__name__
+            if isinstance(item, (list, tuple)):
+                got = f"a {type(item).__name__} holding {type(next(i for i in item if not is_int(i))).__name__}"
+            raise TypeError(
+                f"{name}[{j}]: expected token ids (a list of ints or a 1-D integer tensor) or a float image "
+                f"[C, H, W], got {got}"
             )
+        if tokens.ndim != 1:
+            raise ValueError(f"{name}[{j}]: expected 1-D token ids, got shape {tuple(tokens.shape)}")
         if tokens.numel() and not (int(tokens.min()) >= 0 and int(tokens.max()) < config.vocab_size):
             raise ValueError(f"{name}[{j}]: token ids must lie in [0, vocab_size={config.vocab_size})")
         if bool(torch.isin(tokens, special_tokens(config)).any()):
@@ -174,8 +196,12 @@ class Packer:
             so that the model learns the unconditional ``BOS, BOI, image`` that classifier-free
             guidance uses (the paper drops 10%).
         truncate: cut a document longer than ``seq_len`` (whole images only) instead of raising.
-        seed: seed of every random choice (order, caption drop, timesteps, noise seed).
-            ``packer.generator`` holds the state, for exact resumption.
+        seed: seed of every random choice (order, caption drop, timesteps, noise seed), an int in
+            ``[0, 2**64)``. ``packer.generator`` holds the state, for exact resumption.
+
+    An argument of the wrong type raises ``TypeError`` (``seed=1.5``, ``drop_caption_prob=None``,
+    ``truncate=1``), one out of range ``ValueError``, the message naming it; so do the documents
+    (``document_segments``).
     """
 
     def __init__(
@@ -190,17 +216,19 @@ class Packer:
         truncate: bool = False,
         seed: int = 0,
     ):
-        if not is_int(seq_len, 2):
-            raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
-        if num_rows is not None and not is_int(num_rows, 1):
-            raise ValueError(f"num_rows: expected None or an int >= 1, got {num_rows!r}")
-        if image_first_t_max is not None and not is_int(image_first_t_max, 0, config.num_timesteps - 1):
-            raise ValueError(
-                f"image_first_t_max: expected None or an int in [0, {config.num_timesteps}), got {image_first_t_max!r}"
-            )
-        for name, p in (("caption_first_prob", caption_first_prob), ("drop_caption_prob", drop_caption_prob)):
-            if p is not None and not 0 <= p <= 1:
-                raise ValueError(f"{name}: expected a probability in [0, 1], got {p!r}")
+        if not isinstance(config, TransfusionConfig):
+            raise TypeError(f"config: expected a TransfusionConfig, got {type(config).__name__}")
+        check_int("seq_len", seq_len, 2, INT32_MAX)
+        if num_rows is not None:
+            check_int("num_rows", num_rows, 1)
+        if image_first_t_max is not None:
+            check_int("image_first_t_max", image_first_t_max, 0, config.num_timesteps - 1)
+        if caption_first_prob is not None:
+            caption_first_prob = check_float("caption_first_prob", caption_first_prob, 0, 1)
+        drop_caption_prob = check_float("drop_caption_prob", drop_caption_prob, 0, 1)
+        if not isinstance(truncate, bool):
+            raise TypeError(f"truncate: expected a bool, got {truncate!r}")
+        check_int("seed", seed, 0, 2**64 - 1)
         self.config = config
         self.seq_len = seq_len
         self.num_rows = num_rows
@@ -212,6 +240,8 @@ class Packer:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, documents) -> PackedBatch:
+        if isinstance(documents, (str, bytes, torch.Tensor)) or not isinstance(documents, Sequence):
+            raise TypeError(f"documents: expected a list of documents, got {type(documents).__name__}")
         if not documents:
             raise ValueError("documents: expected at least one document")
         laid_out = [self._lay_out(i, self._reorder(doc)) for i, doc in enumerate(documents)]

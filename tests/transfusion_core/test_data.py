@@ -205,25 +205,74 @@ def test_same_seed_same_batch():
         ([torch.randn(4, 4, 4)], r"documents\[0\]\[0\]: expected an image \[3, H, W\], got shape \(4, 4, 4\)"),
         ([torch.randn(3, 4, 3)], r"documents\[0\]\[0\]: image size \(4, 3\) is not a multiple of patch_size=2"),
         ([[1, 300]], r"documents\[0\]\[0\]: token ids must lie in \[0, vocab_size=260\)"),
+        ([[1, 2**70]], r"documents\[0\]\[0\]: token ids must lie in \[0, vocab_size=260\)"),
+        ([torch.tensor([1, -3])], r"documents\[0\]\[0\]: token ids must lie in"),
+        ([torch.tensor([[1, 2]])], r"documents\[0\]\[0\]: expected 1-D token ids, got shape \(1, 2\)"),
         ([[1, 2], [3, BOI]], r"documents\[0\]\[1\]: text contains a special token"),
-        ([[1.5, 2.0]], r"documents\[0\]\[0\]: expected token ids"),
-        ("some text", r"documents\[0\]: expected a list of token-id lists and image tensors"),
+        ([[1], torch.full((3, 2, 2), float("nan"))], r"documents\[0\]\[1\]: image has 12 NaN or infinite values"),
+        ([torch.tensor([[[0.0, float("inf")], [0.0, 0.0]]] * 3)], r"image has 3 NaN or infinite values"),
     ],
 )
-def test_bad_documents_are_named(document, message):
+def test_bad_document_values_are_named(document, message):
     with pytest.raises(ValueError, match=message):
         tc.Packer(CONFIG, 64)([document])
 
 
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ([[1.5, 2.0]], r"documents\[0\]\[0\]: expected token ids .*, got a list holding float"),
+        ([[1, True]], r"documents\[0\]\[0\]: expected token ids .*, got a list holding bool"),
+        ([torch.tensor([1 + 2j, 3])], r"documents\[0\]\[0\]: expected token ids .*, got a torch.complex64 tensor"),
+        ([torch.tensor([True])], r"documents\[0\]\[0\]: expected token ids .*, got a torch.bool tensor"),
+        ([{"text": [1]}], r"documents\[0\]\[0\]: expected token ids .*, got dict"),
+        ("some text", r"documents\[0\]: expected a list of token-id lists and image tensors, got str"),
+        (torch.tensor([1, 2]), r"documents\[0\]: expected a list of token-id lists and image tensors, got Tensor"),
+    ],
+)
+def test_bad_document_types_are_named(document, message):
+    with pytest.raises(TypeError, match=message):
+        tc.Packer(CONFIG, 64)([document])
+
+
 def test_bad_packer_arguments():
-    with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
+    with pytest.raises(ValueError, match=r"seq_len: expected an int in \[2, 2147483647\], got 1"):
         tc.Packer(CONFIG, 1)
-    with pytest.raises(ValueError, match="caption_first_prob: expected a probability"):
+    with pytest.raises(ValueError, match="caption_first_prob: expected a finite float in"):
         tc.Packer(CONFIG, 16, caption_first_prob=1.5)
     with pytest.raises(ValueError, match="image_first_t_max"):
         tc.Packer(CONFIG, 16, image_first_t_max=1000)
     with pytest.raises(ValueError, match="documents: expected at least one document"):
         tc.Packer(CONFIG, 16)([])
+    with pytest.raises(TypeError, match="documents: expected a list of documents, got str"):
+        tc.Packer(CONFIG, 16)("abc")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(seed=1.5), TypeError, r"seed: expected an int in \[0, 18446744073709551615\], got 1.5"),
+    (dict(seed=None), TypeError, "seed: expected an int"),
+    (dict(seed=-1), ValueError, "seed: expected an int in"),
+    (dict(seed=2**64), ValueError, "seed: expected an int in"),
+    (dict(drop_caption_prob=None), TypeError, "drop_caption_prob: expected a finite float in"),
+    (dict(drop_caption_prob=float("nan")), ValueError, "drop_caption_prob: expected a finite float in"),
+    (dict(caption_first_prob="0.5"), TypeError, "caption_first_prob"),
+    (dict(truncate=1), TypeError, "truncate: expected a bool, got 1"),
+    (dict(num_rows=2.0), TypeError, "num_rows: expected an int >= 1"),
+    (dict(num_rows=0), ValueError, "num_rows: expected an int >= 1"),
+    (dict(image_first_t_max=True), TypeError, "image_first_t_max"),
+    (dict(seq_len=16.0), TypeError, "seq_len: expected an int"),
+    (dict(seq_len=2**40), ValueError, "seq_len: expected an int in"),
+    (dict(config=dict(dim=32)), TypeError, "config: expected a TransfusionConfig, got dict"),
+])
+def test_packer_argument_errors_follow_the_type_value_rule(kwargs, error, message):
+    arguments = dict(config=CONFIG, seq_len=16) | kwargs
+    with pytest.raises(error, match=message):
+        tc.Packer(arguments.pop("config"), arguments.pop("seq_len"), **arguments)
+
+
+def test_largest_seed_and_float64_images_are_packed():
+    batch = tc.Packer(CONFIG, 16, seed=2**64 - 1)([[[1, 2], torch.randn(3, 2, 2, dtype=torch.float64)]])
+    assert batch.patches.dtype == torch.float32 and batch.num_images == 1
 
 
 def test_patchify_round_trip():
