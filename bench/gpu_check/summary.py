@@ -143,7 +143,7 @@ def correctness_line(rows: list[dict]) -> tuple[str, list[str]]:
             outcomes[row["detail"]] = outcomes.get(row["detail"], 0) + 1
         text += "; pytest on the GPU: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
     if not rows:
-        text = "not run"
+        text = "no check has run"
     verdict = "FAILED" if failed else ("pass" if rows else "not run")
     return f"**GPU correctness: {verdict}** ({text})", [
         f"{r['check']} {r['dtype']} {r['quantity']} ({r['shape']}): {r['detail']}" for r in failed]
@@ -173,7 +173,11 @@ def markdown(outdir: Path) -> str:
     if len(failures) > 20:
         lines.append(f"- ... and {len(failures) - 20} more (correctness.csv)")
     lines += ["", "| figure | value |", "| --- | --- |"]
-    lines += [f"| {figure} | {value} |" for figure, value in headline_rows(bench, env)] or ["| (no benchmark rows) | |"]
+    try:
+        figures = headline_rows(bench, env)
+    except Exception as error:  # a summary never stops the run; the CSVs hold the figures anyway
+        figures = [("(summary failed)", f"{type(error).__name__}: {error}")]
+    lines += [f"| {figure} | {value} |" for figure, value in figures]
     lines += ["", "| stage | budget s | took s | status | detail |", "| --- | ---: | ---: | --- | --- |"]
     records = stages.get("stages", {})
     for entry in stages.get("plan", []):
