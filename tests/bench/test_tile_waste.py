@@ -1,0 +1,135 @@
+"""bench/tile_waste.py: the tile walk and the block-mask counts against a brute force over the dense
+mask, the W1 figures of shared/notes/hopper-static-2026-11.md, and the tile-waste columns of the
+quick run's CSV."""
+
+import random
+
+import pytest
+import torch
+
+import tfkernels as tk
+from bench.harness import TILE_WASTE_COLUMNS
+from bench.tile_waste import default_tiles, flex_blocks, tile_walk, tile_waste
+from bench.workloads.attention import shapes
+from tfkernels.testing import packed_transfusion_layout, random_layout
+
+
+def dense_tiles(dense: torch.Tensor, rows: int, cols: int):
+    """(non-empty tiles, fully visible tiles) of a bool [B, R, C] mask cut into rows x cols tiles;
+    rows and columns past the end count as not visible."""
+    batch, num_rows, num_cols = dense.shape
+    pad_r, pad_c = -num_rows % rows, -num_cols % cols
+    padded = torch.nn.functional.pad(dense, (0, pad_c, 0, pad_r))
+    tiles = padded.view(batch, (num_rows + pad_r) // rows, rows, (num_cols + pad_c) // cols, cols)
+    # A tile that holds rows past the end is full when its real rows see all of its (real) columns.
+    real = torch.nn.functional.pad(torch.ones(num_rows, dtype=torch.bool), (0, pad_r)).view(-1, rows)
+    full_cols = torch.arange((num_cols + pad_c) // cols) * cols + cols <= num_cols
+    seen_all = (tiles | ~real[None, :, :, None, None]).all(4).all(2) & full_cols
+    return int(tiles.any(4).any(2).sum()), int(seen_all.sum())
+
+
+def packed_mask(seed: int, batch: int, seq: int, **layout) -> tk.IntervalMask:
+    images, documents = packed_transfusion_layout(random.Random(seed), batch, seq, **layout)
+    return tk.IntervalMask.from_spans(seq, images, documents)
+
+
+QUICK_W1 = dict(doc_len=(64, 128), caption_len=(8, 24), image_len=16)  # bench/workloads/attention.py
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("rows, cols", [(128, 64), (64, 128), (32, 64), (16, 16)])
+def test_walk_visits_exactly_the_non_empty_tiles_of_a_packed_layout(seed, rows, cols):
+    """Packed Transfusion rows: the union of a row tile's intervals is contiguous, so the walk
+    visits no empty tile; its interior tiles are the fully visible ones. Seq 300: partial tiles."""
+    mask = packed_mask(seed, 2, 300, **QUICK_W1)
+    dense = mask.to_dense()
+    walk = tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, rows, cols)
+    non_empty, full = dense_tiles(dense, rows, cols)
+    assert walk.tiles == non_empty
+    assert walk.tiles - walk.edge_tiles == full
+    # The dK/dV side: key tiles over query tiles, from the per-key query intervals.
+    q_start, q_end = mask.key_intervals()
+    keys = tile_walk(q_start, q_end, 300, cols, rows)
+    assert (keys.tiles, keys.tiles - keys.edge_tiles) == dense_tiles(dense.transpose(1, 2), cols, rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_walk_covers_every_non_empty_tile_of_any_mask(seed):
+    """Any valid mask (sliding windows, prefix-LM, empty rows...): never a visible pair missed,
+    and the interior tiles are fully visible."""
+    rng = random.Random(seed)
+    seq = rng.choice([1, 37, 128, 200])
+    masks = [tk.IntervalMask.from_spans(seq, *random_layout(rng, 2, seq)),  # padded tails: empty rows
+             tk.IntervalMask.causal(2, seq, seq + 50), tk.IntervalMask.sliding_window(rng.randint(1, 40), 2, seq),
+             tk.IntervalMask.prefix_lm([0, seq // 3], 2, seq)]
+    for mask in masks:
+        check_covers(mask)
+
+
+def check_covers(mask):
+    dense = mask.to_dense()
+    for rows, cols in ((64, 32), (32, 64), (16, 16)):
+        walk = tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, rows, cols)
+        non_empty, full = dense_tiles(dense, rows, cols)
+        assert walk.tiles >= non_empty
+        assert walk.tiles - walk.edge_tiles <= full
+        q_start, q_end = mask.key_intervals()
+        keys = tile_walk(q_start, q_end, mask.seq_len_q, cols, rows)
+        non_empty, full = dense_tiles(dense.transpose(1, 2), cols, rows)
+        assert keys.tiles >= non_empty
+        assert keys.tiles - keys.edge_tiles <= full
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_blocks_match_create_block_mask(seed):
+    mask = packed_mask(seed, 2, 300, **QUICK_W1)
+    block_mask = mask.to_flex_block_mask(64)
+    counted = flex_blocks(mask, 64)
+    assert counted.full == int(block_mask.full_kv_num_blocks.sum())
+    assert counted.blocks == counted.full + int(block_mask.kv_num_blocks.sum())
+    assert counted.blocks == dense_tiles(mask.to_dense(), 64, 64)[0]
+
+
+def test_w1_figures_of_the_notes():
+    """shared/notes/hopper-static-2026-11.md, tile waste on W1 (B = 2 x 8192, seed 0)."""
+    w1 = next(s for s in shapes(quick=False) if s.name == "W1_packed_hkv16")
+    waste = tile_waste(w1.build_mask("cpu", w1.segment_ids("cpu")), w1.head_dim)
+    assert waste.visible == 11_970_505
+    assert (waste.forward.rows, waste.forward.cols, waste.forward.tiles, waste.forward.edge_tiles) == (128, 64, 1754,
+                                                                                                        607)
+    assert (waste.dq.tiles, waste.dkdv.tiles) == (1783, 1783)
+    assert (waste.flex.blocks, waste.flex.full) == (923, 542)
+    columns = waste.columns()
+    assert round(columns["fwd_waste"], 3) == 1.200 and round(columns["bwd_waste"], 3) == 1.220
+    assert round(columns["flex_waste"], 3) == 1.263
+
+
+def test_causal_wastes_the_diagonal_tiles_only():
+    mask = tk.IntervalMask.causal(1, 8192)
+    waste = tile_waste(mask, 128)
+    assert waste.visible == 8192 * 8193 // 2
+    # 128 x 64 tiles: query tile i visits key tiles 0 .. 2i + 1, the last two masked
+    assert waste.forward.tiles == 64 * 65 and waste.forward.edge_tiles == 2 * 64
+    assert waste.flex.blocks == 64 * 65 // 2
+
+
+def test_default_tiles_are_the_launchers():
+    assert default_tiles(128) == dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=8, num_stages=3)
+
+
+def test_quick_csv_has_the_tile_waste_of_each_attention_workload(quick_run, quick_rows):
+    _, log = quick_run
+    expected = {}
+    for shape in shapes(quick=True):
+        waste = tile_waste(shape.build_mask("cpu", shape.segment_ids("cpu")), shape.head_dim)
+        expected[shape.name] = waste.columns(backward=shape.training)
+        assert f"attention {shape.name}: tile waste: {waste.describe(backward=shape.training)}" in log
+    seen = set()
+    for row in quick_rows:
+        if row["suite"] != "attention":
+            assert all(row[c] is None for c in TILE_WASTE_COLUMNS), row
+            continue
+        seen.add(row["workload"])
+        for column, value in expected[row["workload"]].items():
+            assert row[column] == (None if value is None else pytest.approx(value, rel=1e-5)), (row["workload"], column)
+    assert seen == set(expected)
