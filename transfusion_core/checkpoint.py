@@ -94,6 +94,12 @@ def _write_tensors(path: Path, tensors: dict) -> None:
     _fsync(path.parent)
 
 
+def atomic_write(path, data: bytes) -> None:
+    """Replace the file ``path`` by ``data`` whole or not at all (fsynced temporary file, rename,
+    fsync of the directory)."""
+    _write_file(_check_path("path", path), data)
+
+
 def _remove_tree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -340,6 +346,20 @@ def recover_training_checkpoint(path) -> bool:
     return is_complete(path)
 
 
+def discard_training_checkpoint(path) -> bool:
+    """Remove ``PATH``, ``PATH.partial`` and ``PATH.previous`` (a run that starts over); return
+    whether there was anything to remove."""
+    path = _check_path("path", path)
+    found = False
+    for candidate in (path, *_siblings(path)):
+        if candidate.exists() or candidate.is_symlink():
+            _remove_tree(candidate)
+            found = True
+    if found:
+        _fsync(path.parent)
+    return found
+
+
 def read_train_state(checkpoint) -> dict:
     """``CHECKPOINT/train_state.json``: step, options (``args``), codec, parameter groups.
 
@@ -408,7 +428,8 @@ def read_training_tensors(checkpoint, model_class, config: TransfusionConfig, pa
 
 
 __all__ = [
-    "CONFIG_FILE", "OPTIMIZER_FILE", "TRAIN_STATE_FILE", "WEIGHTS_FILE", "CheckpointError", "MissingCheckpointError",
-    "is_complete", "load_model", "read_json", "read_model_config", "read_train_state", "read_training_tensors",
-    "recover_training_checkpoint", "save_model", "write_training_checkpoint",
+    "CONFIG_FILE", "OPTIMIZER_FILE", "TRAINING_FILES", "TRAIN_STATE_FILE", "WEIGHTS_FILE", "CheckpointError",
+    "MissingCheckpointError", "atomic_write", "discard_training_checkpoint", "is_complete", "load_model", "read_json",
+    "read_model_config", "read_train_state", "read_training_tensors", "recover_training_checkpoint", "save_model",
+    "write_training_checkpoint",
 ]

@@ -44,11 +44,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .checkpoint import TRAIN_STATE_FILE, read_train_state, read_training_tensors, write_training_checkpoint
+from tfkernels._checks import check_choice, check_float, check_int
+
+from .checkpoint import (
+    TRAIN_STATE_FILE,
+    TRAINING_FILES,
+    CheckpointError,
+    atomic_write,
+    discard_training_checkpoint,
+    is_complete,
+    read_model_config,
+    read_train_state,
+    read_training_tensors,
+    recover_training_checkpoint,
+    write_training_checkpoint,
+)
 from .codec import PixelCodec, VAECodec, encode_dataset
 from .config import TransfusionConfig, is_int
 from .data import ByteTokenizer, Packer
-from .datasets import ShapesDataset, heldout_set, training_set
+from .datasets import DataError, ShapesDataset, heldout_set, training_set
 from .evaluate import write_samples
 from .model import Transfusion
 from .plots import write_loss_curve
@@ -177,39 +191,81 @@ def parse_args(argv=None) -> TrainArgs:
     namespace = vars(parser.parse_args(argv))
     values = PRESETS["tiny"] | PRESETS[namespace["preset"]]
     values |= {name: value for name, value in namespace.items() if value is not None}
-    values["out"] = values.get("out") or f"runs/{values['preset']}"
+    values["out"] = values["out"] if namespace["out"] is not None else f"runs/{values['preset']}"
     args = TrainArgs(**{field.name: values.get(field.name) for field in dataclasses.fields(TrainArgs)})
-    check_args(args)
+    try:
+        check_args(args)
+    except (TypeError, ValueError) as error:  # from the command line every type is right: a bad value
+        raise OptionError(str(error)) from None
     return args
 
 
-def check_args(args: TrainArgs) -> None:
-    """Raise ``ValueError`` naming the first bad option."""
-    def fail(name, expected):
-        raise ValueError(f"--{name.replace('_', '-')}: expected {expected}, got {getattr(args, name)!r}")
+class OptionError(ValueError):
+    """An option that cannot work, found after parsing (with the model, the data or the processes)."""
 
+
+def check_args(args: TrainArgs) -> None:
+    """Raise naming the first bad option (``--name: expected ..., got ...``): ``TypeError`` for a
+    value of the wrong type (possible only for a ``TrainArgs`` built by hand), ``ValueError``
+    (``OptionError``) for a wrong value. What needs the codec, the data or the processes is
+    checked by ``train`` before its first step."""
+    if not isinstance(args, TrainArgs):
+        raise TypeError(f"args: expected a TrainArgs, got {type(args).__name__}")
+
+    def option(name):
+        return f"--{name.replace('_', '-')}"
+
+    def fail(name, expected):
+        raise OptionError(f"{option(name)}: expected {expected}, got {getattr(args, name)!r}")
+
+    for name in ("out", "preset", "data"):
+        if not isinstance(getattr(args, name), str):
+            raise TypeError(f"{option(name)}: expected a str, got {getattr(args, name)!r}")
+        if not getattr(args, name) or "\0" in getattr(args, name):
+            fail(name, "a non-empty string without NUL bytes")
+    for name in ("heldout_data", "vae", "latent_cache", "device"):
+        value = getattr(args, name)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{option(name)}: expected None or a str, got {value!r}")
+        if value is not None and (not value or "\0" in value):
+            fail(name, "a non-empty string without NUL bytes")
     for name in ("image_size", "train_samples", "heldout_samples", "dim", "n_layers", "n_heads", "patch_size",
                  "steps", "batch_size", "micro_batches", "seq_len", "checkpoint_every", "log_every", "sample_steps"):
-        if not is_int(getattr(args, name), 1):
-            fail(name, "an int >= 1")
-    for name in ("warmup", "samples"):
-        if not is_int(getattr(args, name), 0):
-            fail(name, "an int >= 0")
+        check_int(option(name), getattr(args, name), 1)
+    for name in ("warmup", "samples", "seed"):
+        check_int(option(name), getattr(args, name), 0)
+    check_int("--max-shapes", args.max_shapes, 1, 2)
+    for name in ("resume", "fsdp", "plots"):
+        if not isinstance(getattr(args, name), bool):
+            raise TypeError(f"{option(name)}: expected a bool, got {getattr(args, name)!r}")
+    check_choice("--preset", args.preset, tuple(PRESETS))
+    check_choice("--image-encoder", args.image_encoder, ("linear", "unet"))
+    check_choice("--diffusion-target", args.diffusion_target, ("eps", "v", "x0"))
     if args.batch_size % args.micro_batches:
         fail("micro_batches", f"a divisor of --batch-size={args.batch_size}")
-    if not args.lr > 0:
-        fail("lr", "a number > 0")
+    if check_float("--lr", args.lr, what="a finite float > 0") <= 0:
+        fail("lr", "a finite float > 0")
     for name in ("min_lr_ratio", "caption_first_prob", "drop_caption_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(name, "a number in [0, 1]")
-    if not args.weight_decay >= 0:
-        fail("weight_decay", "a number >= 0")
-    if not args.grad_clip > 0:
-        fail("grad_clip", "a number > 0")
-    if args.stop_at is not None and not is_int(args.stop_at, 1, args.steps):
-        fail("stop_at", f"an int in [1, --steps={args.steps}]")
-    if args.threads is not None and not is_int(args.threads, 1):
-        fail("threads", "an int >= 1")
+        check_float(option(name), getattr(args, name), 0, 1)
+    check_float("--weight-decay", args.weight_decay, 0)
+    if check_float("--grad-clip", args.grad_clip, what="a finite float > 0") <= 0:
+        fail("grad_clip", "a finite float > 0")
+    check_float("--cfg-scale", args.cfg_scale)
+    if args.stop_at is not None:
+        check_int("--stop-at", args.stop_at, 1, args.steps)
+    if args.threads is not None:
+        check_int("--threads", args.threads, 1)
+    if args.data == "shapes":
+        if args.heldout_data is not None:
+            fail("heldout_data", "none with --data shapes (the embedded data set has its own held-out split)")
+        if args.image_size % 16:
+            fail("image_size", "a multiple of 16 with --data shapes")
+    if args.vae is not None and not (Path(args.vae) / "config.json").is_file():
+        fail("vae", "a diffusers AutoencoderKL directory (with a config.json)")
+    if args.device is not None:
+        check_choice("--device", args.device, ("cpu", "cuda"))
+        if args.device == "cuda" and not torch.cuda.is_available():
+            fail("device", "cpu: this machine has no CUDA device")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,13 +339,58 @@ def micro_batch(stream: DocumentStream, packer: Packer, args: TrainArgs, step: i
     return packer(documents)
 
 
+def load_data(args: TrainArgs, config: TransfusionConfig):
+    """The training and held-out sets, every training document checked to fit a row of ``--seq-len``.
+
+    A row must hold BOS, the caption, BOI, the image's patches, EOI and EOS: on the embedded data
+    set its longest caption must fit (else ``OptionError`` naming ``--seq-len``); in a JSONL file
+    every caption must (else ``DataError`` naming the file and line), checked here at load time
+    rather than at the step that draws the document.
+    """
+    patches = (config.image_size // config.patch_size) ** 2
+    room = args.seq_len - patches - 4  # caption bytes a row has room for
+    if room < 0:
+        raise OptionError(f"--seq-len: expected at least {patches + 4} (an image's {patches} patches and "
+                          f"BOS/BOI/EOI/EOS), got {args.seq_len}")
+    heldout = heldout_set(args.data, args.heldout_data, image_size=args.image_size, max_shapes=args.max_shapes,
+                          heldout_samples=args.heldout_samples, seed=args.seed)
+    train_set = training_set(args.data, image_size=args.image_size, max_shapes=args.max_shapes,
+                             train_samples=args.train_samples, seed=args.seed, max_caption_bytes=room)
+    if isinstance(train_set, ShapesDataset) and train_set.longest_caption_bytes > room:
+        raise OptionError(
+            f"--seq-len: expected at least {args.seq_len - room + train_set.longest_caption_bytes} (the longest "
+            f"caption of the embedded data set with --max-shapes {args.max_shapes}, "
+            f"{train_set.longest_caption_bytes} bytes, its image's {patches} patches and BOS/BOI/EOI/EOS), "
+            f"got {args.seq_len}"
+        )
+    return train_set, heldout
+
+
+def data_identity(args: TrainArgs, train_set, heldout) -> dict:
+    """What a resumed run must find unchanged beyond the options: the size and SHA-256 of the JSONL
+    files and every image they name, and of the VAE's files (``None`` for the embedded data set
+    and pixels, which the options determine)."""
+    def fingerprint(dataset):
+        return getattr(dataset, "fingerprint", None) if dataset is not None else None
+
+    vae = None
+    if args.vae is not None:
+        digest, total = hashlib.sha256(), 0
+        for file in sorted(f for f in Path(args.vae).iterdir() if f.is_file()):
+            data = file.read_bytes()
+            digest.update(file.name.encode() + b"\0" + hashlib.sha256(data).digest())
+            total += len(data)
+        vae = {"bytes": total, "sha256": digest.hexdigest()}
+    return {"data": fingerprint(train_set), "heldout_data": fingerprint(heldout), "vae": vae}
+
+
 # ----------------------------------------------------------------------------------------------
 # Model, optimizer, schedule, checkpoints
 # ----------------------------------------------------------------------------------------------
 def model_config(args: TrainArgs, codec) -> TransfusionConfig:
     if args.image_size % codec.downsample:
-        raise ValueError(f"--image-size: expected a multiple of the codec's downsampling {codec.downsample}, "
-                         f"got {args.image_size}")
+        raise OptionError(f"--image-size: expected a multiple of the codec's downsampling {codec.downsample}, "
+                          f"got {args.image_size}")
     # Patch position embeddings: without them the tiny preset learns colours but places shapes
     # (and reads their positions) at chance within its CPU budget.
     fields = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, image_encoder=args.image_encoder,
@@ -299,9 +400,13 @@ def model_config(args: TrainArgs, codec) -> TransfusionConfig:
     if args.image_encoder == "unet":  # one level per halving: 32, 64, ... channels
         fields["unet_channels"] = tuple(32 * 2**k for k in range(args.patch_size.bit_length()))
     try:
-        return TransfusionConfig(**fields)
-    except ValueError as error:  # it names a config field: say that the model options set it
-        raise ValueError(f"model options: {error}") from None
+        config = TransfusionConfig(**fields)
+    except (TypeError, ValueError) as error:  # it names a config field: say that the model options set it
+        raise OptionError(f"model options: {error}") from None
+    if args.sample_steps > config.num_timesteps:
+        raise OptionError(f"--sample-steps: expected at most the model's {config.num_timesteps} timesteps, "
+                          f"got {args.sample_steps}")
+    return config
 
 
 def learning_rate(args: TrainArgs, step: int) -> float:
@@ -339,31 +444,99 @@ def gradient_sync(model, sync: bool):
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step: int, codec, processes):
+def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step: int, codec, data: dict, processes):
     """Write weights, optimizer state (safetensors) and ``train_state.json``; rank 0 writes.
 
-    The directory is written beside the old one and swapped in, so an interruption leaves the
-    previous checkpoint whole.
+    ``checkpoint.write_training_checkpoint`` swaps the directory in crash-safely: a kill at any
+    point leaves the newest complete checkpoint for ``--resume``.
     """
     weights = get_model_state_dict(model, options=FULL_STATE)  # gathered on rank 0 under FSDP
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
     if processes.main:
-        train_state = {"step": step, "args": dataclasses.asdict(args), "codec": codec.describe(),
+        train_state = {"step": step, "args": dataclasses.asdict(args), "codec": codec.describe(), "data": data,
                        "param_groups": optimizer_state["param_groups"], "world_size": processes.world_size}
         write_training_checkpoint(path, unwrapped(weights, config), optimizer_state, train_state)
     if processes.world_size > 1:
         dist.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, args: TrainArgs, config: TransfusionConfig) -> int:
-    """Restore weights and optimizer state (every process reads the files); return the step."""
-    state = read_train_state(path)
-    saved = state["args"]
+def check_train_state(path: Path, state: dict, args: TrainArgs, codec, data: dict, param_groups) -> None:
+    """Refuse a checkpoint that this run cannot continue exactly, naming what differs or is damaged.
+
+    ``state`` is ``read_train_state``'s (step and parameter-group layout checked); here: the run's
+    options, codec and data (sizes and hashes), the parameter groups of this run's optimizer
+    (every key but the learning rate, which each step sets), and the step against ``--steps``
+    and ``--stop-at``.
+    """
+    file = path / TRAIN_STATE_FILE
+    saved = state.get("args")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: args: expected an object of the run's options, got {saved!r}")
+    missing = [name for name in RUN_IDENTITY if name not in saved]
+    if missing:
+        raise CheckpointError(f"{file}: args: missing options {missing}")
     differences = [f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, now {getattr(args, name)!r}"
-                   for name in RUN_IDENTITY if saved.get(name) != getattr(args, name)]
+                   for name in RUN_IDENTITY if saved[name] != getattr(args, name)]
     if differences:
-        raise ValueError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
-    weights, optimizer_state = read_training_tensors(path, Transfusion, config, state["param_groups"])
+        raise CheckpointError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
+    if state.get("codec") != codec.describe():
+        raise CheckpointError(f"--resume: {path} was trained with codec {state.get('codec')!r}, "
+                              f"now {codec.describe()!r}")
+    saved_data = state.get("data")
+    if not isinstance(saved_data, dict):
+        raise CheckpointError(f"{file}: data: expected the sizes and hashes of the run's data, got {saved_data!r}")
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint {_describe(saved_data.get(name))}, "
+               f"now {_describe(data[name])})" for name in data if saved_data.get(name) != data[name]]
+    if changed:
+        raise CheckpointError(f"--resume: the data changed since {path} was written: {'; '.join(changed)}")
+    step = state["step"]
+    if step > args.steps:
+        raise CheckpointError(f"{file}: step: expected at most --steps={args.steps}, got {step}")
+    if args.stop_at is not None and args.stop_at <= step:
+        raise OptionError(f"--stop-at: expected a step after the checkpoint's step {step}, got {args.stop_at}")
+    if not is_int(state.get("world_size"), 1):
+        raise CheckpointError(f"{file}: world_size: expected an int >= 1, got {state.get('world_size')!r}")
+    groups = state["param_groups"]
+    current = json.loads(json.dumps(param_groups))
+    if len(groups) != len(current):
+        raise CheckpointError(f"{file}: param_groups: {len(groups)} groups, this run's optimizer has {len(current)}")
+    for k, (saved_group, group) in enumerate(zip(groups, current)):
+        if set(saved_group) != set(group):
+            raise CheckpointError(f"{file}: param_groups[{k}]: keys {sorted(saved_group)}, expected {sorted(group)}")
+        for key in group:
+            if key == "lr":
+                if not (isinstance(saved_group[key], (int, float)) and math.isfinite(saved_group[key])):
+                    raise CheckpointError(f"{file}: param_groups[{k}].lr: expected a finite number, "
+                                          f"got {saved_group[key]!r}")
+            elif saved_group[key] != group[key]:
+                got = repr(saved_group[key])
+                raise CheckpointError(f"{file}: param_groups[{k}].{key}: expected {group[key]!r} (this run's), "
+                                      f"got {got[:200] + '...' if len(got) > 200 else got}")
+
+
+def _describe(fingerprint) -> str:
+    if not isinstance(fingerprint, dict):
+        return repr(fingerprint)
+    return f"{fingerprint.get('bytes')} bytes, sha256 {str(fingerprint.get('sha256'))[:12]}"
+
+
+def load_checkpoint(path: Path, model, optimizer, args: TrainArgs, config: TransfusionConfig, codec,
+                    data: dict) -> int:
+    """Restore weights and optimizer state (every process reads the files); return the step.
+
+    Everything is checked before anything is loaded (``check_train_state``, ``config.json``
+    against the run's model config, both safetensors headers against the model); a damaged or
+    mismatched checkpoint raises ``CheckpointError`` naming the file and what is wrong.
+    """
+    state = read_train_state(path)
+    param_groups = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)["param_groups"]
+    check_train_state(path, state, args, codec, data, param_groups)
+    saved_config = read_model_config(path)
+    if saved_config != config:
+        differences = [f"{f.name}: checkpoint {getattr(saved_config, f.name)!r}, run {getattr(config, f.name)!r}"
+                       for f in dataclasses.fields(config) if getattr(saved_config, f.name) != getattr(config, f.name)]
+        raise CheckpointError(f"{path / 'config.json'}: not the run's model ({'; '.join(differences)})")
+    weights, optimizer_state = read_training_tensors(path, Transfusion, config, param_groups)
     set_model_state_dict(model, weights, options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)
     return state["step"]
@@ -374,6 +547,39 @@ def unwrapped(weights: dict, config: TransfusionConfig) -> Transfusion:
     model = Transfusion(config)
     model.load_state_dict(weights)
     return model
+
+
+def kept_metrics(path: Path, start: int) -> tuple[bytes, str | None]:
+    """The lines of ``metrics.jsonl`` up to step ``start``, and a note if a torn last line was dropped.
+
+    A kill while a line was appended leaves it torn (not JSON): that last line is dropped and
+    said so. Any other line that is not a JSON record with an int ``step`` raises
+    ``CheckpointError`` naming the file and line.
+    """
+    if start == 0 or not path.exists():
+        return b"", None
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or error})") from None
+    note = None
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not (isinstance(record, dict) and is_int(record.get("step"), 1)):
+                raise ValueError("no step")
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
+                note = f"{path}: dropped a torn last line (line {number}: written when the run was stopped)"
+                break
+            raise CheckpointError(f"{path}:{number}: not a metrics record ({line[:80]!r}); "
+                                  f"fix or remove the line") from None
+        if record["step"] <= start:
+            kept.append(line + b"\n")
+    return b"".join(kept), note
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +605,12 @@ def progress_line(record: dict, args: TrainArgs, elapsed: float, steps_done: int
 # Training
 # ----------------------------------------------------------------------------------------------
 def train(args: TrainArgs) -> list[dict]:
-    """Run (or resume) the training ``args`` describe; return the metrics of this process's steps."""
+    """Run (or resume) the training ``args`` describe; return the metrics of this process's steps.
+
+    Raises ``OptionError`` (an option that cannot work), ``DataError`` (user data, naming file and
+    line) or ``CheckpointError`` (a checkpoint ``--resume`` cannot continue), all ``ValueError``.
+    """
+    check_args(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     processes = start_processes(args.device)
@@ -413,22 +624,28 @@ def train(args: TrainArgs) -> list[dict]:
 def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     local_micro_batches, leftover = divmod(args.micro_batches, processes.world_size)
     if leftover or not local_micro_batches:
-        raise ValueError(f"--micro-batches: expected a multiple of the {processes.world_size} processes, "
-                         f"got {args.micro_batches}")
+        raise OptionError(f"--micro-batches: expected a multiple of the {processes.world_size} processes, "
+                          f"got {args.micro_batches}")
     out = Path(args.out)
     checkpoint_path = out / CHECKPOINT_DIR
     if processes.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OptionError(f"--out: cannot create {out} ({error.strerror or error})") from None
 
-    heldout = heldout_set(args.data, args.heldout_data, image_size=args.image_size, max_shapes=args.max_shapes,
-                          heldout_samples=args.heldout_samples, seed=args.seed)
-    train_set = training_set(args.data, image_size=args.image_size, max_shapes=args.max_shapes,
-                             train_samples=args.train_samples, seed=args.seed)
-    if not isinstance(train_set, ShapesDataset):
-        print0(processes, f"data: {args.data}: {len(train_set)} images, {len(train_set.skipped)} unreadable skipped")
     codec, latents = PixelCodec(), None
     if args.vae is not None:
-        codec = VAECodec(args.vae, device=processes.device)
+        try:
+            codec = VAECodec(args.vae, device=processes.device)
+        except (ImportError, OSError, ValueError, RuntimeError) as error:
+            raise OptionError(f"--vae: {args.vae}: {type(error).__name__}: {error}") from None
+    config = model_config(args, codec)
+    train_set, heldout = load_data(args, config)
+    if not isinstance(train_set, ShapesDataset):
+        print0(processes, f"data: {args.data}: {len(train_set)} images, {len(train_set.skipped)} unreadable skipped")
+    data = data_identity(args, train_set, heldout)
+    if args.vae is not None:
         cache = Path(args.latent_cache) if args.latent_cache else out / "latents"
         if processes.main:  # rank 0 encodes once; the others read its cache
             encode_dataset(codec, train_set, cache, log=lambda line: print0(processes, line))
@@ -436,7 +653,6 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
             dist.barrier()
         latents = encode_dataset(codec, train_set, cache, log=lambda line: None)
 
-    config = model_config(args, codec)
     torch.manual_seed(args.seed)  # the initial weights
     model = Transfusion(config).to(processes.device)
     parameters = sum(p.numel() for p in model.parameters())
@@ -444,20 +660,29 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
     start = 0
-    resume_from = checkpoint_path
-    if not checkpoint_path.exists():  # a run stopped while swapping checkpoints kept the old one here
-        resume_from = checkpoint_path.with_name(checkpoint_path.name + ".previous")
-    if args.resume and (resume_from / TRAIN_STATE_FILE).is_file():
-        start = load_checkpoint(resume_from, wrapped, optimizer, args, config)
-        print0(processes, f"resumed from {resume_from} at step {start}")
+    if processes.main:
+        if args.resume:  # finish or undo a checkpoint swap that a kill interrupted
+            recover_training_checkpoint(checkpoint_path)
+        elif discard_training_checkpoint(checkpoint_path):
+            print(f"starting over (no --resume): removed the checkpoint in {checkpoint_path}", flush=True)
+    if processes.world_size > 1:
+        dist.barrier()
+    if args.resume and is_complete(checkpoint_path):
+        start = load_checkpoint(checkpoint_path, wrapped, optimizer, args, config, codec, data)
+        print0(processes, f"resumed from {checkpoint_path} at step {start}")
+    elif args.resume and checkpoint_path.exists():
+        missing = [name for name in TRAINING_FILES if not (checkpoint_path / name).is_file()]
+        raise CheckpointError(f"{checkpoint_path}: not a complete checkpoint (missing {', '.join(missing)}) and no "
+                              f"complete one beside it; move it away to start from step 0")
     elif args.resume:
-        print0(processes, f"no checkpoint in {checkpoint_path}: starting from step 0")
+        print0(processes, f"no checkpoint in {checkpoint_path}: starting from step 0 (metrics.jsonl restarted)")
 
     metrics_path = out / METRICS_FILE
     if processes.main:  # keep the history up to the checkpoint, drop steps it did not keep
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if start and json.loads(line)["step"] <= start]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept, note = kept_metrics(metrics_path, start)
+        if note:
+            print(note, flush=True)
+        atomic_write(metrics_path, kept)
     mode = "FSDP2" if args.fsdp and processes.world_size > 1 else "DDP" if processes.world_size > 1 else "1 process"
     print0(processes, f"training {parameters / 1e6:.2f}M parameters on {processes.device} ({mode}, "
                       f"{processes.world_size} x {local_micro_batches} micro-batches of "
@@ -508,7 +733,7 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
                                     window_positions / window_seconds), flush=True)
                 window_positions = window_seconds = 0.0
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == last_step:
-            save_checkpoint(checkpoint_path, wrapped, optimizer, config, args, step + 1, codec, processes)
+            save_checkpoint(checkpoint_path, wrapped, optimizer, config, args, step + 1, codec, data, processes)
     print0(processes, f"trained steps {start + 1}..{last_step} in {clock(time.perf_counter() - started)}; "
                       f"checkpoint: {checkpoint_path}")
 
@@ -526,11 +751,13 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    """The command line: on a bad option, bad data or a checkpoint it cannot resume, one line
+    ``error: ...`` on stderr (naming the option, the file and line, or the field) and exit status 1."""
     try:
-        args = parse_args(argv)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    return train(args)
+        return train(parse_args(argv))
+    except (OptionError, DataError, CheckpointError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """The training script: options, schedule, learning, kernel/reference parity, checkpoints, exact resume,\nuser data, VAE latents (the torchrun tests are in test_train_distributed.py)."""
 
+import dataclasses
 import json
 import math
+import os
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,8 @@ from safetensors.torch import load_file
 
 import transfusion_core as tc
 from transfusion_core import checkpoint, codec, evaluate, train
-from transfusion_core.datasets import detect_shapes, heldout_set
+from transfusion_core.checkpoint import CheckpointError
+from transfusion_core.datasets import DataError, detect_shapes, heldout_set
 
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
@@ -36,21 +41,44 @@ def test_presets_fill_every_option_and_the_command_line_wins():
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "8", "--micro-batches", "3"], "--micro-batches"),
-    (["--lr", "0"], "--lr"),
+    (["--lr", "0"], "--lr: expected a finite float > 0"),
+    (["--lr", "inf"], "--lr: expected a finite float > 0"),
+    (["--lr", "nan"], "--lr: expected a finite float > 0"),
+    (["--weight-decay", "inf"], "--weight-decay: expected a finite float >= 0"),
+    (["--cfg-scale", "nan"], "--cfg-scale: expected a finite float"),
     (["--steps", "0"], "--steps"),
     (["--steps", "10", "--stop-at", "11"], "--stop-at"),
     (["--drop-caption-prob", "1.5"], "--drop-caption-prob"),
     (["--grad-clip", "-1"], "--grad-clip"),
+    (["--max-shapes", "3"], r"--max-shapes: expected an int in \[1, 2\], got 3"),
+    (["--image-size", "20"], "--image-size: expected a multiple of 16 with --data shapes"),
+    (["--heldout-data", "x.jsonl"], "--heldout-data: expected none with --data shapes"),
+    (["--seed", "-1"], "--seed: expected an int >= 0"),
+    (["--device", "banana"], r"--device: expected one of \('cpu', 'cuda'\)"),
+    (["--vae", "/nowhere"], "--vae: expected a diffusers AutoencoderKL directory"),
+    (["--out", ""], "--out: expected a non-empty string"),
 ])
-def test_bad_options_raise_naming_the_option(argv, message):
+def test_bad_options_raise_naming_the_option(argv, message, capsys):
     with pytest.raises(ValueError, match=message):
         train.parse_args(argv)
+    assert re.search(message, cli_error(argv, capsys))
 
 
-def test_model_options_the_config_rejects_are_reported():
+def test_a_hand_built_train_args_of_the_wrong_type_is_a_type_error():
+    args = train.parse_args([])
+    with pytest.raises(TypeError, match="--lr: expected a finite float > 0, got '1e-3'"):
+        train.check_args(dataclasses.replace(args, lr="1e-3"))
+    with pytest.raises(TypeError, match="--resume: expected a bool"):
+        train.train(dataclasses.replace(args, resume=1))
+
+
+def test_model_options_the_config_rejects_are_reported(tmp_path, capsys):
     args = train.parse_args(["--dim", "30", "--n-heads", "4"])
     with pytest.raises(ValueError, match="model options: TransfusionConfig.n_heads"):
         train.model_config(args, train.PixelCodec())
+    assert "model options: TransfusionConfig.n_heads" in cli_error(tiny_argv(tmp_path, "--dim", "30"), capsys)
+    assert "--sample-steps: expected at most the model's 1000 timesteps, got 5000" in cli_error(
+        tiny_argv(tmp_path, "--sample-steps", "5000"), capsys)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
@@ -142,10 +170,28 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path):
     assert [r["step"] for r in metrics(parts)] == list(range(1, 7))
 
 
-def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
+def run(argv):
+    """The training function itself: errors raise (``train.main`` turns them into one line)."""
+    return train.train(train.parse_args(argv))
+
+
+def cli_error(argv, capsys) -> str:
+    """``python -m transfusion_core.train ARGV`` fails: exit status 1, one line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tmp_path, capsys):
     train.main(tiny_argv(tmp_path, "--steps", "4", "--stop-at", "1"))
-    with pytest.raises(ValueError, match=r"--resume: .* \(--lr: checkpoint 0.003, now 0.001\)"):
-        train.main(tiny_argv(tmp_path, "--steps", "4", "--resume") + ["--lr", "1e-3"])
+    message = r"--resume: .* \(--lr: checkpoint 0.003, now 0.001\)"
+    with pytest.raises(ValueError, match=message):
+        run(tiny_argv(tmp_path, "--steps", "4", "--resume") + ["--lr", "1e-3"])
+    assert re.search(message, cli_error(tiny_argv(tmp_path, "--steps", "4", "--resume") + ["--lr", "1e-3"], capsys))
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, capsys):
@@ -234,3 +280,176 @@ def test_training_and_evaluation_on_vae_latents(vae_dir, tmp_path):
     assert results["image_to_text"]["exact"] == captions_right / 2
     documents = [[latent, tokenizer.encode(item.caption)] for latent, item in zip(latents, items)]
     assert results["caption_perplexity"] == pytest.approx(evaluate.caption_perplexity(model, documents), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills, damaged run files, changed data: --resume continues exactly or refuses, naming why
+# ----------------------------------------------------------------------------------------------
+class Killed(BaseException):
+    """A SIGKILL, as the files see it: nothing after it runs."""
+
+
+def kill_at_rename(monkeypatch, source_name, step):
+    """Kill the run at the rename of ``source_name`` while the checkpoint of ``step`` is being swapped in."""
+    real_rename = os.rename
+
+    def rename(source, target, *args, **kwargs):
+        partial = Path(source).with_name(Path(source).name.split(".")[0] + ".partial")
+        if Path(source).name == source_name and checkpoint.read_train_state(partial)["step"] == step:
+            raise Killed(f"killed at rename {source} -> {target}")
+        return real_rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def losses(history):
+    return [(r["loss"], r["lm_loss"], r["diffusion_loss"], r["grad_norm"]) for r in history]
+
+
+def test_two_kills_in_a_row_resume_from_the_newest_checkpoint_bit_identically(tmp_path, monkeypatch, capsys):
+    """The issue's case. Killed between the two renames of step 2's swap (checkpoint.previous =
+    step 1, checkpoint.partial = step 2, no checkpoint/), resumed, then killed again between the
+    renames of step 3's: the second resume starts at step 3 with metrics 1..3, and the run ends
+    as an uninterrupted one."""
+    argv = tiny_argv(tmp_path / "run", "--steps", "4", "--checkpoint-every", "1")
+    whole = train.main(tiny_argv(tmp_path / "whole", "--steps", "4"))
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        kill_at_rename(patch, "checkpoint.partial", 2)
+        train.main(argv)
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint.partial", "checkpoint.previous", "metrics.jsonl"]
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        kill_at_rename(patch, "checkpoint.partial", 3)
+        train.main(argv + ["--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    assert checkpoint.read_train_state(tmp_path / "run" / "checkpoint.previous")["step"] == 2
+    rest = train.main(argv + ["--resume"])
+    assert "at step 3" in capsys.readouterr().out and [r["step"] for r in rest] == [4]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert losses(metrics(tmp_path / "run")) == losses(whole)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_said(tmp_path, capsys):
+    argv = tiny_argv(tmp_path, "--steps", "3")
+    train.main(argv + ["--stop-at", "2"])
+    with (tmp_path / train.METRICS_FILE).open("a") as file:
+        file.write('{"step": 3, "loss": 7.1, "lm_lo')  # killed while appending
+    train.main(argv + ["--resume"])
+    assert "metrics.jsonl: dropped a torn last line (line 3" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    lines = (tmp_path / train.METRICS_FILE).read_text().splitlines()
+    (tmp_path / train.METRICS_FILE).write_text("\n".join([lines[0], "garbage", lines[1]]) + "\n")
+    assert re.search(r"metrics.jsonl:2: not a metrics record \(b'garbage'\)",
+                     cli_error(argv + ["--resume"], capsys))
+
+
+def _edit_state(path, edit):
+    state_file = path / "checkpoint" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step=-5), r"train_state.json: step: expected an int >= 1, got -5"),
+    (lambda s: s.update(step="2"), r"train_state.json: step: expected an int >= 1, got '2'"),
+    (lambda s: s.update(step=99), r"train_state.json: step: expected at most --steps=3, got 99"),
+    (lambda s: s.pop("args"), r"train_state.json: args: expected an object of the run's options, got None"),
+    (lambda s: s["args"].pop("lr"), r"train_state.json: args: missing options \['lr'\]"),
+    (lambda s: s.pop("data"), r"train_state.json: data: expected the sizes and hashes"),
+    (lambda s: s.update(codec={"kind": "vae"}), r"--resume: .* was trained with codec \{'kind': 'vae'\}"),
+    (lambda s: s.update(world_size=0), r"train_state.json: world_size: expected an int >= 1, got 0"),
+    (lambda s: s.update(param_groups=[]), r"train_state.json: param_groups: expected a list"),
+    (lambda s: s["param_groups"][0].update(betas="x"), r"train_state.json: param_groups\[0\].betas: expected \[0.9"),
+    (lambda s: s["param_groups"][0].update(lr=None), r"train_state.json: param_groups\[0\].lr: expected a finite"),
+    (lambda s: s["param_groups"][0].pop("eps"), r"train_state.json: param_groups\[0\]: keys"),
+    (lambda s: s["param_groups"][0]["params"].pop(), r"train_state.json: param_groups\[0\].params: expected"),
+])
+def test_damaged_train_state_is_one_named_error(tmp_path, capsys, edit, message):
+    argv = tiny_argv(tmp_path, "--steps", "3")
+    train.main(argv + ["--stop-at", "1"])
+    _edit_state(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        run(argv + ["--resume"])
+    assert re.search(message, cli_error(argv + ["--resume"], capsys))
+    assert [r["step"] for r in metrics(tmp_path)] == [1]  # nothing was touched
+
+
+def test_damaged_checkpoint_files_are_named_and_never_mean_step_0(tmp_path, capsys):
+    argv = tiny_argv(tmp_path, "--steps", "3")
+    train.main(argv + ["--stop-at", "1"])
+    config_file = tmp_path / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"norm_eps": 1e-3}))
+    assert re.search(r"config.json: not the run's model \(norm_eps: checkpoint 0.001, run 1e-05\)",
+                     cli_error(argv + ["--resume"], capsys))
+    config_file.write_text(json.dumps(config | {"norm_eps": "1e-5"}))
+    assert re.search(r"config.json: TransfusionConfig.norm_eps: expected a finite float > 0, got '1e-5'",
+                     cli_error(argv + ["--resume"], capsys))
+    config_file.write_text(json.dumps(config))
+    (tmp_path / "checkpoint" / "optimizer.safetensors").write_bytes(b"\x00" * 5)
+    assert "optimizer.safetensors: not a readable safetensors file" in cli_error(argv + ["--resume"], capsys)
+    (tmp_path / "checkpoint" / "optimizer.safetensors").unlink()  # no complete checkpoint anywhere
+    assert re.search(r"checkpoint: not a complete checkpoint \(missing optimizer.safetensors\)",
+                     cli_error(argv + ["--resume"], capsys))
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_stop_at_before_the_checkpoint_and_a_run_that_starts_over(tmp_path, capsys):
+    argv = tiny_argv(tmp_path, "--steps", "3")
+    train.main(argv + ["--stop-at", "2"])
+    assert "--stop-at: expected a step after the checkpoint's step 2, got 1" in cli_error(
+        argv + ["--stop-at", "1", "--resume"], capsys)
+    train.main(argv + ["--stop-at", "1"])  # no --resume: the old checkpoint goes at once
+    assert "starting over (no --resume): removed the checkpoint" in capsys.readouterr().out
+    assert checkpoint.read_train_state(tmp_path / "checkpoint")["step"] == 1
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    for name, colour in (("red.png", (255, 0, 0)), ("green.png", (0, 255, 0))):
+        image_module.new("RGB", (16, 16), colour).save(tmp_path / name)
+    lines = ['{"image": "red.png", "caption": "red"}', '{"image": "green.png", "caption": "green"}']
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_resume_refuses_data_whose_contents_changed(user_data, capsys):
+    image_module = pytest.importorskip("PIL.Image")
+    argv = tiny_argv(user_data / "run", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                     "--data", str(user_data / "train.jsonl"))
+    train.main(argv + ["--stop-at", "1"])
+    state = checkpoint.read_train_state(user_data / "run" / "checkpoint")
+    jsonl = (user_data / "train.jsonl").stat().st_size
+    images = sum((user_data / name).stat().st_size for name in ("red.png", "green.png"))
+    assert state["data"]["data"]["bytes"] == jsonl + images and state["data"]["heldout_data"] is None
+    image_module.new("RGB", (16, 16), (0, 0, 255)).save(user_data / "red.png")  # same path, other contents
+    error = cli_error(argv + ["--resume"], capsys)
+    assert re.search(r"--resume: the data changed since .* was written: --data .*train.jsonl \(checkpoint \d+ "
+                     r"bytes, sha256 [0-9a-f]{12}, now \d+ bytes, sha256 [0-9a-f]{12}\)", error)
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"image": "red.png", "caption": "r\xe9d"}', r"train.jsonl:2: not UTF-8 \(byte 0xe9"),
+    (b'{"image": "red.png\\u0000", "caption": "red"}', r"train.jsonl:2: 'image' contains a NUL byte"),
+    (b'{"image": "red.png", "caption": "' + b"x" * 20 + b'"}',
+     r"train.jsonl:2: caption of 20 bytes, more than the 12 a training row has room for"),
+])
+def test_data_errors_end_in_one_line_naming_file_and_line_before_training(user_data, capsys, line, message):
+    (user_data / "train.jsonl").write_bytes(b'{"image": "red.png", "caption": "red"}\n' + line + b"\n")
+    argv = tiny_argv(user_data / "run", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                     "--data", str(user_data / "train.jsonl"))
+    with pytest.raises(DataError, match=message):
+        run(argv)
+    assert re.search(message, cli_error(argv, capsys))
+    assert not (user_data / "run" / train.METRICS_FILE).exists()  # found at load time, not at a step
+
+
+def test_seq_len_too_short_for_the_embedded_captions_is_an_option_error(tmp_path, capsys):
+    """Two shapes: captions up to 78 bytes; the 16 patches of a 16x16 image and 4 specials: 98 positions."""
+    error = cli_error(tiny_argv(tmp_path, "--max-shapes", "2", "--seq-len", "57", "--patch-size", "4"), capsys)
+    assert "--seq-len: expected at least 98 (the longest caption of the embedded data set with --max-shapes 2, " \
+           "78 bytes, its image's 16 patches and BOS/BOI/EOI/EOS), got 57" in error
+    assert "--seq-len: expected at least 20" in cli_error(tiny_argv(tmp_path, "--seq-len", "10", "--patch-size", "4"),
+                                                          capsys)
