@@ -15,11 +15,12 @@ head dim, ``C*p*p`` values per patch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from tfkernels._checks import check_choice, check_float, check_int
 
 from .config import TransfusionConfig, is_int
 from .data import document_segments, patchify, unpatchify
@@ -106,6 +107,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k, top_p, generat
 
 def diffusion_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     """``steps`` distinct timesteps from ``T - 1`` down to 0, evenly spaced: int64 ``[steps]``."""
+    check_int("num_timesteps", num_timesteps, 1)
+    check_int("steps", steps, 1, num_timesteps)
     return torch.linspace(num_timesteps - 1, 0, steps).round().to(torch.int64)
 
 
@@ -189,16 +192,23 @@ def generate(
             batched alongside. ``None``: no guidance (and no unconditional row).
         clip_x0: clamp each step's predicted clean image to ``[-clip_x0, clip_x0]`` (1.0 for
             pixels in [-1, 1], as DDPM samplers do; ``None`` for unbounded latents).
-        seed: seed of every random choice (tokens and noise); ``None`` draws one.
+        seed: seed of every random choice (tokens and noise), an int in ``[0, 2**64)``; ``None``
+            draws one.
 
     Returns:
         The generated continuation as a list of texts (lists of token ids, without the
         special tokens) and images (``[C, H, W]`` float32), in order. Stops at EOS or
         after ``max_new_tokens``.
+
+    An argument of the wrong type raises ``TypeError`` (``temperature="0"``, ``seed=1.5``,
+    ``force_image=1``), one out of range ``ValueError``, the message naming it; the prompt is
+    checked as a document (``data.document_segments``).
     """
+    if not isinstance(model, Transfusion):
+        raise TypeError(f"model: expected a Transfusion, got {type(model).__name__}")
     config = model.config
     _check_generate_args(
-        max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config
+        max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale, clip_x0, seed, config
     )
     image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
     generator = torch.Generator(device=model.device)
@@ -281,30 +291,33 @@ def prefill(model: Transfusion, cache: KVCache, segments) -> torch.Tensor:
 
 
 def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or not all(is_int(s, patch_size) and s % patch_size == 0 for s in hw):
-        raise ValueError(
-            f"image_size: expected an int or (H, W), multiples of patch_size={patch_size}, got {image_size!r}"
-        )
-    return hw
+    expected = f"an int or (H, W), multiples of patch_size={patch_size}"
+    hw = (image_size, image_size) if is_int(image_size) else image_size
+    if not isinstance(hw, (tuple, list)) or not all(is_int(side) for side in hw):
+        raise TypeError(f"image_size: expected {expected}, got {image_size!r}")
+    if len(hw) != 2 or not all(side >= patch_size and side % patch_size == 0 for side in hw) or \
+            (hw[0] // patch_size) * (hw[1] // patch_size) > 2**31 - 1:
+        raise ValueError(f"image_size: expected {expected}, got {image_size!r}")
+    return tuple(hw)
 
 
-def _check_generate_args(max_new_tokens, temperature, top_k, top_p, image_steps, sampler, cfg_scale, clip_x0, config):
-    if not is_int(max_new_tokens, 0):
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and not is_int(top_k, 1):
-        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-    if not is_int(image_steps, 1, config.num_timesteps):
-        raise ValueError(
-            f"image_steps: expected an int in [1, num_timesteps={config.num_timesteps}], got {image_steps!r}"
-        )
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
-    if cfg_scale is not None and not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale: expected None or a finite number, got {cfg_scale!r}")
-    if clip_x0 is not None and not 0 < clip_x0 < math.inf:
-        raise ValueError(f"clip_x0: expected None or a number > 0, got {clip_x0!r}")
+def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale,
+                         clip_x0, seed, config):
+    """The type/value rule of ``tfkernels._checks``: ``TypeError`` for a wrong type, ``ValueError`` for
+    a wrong value, the message naming the argument."""
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_float("temperature", temperature, 0, what="a finite float >= 0 (0 is greedy)")
+    if top_k is not None:
+        check_int("top_k", top_k, 1)
+    if top_p is not None and check_float("top_p", top_p, 0, 1, what="None or a float in (0, 1]") == 0:
+        raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
+    if not isinstance(force_image, bool):
+        raise TypeError(f"force_image: expected a bool, got {force_image!r}")
+    check_int("image_steps", image_steps, 1, config.num_timesteps)
+    check_choice("sampler", sampler, tuple(SAMPLERS))
+    if cfg_scale is not None:
+        check_float("cfg_scale", cfg_scale, what="None or a finite float")
+    if clip_x0 is not None and check_float("clip_x0", clip_x0, 0, what="None or a finite float > 0") == 0:
+        raise ValueError(f"clip_x0: expected None or a finite float > 0, got {clip_x0!r}")
+    if seed is not None:
+        check_int("seed", seed, 0, 2**64 - 1)

@@ -223,19 +223,61 @@ def test_diffusion_timesteps_run_down_to_zero():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), r"temperature: expected a number >= 0"),
-        (dict(top_k=0), r"top_k: expected None or an int >= 1"),
-        (dict(top_p=0.0), r"top_p: expected None or a number in \(0, 1\]"),
+        (dict(temperature=-1.0), r"temperature: expected a finite float >= 0 \(0 is greedy\)"),
+        (dict(temperature=float("inf")), r"temperature: expected a finite float >= 0"),
+        (dict(top_k=0), r"top_k: expected an int >= 1"),
+        (dict(top_p=0.0), r"top_p: expected None or a float in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p: expected None or a float in \(0, 1\]"),
         (dict(sampler="euler"), r"sampler: expected one of \('ddpm', 'ddim'\)"),
-        (dict(image_steps=0), r"image_steps: expected an int in \[1, num_timesteps=1000\]"),
+        (dict(image_steps=0), r"image_steps: expected an int in \[1, 1000\]"),
+        (dict(image_steps=1001), r"image_steps: expected an int in \[1, 1000\]"),
         (dict(image_size=5), r"image_size: expected an int or \(H, W\), multiples of patch_size=2"),
+        (dict(image_size=(4, 4, 4)), r"image_size: expected an int or \(H, W\)"),
+        (dict(image_size=2**20), r"image_size: expected an int or \(H, W\)"),
         (dict(max_new_tokens=-1), r"max_new_tokens: expected an int >= 0"),
-        (dict(clip_x0=0.0), r"clip_x0: expected None or a number > 0"),
+        (dict(clip_x0=0.0), r"clip_x0: expected None or a finite float > 0"),
+        (dict(cfg_scale=float("nan")), r"cfg_scale: expected None or a finite float"),
+        (dict(seed=-1), r"seed: expected an int in \[0, 18446744073709551615\]"),
     ],
 )
 def test_bad_generate_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_model().generate([[1, 2]], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature="0"), r"temperature: expected a finite float >= 0"),
+        (dict(temperature=None), r"temperature: expected"),
+        (dict(top_k=2.0), r"top_k: expected an int >= 1"),
+        (dict(top_p="0.9"), r"top_p: expected None or a float"),
+        (dict(sampler=None), r"sampler: expected a str"),
+        (dict(image_steps=2.5), r"image_steps: expected an int"),
+        (dict(image_size="16"), r"image_size: expected an int or \(H, W\)"),
+        (dict(image_size=(4.0, 4)), r"image_size: expected an int or \(H, W\)"),
+        (dict(image_size=True), r"image_size: expected an int or \(H, W\)"),
+        (dict(max_new_tokens=2.0), r"max_new_tokens: expected an int >= 0"),
+        (dict(clip_x0="1"), r"clip_x0: expected None or a finite float > 0"),
+        (dict(cfg_scale=True), r"cfg_scale: expected None or a finite float"),
+        (dict(seed=1.5), r"seed: expected an int"),
+        (dict(force_image=1), r"force_image: expected a bool, got 1"),
+    ],
+)
+def test_generate_arguments_of_the_wrong_type_are_type_errors(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        tiny_model().generate([[1, 2]], **kwargs)
+
+
+def test_generate_needs_a_model_and_checks_its_prompt():
+    with pytest.raises(TypeError, match="model: expected a Transfusion, got str"):
+        generate.generate("model", [[1]])
+    with pytest.raises(TypeError, match=r"prompt\[0\]: expected token ids .*complex64"):
+        tiny_model().generate([torch.tensor([1 + 1j])])
+    with pytest.raises(ValueError, match=r"prompt\[0\]: image has 48 NaN or infinite values"):
+        tiny_model().generate([torch.full((3, 4, 4), float("nan"))])
+    with pytest.raises(ValueError, match=r"steps: expected an int in \[1, 10\], got 11"):
+        diffusion_timesteps(10, 11)
 
 
 def test_bad_prompt_item_is_named():
