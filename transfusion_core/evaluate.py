@@ -21,17 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import read_train_state
+from tfkernels._checks import check_float, check_int
+
+from .checkpoint import TRAIN_STATE_FILE, CheckpointError, read_train_state
 from .codec import codec_from_description
 from .config import IGNORE_INDEX
 from .data import ByteTokenizer, Packer
-from .datasets import ShapesDataset, detect_shapes, heldout_set, parse_caption
+from .datasets import DataError, ShapesDataset, detect_shapes, heldout_set, parse_caption
 from .model import Transfusion
 from .plots import write_samples_grid
 
@@ -80,6 +83,9 @@ def caption_perplexity(model: Transfusion, documents, *, batch_size: int = 16) -
     Images are read clean (t = 0), as generation reads a prompt image; the one target before
     the image (BOS -> BOI) is not a caption byte and is left out.
     """
+    if not isinstance(documents, (list, tuple)) or not documents:
+        raise ValueError(f"documents: expected a non-empty list of [latent, caption tokens], got {documents!r}"[:200])
+    check_int("batch_size", batch_size, 1)
     config = model.config
     longest = max(len(tokens) for _, tokens in documents)
     patches = max(latent.shape[1] * latent.shape[2] for latent, _ in documents) // config.patch_size**2
@@ -101,10 +107,18 @@ def caption_perplexity(model: Transfusion, documents, *, batch_size: int = 16) -
 def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, image_steps: int = 25,
              cfg_scale: float | None = 3.0, seed: int = 0, log=print) -> dict:
     """Metrics of ``model`` on the first ``samples`` items of ``heldout`` (all by default)."""
+    if not isinstance(model, Transfusion):
+        raise TypeError(f"model: expected a Transfusion, got {type(model).__name__}")
+    if samples is not None:
+        check_int("samples", samples, 1)
+    check_int("image_steps", image_steps, 1, model.config.num_timesteps)
+    if cfg_scale is not None:
+        check_float("cfg_scale", cfg_scale)
+    check_int("seed", seed, 0)
     model.eval()
     count = len(heldout) if samples is None else min(samples, len(heldout))
     if count < 1:
-        raise ValueError(f"samples: expected at least 1 held-out item, got {samples!r} of {len(heldout)}")
+        raise ValueError(f"heldout: expected at least 1 held-out item, got {len(heldout)}")
     items = [heldout[i] for i in range(count)]
     latents = codec.encode(torch.stack([item.image for item in items]))  # [n, C, h, w]
     shapes_data = isinstance(heldout, ShapesDataset)
@@ -176,6 +190,8 @@ def write_samples(path, model: Transfusion, codec, heldout, *, samples: int, ste
                   cfg_scale: float | None) -> None:
     """``samples.png``: images from the first ``samples`` held-out captions (``steps`` DDIM steps,
     guidance ``cfg_scale``) and greedy captions of the first held-out images."""
+    check_int("samples", samples, 1)
+    check_int("steps", steps, 1, model.config.num_timesteps)
     count = min(samples, len(heldout))
     items = [heldout[i] for i in range(count)]
     judged = isinstance(heldout, ShapesDataset)
@@ -194,6 +210,9 @@ def write_samples(path, model: Transfusion, codec, heldout, *, samples: int, ste
 # Command line
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
+    """The command line. A checkpoint it cannot read, or held-out data that is wrong, ends in one
+    line ``error: ...`` on stderr naming the file and the field or line, exit status 1; a bad
+    option in argparse's usage message, exit status 2."""
     parser = argparse.ArgumentParser(prog="python -m transfusion_core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by transfusion_core.train")
     parser.add_argument("--samples", type=int, default=None, help="held-out items to use (default: all)")
@@ -201,19 +220,54 @@ def main(argv=None) -> dict:
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT/eval.json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    for name, low in (("samples", 1), ("image_steps", 1), ("seed", 0), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            parser.error(f"--{name.replace('_', '-')}: expected an int >= {low}, got {value}")
+    if not math.isfinite(args.cfg_scale):
+        parser.error(f"--cfg-scale: expected a finite float, got {args.cfg_scale}")
+    for name in ("checkpoint", "out"):
+        if getattr(args, name) is not None and "\0" in getattr(args, name):
+            parser.error(f"{name}: contains a NUL byte")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: this machine has no CUDA device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _evaluate_checkpoint(args, parser)
+    except (CheckpointError, DataError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _evaluate_checkpoint(args, parser) -> dict:
     state = read_train_state(args.checkpoint)
-    run = state["args"]
-    codec = codec_from_description(state.get("codec"), device=args.device)
-    heldout = heldout_set(run["data"], run["heldout_data"], image_size=run["image_size"],
-                          max_shapes=run["max_shapes"], heldout_samples=run["heldout_samples"], seed=run["seed"])
+    file = Path(args.checkpoint) / TRAIN_STATE_FILE
+    run = state.get("args")
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{file}: args: expected an object of the run's options, got {run!r}")
+    try:
+        codec = codec_from_description(state.get("codec"), device=args.device)
+    except (ImportError, OSError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{file}: codec: {type(error).__name__}: {error}") from None
+    try:
+        heldout = heldout_set(run["data"], run["heldout_data"], image_size=run["image_size"],
+                              max_shapes=run["max_shapes"], heldout_samples=run["heldout_samples"], seed=run["seed"])
+    except DataError:
+        raise
+    except KeyError as error:
+        raise CheckpointError(f"{file}: args: missing option {error}") from None
+    except (TypeError, ValueError) as error:  # the data set's own checks name the option
+        raise CheckpointError(f"{file}: args: {error}") from None
     if heldout is None:
         parser.error("the run has no held-out data set (train it with --heldout-data)")
     model = Transfusion.load(args.checkpoint, device=args.device)
+    if args.image_steps > model.config.num_timesteps:
+        parser.error(f"--image-steps: expected at most the model's {model.config.num_timesteps} timesteps, "
+                     f"got {args.image_steps}")
     print(f"evaluating {args.checkpoint} (step {state['step']}) on {min(args.samples or len(heldout), len(heldout))} "
           f"held-out items", flush=True)
     results = evaluate(model, codec, heldout, samples=args.samples, image_steps=args.image_steps,
@@ -222,7 +276,10 @@ def main(argv=None) -> dict:
     results["step"] = state["step"]
     print(format_table(results))
     out = Path(args.out) if args.out is not None else Path(args.checkpoint) / "eval.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as error:
+        parser.error(f"--out: cannot write {out} ({error.strerror or error})")
     print(f"wrote {out}")
     return results
 

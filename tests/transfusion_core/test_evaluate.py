@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -90,7 +92,73 @@ def test_command_line_prints_a_table_and_writes_json(tmp_path, capsys):
     assert written["settings"] == {"image_steps": 2, "cfg_scale": 3.0, "sampler": "ddim", "seed": 0}
 
 
-def test_command_line_needs_a_training_checkpoint(tmp_path):
+def cli_error(argv, capsys, status=1) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == status
+    lines = capsys.readouterr().err.splitlines()
+    return lines[-1]
+
+
+def test_command_line_needs_a_training_checkpoint(tmp_path, capsys):
     tiny_model().save(tmp_path)
-    with pytest.raises(FileNotFoundError, match="train_state.json"):
-        evaluate.main([str(tmp_path)])
+    assert re.fullmatch(r"error: .*train_state.json: not found; expected a checkpoint written by .*",
+                        cli_error([str(tmp_path)], capsys))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        train.main(["--out", str(out), "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "4",
+                    "--steps", "1", "--heldout-samples", "2", "--no-plots", "--threads", "1"])
+    return out / "checkpoint"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step=0), r"train_state.json: step: expected an int >= 1, got 0"),
+    (lambda s: s.update(args=[]), r"train_state.json: args: expected an object of the run's options, got \[\]"),
+    (lambda s: s["args"].pop("image_size"), r"train_state.json: args: missing option 'image_size'"),
+    (lambda s: s["args"].update(image_size="16"), r"train_state.json: args: image_size: expected an int"),
+    (lambda s: s["args"].update(seed=None), r"train_state.json: args: seed: expected an int"),
+    (lambda s: s["args"].update(max_shapes=3), r"train_state.json: args: max_shapes: expected an int in \[1, 2\]"),
+    (lambda s: s.update(codec={"kind": "magic"}), r"train_state.json: codec: ValueError: codec: unknown"),
+    (lambda s: s.update(codec="pixels"), r"train_state.json: codec: AttributeError"),
+])
+def test_damaged_train_state_is_one_line_naming_the_field(trained, tmp_path, capsys, edit, message):
+    shutil.copytree(trained, tmp_path / "checkpoint")
+    state_file = tmp_path / "checkpoint" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    edit(state)
+    state_file.write_text(json.dumps(state))
+    assert re.search(message, cli_error([str(tmp_path / "checkpoint")], capsys))
+
+
+def test_damaged_weights_and_bad_options_are_named(trained, tmp_path, capsys):
+    shutil.copytree(trained, tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / "model.safetensors").write_bytes(b"\x00" * 9)
+    assert "model.safetensors: not a readable safetensors file" in cli_error([str(tmp_path / "checkpoint")], capsys)
+    for argv, message in ((["--samples", "0"], "--samples: expected an int >= 1, got 0"),
+                          (["--cfg-scale", "nan"], "--cfg-scale: expected a finite float, got nan"),
+                          (["--image-steps", "1001"], "--image-steps: expected at most the model's 1000 timesteps"),
+                          (["--device", "banana"], "invalid choice: 'banana'")):
+        assert message in cli_error([str(trained), *argv], capsys, status=2)
+
+
+def test_evaluate_arguments_follow_the_type_value_rule():
+    model, data = tiny_model(), ShapesDataset(2, split="heldout")
+    for kwargs, error, message in ((dict(samples=0), ValueError, "samples: expected an int >= 1"),
+                                   (dict(samples=1.5), TypeError, "samples: expected an int >= 1"),
+                                   (dict(image_steps=0), ValueError, r"image_steps: expected an int in \[1, 1000\]"),
+                                   (dict(cfg_scale="3"), TypeError, "cfg_scale: expected a finite float"),
+                                   (dict(seed=None), TypeError, "seed: expected an int >= 0")):
+        with pytest.raises(error, match=message):
+            evaluate.evaluate(model, PixelCodec(), data, log=lambda line: None, **kwargs)
+    with pytest.raises(TypeError, match="model: expected a Transfusion"):
+        evaluate.evaluate(None, PixelCodec(), data)
+    with pytest.raises(ValueError, match="documents: expected a non-empty list"):
+        evaluate.caption_perplexity(model, [])
+    with pytest.raises(ValueError, match="samples: expected an int >= 1, got 0"):
+        evaluate.write_samples("x.png", model, PixelCodec(), data, samples=0, steps=2, cfg_scale=None)
