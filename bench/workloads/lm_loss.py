@@ -58,13 +58,26 @@ def tfkernels_loss() -> Implementation:
     return Implementation("tfkernels", prepare, backend=tfkernels_backend)
 
 
+def _chunked_options():
+    """torch's chunked linear cross-entropy options, or None where torch has none. The harness takes
+    gradients with ``retain_graph=True`` (the backward mode reuses one forward graph), which the
+    chunked path allows only when asked (at the cost of one gradient-sized buffer)."""
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is None:
+        return None
+    try:
+        return options(allow_retain_graph=True)
+    except TypeError:
+        return options()
+
+
 def torch_linear_cross_entropy() -> Implementation:
     """Optional peer: torch's own ``F.linear_cross_entropy`` (newer torch only), on its chunked path
-    (``torch.nn.LinearCrossEntropyOptions()``) where torch has one, else its reference path."""
+    (``torch.nn.LinearCrossEntropyOptions``) where torch has one, else its reference path."""
 
     def prepare(first: InputSet):
-        chunked = {"options": torch.nn.LinearCrossEntropyOptions()} if hasattr(torch.nn, "LinearCrossEntropyOptions") \
-            else {}
+        options = _chunked_options()
+        chunked = {} if options is None else {"options": options}
         return lambda inputs: F.linear_cross_entropy(*loss_arguments(inputs.data), **chunked)
 
     def unavailable(device, mode):
