@@ -83,7 +83,9 @@ def main(argv=None) -> int:
         print(f"(real shapes and plan checked in {time.monotonic() - started:.1f} s)\n", flush=True)
     if problems:
         print("THE PLAN DOES NOT HOLD:\n" + "\n".join(f"- {p}" for p in problems))
-        return 1
+        if args.dry_run:
+            return 1
+        print("(running it anyway: a GPU's minutes are too rare to spend on nothing)\n", flush=True)
     env = runner.stage_env()
 
     def launch(stage: plan.Stage, deadline: float):
@@ -100,8 +102,10 @@ def main(argv=None) -> int:
         return runner.run_process(command, deadline - time.time(), outdir / plan.LOG, env=env)
 
     records = runner.run_plan(args.stage_list, outdir, args.total, launch, after_stage=lambda: summary.write(outdir))
-    text = summary.write(outdir)
-    print("\n" + text)
+    try:
+        print("\n" + summary.write(outdir))
+    except Exception as error:  # the files are there whatever happens to the summary
+        print(f"summary.md failed: {type(error).__name__}: {error}")
     limits = plan.outdir_problems(outdir)
     for problem in limits:
         print(f"WARNING: would not come back from the device machine: {problem}")

@@ -218,7 +218,7 @@ def run_diffusion_check(dtype: torch.dtype, device, tiny: bool) -> list[dict]:
     kernel_noise = tk.add_noise(zeros, torch.zeros(images, dtype=torch.long, device=device), unit, seed=1234)
     expected = reference.seeded_noise(1234, zeros.shape, device=device)
     error = max_error(kernel_noise, expected)
-    rows.append(_row(check, "add_noise[seed]", torch.float32, f"[{images}, {channels * side * side}]", "noise",
+    rows.append(_row(check, "add_noise[seed]", dtype, f"[{images}, {channels * side * side}] float32", "noise",
                      passed=error <= SEEDED_NOISE_ATOL and bool(torch.isfinite(kernel_noise).all()),
                      detail=f"max error {error:.3g}, tolerance {SEEDED_NOISE_ATOL:g}"))
     rows[-1]["max_error"] = f"{error:.4g}"

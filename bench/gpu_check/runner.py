@@ -184,8 +184,11 @@ def run_plan(stages: list[plan.Stage], outdir: Path, total_s: float, launch: Lau
             detail = "; ".join(part for part in (detail, own) if part)
             update_stage_record(outdir, stage.name, status=status, detail=detail, rc=rc, elapsed_s=round(elapsed, 1),
                                 budget_s=round(budget, 1))
-        trim_log(outdir / plan.LOG)
-        after_stage()
+        try:  # bookkeeping must never stop the run: the stages' own files are what matters
+            trim_log(outdir / plan.LOG)
+            after_stage()
+        except Exception as error:
+            echo(f"[gpu_check] after stage {stage.name}: {type(error).__name__}: {error}")
         record = read_json(outdir / plan.STAGES_JSON)["stages"][stage.name]
         note = f"; {record['detail']}" if record.get("detail") else ""
         echo(f"[gpu_check t={time.monotonic() - start:4.0f} s] {stage.name}: {record['status']} "

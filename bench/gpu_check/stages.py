@@ -65,19 +65,25 @@ MATMUL_N = 8192  # bf16 [N, N] x [N, N]: 1.1 TFLOP per call
 COPY_BYTES = 2**30  # per tensor: 1 GiB read + 1 GiB written per call
 
 
-def nvidia_smi() -> dict:
-    """``nvidia-smi --query-gpu`` for the fields above (the first GPU), or why not."""
+NVIDIA_SMI_MINIMAL = ("name", "driver_version", "clocks.sm", "clocks.max.sm")
+
+
+def nvidia_smi(fields: tuple[str, ...] = NVIDIA_SMI_FIELDS) -> dict:
+    """``nvidia-smi --query-gpu`` for ``fields`` (the first GPU; a driver that rejects one field
+    gets the minimal set), or why not. Reads only: the card's settings are left alone."""
     if shutil.which("nvidia-smi") is None:
         return {"error": "nvidia-smi not found"}
     try:
-        result = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(NVIDIA_SMI_FIELDS)}", "--format=csv,noheader"],
+        result = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as error:
         return {"error": f"nvidia-smi: {error}"}
     if result.returncode != 0 or not result.stdout.strip():
+        if fields != NVIDIA_SMI_MINIMAL:
+            return nvidia_smi(NVIDIA_SMI_MINIMAL)
         return {"error": f"nvidia-smi exit {result.returncode}: {(result.stderr or result.stdout).strip()[:300]}"}
     values = [v.strip() for v in result.stdout.splitlines()[0].split(",")]
-    return dict(zip(NVIDIA_SMI_FIELDS, values))
+    return dict(zip(fields, values))
 
 
 def optional_peers() -> dict:
@@ -185,6 +191,7 @@ def append_rows(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 def stage_correctness(ctx: Context) -> int:
     check_list = correctness.checks(tiny=ctx.dry_run)
+    ctx.record(planned_checks=len(check_list))  # the summary tells a cut-off stage from a complete one
     result = correctness.run_checks(
         check_list, ctx.device, lambda rows: append_rows(ctx.outdir / plan.CORRECTNESS, correctness.COLUMNS, rows),
         ctx.time_left)
@@ -354,8 +361,11 @@ def run_bench_stage(ctx: Context, name: str) -> int:
             ctx.cases.append([match.group(1), round(seconds, 2), outcome])
             ctx.record()
 
+    current: list[dict] = []  # the rows of the workload running now
+
     def on_row(rows: list[dict]) -> None:
-        everything = earlier + [dict(r) for r in rows]
+        current[:] = [dict(r) for r in rows]
+        everything = earlier + current
         harness.add_ratios(everything)
         write_csv_atomic(everything, path)
 
@@ -363,20 +373,19 @@ def run_bench_stage(ctx: Context, name: str) -> int:
     for workload in workloads:  # one workload at a time: an error in one does not lose the others
         if ctx.time_left() <= 0:
             break
+        current.clear()
         try:
-            rows = harness.run_workloads([workload], settings, env, log=log, select=selected(name, ctx.dry_run),
-                                         gate=gate,
-                                         on_row=on_row)
-        except Exception as error:
+            harness.run_workloads([workload], settings, env, log=log, select=selected(name, ctx.dry_run), gate=gate,
+                                  on_row=on_row)
+        except Exception as error:  # the workload's rows so far stay: on_row wrote them, kept below
             message = f"{workload.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             print(f"ERROR in tfkernels, {message}", flush=True)
             errors.append(message)
             if correctness.cuda_context_lost(error):
                 errors.append("CUDA context lost: the stage's remaining workloads not run")
+                earlier += current
                 break
-            continue
-        earlier += rows
-        on_row([])
+        earlier += current
     skipped = [c for c in ctx.cases if c[2].startswith("skipped, stage budget")]
     ctx.record(failures=errors, detail="; ".join(errors) if errors else
                (f"{len(skipped)} cases skipped for time" if skipped else ""))
@@ -420,7 +429,8 @@ def stage_compile_report(ctx: Context) -> int:
 # ----------------------------------------------------------------------------------------------
 GPU_ONLY_TESTS = "on_gpu and not autotuned"  # the GPU-only tests of tests/tfkernels, autotuning left out
 OTHER_TESTS = "not on_gpu and not autotuned"
-PYTEST_LINE = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+# ``pytest -v``: "tests/x.py::test[id, may have spaces] PASSED  [ 10%]" (or "SKIPPED (reason) [...]").
+PYTEST_LINE = re.compile(r"^(tests/\S+?::.+?) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?= |$)")
 
 
 def parse_pytest_line(line: str) -> dict | None:

@@ -127,14 +127,19 @@ def headline_rows(bench: list[dict], env: dict) -> list[tuple[str, str]]:
     return lines
 
 
-def correctness_line(rows: list[dict]) -> tuple[str, list[str]]:
-    """The verdict and the failures (``passed`` is True/False; empty for checks not run)."""
+def correctness_line(rows: list[dict], planned_checks: int | None = None) -> tuple[str, list[str]]:
+    """The verdict and the failures (``passed`` is True/False; empty for checks not run).
+    ``planned_checks``: how many checks the stage meant to run (a stage cut off at its deadline
+    leaves no row for the checks it never reached)."""
     checks = [r for r in rows if r.get("check") != "pytest"]
     tests = [r for r in rows if r.get("check") == "pytest"]
     failed = [r for r in rows if r.get("passed") == "False"]
     not_run = [r for r in checks if r.get("passed") == ""]
     passed_checks = sum(r.get("passed") == "True" for r in checks)
+    ran = len({(r["check"], r["dtype"]) for r in checks if r.get("passed") != ""})
     text = f"{passed_checks} of {len(checks) - len(not_run)} quantities pass"
+    if planned_checks:
+        text += f" in {ran} of {planned_checks} checks"
     if not_run:
         text += f", {len(not_run)} checks not run (budget)"
     if tests:
@@ -144,7 +149,8 @@ def correctness_line(rows: list[dict]) -> tuple[str, list[str]]:
         text += "; pytest on the GPU: " + ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
     if not rows:
         text = "no check has run"
-    verdict = "FAILED" if failed else ("pass" if rows else "not run")
+    complete = not not_run and (planned_checks is None or ran >= planned_checks)
+    verdict = "FAILED" if failed else ("not run" if not rows else "pass" if complete else "pass so far, incomplete")
     return f"**GPU correctness: {verdict}** ({text})", [
         f"{r['check']} {r['dtype']} {r['quantity']} ({r['shape']}): {r['detail']}" for r in failed]
 
@@ -153,7 +159,8 @@ def markdown(outdir: Path) -> str:
     env = _read_json(outdir / plan.ENV)
     stages = _read_json(outdir / plan.STAGES_JSON)
     bench = read_rows(outdir / plan.BENCH)
-    verdict, failures = correctness_line(read_rows(outdir / plan.CORRECTNESS))
+    planned = stages.get("stages", {}).get("correctness", {}).get("planned_checks")
+    verdict, failures = correctness_line(read_rows(outdir / plan.CORRECTNESS), planned)
     device = env.get("device", {}).get("name") or env.get("device_name") or "unknown device"
     lines = [f"# GPU check: {device}", ""]
     versions = env.get("versions", {})

@@ -264,13 +264,13 @@ def test_summary_from_rows(tmp_path):
                                             "ceilings": {"matmul_tflops": 780.0, "copy_gb_per_s": 4300.0}})
     runner.write_json(tmp_path / plan.STAGES_JSON, {
         "plan": [{"stage": "env", "budget_s": 15}, {"stage": "attention", "budget_s": 150}],
-        "stages": {"env": {"status": "ok", "elapsed_s": 9.0}, "attention": {"status": "timed out", "elapsed_s": 150,
-                                                                             "detail": "killed"}}})
+        "stages": {"env": {"status": "ok", "elapsed_s": 9.0}, "correctness": {"planned_checks": 16},
+                   "attention": {"status": "timed out", "elapsed_s": 150, "detail": "killed"}}})
     text = summary.write(tmp_path)
     assert text == (tmp_path / plan.SUMMARY).read_text()
     assert text.startswith("# GPU check: NVIDIA H200")
-    assert "**GPU correctness: FAILED** (1 of 2 quantities pass, 1 checks not run (budget); pytest on the GPU: " \
-           "1 passed)" in text
+    assert "**GPU correctness: FAILED** (1 of 2 quantities pass in 1 of 16 checks, 1 checks not run (budget); " \
+           "pytest on the GPU: 1 passed)" in text
     assert "- FAILED attn_causal bfloat16 dq (S=8192): dq: max error 0.5 > bound 0.01" in text
     assert "| W1 fwd+bwd (Hkv 16) vs compiled Flex | 10 ms vs Flex 15 ms: tfkernels 1.50x faster |" in text
     assert "| W1 fwd+bwd (Hkv 4, GQA) vs compiled Flex | not measured |" in text
@@ -281,6 +281,14 @@ def test_summary_from_rows(tmp_path):
     assert "tfkernels 20 ms, 300 MiB; eager 30 ms, 8000 MiB" in text
     assert "tfkernels 160,000 (MFU 40.0%); sdpa_dense_eager_losses 80,000 (2.00x tfkernels' step time)" in text
     assert "| attention | 150 | 150 | timed out | killed |" in text
+
+
+def test_correctness_verdict_says_when_checks_are_missing():
+    row = dict(check="attn_causal", dtype="bfloat16", quantity="out", shape="s", passed="True", detail="")
+    assert summary.correctness_line([row], planned_checks=1)[0].startswith("**GPU correctness: pass** (1 of 1")
+    # Cut off at its deadline: the checks it never reached have no row.
+    assert summary.correctness_line([row], planned_checks=16)[0].startswith(
+        "**GPU correctness: pass so far, incomplete** (1 of 1 quantities pass in 1 of 16 checks)")
 
 
 def test_summary_of_an_empty_outdir(tmp_path):
@@ -295,6 +303,8 @@ def test_pytest_lines_become_rows():
         "pytest", "tests/tfkernels/test_attention.py", "test_head_dims_on_gpu[64]", False, "failed")
     assert stages.parse_pytest_line("tests/x.py::t SKIPPED (needs a CUDA GPU) [100%]")["passed"] == ""
     assert stages.parse_pytest_line("collected 12 items / 3 deselected") is None
+    row = stages.parse_pytest_line("tests/a.py::test_bad[q: expected float16, got x] PASSED [ 10%]")
+    assert (row["quantity"], row["passed"]) == ("test_bad[q: expected float16, got x]", True)
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -405,3 +415,30 @@ def test_readme_documents_the_stages_and_files():
     files = re.findall(r"^\| `([\w.]+)` \| ", section.split("What comes back")[1], re.M)
     assert sorted(files) == sorted(plan.OUTPUT_FILES)
     assert "bash scripts/gpu_check.sh --dry-run" in section and "NOTES.md" in section
+
+
+def test_an_error_in_tfkernels_fails_its_workload_only_and_keeps_its_rows(tmp_path, monkeypatch):
+    def call(inputs):
+        return inputs.data * 2
+
+    def broken(inputs):
+        raise RuntimeError("kernel failed")
+
+    def workload(name, second):
+        return harness.Workload(
+            suite="attention", name=name, shape="s", dtype=torch.float32,
+            setup=lambda device, seed: harness.InputSet(torch.ones(4)),
+            implementations=[harness.Implementation("tfkernels", lambda first: call, backend="b"),
+                             harness.Implementation("tfkernels_seeded", lambda first: second, backend="b")],
+            modes=("forward",), work=lambda mode: harness.Work(), training=False)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after the test (the stage sets it to 0 on a CPU)
+    monkeypatch.setattr(stages, "stage_workloads", lambda name, quick, device: [workload("bad", broken),
+                                                                               workload("good", call)])
+    ctx = stages.Context(tmp_path, time.time() + 60, dry_run=True, stage="attention")
+    assert stages.run_bench_stage(ctx, "attention") == 1
+    rows = harness.read_csv(tmp_path / plan.BENCH)
+    assert [(r["workload"], r["implementation"]) for r in rows] == [("bad", "tfkernels"), ("good", "tfkernels"),
+                                                                    ("good", "tfkernels_seeded")]
+    record = json.loads((tmp_path / plan.STAGES_JSON).read_text())["stages"]["attention"]
+    assert record["failures"] == ["bad: RuntimeError: kernel failed"]
