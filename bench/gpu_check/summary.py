@@ -174,7 +174,11 @@ def markdown(outdir: Path) -> str:
     clock = env.get("nvidia_smi_after_load", {}).get("clocks.sm")
     if clock:
         facts.append(f"SM clock after the matmul {clock}")
-    lines += ["; ".join(f for f in facts if f), "", verdict, ""]
+    lines += ["; ".join(f for f in facts if f), ""]
+    peers = env.get("optional_peers", {})
+    if peers:
+        lines += ["Optional peers: " + "; ".join(f"{name}: {state}" for name, state in peers.items()), ""]
+    lines += [verdict, ""]
     for failure in failures[:20]:
         lines.append(f"- FAILED {failure}")
     if len(failures) > 20:

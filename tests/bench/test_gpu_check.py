@@ -261,7 +261,8 @@ def test_summary_from_rows(tmp_path):
         stages.parse_pytest_line("tests/tfkernels/test_lm_loss.py::test_bf16_on_gpu[mean] PASSED     [ 50%]"),
     ])
     runner.write_json(tmp_path / plan.ENV, {"device": {"name": "NVIDIA H200"}, "commit": "abc",
-                                            "ceilings": {"matmul_tflops": 780.0, "copy_gb_per_s": 4300.0}})
+                                            "ceilings": {"matmul_tflops": 780.0, "copy_gb_per_s": 4300.0},
+                                            "optional_peers": {"liger_kernel": "not installed"}})
     runner.write_json(tmp_path / plan.STAGES_JSON, {
         "plan": [{"stage": "env", "budget_s": 15}, {"stage": "attention", "budget_s": 150}],
         "stages": {"env": {"status": "ok", "elapsed_s": 9.0}, "correctness": {"planned_checks": 16},
@@ -269,6 +270,7 @@ def test_summary_from_rows(tmp_path):
     text = summary.write(tmp_path)
     assert text == (tmp_path / plan.SUMMARY).read_text()
     assert text.startswith("# GPU check: NVIDIA H200")
+    assert "Optional peers: liger_kernel: not installed" in text
     assert "**GPU correctness: FAILED** (1 of 2 quantities pass in 1 of 16 checks, 1 checks not run (budget); " \
            "pytest on the GPU: 1 passed)" in text
     assert "- FAILED attn_causal bfloat16 dq (S=8192): dq: max error 0.5 > bound 0.01" in text
