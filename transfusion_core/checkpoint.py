@@ -16,7 +16,9 @@ mis-shaped tensor, a tensor that is not floating point, a non-finite value, a da
 safetensors file. A missing file raises ``MissingCheckpointError`` (a ``CheckpointError`` and a
 ``FileNotFoundError``). The weights' names, shapes and dtypes are read from the safetensors
 header and compared with the model the config describes, built on the meta device, before any
-tensor is allocated: a config that asks for a huge model fails without allocating it.
+tensor is allocated: a config that asks for a huge model fails without allocating it. The
+safetensors files this module writes carry the SHA-256 of their tensors in the header's metadata,
+checked on reading: a flipped byte in the data is named, not loaded.
 
 Crash safety (``write_training_checkpoint``): every file is written and fsynced, then the
 directory and its parent, before each rename, and ``train_state.json`` is written last (to a
@@ -31,6 +33,7 @@ whole, not yet swapped in) is the newest; else ``PATH`` if complete; else ``PATH
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import TransfusionConfig, is_int
 
@@ -85,10 +88,21 @@ def _write_file(path: Path, data: bytes) -> None:
     _fsync(path.parent)
 
 
+def _digest(tensors: dict) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _write_tensors(path: Path, tensors: dict) -> None:
-    """``save_file`` to a temporary file, fsync it, rename it to ``path``."""
+    """``save_file`` (with the tensors' SHA-256 in the header's metadata) to a temporary file,
+    fsync it, rename it to ``path``."""
     temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary))
+    save_file(tensors, str(temporary), metadata={"sha256": _digest(tensors)})
     _fsync(temporary)
     os.replace(temporary, path)
     _fsync(path.parent)
@@ -159,11 +173,17 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file whose header was checked; non-finite values are named."""
+    """Every tensor of a safetensors file whose header was checked, against the SHA-256 its
+    metadata holds (files this module wrote; a file without one is taken as it is); non-finite
+    values are named."""
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            names, metadata = file.keys(), file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    if "sha256" in metadata and metadata["sha256"] != _digest(tensors):
+        raise CheckpointError(f"{path}: the tensors do not match the SHA-256 written with them (a damaged file)")
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: {name}: {int((~torch.isfinite(tensor)).sum())} non-finite values")
@@ -193,14 +213,27 @@ def _expected_shapes(model_class, config: TransfusionConfig) -> tuple[dict, dict
 
 @functools.lru_cache(maxsize=8)
 def _meta_shapes(model_class, config_json: str) -> tuple[dict, dict]:
-    with torch.device("meta"):
-        model = model_class(TransfusionConfig(**json.loads(config_json)))
+    try:
+        with torch.device("meta"):
+            model = model_class(TransfusionConfig(**json.loads(config_json)))
+    except (RuntimeError, TypeError, OverflowError, MemoryError) as error:  # a weight of 2**63 elements or more
+        reason = " ".join(str(error).splitlines()[0].split())
+        raise CheckpointError(f"the config describes a model that cannot be built ({reason})") from None
     state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     parameters = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
             raise TypeError(f"model_class: state {name} is {tensor.dtype}; checkpoints hold float tensors only")
     return state, parameters
+
+
+def _check_layer_count(path: Path, config: TransfusionConfig, header: dict) -> None:
+    """``config.n_layers`` against the ``layers.<i>.`` tensors of the header, before the meta-device
+    model is built: ``n_layers: 10**9`` would take hours to build even without memory."""
+    held = {name.split(".")[1] for name in header if name.startswith("layers.") and name.count(".") >= 2}
+    if config.n_layers != len(held):
+        raise CheckpointError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: n_layers={config.n_layers}, "
+                              f"the weights hold {len(held)} layers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +289,13 @@ def load_model(model_class, path, device=None):
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise MissingCheckpointError(f"{path}: expected a checkpoint directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = read_model_config(path)
-    expected, _ = _expected_shapes(model_class, config)
-    problems = _shape_problems(_header(path / WEIGHTS_FILE), expected)
+    header = _header(path / WEIGHTS_FILE)
+    _check_layer_count(path, config, header)
+    try:
+        expected, _ = _expected_shapes(model_class, config)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {error}") from None
+    problems = _shape_problems(header, expected)
     if problems:
         raise CheckpointError(f"{path / WEIGHTS_FILE} does not match {path / CONFIG_FILE}: " + "; ".join(problems))
     weights = _read_tensors(path / WEIGHTS_FILE)

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 
 import tfkernels as tk
 from tfkernels._checks import check_choice, check_float, check_int, is_int
+from tfkernels.schedule import MAX_TIMESTEPS
 from tfkernels.schedule import TARGETS as DIFFUSION_TARGETS
 
 IGNORE_INDEX = -100  # target of a position with no next-token target (PackedBatch.targets)
+MAX_SIZE = 2**31 - 1  # every size of the model fits int32, the kernels' index type
 IMAGE_ENCODERS = ("linear", "unet")
 NOISE_SCHEDULES = ("cosine", "linear", "rectified_flow")
 
-__all__ = ["DIFFUSION_TARGETS", "IGNORE_INDEX", "IMAGE_ENCODERS", "NOISE_SCHEDULES", "TransfusionConfig", "is_int",
-           "noise_schedule"]
+__all__ = ["DIFFUSION_TARGETS", "IGNORE_INDEX", "IMAGE_ENCODERS", "MAX_SIZE", "NOISE_SCHEDULES", "TransfusionConfig",
+           "is_int", "noise_schedule"]
 
 
 @dataclass
@@ -28,7 +30,8 @@ class TransfusionConfig:
 
     A field of the wrong type raises ``TypeError`` (``norm_eps="1e-5"``, ``dim=32.0``,
     ``tie_embeddings=1``), a value out of range or inconsistent with another field ``ValueError``;
-    the message starts with ``TransfusionConfig.<field>``. A bool is never an int here.
+    the message starts with ``TransfusionConfig.<field>``. A bool is never an int here. Sizes are
+    at most ``MAX_SIZE`` (int32), ``num_timesteps`` at most ``tk.NoiseSchedule``'s ``MAX_TIMESTEPS``.
     """
 
     # Text. The defaults fit transfusion_core.ByteTokenizer: bytes 0..255, then the specials.
@@ -77,12 +80,12 @@ class TransfusionConfig:
         def name(field):
             return f"TransfusionConfig.{field}"
 
-        for field in ("vocab_size", "dim", "n_layers", "n_heads", "image_channels", "image_size", "patch_size",
-                      "num_timesteps"):
-            check_int(name(field), getattr(self, field), 1)
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "image_channels", "image_size", "patch_size"):
+            check_int(name(field), getattr(self, field), 1, MAX_SIZE)
+        check_int(name("num_timesteps"), self.num_timesteps, 1, MAX_TIMESTEPS)  # tk.NoiseSchedule's bound
         for field in ("n_kv_heads", "ffn_dim"):
             if getattr(self, field) is not None:
-                check_int(name(field), getattr(self, field), 1)
+                check_int(name(field), getattr(self, field), 1, MAX_SIZE)
         for field in ("bos_id", "eos_id", "boi_id", "eoi_id"):
             check_int(name(field), getattr(self, field))  # the range is checked against vocab_size below
         for field in ("tie_embeddings", "patch_position_embedding"):
@@ -100,7 +103,7 @@ class TransfusionConfig:
         if not isinstance(self.unet_channels, (list, tuple)):
             raise TypeError(f"{name('unet_channels')}: expected a tuple of ints, got {self.unet_channels!r}")
         for i, channels in enumerate(self.unet_channels):
-            check_int(f"{name('unet_channels')}[{i}]", channels, 1)
+            check_int(f"{name('unet_channels')}[{i}]", channels, 1, MAX_SIZE)
 
     def _validate(self):
         """The fields against each other (their types and ranges are ``_check_types``')."""

@@ -185,8 +185,9 @@ class Packer:
     Args:
         config: the model's config (special tokens, patch size, noise schedule).
         seq_len: positions per row.
-        num_rows: pad the batch to exactly this many rows (fixed shapes); ``None``: as many
-            rows as the documents need. Documents that do not fit raise ``ValueError``.
+        num_rows: pad the batch to exactly this many rows (fixed shapes; ``num_rows * seq_len``
+            within int32); ``None``: as many rows as the documents need. Documents that do not
+            fit raise ``ValueError``.
         image_first_t_max: largest timestep of an image that text follows in its document (the
             paper caps it at 500 when an image precedes its caption, so the text conditions on
             a recognisable image); ``None``: no cap.
@@ -220,7 +221,7 @@ class Packer:
             raise TypeError(f"config: expected a TransfusionConfig, got {type(config).__name__}")
         check_int("seq_len", seq_len, 2, INT32_MAX)
         if num_rows is not None:
-            check_int("num_rows", num_rows, 1)
+            check_int("num_rows", num_rows, 1, INT32_MAX // seq_len)  # the batch's positions fit int32
         if image_first_t_max is not None:
             check_int("image_first_t_max", image_first_t_max, 0, config.num_timesteps - 1)
         if caption_first_prob is not None:

@@ -207,7 +207,7 @@ def generate(
     if not isinstance(model, Transfusion):
         raise TypeError(f"model: expected a Transfusion, got {type(model).__name__}")
     config = model.config
-    _check_generate_args(
+    temperature, top_p, cfg_scale, clip_x0 = _check_generate_args(
         max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale, clip_x0, seed, config
     )
     image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
@@ -304,20 +304,22 @@ def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
 def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale,
                          clip_x0, seed, config):
     """The type/value rule of ``tfkernels._checks``: ``TypeError`` for a wrong type, ``ValueError`` for
-    a wrong value, the message naming the argument."""
-    check_int("max_new_tokens", max_new_tokens, 0)
-    check_float("temperature", temperature, 0, what="a finite float >= 0 (0 is greedy)")
+    a wrong value, the message naming the argument. Returns ``temperature, top_p, cfg_scale, clip_x0``
+    as floats (``None`` kept), so that an int such as ``2**70`` never reaches torch."""
+    check_int("max_new_tokens", max_new_tokens, 0, 2**31 - 1)  # positions are int32
+    temperature = check_float("temperature", temperature, 0, what="a finite float >= 0 (0 is greedy)")
     if top_k is not None:
         check_int("top_k", top_k, 1)
-    if top_p is not None and check_float("top_p", top_p, 0, 1, what="None or a float in (0, 1]") == 0:
+    if top_p is not None and (top_p := check_float("top_p", top_p, 0, 1, what="None or a float in (0, 1]")) == 0:
         raise ValueError(f"top_p: expected None or a float in (0, 1], got {top_p!r}")
     if not isinstance(force_image, bool):
         raise TypeError(f"force_image: expected a bool, got {force_image!r}")
     check_int("image_steps", image_steps, 1, config.num_timesteps)
     check_choice("sampler", sampler, tuple(SAMPLERS))
     if cfg_scale is not None:
-        check_float("cfg_scale", cfg_scale, what="None or a finite float")
-    if clip_x0 is not None and check_float("clip_x0", clip_x0, 0, what="None or a finite float > 0") == 0:
+        cfg_scale = check_float("cfg_scale", cfg_scale, what="None or a finite float")
+    if clip_x0 is not None and (clip_x0 := check_float("clip_x0", clip_x0, 0, what="None or a finite float > 0")) == 0:
         raise ValueError(f"clip_x0: expected None or a finite float > 0, got {clip_x0!r}")
     if seed is not None:
         check_int("seed", seed, 0, 2**64 - 1)
+    return temperature, top_p, cfg_scale, clip_x0

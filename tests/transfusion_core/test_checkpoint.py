@@ -85,7 +85,7 @@ WEIGHT = "norm.weight"  # [dim]
     (lambda p: _edit_config(p, rope_theta=None), r"config.json: TransfusionConfig.rope_theta: expected a finite float"),
     (lambda p: _edit_config(p, patch_position_embedding="yes"),
      r"config.json: TransfusionConfig.patch_position_embedding: expected a bool, got 'yes'"),
-    (lambda p: _edit_config(p, dim=32.0), r"config.json: TransfusionConfig.dim: expected an int >= 1, got 32.0"),
+    (lambda p: _edit_config(p, dim=32.0), r"config.json: TransfusionConfig.dim: expected an int in \[1, 2147483647\], got 32.0"),
     (lambda p: _edit_config(p, norm_eps=float("nan")), r"config.json: TransfusionConfig.norm_eps: .* got nan"),
     (lambda p: (p / "config.json").write_text(json.dumps({k: v for k, v in json.loads(
         (p / "config.json").read_text()).items() if k != "rope_theta"})),
@@ -117,10 +117,36 @@ def test_every_damaged_model_checkpoint_is_a_named_value_error(tmp_path, damage,
     assert isinstance(caught.value, ValueError) and str(tmp_path) in str(caught.value)
 
 
+def test_a_flipped_byte_in_the_weights_is_found_by_their_checksum(tmp_path):
+    tc.Transfusion(tiny_config()).save(tmp_path)
+    raw = bytearray((tmp_path / "model.safetensors").read_bytes())
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as file:
+        assert len(file.metadata()["sha256"]) == 64
+    raw[-5] ^= 0x01  # a low mantissa bit of the last weight: still finite, still a float
+    (tmp_path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: the tensors do not match the SHA-256 written"):
+        tc.Transfusion.load(tmp_path)
+
+
+def test_a_config_of_too_many_layers_or_an_unbuildable_model_fails_on_the_header(tmp_path):
+    tc.Transfusion(tiny_config()).save(tmp_path)
+    _edit_config(tmp_path, n_layers=10**9)  # hours to build, even on the meta device
+    with pytest.raises(CheckpointError, match=r"n_layers=1000000000, the weights hold 2 layers"):
+        tc.Transfusion.load(tmp_path)
+    _edit_config(tmp_path, n_layers=2, image_channels=2**31 - 1, patch_size=2**30, image_size=2**30)
+    with pytest.raises(CheckpointError, match=r"config.json: the config describes a model that cannot be built "
+                                              r"\([^\n]*\)$"):
+        tc.Transfusion.load(tmp_path)  # a patch of 2**91 values
+
+
 def test_a_huge_config_fails_on_the_header_before_any_model_is_built(tmp_path):
-    """vocab_size 2**40 would need 32 TiB: the weights' header is compared with a meta-device model."""
+    """vocab_size 2**40 is out of TransfusionConfig's range; 2**31 - 1 would need 256 GiB: the weights'
+    header is compared with a meta-device model, and only a matching checkpoint builds a real one."""
     tc.Transfusion(tiny_config()).save(tmp_path)
     _edit_config(tmp_path, vocab_size=2**40)
+    with pytest.raises(CheckpointError, match=r"config.json: TransfusionConfig.vocab_size: expected an int in "):
+        tc.Transfusion.load(tmp_path)
+    _edit_config(tmp_path, vocab_size=2**31 - 1)
     devices = []
 
     class Recording(tc.Transfusion):
@@ -129,7 +155,7 @@ def test_a_huge_config_fails_on_the_header_before_any_model_is_built(tmp_path):
             super().__init__(config)
 
     with pytest.raises(CheckpointError, match=r"tok_embeddings.weight: checkpoint shape \(260, 32\), config needs "
-                                              r"\(1099511627776, 32\)"):
+                                              r"\(2147483647, 32\)"):
         checkpoint.load_model(Recording, tmp_path)
     assert devices == ["meta"]
     _edit_config(tmp_path, vocab_size=260)

@@ -53,11 +53,11 @@ def test_is_int_takes_ints_only_and_checks_the_bounds(value, low, high, expected
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("n_layers", True, r"TransfusionConfig.n_layers: expected an int >= 1, got True"),
-    ("dim", 32.0, r"TransfusionConfig.dim: expected an int >= 1, got 32.0"),
+    ("n_layers", True, r"TransfusionConfig.n_layers: expected an int in \[1, 2147483647\], got True"),
+    ("dim", 32.0, r"TransfusionConfig.dim: expected an int in \[1, 2147483647\], got 32.0"),
     ("vocab_size", "260", r"TransfusionConfig.vocab_size: expected an int"),
-    ("n_kv_heads", 2.0, r"TransfusionConfig.n_kv_heads: expected an int >= 1"),
-    ("ffn_dim", "64", r"TransfusionConfig.ffn_dim: expected an int >= 1"),
+    ("n_kv_heads", 2.0, r"TransfusionConfig.n_kv_heads: expected an int in \[1, 2147483647\]"),
+    ("ffn_dim", "64", r"TransfusionConfig.ffn_dim: expected an int in \[1, 2147483647\]"),
     ("bos_id", None, r"TransfusionConfig.bos_id: expected an int"),
     ("norm_eps", "1e-5", r"TransfusionConfig.norm_eps: expected a finite float > 0, got '1e-5'"),
     ("rope_theta", None, r"TransfusionConfig.rope_theta: expected a finite float > 0, got None"),
@@ -68,7 +68,7 @@ def test_is_int_takes_ints_only_and_checks_the_bounds(value, low, high, expected
     ("noise_schedule", 3, r"TransfusionConfig.noise_schedule: expected a str"),
     ("diffusion_target", ["eps"], r"TransfusionConfig.diffusion_target: expected a str"),
     ("unet_channels", "ab", r"TransfusionConfig.unet_channels: expected a tuple of ints, got 'ab'"),
-    ("unet_channels", (8, 16.0), r"TransfusionConfig.unet_channels\[1\]: expected an int >= 1, got 16.0"),
+    ("unet_channels", (8, 16.0), r"TransfusionConfig.unet_channels\[1\]: expected an int in \[1, 2147483647\], got 16.0"),
 ])
 def test_a_field_of_the_wrong_type_raises_type_error_naming_it(field, value, message):
     with pytest.raises(TypeError, match=message):
@@ -76,14 +76,17 @@ def test_a_field_of_the_wrong_type_raises_type_error_naming_it(field, value, mes
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("dim", 0, r"TransfusionConfig.dim: expected an int >= 1, got 0"),
+    ("dim", 0, r"TransfusionConfig.dim: expected an int in \[1, 2147483647\], got 0"),
     ("norm_eps", 0.0, r"TransfusionConfig.norm_eps: expected a finite float > 0, got 0.0"),
     ("norm_eps", float("nan"), r"TransfusionConfig.norm_eps: expected a finite float > 0, got nan"),
     ("rope_theta", -1.0, r"TransfusionConfig.rope_theta: expected a finite float > 0"),
     ("diffusion_loss_weight", float("inf"), r"TransfusionConfig.diffusion_loss_weight: expected a finite float >= 0"),
     ("diffusion_loss_weight", -1, r"TransfusionConfig.diffusion_loss_weight: expected a finite float >= 0"),
-    ("unet_channels", (8, 0), r"TransfusionConfig.unet_channels\[1\]: expected an int >= 1, got 0"),
+    ("unet_channels", (8, 0), r"TransfusionConfig.unet_channels\[1\]: expected an int in \[1, 2147483647\], got 0"),
     ("bos_id", -1, r"TransfusionConfig.bos_id: expected a token id in \[0, vocab_size=260\)"),
+    ("vocab_size", 2**70, r"TransfusionConfig.vocab_size: expected an int in \[1, 2147483647\]"),
+    ("dim", 2**31, r"TransfusionConfig.dim: expected an int in \[1, 2147483647\]"),
+    ("num_timesteps", 10**9, r"TransfusionConfig.num_timesteps: expected an int in \[1, 1048576\]"),
 ])
 def test_a_field_out_of_range_raises_value_error_naming_it(field, value, message):
     with pytest.raises(ValueError, match=message):
