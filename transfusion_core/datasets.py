@@ -57,6 +57,7 @@ SPLITS = ("train", "heldout")
 # at most [1, 7] of its quadrant: the pixels on the quadrant's border stay black and shapes of
 # neighbouring quadrants never touch.
 _GRID = 16
+MAX_IMAGE_SIZE = 1024  # render's sub-pixel grid is (4 S)^2 floats per shape
 _HALF_EXTENT = (2.2, 2.7)
 _CENTRE_JITTER = 0.3
 _SUBSAMPLES = 4  # anti-aliasing: each pixel is the coverage of 4 x 4 sub-pixel samples
@@ -127,7 +128,7 @@ def render(shapes, image_size: int = 16, rng: random.Random | None = None) -> to
 
     ``rng`` draws each shape's size and centre jitter; ``None`` draws them centred, mid-size.
     """
-    check_int("image_size", image_size, _GRID)
+    check_int("image_size", image_size, _GRID, MAX_IMAGE_SIZE)
     if image_size % _GRID:
         raise ValueError(f"image_size: expected a multiple of {_GRID}, got {image_size!r}")
     if rng is not None and not isinstance(rng, random.Random):
@@ -278,6 +279,8 @@ def detect_shapes(image: torch.Tensor) -> list[Shape]:
             return moment(offsets, 4) / moment(offsets, 2) ** 2
 
         dy, dx = ys - centre_y, xs - centre_x
+        if min(moment(offsets, 2) for offsets in (dy, dx, dx + dy, dx - dy)) <= 0:
+            continue  # a single row or column of pixels: no shape to read (images of a few pixels)
         skew = moment(dy, 3) / moment(dy, 2) ** 1.5
         kurtosis_gap = (kurtosis(dx + dy) + kurtosis(dx - dy) - kurtosis(dx) - kurtosis(dy)) / 2
         if abs(skew) > _TRIANGLE_SKEW:

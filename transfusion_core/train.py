@@ -62,7 +62,7 @@ from .checkpoint import (
 from .codec import PixelCodec, VAECodec, encode_dataset
 from .config import TransfusionConfig, is_int
 from .data import ByteTokenizer, Packer
-from .datasets import DataError, ShapesDataset, heldout_set, training_set
+from .datasets import MAX_IMAGE_SIZE, DataError, ShapesDataset, heldout_set, training_set
 from .evaluate import write_samples
 from .model import Transfusion
 from .plots import write_loss_curve
@@ -258,8 +258,8 @@ def check_args(args: TrainArgs) -> None:
     if args.data == "shapes":
         if args.heldout_data is not None:
             fail("heldout_data", "none with --data shapes (the embedded data set has its own held-out split)")
-        if args.image_size % 16:
-            fail("image_size", "a multiple of 16 with --data shapes")
+        if args.image_size % 16 or args.image_size > MAX_IMAGE_SIZE:
+            fail("image_size", f"a multiple of 16 up to {MAX_IMAGE_SIZE} with --data shapes")
     if args.vae is not None and not (Path(args.vae) / "config.json").is_file():
         fail("vae", "a diffusers AutoencoderKL directory (with a config.json)")
     if args.device is not None:
@@ -485,8 +485,10 @@ def check_train_state(path: Path, state: dict, args: TrainArgs, codec, data: dic
     saved_data = state.get("data")
     if not isinstance(saved_data, dict):
         raise CheckpointError(f"{file}: data: expected the sizes and hashes of the run's data, got {saved_data!r}")
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint {_describe(saved_data.get(name))}, "
-               f"now {_describe(data[name])})" for name in data if saved_data.get(name) != data[name]]
+    if set(saved_data) != set(data):
+        raise CheckpointError(f"{file}: data: expected the keys {sorted(data)}, got {sorted(saved_data)}")
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint {_describe(saved_data[name])}, "
+               f"now {_describe(data[name])})" for name in data if saved_data[name] != data[name]]
     if changed:
         raise CheckpointError(f"--resume: the data changed since {path} was written: {'; '.join(changed)}")
     step = state["step"]

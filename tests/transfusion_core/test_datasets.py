@@ -148,6 +148,14 @@ def test_longest_caption_is_the_longest_any_scene_draws():
     assert max(len(drawn[i].caption) for i in range(len(drawn))) <= two
 
 
+def test_detector_on_images_of_a_few_pixels_and_the_render_size_bound():
+    assert detect_shapes(torch.ones(3, 1, 1)) == []  # one pixel: no moments to read a shape from
+    with pytest.raises(ValueError, match=r"image_size: expected an int in \[16, 1024\], got 2048"):
+        render([], 2048)
+    with pytest.raises(ValueError, match="image_size"):
+        ShapesDataset(1, image_size=2**70)
+
+
 def test_detector_reads_nan_pixels_as_background():
     image = render([Shape("red", "circle", "top left")])
     image[:, 8:, :] = float("nan")
