@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# CI gate (issue 13, item 3): every default attention config compiles for sm_90a with the oldest
+# Triton tfkernels supports, 3.6.0 (the GPU machines' version), beside the environment's own Triton.
+#
+# Installs triton==3.6.0 with `pip install --no-deps --target` into TRITON_GATE_DIR (default
+# ~/.cache/tfkernels/triton-3.6.0; reused when it already holds that version), puts it first on
+# PYTHONPATH and runs `python -m bench.compile_report` on the attention kernels (forward, delta,
+# dK/dV, dQ) at their default launch configs: bf16 and fp16, head dims 32-256, GQA on and off.
+# Exits non-zero if any kernel does not compile. fp32 is left out: its kernels take 10-130 s each
+# to compile (`--dtypes bf16,fp16,fp32` to add it). Extra arguments go to bench.compile_report.
+# The CSV goes to COMPILE_GATE_OUT (default: a temporary file, its path printed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VERSION=${TRITON_GATE_VERSION:-3.6.0}
+DIR=${TRITON_GATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tfkernels/triton-$VERSION}
+OUT=${COMPILE_GATE_OUT:-$(mktemp -d)/compile_gate_triton-$VERSION.csv}
+JOBS=${COMPILE_GATE_JOBS:-$(nproc 2>/dev/null || echo 2)}
+
+side_triton_version() {
+    PYTHONPATH="$DIR" "$PYTHON" -c "import triton; print(triton.__version__)" 2>/dev/null || true
+}
+
+started=$(date +%s)
+if [ "$(side_triton_version)" != "$VERSION" ]; then
+    echo "compile gate: installing triton==$VERSION into $DIR"
+    rm -rf "$DIR.partial"
+    "$PYTHON" -m pip install --quiet --no-deps --target "$DIR.partial" "triton==$VERSION"
+    rm -rf "$DIR"
+    mv "$DIR.partial" "$DIR"
+fi
+if [ "$(side_triton_version)" != "$VERSION" ]; then
+    echo "compile gate: $DIR does not give triton $VERSION" >&2
+    exit 1
+fi
+installed=$(date +%s)
+echo "compile gate: triton $VERSION from $DIR ($(( installed - started )) s to set up), $JOBS processes"
+PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 "$PYTHON" -m bench.compile_report \
+    --kernels attention --dtypes bf16,fp16 --gqa both --arch 90 --jobs "$JOBS" --out "$OUT" "$@"
+echo "compile gate: every kernel compiled with triton $VERSION in $(( $(date +%s) - installed )) s; CSV $OUT"
