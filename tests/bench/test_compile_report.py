@@ -135,33 +135,47 @@ SHARED_LIMIT_SM90 = 232448  # 227 KB: the most shared memory one block may use o
 
 @pytest.fixture(scope="module")
 def gate_rows():
+    """(kernel, head dim, GQA) -> the rows of its launches (one per distinct launch of the kernel)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
     cases = [cr.Case("attention", "bf16", d, gqa) for d, gqa in sorted({(d, g) for _, d, g in SPILL_BOUND})]
     rows = cr.run(cases, archs=(90,), jobs=2, cache=True, log=lambda line: None,
                   select=lambda case, kernel: (kernel, case.head_dim, case.gqa) in SPILL_BOUND)
-    return {(r["kernel"], r["head_dim"], r["gqa"]): r for r in rows}
+    by_kernel = {}
+    for row in rows:
+        by_kernel.setdefault((row["kernel"], row["head_dim"], row["gqa"]), []).append(row)
+    return by_kernel
+
+
+def describe(rows):
+    return "; ".join(f"{r['config']}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B "
+                     f"shared, {r['hgmma']} HGMMA, {r['ldgsts']} LDGSTS, {r['status']}" for r in rows)
 
 
 def test_gate_compiles_exactly_the_selected_kernels(gate_rows):
     assert set(gate_rows) == set(SPILL_BOUND)
-    assert all(r["arch"] == "sm_90a" and r["status"] == "ok" for r in gate_rows.values()), gate_rows
+    for kernel, rows in gate_rows.items():
+        assert all(r["arch"] == "sm_90a" and r["status"] == "ok" for r in rows), (kernel, describe(rows))
+        # The bounds were set for one launch per kernel and call: a new launch variant (other
+        # constexprs) needs its own decision here, not a silent share of another's bound.
+        assert len(rows) == 1, f"{kernel}: {len(rows)} launch variants now: {describe(rows)}"
 
 
 @pytest.mark.parametrize("kernel", sorted(SPILL_BOUND), ids=lambda k: f"{k[0]}-D{k[1]}{'-gqa' if k[2] else ''}")
 def test_gate_spills_shared_memory_and_loads(gate_rows, kernel):
-    row = gate_rows[kernel]
-    assert row["spill_bytes"] <= SPILL_BOUND[kernel], row
-    assert row["shared_bytes"] <= SHARED_LIMIT_SM90, row
-    assert row["ldgsts"] > 0, row  # the K/V (or Q/dO) tile loads are pipelined with cp.async
+    rows = gate_rows[kernel]
+    assert all(r["spill_bytes"] <= SPILL_BOUND[kernel] for r in rows), (SPILL_BOUND[kernel], describe(rows))
+    assert all(r["shared_bytes"] <= SHARED_LIMIT_SM90 for r in rows), describe(rows)
+    # The K/V (or Q/dO) tile loads are pipelined with cp.async.
+    assert all(r["ldgsts"] > 0 for r in rows), describe(rows)
 
 
 @pytest.mark.parametrize("kernel", [
     pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=NO_WGMMA[k])) if k in NO_WGMMA else k
     for k in sorted(SPILL_BOUND)], ids=lambda k: f"{k[0]}-D{k[1]}{'-gqa' if k[2] else ''}")
 def test_gate_uses_wgmma(gate_rows, kernel):
-    row = gate_rows[kernel]
-    assert row["hgmma"] > 0, row
+    rows = gate_rows[kernel]
+    assert all(r["hgmma"] > 0 for r in rows), describe(rows)
 
 
 @pytest.mark.skipif(os.environ.get("COMPILE_REPORT_SWEEP") != "1", reason="the full sweep: COMPILE_REPORT_SWEEP=1")
