@@ -342,6 +342,45 @@ def _check_weights(weights: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # torch.library registration and autograd
 # ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tfkernels::diffusion_checked_timesteps", mutates_args=())
+def _checked_timesteps_op(t: torch.Tensor, offsets: torch.Tensor | None, num_rows: int, num_timesteps: int,
+                          empty_images_ok: bool) -> torch.Tensor:
+    """A copy of ``t`` once ``_check_values`` passed: how the reference path checks the index values
+    as the kernel ops do, eagerly and under torch.compile alike (an opaque op runs at run time, and
+    the computation reads its output, so it is never dropped)."""
+    _check_values(t, offsets, num_rows, num_timesteps, empty_images_ok)
+    return t.clone()
+
+
+@_checked_timesteps_op.register_fake
+def _checked_timesteps_fake(t, offsets, num_rows, num_timesteps, empty_images_ok):
+    return torch.empty_like(t)
+
+
+@torch.library.custom_op("tfkernels::diffusion_checked_weights", mutates_args=())
+def _checked_weights_op(weights: torch.Tensor, t: torch.Tensor | None, offsets: torch.Tensor | None, num_rows: int,
+                        num_timesteps: int) -> torch.Tensor:
+    """A copy of the loss weights once they are finite and ``>= 0`` and, if ``t`` is given, the index
+    values pass ``_check_values`` (images need a row): the checks at run time, eagerly and under
+    torch.compile alike. Differentiable in the weights (the identity)."""
+    if t is not None:
+        _check_values(t, offsets, num_rows, num_timesteps, empty_images_ok=False)
+    _check_weights(weights)
+    return weights.clone()
+
+
+@_checked_weights_op.register_fake
+def _checked_weights_fake(weights, t, offsets, num_rows, num_timesteps):
+    return torch.empty_like(weights)
+
+
+def _checked_weights_backward(ctx, grad):
+    return grad, None, None, None, None
+
+
+_checked_weights_op.register_autograd(_checked_weights_backward)
+
+
 @torch.library.custom_op("tfkernels::add_noise", mutates_args=())
 def _add_noise_op(
     x0: torch.Tensor, t: torch.Tensor, signal: torch.Tensor, noise_scale: torch.Tensor,
@@ -512,8 +551,7 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise:
     signal, noise_scale = _tables(schedule, x0.device)
     if use_triton(x0):
         return _add_noise_op(x0, t.contiguous(), signal, noise_scale, noise, _contiguous(offsets), seed)
-    if not torch.compiler.is_compiling():
-        _check_values(t, offsets, x0.shape[0], schedule.num_timesteps, empty_images_ok=True)
+    t = _checked_timesteps_op(t, offsets, x0.shape[0], schedule.num_timesteps, True)
     return reference.add_noise(x0, t, schedule.to(x0.device), noise=noise, seed=seed, offsets=offsets)
 
 
@@ -559,14 +597,17 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
         if weights.shape != (num_images,) or weights.device != x0.device:
             raise ValueError(f"weights: expected shape [{num_images}] on {x0.device}, got "
                              f"{tuple(weights.shape)} on {weights.device}")
-        if not torch.compiler.is_compiling():
-            _check_weights(weights)
     signal, noise_scale = _tables(schedule, x0.device)
     if not use_triton(x0):
-        if not torch.compiler.is_compiling():
-            _check_values(t, offsets, x0.shape[0], schedule.num_timesteps, empty_images_ok=False)
+        # The op checks t, offsets and the weights (ones if none) at run time: the loss multiplies by
+        # its output, so it runs under torch.compile too, even for targets that do not read t.
+        ones = torch.ones(num_images, dtype=torch.float32, device=x0.device)
+        checked = _checked_weights_op(ones if weights is None else weights, t, offsets, x0.shape[0],
+                                      schedule.num_timesteps)
         return reference.diffusion_loss(pred, x0, t, schedule.to(x0.device), target=target, noise=noise,
-                                        seed=seed, offsets=offsets, weights=weights, reduction=reduction)
+                                        seed=seed, offsets=offsets, weights=checked, reduction=reduction)
+    if weights is not None:  # t and offsets are checked inside the loss op
+        weights = _checked_weights_op(weights, None, None, 0, 0)
     loss = _diffusion_mse_op(pred, x0, t.contiguous(), signal, noise_scale, noise, _contiguous(offsets), seed, target)
     if weights is not None:
         loss = loss * weights.float()

@@ -183,6 +183,20 @@ def _placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+@torch.library.custom_op("tfkernels::linear_cross_entropy_checked_target", mutates_args=())
+def _checked_target_op(target: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """A copy of ``target`` once ``_check_target_values`` passed: how the reference path checks the
+    targets as the kernel op does, eagerly and under torch.compile alike (an opaque op runs at run
+    time, and the loss reads its output, so it is never dropped)."""
+    _check_target_values(target, vocab_size, ignore_index)
+    return target.clone()
+
+
+@_checked_target_op.register_fake
+def _checked_target_fake(target, vocab_size, ignore_index):
+    return torch.empty_like(target)
+
+
 @torch.library.custom_op("tfkernels::linear_cross_entropy", mutates_args=())
 def _lce_op(
     hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int, z_loss: float,
@@ -322,8 +336,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss)
     z_loss = float(z_loss)
     if not use_triton(hidden):
-        if not torch.compiler.is_compiling():
-            _check_target_values(target, weight.shape[0], ignore_index)
+        target = _checked_target_op(target, weight.shape[0], ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss)
     grad_enabled = torch.is_grad_enabled()
     loss, _, _ = _lce_op(hidden, weight, target, ignore_index, z_loss, reduction,

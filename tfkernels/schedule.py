@@ -156,7 +156,9 @@ class NoiseSchedule:
                                 f"got {type(t).__name__}") from None
         if not is_int_dtype(t.dtype):
             raise TypeError(f"t: expected integer timesteps, got {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        # Under torch.compile the values are not read (no host sync in a graph): tk's ops check them
+        # in an op of their own at run time, and an index out of the tables is torch's IndexError.
+        if t.numel() and not torch.compiler.is_compiling() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"t: expected values in [0, {self.num_timesteps - 1}], got "
                              f"min {int(t.min())}, max {int(t.max())}")
         index = t.to(self.device, torch.long)

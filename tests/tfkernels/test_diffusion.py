@@ -324,7 +324,7 @@ def test_bf16_coefficients_leave_small_t_unnoised_ours_do_not(dtype):
 
 
 # ------------------------------------------------------------------------------ torch.compile
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(path):
     gen = torch.Generator().manual_seed(12)
     shape, offsets, t = _layout("packed", gen)
     x0 = _random(shape, torch.float32, gen)
@@ -345,16 +345,38 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-7)
 
 
+def test_compiled_calls_check_values_at_run_time(path):
+    """A graph compiled on good values still rejects bad ones, with the eager error, on both paths:
+    the value checks are ops that run at run time (for the eps target the loss does not read t, and
+    the reference path's check would otherwise be dropped as dead code)."""
+    x0 = torch.randn(3, 8, device=DEVICE)
+    loss = torch.compile(lambda t, w: tk.diffusion_loss(x0, x0, t, COSINE, seed=3, weights=w), fullgraph=True)
+    noised = torch.compile(lambda t: tk.add_noise(x0, t, COSINE, seed=3), fullgraph=True)
+    good_t, good_w = torch.tensor([1, 2, 3], device=DEVICE), torch.ones(3, device=DEVICE)
+    assert torch.isfinite(loss(good_t, good_w)) and noised(good_t).shape == x0.shape
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 999\], got t\[2\] = 1000"):
+        loss(torch.tensor([1, 2, 1000], device=DEVICE), good_w)
+    with pytest.raises(ValueError, match=r"weights: expected finite values >= 0, got weights\[0\] = nan"):
+        loss(good_t, torch.tensor([float("nan"), 1.0, 1.0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 999\], got t\[0\] = -1"):
+        noised(torch.tensor([-1, 2, 3], device=DEVICE))
+
+
 def test_op_registration_passes_opcheck():
     gen = torch.Generator().manual_seed(13)
     x0, noise = _random((3, 5), torch.float32, gen), _random((3, 5), torch.float32, gen)
     pred = _random((3, 5), torch.float32, gen).requires_grad_()
     t = torch.tensor([0, 20, 999], device=DEVICE)
+    offsets = torch.tensor([0, 1, 1, 3], device=DEVICE)
     tables = (COSINE.signal_scale, COSINE.noise_scale)
     torch.library.opcheck(torch.ops.tfkernels.add_noise.default,
                           (x0.requires_grad_(), t, *tables, noise.requires_grad_(), None, None))
     torch.library.opcheck(torch.ops.tfkernels.diffusion_mse.default,
                           (pred, x0, t, *tables, None, None, 8, "v"))
+    torch.library.opcheck(torch.ops.tfkernels.diffusion_checked_timesteps.default, (t, offsets, 3, 1000, True))
+    torch.library.opcheck(torch.ops.tfkernels.diffusion_checked_weights.default,
+                          (torch.rand(3, device=DEVICE).requires_grad_(), t, None, 3, 1000))
+    torch.library.opcheck(torch.ops.tfkernels.reference_seeded_noise.default, (7, 12, torch.device(DEVICE)))
 
 
 def test_cpu_without_interpreter_runs_the_reference(monkeypatch):

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .._checks import autocast_off, check_choice
+from .._checks import autocast_off, check_choice, check_int
 from .._philox import UINT32, UNIFORM_BITS, philox4x32
 from ..schedule import TARGETS, NoiseSchedule, check_target, target_coefficients
 
@@ -30,21 +30,37 @@ REDUCTIONS = ("mean", "none")
 
 
 def seeded_noise(seed: int, shape, device=None) -> torch.Tensor:
-    """Standard normal float32 noise of ``shape``, a pure function of ``seed`` and element index.
+    """Standard normal float32 noise of ``shape``, a pure function of ``seed`` (an int in ``[0, 2**63)``,
+    as the ops take) and element index.
 
     Element ``e`` (row-major index) draws Philox-4x32-10 with counter ``(e mod 2^32, e >> 32, 0, 0)``
     and key ``(seed mod 2^32, seed >> 32)``; words 0 and 1 give the uniforms
     ``u1 = (w0 >> 8) + 1) / 2^24`` in ``(0, 1]`` and ``u2 = (w1 >> 8) / 2^24``, then
     ``sqrt(-2 ln u1) cos(2π u2)`` (Box-Muller; tails are cut at 5.77σ).
+
+    The generator is an opaque op to ``torch.compile``: Inductor takes many minutes over the 64-bit
+    integer arithmetic of ten unrolled Philox rounds, and it runs eagerly anyway.
     """
+    check_int("seed", seed, 0, 2**63 - 1)
     shape = tuple(shape)
-    index = torch.arange(math.prod(shape), device=device, dtype=torch.int64)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _seeded_noise_op(seed, math.prod(shape), device).reshape(shape)
+
+
+@torch.library.custom_op("tfkernels::reference_seeded_noise", mutates_args=())
+def _seeded_noise_op(seed: int, numel: int, device: torch.device) -> torch.Tensor:
+    index = torch.arange(numel, device=device, dtype=torch.int64)
     zero = torch.zeros_like(index)
     w0, w1, _, _ = philox4x32(index & UINT32, index >> 32, zero, zero, seed & UINT32, (seed >> 32) & UINT32)
     shift = 32 - UNIFORM_BITS
     u1 = ((w0 >> shift) + 1).to(torch.float32) * 2.0**-UNIFORM_BITS
     u2 = (w1 >> shift).to(torch.float32) * 2.0**-UNIFORM_BITS
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * (2 * math.pi))).reshape(shape)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * (2 * math.pi))
+
+
+@_seeded_noise_op.register_fake
+def _seeded_noise_fake(seed, numel, device):
+    return torch.empty(numel, dtype=torch.float32, device=device)
 
 
 def _per_row_image(t: torch.Tensor, x0: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
