@@ -5,9 +5,10 @@
 # Installs triton==3.6.0 with `pip install --no-deps --target` into TRITON_GATE_DIR (default
 # ~/.cache/tfkernels/triton-3.6.0; reused when it already holds that version), puts it first on
 # PYTHONPATH and runs `python -m bench.compile_report` on the attention kernels (forward, delta,
-# dK/dV, dQ) at their default launch configs: bf16 and fp16, head dims 32-256, GQA on and off.
-# Exits non-zero if any kernel does not compile. fp32 is left out: its kernels take 10-130 s each
-# to compile (`--dtypes bf16,fp16,fp32` to add it). Extra arguments go to bench.compile_report.
+# dK/dV, dQ) at every default launch config of the 16-bit dtypes: bf16 (fp16 has the same configs;
+# COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off:
+# 49 compiles. Exits non-zero if any kernel does not compile. fp32 is left out: its kernels take
+# 10-130 s each to compile. Extra arguments go to bench.compile_report (e.g. --jobs 4).
 # The CSV goes to COMPILE_GATE_OUT (default: a temporary file, its path printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ VERSION=${TRITON_GATE_VERSION:-3.6.0}
 DIR=${TRITON_GATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tfkernels/triton-$VERSION}
 OUT=${COMPILE_GATE_OUT:-$(mktemp -d)/compile_gate_triton-$VERSION.csv}
 JOBS=${COMPILE_GATE_JOBS:-$(nproc 2>/dev/null || echo 2)}
+DTYPES=${COMPILE_GATE_DTYPES:-bf16}
 
 side_triton_version() {
     PYTHONPATH="$DIR" "$PYTHON" -c "import triton; print(triton.__version__)" 2>/dev/null || true
@@ -36,5 +38,5 @@ fi
 installed=$(date +%s)
 echo "compile gate: triton $VERSION from $DIR ($(( installed - started )) s to set up), $JOBS processes"
 PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 "$PYTHON" -m bench.compile_report \
-    --kernels attention --dtypes bf16,fp16 --gqa both --arch 90 --jobs "$JOBS" --out "$OUT" "$@"
+    --kernels attention --dtypes "$DTYPES" --gqa both --arch 90 --jobs "$JOBS" --out "$OUT" "$@"
 echo "compile gate: every kernel compiled with triton $VERSION in $(( $(date +%s) - installed )) s; CSV $OUT"
