@@ -184,3 +184,8 @@ def test_full_sweep_compiles():
     assert rows and all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
     attention = [r for r in rows if r["op"] == "attention"]
     assert all(r["shared_bytes"] <= SHARED_LIMIT_SM90 for r in attention)
+
+
+def test_a_kernel_that_does_not_compile_is_an_error_row():
+    job = cr.Job(cr.Case("attention", "bf16", 64), "gone", "tfkernels.attention", "_no_such_kernel", (), {}, 90)
+    assert cr._compile_or_error(job, None)["status"].startswith("error: AdapterError: tfkernels.attention._no_such_kernel")
