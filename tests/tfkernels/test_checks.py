@@ -1,5 +1,6 @@
 """tfkernels._checks: one rule for every argument check (a wrong type is a TypeError, a wrong value a
-ValueError) and messages that start with the argument's name."""
+ValueError) and messages that start with the argument's name; the autocast helpers of the ops'
+autocast rule (the rule per op: tests/tfkernels/test_autocast.py)."""
 
 import math
 
@@ -9,6 +10,9 @@ import torch
 from tfkernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
     check_choice,
     check_float,
     check_float_tensor,
@@ -95,3 +99,42 @@ def test_tensor_checks():
         check_index_tensor("t", (1, 2), "[N]")
     with pytest.raises(TypeError, match=r"^t: expected dtype int32 or int64, got torch.int16$"):
         check_index_tensor("t", torch.zeros(3, dtype=torch.int16), "[N]")
+
+
+def test_autocast_dtype_reads_the_state_of_the_tensor_s_device_type():
+    x = torch.ones(2)
+    assert autocast_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype(x) == torch.bfloat16
+        assert autocast_dtype(torch.ones(2, device="meta")) is None, "no autocast on meta (and no error)"
+        assert autocast_dtype([1.0]) is None, "a non-tensor is left for the op's checks"
+        with autocast_off(x):
+            assert autocast_dtype(x) is None
+        with autocast_off(torch.ones(2, device="meta")), autocast_off(None):
+            assert autocast_dtype(x) == torch.bfloat16, "a no-op where autocast does not exist"
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert autocast_dtype(x) == torch.float16
+
+
+def test_autocast_cast_casts_only_the_kernels_float_dtypes():
+    f32, f16, f64, i64 = (torch.ones(2, dtype=d) for d in (torch.float32, torch.float16, torch.float64, torch.int64))
+    out = autocast_cast(torch.bfloat16, f32, f16, f64, i64, None, [1.0])
+    assert [x.dtype for x in out[:4]] == [torch.bfloat16, torch.bfloat16, torch.float64, torch.int64]
+    assert out[4] is None and out[5] == [1.0]
+    assert autocast_cast(torch.bfloat16, f64)[0] is f64
+
+
+def test_autocast_helpers_trace_under_torch_compile():
+    def f(x):
+        dtype = autocast_dtype(x)
+        if dtype is None:
+            return x * 2
+        (x,) = autocast_cast(dtype, x)
+        with autocast_off(x):
+            return x * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.ones(3)
+    assert compiled(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled(x).dtype == torch.bfloat16
