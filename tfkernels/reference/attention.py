@@ -1,14 +1,27 @@
 """Eager attention under an ``IntervalMask``: the semantics every attention kernel must match.
 
 Dense scores per chunk of queries, so the forward memory stays bounded at long sequences
-(``S = 8192`` on a CPU); with autograd each chunk is checkpointed, so the backward pass
-recomputes its scores instead of keeping all of them.
+(``S = 8192`` on a CPU); each chunk is one autograd node that saves its inputs and recomputes its
+scores in the backward pass, so the backward memory stays bounded too.
+
+Non-finite values are isolated by the mask (the kernels compute the same thing, DESIGN §2):
+
+* invisible (query, key) pairs are *selected* away, never multiplied by zero, so a NaN or inf in
+  q, k, v or d_out at a pair the mask hides reaches no output and no gradient;
+* a contraction over keys (``P @ V`` for the output, ``dS @ K`` for dq) or over queries
+  (``dS^T @ Q`` for dk, ``P^T @ dO`` for dv) runs on operands whose non-finite entries are zeroed,
+  and a visible pair whose operand row held one makes the whole result row NaN;
+* an output row with any non-finite entry is NaN in every entry.
+
+So row ``i``'s output and lse depend only on ``q[i]`` and the keys it sees; ``dq[i]`` only on those,
+``d_out[i]`` and ``d_lse[i]``; ``dk[j]``, ``dv[j]`` only on key ``j`` and the queries that see it.
+Rows that see no key give out = 0, lse = -inf and dq = 0; keys that no query sees get dk = dv = 0,
+whatever any tensor holds.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..mask import IntervalMask
 
@@ -18,22 +31,70 @@ __all__ = ["attention"]
 _CHUNK_ELEMENTS = 1 << 26
 
 
+def _visible(kv_start, kv_end, seq_k):
+    """bool ``[B, 1, C, Sk]``: query row sees key (broadcast over heads)."""
+    keys = torch.arange(seq_k, device=kv_start.device)
+    return ((keys >= kv_start[..., None]) & (keys < kv_end[..., None]))[:, None]
+
+
+def _bad_rows(x):
+    """bool ``[..., N]``: the row of ``x [..., N, D]`` holds a NaN or an infinity."""
+    return ~torch.isfinite(x).all(dim=-1)
+
+
+def _finite_or_zero(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _nan_rows(x):
+    """``x [..., D]`` with every row that holds a non-finite entry set to NaN."""
+    return x.masked_fill(_bad_rows(x)[..., None], float("nan"))
+
+
 def _attend_chunk(q, k, v, kv_start, kv_end, scale):
     """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, bounds ``[B, C]`` -> out ``[B, H, C, D]``, lse ``[B, H, C]``."""
-    keys = torch.arange(k.shape[2], device=q.device)
-    visible = (keys >= kv_start[..., None]) & (keys < kv_end[..., None])  # [B, C, Sk]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    # Rows that see no key have max -inf; shifting by 0 there keeps exp() at 0 instead of NaN.
-    # The shift is detached: softmax does not depend on it, so gradients stay exact.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    visible = _visible(kv_start, kv_end, k.shape[2])
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    # Rows whose scores are all -inf (those that see nothing) shift by 0 so exp() gives 0, not NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.matmul(probs, v)
+    probs = (weights / denom.masked_fill(denom == 0, 1.0)).masked_fill(~visible, 0.0)
+    probs = probs.masked_fill(visible & _bad_rows(v)[:, :, None, :], float("nan"))  # a visible non-finite v
+    out = _nan_rows(torch.matmul(probs, _finite_or_zero(v)))
     lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf where the row sees nothing
     return out, lse
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """One chunk of query rows: forward ``_attend_chunk``, backward the FlashAttention-2 formulas with
+    the same selects (checked against autograd of the textbook formula in the tests)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_start, kv_end, scale):
+        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale)
+        ctx.save_for_backward(q, k, v, kv_start, kv_end, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, kv_start, kv_end, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        visible = _visible(kv_start, kv_end, k.shape[2])
+        nan = float("nan")
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        probs = torch.exp(scores - lse[..., None]).masked_fill(~visible, 0.0)
+        d_probs = torch.matmul(d_out, v.transpose(-1, -2))
+        delta = (d_out * out).sum(dim=-1) - d_lse  # [B, H, C]
+        d_scores = (probs * (d_probs - delta[..., None])).masked_fill(~visible, 0.0)
+        d_q = torch.matmul(d_scores.masked_fill(visible & _bad_rows(k)[:, :, None, :], nan), _finite_or_zero(k))
+        d_k = torch.matmul(d_scores.masked_fill(visible & _bad_rows(q)[..., None], nan).transpose(-1, -2),
+                           _finite_or_zero(q))
+        d_v = torch.matmul(probs.masked_fill(visible & _bad_rows(d_out)[..., None], nan).transpose(-1, -2),
+                           _finite_or_zero(d_out))
+        return d_q * scale, d_k * scale, d_v, None, None, None
 
 
 def attention(
@@ -65,6 +126,7 @@ def attention(
     if heads_q % heads_kv:
         raise ValueError(f"q has {heads_q} heads, not a multiple of k/v's {heads_kv}")
     mask.validate(batch_size=batch, seq_len_q=seq_q, seq_len_k=seq_k, device=q.device)
+    kv_start, kv_end = mask._op_bounds()  # validated, or canonical while torch.compile traces
     scale = dim**-0.5 if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     group = heads_q // heads_kv
@@ -75,17 +137,10 @@ def attention(
         lse = qh.new_full((batch, heads_q, seq_q), float("-inf"))
         return torch.zeros_like(q), lse.to(torch.promote_types(compute, torch.float32))
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads_q * seq_k))
-    use_checkpoint = torch.is_grad_enabled() and seq_q > chunk and any(
-        t.requires_grad for t in (q, k, v)
-    )
     outs, lses = [], []
     for c0 in range(0, seq_q, chunk):
-        args = (qh[:, :, c0 : c0 + chunk], kh, vh, mask.kv_start[:, c0 : c0 + chunk],
-                mask.kv_end[:, c0 : c0 + chunk], scale)
-        if use_checkpoint:
-            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
-        else:
-            out, lse = _attend_chunk(*args)
+        out, lse = _ChunkAttention.apply(qh[:, :, c0 : c0 + chunk], kh, vh, kv_start[:, c0 : c0 + chunk],
+                                         kv_end[:, c0 : c0 + chunk], scale)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2) if outs else qh.new_zeros(batch, heads_q, 0, dim)
