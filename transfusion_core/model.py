@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import tfkernels as tk
+from tfkernels._checks import check_int, is_int, is_int_dtype
 
 from . import checkpoint, ops
 from .config import IGNORE_INDEX, TransfusionConfig, noise_schedule
-from .data import patchify, unpatchify
+from .data import PackedBatch, patchify, unpatchify
 
 if TYPE_CHECKING:  # generate.py imports this module; the model only passes its caches along
     from .generate import KVCache
@@ -265,6 +266,55 @@ class UNetPatches(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Argument checks of the model's methods (one rule: wrong type TypeError, wrong value ValueError,
+# the message names the argument); shapes and types only, except for generation's token ids and
+# timesteps, whose values index tables (one host sync per generation step).
+# ----------------------------------------------------------------------------------------------
+def _check_batch(batch) -> None:
+    if not isinstance(batch, PackedBatch):
+        raise TypeError(f"batch: expected a transfusion_core.PackedBatch, got {type(batch).__name__}")
+
+
+def _check_float(name: str, x, shape: tuple, what: str, device: torch.device) -> None:
+    """``x`` is a real floating-point tensor of ``shape`` (None: any size there) on ``device``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a float tensor {what}, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a float tensor {what}, got {x.dtype}")
+    if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device} (the model's), got {x.device}")
+
+
+def _check_index(name: str, x, shape: tuple, what: str, device: torch.device, high: int) -> None:
+    """``x`` is an integer tensor of ``shape`` on ``device`` with values in ``[0, high)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected an int tensor {what}, got {type(x).__name__}")
+    if not is_int_dtype(x.dtype):
+        raise TypeError(f"{name}: expected an int tensor {what}, got {x.dtype}")
+    if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device} (the model's), got {x.device}")
+    bad = (x < 0) | (x >= high)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected values in [0, {high - 1}], got {name}{list(index)} = {int(x[index])}")
+
+
+def _check_cache(cache, model: Transfusion) -> None:
+    from .generate import KVCache  # generate.py builds on this module, not the other way round
+
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a transfusion_core.generate.KVCache (model.new_cache()), "
+                        f"got {type(cache).__name__}")
+    if len(cache.keys) != model.config.n_layers or cache.row_start.device != model.device:
+        raise ValueError(f"cache: expected a cache of this model ({model.config.n_layers} layers on {model.device}), "
+                         f"got {len(cache.keys)} layers on {cache.row_start.device}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 class TransfusionLoss(NamedTuple):
@@ -308,6 +358,10 @@ class Transfusion(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` -> ``[..., V]`` float32 (training uses the fused loss instead)."""
+        if not isinstance(hidden, torch.Tensor) or not hidden.dtype.is_floating_point:
+            raise TypeError(f"hidden: expected a float tensor [..., D], got {getattr(hidden, 'dtype', type(hidden))}")
+        if hidden.ndim < 1 or hidden.shape[-1] != self.config.dim:
+            raise ValueError(f"hidden: expected shape [..., {self.config.dim}], got {tuple(hidden.shape)}")
         return hidden.float() @ self.output_weight.float().T
 
     # ------------------------------------------------------------------ shared trunk
@@ -333,6 +387,8 @@ class Transfusion(nn.Module):
         Returns the final hidden states ``[B, S, D]`` (``logits(hidden)`` for next-token
         logits) and the image predictions ``[P, C*p*p]`` (of ``config.diffusion_target``).
         """
+        _check_batch(batch)
+        _check_float("x_t", x_t, (None, self.config.patch_dim), f"[P, {self.config.patch_dim}]", self.device)
         layout = ImageLayout(batch.patch_offsets, batch.image_grids)
         h = self.tok_embeddings(batch.tokens)  # [B, S, D]
         if layout.num_images == 0:
@@ -356,6 +412,7 @@ class Transfusion(nn.Module):
         The patches are noised at ``batch.timesteps`` with ``noise`` ``[P, C*p*p]`` if given,
         else with noise generated from ``batch.noise_seed`` (regenerated in the loss, not stored).
         """
+        _check_batch(batch)
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
         schedule = self.schedule_on(x0.device)
@@ -399,7 +456,14 @@ class Transfusion(nn.Module):
 
     @torch.no_grad()
     def extend_text(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens ``[B, n]`` to the cache; return their next-token logits ``[B, n, V]``."""
+        """Append tokens ``[B, n]`` (``n >= 1``, ids in ``[0, V)``) to the cache; return their next-token
+        logits ``[B, n, V]``."""
+        _check_cache(cache, self)
+        _check_index("tokens", tokens, (cache.batch_size, None), f"[B = {cache.batch_size}, n]", self.device,
+                     self.config.vocab_size)
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens: expected at least one token (n >= 1), got shape "
+                             f"{tuple(tokens.shape)}")
         hidden = self._cached_step(cache, self.tok_embeddings(tokens), bidirectional=False)
         cache.commit(tokens.shape[1])
         return self.logits(hidden)
@@ -410,7 +474,21 @@ class Transfusion(nn.Module):
 
         Returns the predictions ``[B, h*w, C*p*p]``. ``commit=True`` keeps the patches' keys
         and values (a clean image that later tokens attend to); a denoising step does not.
+        ``grid``: the patch grid ``(h, w)``, positive ints; ``t``: int, in ``[0, T)``.
         """
+        _check_cache(cache, self)
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(is_int(g) for g in grid)):
+            raise TypeError(f"grid: expected a pair of ints (h, w), got {grid!r:.60}")
+        for g in grid:
+            check_int("grid", g, 1)
+        n = grid[0] * grid[1]
+        dim = self.config.patch_dim
+        _check_float("x_t", x_t, (cache.batch_size, n, dim), f"[B = {cache.batch_size}, h*w = {n}, {dim}]",
+                     self.device)
+        _check_index("t", t, (cache.batch_size,), f"[B = {cache.batch_size}]", self.device,
+                     self.schedule.num_timesteps)
+        if not isinstance(commit, bool):
+            raise TypeError(f"commit: expected a bool, got {commit!r:.60}")
         batch, n, _ = x_t.shape
         layout = ImageLayout(torch.arange(batch + 1, device=x_t.device) * n,
                              torch.tensor([grid] * batch, device=x_t.device))
@@ -425,6 +503,7 @@ class Transfusion(nn.Module):
         """An empty ``transfusion_core.generate.KVCache`` for this model's layers, device and dtype."""
         from .generate import KVCache  # generate.py builds on this module, not the other way round
 
+        check_int("batch_size", batch_size, 1)
         return KVCache(self.config, batch_size, self.device, self.tok_embeddings.weight.dtype)
 
     def generate(self, prompt, **options) -> list:

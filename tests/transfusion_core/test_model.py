@@ -116,3 +116,57 @@ def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generati
         model.config.patch_position_embedding = False
         _, without = model.predict(batch, x_t)
     assert not torch.allclose(without, from_batch, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ bad arguments
+def _bad_calls():
+    model = tc.Transfusion(tiny_config())
+    batch = packed()
+    dim = model.config.patch_dim
+    x_t = torch.randn(1, 4, dim)
+    t = torch.tensor([5])
+
+    def image(**overrides):
+        args = dict(cache=model.new_cache(), x_t=x_t, t=t, grid=(2, 2), commit=False) | overrides
+        return lambda: model.extend_image(**args)
+
+    return [
+        (lambda: model(None), TypeError, "batch: expected a transfusion_core.PackedBatch, got NoneType"),
+        (lambda: model.predict({"tokens": 1}, batch.patches), TypeError, "batch: expected a transfusion_core.PackedBatch"),
+        (lambda: model(batch, noise=torch.randn(3, 4)), ValueError, r"noise: expected shape"),
+        (lambda: model.predict(batch, "x"), TypeError, r"x_t: expected a float tensor \[P, 12\], got str"),
+        (lambda: model.predict(batch, batch.patches.long()), TypeError, "x_t: expected a float tensor .*int64"),
+        (lambda: model.predict(batch, batch.patches[:, :5]), ValueError, r"x_t: expected shape \[P, 12\], got \(17, 5\)"),
+        (lambda: model.new_cache(0), ValueError, "batch_size: expected an int >= 1, got 0"),
+        (lambda: model.new_cache(1.5), TypeError, "batch_size: expected an int >= 1, got 1.5"),
+        (lambda: model.extend_text(model.new_cache(), torch.tensor([[99999]])), ValueError,
+         r"tokens: expected values in \[0, 259\], got tokens\[0, 0\] = 99999"),
+        (lambda: model.extend_text(model.new_cache(), torch.tensor([[3, -1]])), ValueError, r"got tokens\[0, 1\] = -1"),
+        (lambda: model.extend_text(model.new_cache(), torch.tensor([[1.0]])), TypeError, "tokens: expected an int tensor"),
+        (lambda: model.extend_text(model.new_cache(), [[1, 2]]), TypeError, "tokens: expected an int tensor .* got list"),
+        (lambda: model.extend_text(model.new_cache(2), torch.tensor([[1, 2]])), ValueError,
+         r"tokens: expected shape \[B = 2, n\], got \(1, 2\)"),
+        (lambda: model.extend_text(model.new_cache(), torch.zeros(1, 0, dtype=torch.long)), ValueError,
+         r"tokens: expected at least one token"),
+        (lambda: model.extend_text(None, torch.tensor([[1]])), TypeError, "cache: expected a transfusion_core.generate.KVCache"),
+        (image(grid=(2, 3)), ValueError, r"x_t: expected shape \[B = 1, h\*w = 6, 12\], got \(1, 4, 12\)"),
+        (image(grid=(0, 0), x_t=torch.randn(1, 0, dim)), ValueError, "grid: expected an int >= 1, got 0"),
+        (image(grid=(2.0, 2)), TypeError, r"grid: expected a pair of ints \(h, w\)"),
+        (image(grid=4), TypeError, r"grid: expected a pair of ints \(h, w\)"),
+        (image(x_t=torch.randn(1, 4, dim + 1)), ValueError, r"x_t: expected shape .*got \(1, 4, 13\)"),
+        (image(t=torch.tensor([5000])), ValueError, r"t: expected values in \[0, 999\], got t\[0\] = 5000"),
+        (image(t=torch.tensor([5.0])), TypeError, r"t: expected an int tensor \[B = 1\], got torch.float32"),
+        (image(t=torch.tensor([5, 6])), ValueError, r"t: expected shape \[B = 1\], got \(2,\)"),
+        (image(commit="no"), TypeError, "commit: expected a bool, got 'no'"),
+        (lambda: model.logits("x"), TypeError, r"hidden: expected a float tensor \[..., D\]"),
+        (lambda: model.logits(torch.randn(3, 5)), ValueError, r"hidden: expected shape \[..., 32\], got \(3, 5\)"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_bad_arguments_raise_named_errors(index):
+    """Bad arguments of the model's methods: a TypeError or ValueError naming the argument, never an
+    AttributeError, IndexError or a shape error from deep inside torch."""
+    call, error, message = _bad_calls()[index]
+    with pytest.raises(error, match=message):
+        call()
