@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VERSION=${TRITON_GATE_VERSION:-3.6.0}
-DIR=${TRITON_GATE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tfkernels/triton-$VERSION}
+DIR=${TRITON_GATE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/tfkernels/triton-$VERSION}
 OUT=${COMPILE_GATE_OUT:-$(mktemp -d)/compile_gate_triton-$VERSION.csv}
 JOBS=${COMPILE_GATE_JOBS:-$(nproc 2>/dev/null || echo 2)}
 DTYPES=${COMPILE_GATE_DTYPES:-bf16}
