@@ -137,7 +137,8 @@ class NoiseSchedule:
         return cls._from_tables(kind, acp.sqrt().float(), (1 - acp).sqrt().float(), alphas_cumprod)
 
     def to(self, device) -> NoiseSchedule:
-        """The same schedule with its tables on ``device``."""
+        """The same schedule with its tables on ``device`` (a torch.device, a str or an int)."""
+        device = _as_device(device)
         alphas_cumprod = None if self.alphas_cumprod is None else self.alphas_cumprod.to(device)
         return NoiseSchedule._from_tables(self.kind, self.signal_scale.to(device), self.noise_scale.to(device),
                                           alphas_cumprod)

@@ -133,6 +133,8 @@ def test_sample_timesteps_range_uniformity_and_per_image_cap():
     (lambda s: s.sample_timesteps(2, device=-1), ValueError, "device: expected a device, got -1"),
     (lambda s: s.sample_timesteps(2, device="meta", generator=torch.Generator()), ValueError,
      "device: expected the generator's device type 'cpu', got meta"),
+    (lambda s: s.to("bogus"), ValueError, "device: expected a device, got 'bogus'"),
+    (lambda s: s.to(None), TypeError, "device: expected a torch.device, a str or an int, got NoneType"),
     # Timesteps that are not integers, in any container: a named TypeError, not torch's own.
     (lambda s: s.coefficients(None), TypeError, "t: expected integer timesteps"),
     (lambda s: s.coefficients("3"), TypeError, "t: expected integer timesteps"),
