@@ -32,6 +32,15 @@ tiles each query tile visits (and vice versa) is known exactly from the mask.
 Softmax uses ``exp2`` with ``log2(e)`` folded into the score scale; accumulation is fp32; the
 saved LSE is in natural-log units ``[B, Hq, Sq]``. Rows that see no key give 0 and LSE = -inf,
 and their gradients are 0 (the element mask zeroes their probabilities before any product).
+
+Robustness, at no cost to the tile walk:
+
+* memory: every interval bound a kernel reads is clamped into range before any tile arithmetic
+  (``_tile_ranges``, ``_tile_setup``), so no mask value, validated or not, makes a kernel touch
+  memory outside its tensors or visit more tiles than a valid mask of the same shape;
+* non-finite values: a hidden pair has P = 0 exactly, so the walk is exact unless its result is
+  not finite; each work item flags that case and a rerun pass recomputes the flagged items with
+  selects and sanitised operands (``_attn_fwd_kernel``), giving ``reference.attention``'s rules.
 """
 
 from __future__ import annotations
@@ -65,22 +74,52 @@ if HAS_TRITON:
     _LN2_C = tl.constexpr(_LN2)
 
     @triton.jit
+    def _clamp_bound(bound, num_cols):
+        """An interval bound clamped into ``[0, num_cols]``."""
+        return tl.minimum(tl.maximum(bound, 0), num_cols)
+
+    @triton.jit
+    def _nonfinite_rows(x, AXIS: tl.constexpr):
+        """int32 1 where the slice of ``x`` along ``AXIS`` (the head dim) holds a NaN or an infinity."""
+        return tl.max(tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0, 1), AXIS)
+
+    @triton.jit
+    def _any_nonfinite(x, row_valid):
+        """Whether a row of ``x [ROWS, BLOCK_D]`` where ``row_valid`` holds a NaN or an infinity (a scalar)."""
+        return tl.max(tl.where(row_valid, _nonfinite_rows(x, 1), 0), 0) != 0
+
+    @triton.jit
+    def _rerun_share(NONFINITE, num_work, FLAG_BLOCK: tl.constexpr):
+        """The rerun pass: this program's share ``[first, last)`` of the work items and whether any of
+        them is flagged, read in blocks of flags (one load when no item is)."""
+        per_program = tl.cdiv(num_work, tl.num_programs(0))
+        first = tl.program_id(0) * per_program
+        last = tl.minimum(first + per_program, num_work)
+        flagged = 0
+        for base in range(first, last, FLAG_BLOCK):
+            offs = base + tl.arange(0, FLAG_BLOCK)
+            flags = tl.load(NONFINITE + offs, mask=offs < last, other=0).to(tl.int32)
+            flagged = tl.maximum(flagged, tl.max(flags, 0))
+        return first, last, flagged != 0
+
+    @triton.jit
     def _tile_ranges(BOUND_START, BOUND_END, first, last, num_cols, BLOCK: tl.constexpr):
         """Tile indices ``(lo, inner_lo, inner_hi, hi)`` for the rows ``first..last`` of monotone
         interval bounds: segment ``s`` of the walk is ``[tiles[s], tiles[s + 1])``, tiles ``[lo,
         inner_lo)`` (edge), ``[inner_lo, inner_hi)`` (interior: no mask), ``[inner_hi, hi)`` (edge).
 
-        The bounds are clamped to ``[0, num_cols]``: ``validate()`` rejects a bad mask in eager
-        mode, but one mutated in place or first seen under torch.compile must still never make a
-        kernel read outside K/V (it gives wrong values instead).
+        Memory safety does not rest on validation: every bound is clamped into ``[0, num_cols]``
+        before any arithmetic (no int32 overflow, e.g. ``cdiv(2**31 - 1, BLOCK)``), so the segments
+        are consecutive, disjoint and inside ``[0, cdiv(num_cols, BLOCK))`` whatever the values:
+        no tile outside the tensors, no more tiles than a valid mask of the same shape.
         """
-        lo = tl.maximum(tl.load(BOUND_START + first), 0)
-        hi = tl.minimum(tl.load(BOUND_END + last), num_cols)
-        inner_lo = tl.maximum(tl.load(BOUND_START + last), 0)
-        inner_hi = tl.minimum(tl.load(BOUND_END + first), num_cols)
+        lo = _clamp_bound(tl.load(BOUND_START + first), num_cols)
+        hi = _clamp_bound(tl.load(BOUND_END + last), num_cols)
+        inner_lo = _clamp_bound(tl.load(BOUND_START + last), num_cols)
+        inner_hi = _clamp_bound(tl.load(BOUND_END + first), num_cols)
         tile_lo = lo // BLOCK
-        tile_hi = tl.cdiv(hi, BLOCK)
-        inner_tile_lo = tl.cdiv(inner_lo, BLOCK)
+        tile_hi = hi // BLOCK + (hi % BLOCK != 0)  # cdiv without the overflow of hi + BLOCK - 1
+        inner_tile_lo = inner_lo // BLOCK + (inner_lo % BLOCK != 0)
         inner_tile_hi = tl.maximum(inner_hi // BLOCK, inner_tile_lo)
         return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
 
@@ -92,12 +131,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_setup(
-        BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles,
+        pid, BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
     ):
-        """This program's (batch, head, row tile), its rows' interval bounds and column tiles
+        """Work item ``pid``'s (batch, head, row tile), its rows' interval bounds and column tiles
         (``_tile_ranges``).
 
         Rows are queries with bounds ``[kv_start, kv_end)`` (forward, dQ) or keys with bounds
@@ -105,7 +144,6 @@ if HAS_TRITON:
         """
         # One flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1-2 only 65535), heads varying
         # fastest so a GQA group's heads run side by side; tiles heaviest first.
-        pid = tl.program_id(0)
         head = (pid % num_heads).to(tl.int64)
         work = tl.load(TILE_ORDER + pid // num_heads)
         batch = work // num_tiles
@@ -116,8 +154,10 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
         bounds_row = batch * num_rows
-        start = tl.load(BOUND_START + bounds_row + offs, mask=row_valid, other=0)
-        end = tl.load(BOUND_END + bounds_row + offs, mask=row_valid, other=0)
+        # Clamped like the tile ranges: the element mask then keeps every column < num_cols, so
+        # columns past the end (loaded as zeros) are never "phantom" visible keys.
+        start = _clamp_bound(tl.load(BOUND_START + bounds_row + offs, mask=row_valid, other=0), num_cols)
+        end = _clamp_bound(tl.load(BOUND_END + bounds_row + offs, mask=row_valid, other=0), num_cols)
         first = tile * ROWS
         last = tl.minimum(first + ROWS, num_rows) - 1
         tiles = _tile_ranges(BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS)
@@ -131,13 +171,18 @@ if HAS_TRITON:
         MASKED: tl.constexpr,  # edge tile: apply the element mask and the key bound
         EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D: no head-dim mask on loads
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose ~3 digits)
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_fwd_kernel
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
+            if MASKED:  # int32 keys for the mask compares (fewer registers than int64), int64 for addresses
+                cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                offs_n = cols.to(tl.int64)
+            else:
+                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
             kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
             v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
             if MASKED:
-                key_valid = offs_n < seq_len_k
+                key_valid = cols < seq_len_k
                 kt = tl.load(kt_ptrs, mask=key_valid[None, :] & d_valid[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
             elif EVEN_D:
@@ -146,9 +191,12 @@ if HAS_TRITON:
             else:
                 kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+            if SAFE:  # P @ V below would turn 0 * NaN at a hidden key into NaN: zero V, remember where
+                v_bad = _nonfinite_rows(v, 1)  # [BLOCK_N]
+                v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
             if MASKED:
-                visible = (offs_n[None, :] >= kv_start[:, None]) & (offs_n[None, :] < kv_end[:, None])
+                visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 # A row with nothing visible yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
@@ -160,27 +208,25 @@ if HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
+            if SAFE:  # a visible key whose V held a NaN or an infinity makes the row NaN
+                p = tl.where(visible & (v_bad[None, :] != 0), float("nan"), p)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
         return acc, m_i, l_i
 
     @triton.jit
-    def _attn_fwd_kernel(
-        Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange needs one)
-        BLOCK_M: tl.constexpr,  # query rows per program; fixed by the launcher (tile order uses it)
-        BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
-        DOT_PRECISION: tl.constexpr,
+    def _attn_fwd_program(
+        pid, Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
     ):
+        """Work item ``pid``: one (batch, query head, query tile). Stores its out and LSE rows and returns
+        whether out holds a non-finite value (see ``_attn_fwd_kernel``)."""
         batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
-            BLOCK_N,
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
         q_ptrs = _rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d)
@@ -192,21 +238,67 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-        for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+        if SAFE:  # the rerun: every tile masked, non-finite values isolated
             acc, m_i, l_i = _fwd_key_tiles(
                 acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
-                BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION,
+                tiles[0], tiles[3], seq_len_k, qk_scale, offs_d, d_valid, BLOCK_N, True, EVEN_D, DOT_PRECISION, True,
             )
-
+        else:
+            for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+                acc, m_i, l_i = _fwd_key_tiles(
+                    acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                    tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
+                    BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False,
+                )
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
         out = acc / l_div[:, None]
+        if SAFE:  # an output row with any non-finite entry is NaN throughout
+            out = tl.where(_nonfinite_rows(out, 1)[:, None] != 0, float("nan"), out)
         lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * _LN2_C)
         o_ptrs = _rows_ptrs(O, batch64, head, offs_m, stride_ob, stride_os, stride_oh, offs_d)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
         lse_row = (batch64 * num_heads_q + head) * seq_len_q
         tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
+        return _any_nonfinite(out, row_valid)
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_ob, stride_os, stride_oh,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
+        NONFINITE,  # int8 [num_work]: the work item's result held a NaN or an infinity
+        num_work,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange needs one)
+        BLOCK_M: tl.constexpr,  # query rows per program; fixed by the launcher (tile order uses it)
+        BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
+        DOT_PRECISION: tl.constexpr,
+        RERUN: tl.constexpr,  # False: the walk, one work item per program; True: the rerun pass
+    ):
+        """Non-finite isolation. Hidden pairs get P = 0 exactly, so P @ V adds 0 * v = 0 for them unless
+        v is NaN or infinite: the walk is exact whenever its result is finite, and each work item
+        records whether it is. The rerun pass (a second launch, one program per SM, each reading its
+        share of the flags and exiting at once when none is set) recomputes the flagged items with every tile masked,
+        V's non-finite entries zeroed and NaN put back for exactly the rows that see one; an output
+        row with any non-finite entry is then NaN throughout (``reference.attention`` computes the
+        same). A separate launch keeps the rerun's registers out of the walk's allocation."""
+        args = (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+                stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k,
+                num_heads_q, num_q_tiles, q_per_kv, qk_scale)
+        if RERUN:
+            first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
+            if flagged:
+                for pid in range(first, last):
+                    if tl.load(NONFINITE + pid) != 0:
+                        _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+        else:
+            pid = tl.program_id(0)
+            nonfinite = _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -243,13 +335,18 @@ if HAS_TRITON:
         dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end,
         tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dq_kernel
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
+            if MASKED:  # int32 keys for the mask compares, int64 for addresses (as in _fwd_key_tiles)
+                cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                offs_n = cols.to(tl.int64)
+            else:
+                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
             kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
             vt_ptrs = V + offs_n[None, :] * stride_vn + offs_d[:, None]
             if MASKED:
-                kv_mask = (offs_n < seq_len_k)[None, :] & d_valid[:, None]
+                kv_mask = (cols < seq_len_k)[None, :] & d_valid[:, None]
                 kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)
                 vt = tl.load(vt_ptrs, mask=kv_mask, other=0.0)
             elif EVEN_D:
@@ -261,28 +358,33 @@ if HAS_TRITON:
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
-                visible = (offs_n[None, :] >= kv_start[:, None]) & (offs_n[None, :] < kv_end[:, None])
+                visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 p = tl.where(visible, p, 0.0)
             dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
+            if SAFE:
+                # Select, not multiply: dp is NaN at a hidden key whose V is. dS @ K contracts over
+                # keys: zero K's non-finite entries and make the rows that see one NaN.
+                ds = tl.where(visible, ds, 0.0)
+                ds = tl.where(visible & (_nonfinite_rows(kt, 0)[None, :] != 0), float("nan"), ds)
+                kt = tl.where(tl.abs(kt.to(tl.float32)) < float("inf"), kt, 0.0)
             dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
         return dq
 
     @triton.jit
-    def _attn_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_dqb, stride_dqs, stride_dqh,
+    def _attn_bwd_dq_program(
+        pid, Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
         seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
     ):
+        """Work item ``pid``: one (batch, query head, query tile) of dQ; returns whether it holds a
+        non-finite value (see ``_attn_bwd_dq_kernel``)."""
         batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D, BLOCK_M,
-            BLOCK_N,
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D,
+            BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
@@ -297,25 +399,68 @@ if HAS_TRITON:
         V_head = V + batch64 * stride_vb + kv_head * stride_vh
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+        if SAFE:  # the rerun: every tile masked, non-finite values isolated
             dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                               tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
-                               BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION)
+                               tiles[0], tiles[3], seq_len_k, qk_scale, offs_d, d_valid,
+                               BLOCK_N, True, EVEN_D, DOT_PRECISION, True)
+        else:
+            for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+                dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                                   tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
+                                   BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False)
         dq_ptrs = _rows_ptrs(DQ, batch64, head, offs_m, stride_dqb, stride_dqs, stride_dqh, offs_d)
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+        return _any_nonfinite(dq, row_valid)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_dqb, stride_dqs, stride_dqh,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale,
+        NONFINITE, num_work,  # as in _attn_fwd_kernel
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        RERUN: tl.constexpr,
+    ):
+        """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
+        selects for dS (dP is NaN at a hidden key whose V is) and, for ``dS @ K``, K's non-finite
+        entries zeroed and NaN put back for exactly the rows that see one."""
+        args = (Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                stride_dqb, stride_dqs, stride_dqh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
+                qk_scale, scale)
+        if RERUN:
+            first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
+            if flagged:
+                for pid in range(first, last):
+                    if tl.load(NONFINITE + pid) != 0:
+                        _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+        else:
+            pid = tl.program_id(0)
+            nonfinite = _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
     def _dkdv_query_tiles(
         dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, q_start, q_end,
         tile_lo, tile_hi, seq_len_q, qk_scale, offs_d, d_valid,
         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dkdv_kernel
     ):
         for tile in range(tile_lo, tile_hi):
-            offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: row * stride may pass 2^31
+            if MASKED:  # int32 queries for the mask compares, int64 for addresses (as in _fwd_key_tiles)
+                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                offs_m = rows.to(tl.int64)
+            else:
+                offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: row * stride may pass 2^31
             q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
             do_ptrs = DO + offs_m[:, None] * stride_dos + offs_d[None, :]
             if MASKED:
-                row_valid = offs_m < seq_len_q
+                row_valid = rows < seq_len_q
                 io_mask = row_valid[:, None] & d_valid[None, :]
                 q = tl.load(q_ptrs, mask=io_mask, other=0.0)
                 do = tl.load(do_ptrs, mask=io_mask, other=0.0)
@@ -334,32 +479,39 @@ if HAS_TRITON:
             pt = tl.math.exp2(st - lse2[None, :])
             if MASKED:
                 # Empty query rows have lse = -inf and pt = inf here; the mask zeroes them first.
-                visible = (offs_m[None, :] >= q_start[:, None]) & (offs_m[None, :] < q_end[:, None])
+                visible = (rows[None, :] >= q_start[:, None]) & (rows[None, :] < q_end[:, None])
                 pt = tl.where(visible, pt, 0.0)
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            if SAFE:
+                # P^T @ dO and dS^T @ Q contract over queries: their operands get the non-finite
+                # entries of dO and Q zeroed, and NaN for exactly the keys that see such a query.
+                pt_dv = tl.where(visible & (_nonfinite_rows(do, 1)[None, :] != 0), float("nan"), pt)
+                do_dv = tl.where(tl.abs(do.to(tl.float32)) < float("inf"), do, 0.0)
+                dv = tl.dot(pt_dv.to(do.dtype), do_dv, dv, input_precision=DOT_PRECISION)
+            else:
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
+            if SAFE:  # select, not multiply: dpt is NaN at a hidden query where v or dO is
+                dst = tl.where(visible, dst, 0.0)
+                dst = tl.where(visible & (_nonfinite_rows(q, 1)[None, :] != 0), float("nan"), dst)
+                q = tl.where(tl.abs(q.to(tl.float32)) < float("inf"), q, 0.0)
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_dkb, stride_dks, stride_dkh,
-        stride_dvb, stride_dvs, stride_dvh,
+    def _attn_bwd_dkdv_program(
+        pid, Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
         seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr,  # query rows per inner step
-        BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
-        DOT_PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
     ):
+        """Work item ``pid``: one (batch, kv head, key tile) of dK and dV; returns whether they hold a
+        non-finite value (see ``_attn_bwd_dkdv_kernel``)."""
         batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
-            Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D, BLOCK_N,
-            BLOCK_M,
+            pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D,
+            BLOCK_N, BLOCK_M,
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(_rows_ptrs(K, batch64, kv_head, offs_n, stride_kb, stride_ks, stride_kh, offs_d),
@@ -374,15 +526,57 @@ if HAS_TRITON:
             Q_head = Q + batch64 * stride_qb + head * stride_qh
             DO_head = DO + batch64 * stride_dob + head * stride_doh
             stats_row = (batch64 * num_heads_q + head) * seq_len_q
-            for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+            if SAFE:  # the rerun: every tile masked, non-finite values isolated
                 dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                           stride_qs, stride_dos, q_start, q_end, tiles[segment], tiles[segment + 1],
-                                           seq_len_q, qk_scale, offs_d, d_valid, BLOCK_M, segment != 1, EVEN_D,
-                                           DOT_PRECISION)
+                                           stride_qs, stride_dos, q_start, q_end, tiles[0], tiles[3], seq_len_q,
+                                           qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION, True)
+            else:
+                for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+                    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
+                                               stride_qs, stride_dos, q_start, q_end, tiles[segment],
+                                               tiles[segment + 1], seq_len_q, qk_scale, offs_d, d_valid, BLOCK_M,
+                                               segment != 1, EVEN_D, DOT_PRECISION, False)
         dk_ptrs = _rows_ptrs(DK, batch64, kv_head, offs_n, stride_dkb, stride_dks, stride_dkh, offs_d)
         dv_ptrs = _rows_ptrs(DV, batch64, kv_head, offs_n, stride_dvb, stride_dvs, stride_dvh, offs_d)
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
+        return _any_nonfinite(dk, key_valid) | _any_nonfinite(dv, key_valid)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
+        stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh,
+        stride_dob, stride_dos, stride_doh,
+        stride_dkb, stride_dks, stride_dkh,
+        stride_dvb, stride_dvs, stride_dvh,
+        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale,
+        NONFINITE, num_work,  # as in _attn_fwd_kernel
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query rows per inner step
+        BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
+        DOT_PRECISION: tl.constexpr,
+        RERUN: tl.constexpr,
+    ):
+        """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
+        selects for dS (dP is NaN at a hidden query where v or dO is) and, for ``P^T @ dO`` and
+        ``dS^T @ Q``, the non-finite entries of dO and Q zeroed and NaN put back for exactly the keys
+        that see such a query."""
+        args = (Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, seq_len_q, seq_len_k,
+                num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale)
+        if RERUN:
+            first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
+            if flagged:
+                for pid in range(first, last):
+                    if tl.load(NONFINITE + pid) != 0:
+                        _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+        else:
+            pid = tl.program_id(0)
+            nonfinite = _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
 
     def _tuning_space(free_block: str) -> list:
@@ -410,12 +604,25 @@ def _autotune(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TFKERNELS_AUTOTUNE", "0") == "1"
 
 
+def _rerun_programs(device: torch.device) -> int:
+    """Programs of a rerun pass (see ``_attn_fwd_kernel``): one per SM; a few in the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
+
+
 def _launch(kernel, tuned_kernel, grid, args, fixed: dict, free: dict, device):
-    """Launch with the default ``free`` settings, or let the autotuner pick them."""
+    """Launch the walk, one program per work item, with the default ``free`` settings or the
+    autotuner's pick; then the rerun pass over the items whose result was not finite (a few
+    programs that exit at once when there is none; see ``_attn_fwd_kernel``)."""
+    num_work = grid[0]
+    nonfinite = torch.empty(num_work, device=device, dtype=torch.int8)  # every item writes its flag
+    args = (*args, nonfinite, num_work)
     if _autotune(device):
-        tuned_kernel[grid](*args, **fixed)
+        tuned_kernel[grid](*args, **fixed, RERUN=False)
     else:
-        kernel[grid](*args, **fixed, **free)
+        kernel[grid](*args, **fixed, **free, RERUN=False)
+    kernel[(min(num_work, _rerun_programs(device)),)](*args, **fixed, **free, RERUN=True)
 
 
 def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -438,18 +645,19 @@ def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dic
 
 
 def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per_tile: int,
-                    cols_per_tile: int) -> torch.Tensor:
+                    cols_per_tile: int, num_cols: int) -> torch.Tensor:
     """Order of the ``B * num_tiles`` row tiles, most column tiles to visit first: int32.
 
     ``bound_start``/``bound_end`` ``[B, R]`` are monotone interval bounds (the mask's, or its key
-    intervals for the key side); a tile of rows visits column tiles ``[start[first] // cols,
-    cdiv(end[last], cols))``.
+    intervals for the key side) over ``num_cols`` columns; a tile of rows visits column tiles
+    ``[start[first] // cols, cdiv(end[last], cols))``, bounds clamped into ``[0, num_cols]`` as the
+    kernels clamp them.
     """
     rows = bound_start.shape[1]
     firsts = torch.arange(0, rows, rows_per_tile, device=bound_start.device)
     lasts = (firsts + rows_per_tile - 1).clamp(max=rows - 1)
-    lo = bound_start[:, firsts].long() // cols_per_tile
-    hi = (bound_end[:, lasts].long() + cols_per_tile - 1) // cols_per_tile
+    lo = bound_start[:, firsts].long().clamp(0, num_cols) // cols_per_tile
+    hi = (bound_end[:, lasts].long().clamp(0, num_cols) + cols_per_tile - 1) // cols_per_tile
     work = (hi - lo).flatten()
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
 
@@ -469,7 +677,7 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
     if out.numel() == 0:
         return out, lse
     cfg = _block_sizes(dim, q.dtype, q.device)
-    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"])
+    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"], seq_k)
     num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
     args = (
         q, k, v, out, lse, kv_start, kv_end, order,
@@ -512,7 +720,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=_DELTA_ROWS,
     )
     q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
-    key_order = _heaviest_first(q_start, q_end, cfg["bwd_n"], cfg["bwd_m"])
+    key_order = _heaviest_first(q_start, q_end, cfg["bwd_n"], cfg["bwd_m"], seq_q)
     args = (
         q, k, v, do, lse, delta, dk, dv, q_start, q_end, key_order,
         q.stride(0), q.stride(1), q.stride(2),
@@ -527,7 +735,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     free = dict(BLOCK_M=cfg["bwd_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv * key_order.numel(),), args, fixed, free,
             q.device)
-    query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"])
+    query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"], seq_k)
     args = (
         q, k, v, do, lse, delta, dq, kv_start, kv_end, query_order,
         q.stride(0), q.stride(1), q.stride(2),
@@ -607,7 +815,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
+def _check_inputs(q, k, v, mask, scale, deterministic, return_lse=False) -> None:
     """Raise a clear error for anything a kernel cannot take, before any launch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
@@ -640,6 +848,8 @@ def _check_inputs(q, k, v, mask, scale, deterministic) -> None:
         raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
     mask.validate(batch_size=batch, seq_len_q=q.shape[1], seq_len_k=k.shape[1], device=q.device)
 
 
@@ -677,6 +887,14 @@ def attention(
         out ``[B, Sq, Hq, D]`` in q's dtype, and lse if asked. Rows that see no key give zeros
         (lse = -inf) and zero gradients.
 
+    The mask's values are validated in eager mode when first used and again after any change;
+    while ``torch.compile`` traces, the op computes with ``tfkernels.mask.canonical_bounds`` (the
+    identity on a valid mask; see ``tfkernels.mask`` for the policy). Non-finite values are
+    isolated by the mask: a NaN or infinity in q, k, v or the output gradient at a (query, key)
+    pair the mask hides reaches no output and no gradient. A NaN in ``q[i]`` or in k at a key row
+    ``i`` sees, or a NaN or infinity in v there, makes row ``i``'s output all NaN
+    (``tfkernels.reference.attention`` states the rules; both paths follow them).
+
     CUDA tensors run the Triton kernels; CPU tensors run ``tfkernels.reference.attention``, or
     the Triton kernels in the interpreter when ``TRITON_INTERPRET=1``.
 
@@ -690,12 +908,13 @@ def attention(
         q, k, v = autocast_cast(dtype, q, k, v)
         with autocast_off(q):
             return attention(q, k, v, mask, scale, return_lse, deterministic)
-    _check_inputs(q, k, v, mask, scale, deterministic)
+    _check_inputs(q, k, v, mask, scale, deterministic, return_lse)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_triton(q):
+        kv_start, kv_end = mask._op_bounds()  # validated, or canonical while torch.compile traces
         out, lse = _attention_fwd(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            mask.kv_start.contiguous(), mask.kv_end.contiguous(), scale,
+            kv_start.contiguous(), kv_end.contiguous(), scale,
         )
     else:
         out, lse = reference.attention(q, k, v, mask, scale)

@@ -11,15 +11,24 @@ recomputed as exp2(s - lse) from a rounded lse, a few ulps of error per element 
 O(1), hence the floor of 1; dq/dk, which can cancel to ~0, use the largest reference gradient).
 """
 
+import functools
+import importlib
 import random
 import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import tfkernels as tk
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tfkernels._dispatch import HAS_TRITON
+from tfkernels.mask import canonical_bounds
 from tfkernels.testing import assert_anchored, random_layout
+
+# The module (tfkernels.attention, the attribute, is the public function).
+attention_module = importlib.import_module("tfkernels.attention")
 
 pytestmark = requires_triton
 
@@ -306,18 +315,403 @@ def test_autotuned_configs_match_reference_on_gpu(monkeypatch):
     assert_matches_reference(q, k, v, mask)
 
 
-def test_an_unvalidated_bad_mask_never_reads_outside_k_and_v():
-    """Validation is skipped for a mask already checked (or under torch.compile); a mask mutated in
-    place afterwards must give wrong values at worst, never an out-of-bounds read. Keys past Sk are
-    NaN here, so reading any of them would show up in the output."""
-    seq_len = 80
-    mask = tk.IntervalMask.causal(1, seq_len, device=DEVICE)
-    q, k, v = _qkv(1, seq_len, seq_len + 40, 2, 2, 32, torch.float32, seed=30)
-    k[:, seq_len:] = float("nan")
-    v[:, seq_len:] = float("nan")
-    k, v = k[:, :seq_len], v[:, :seq_len]  # views: the NaN keys lie right after them in memory
-    tk.attention(q, k, v, mask)  # validates the mask once
-    mask.kv_end[0, :] = seq_len + 40  # now out of range, and not re-checked
-    mask.kv_start[0, :5] = -100
-    out = tk.attention(q, k, v, mask)
-    assert torch.isfinite(out).all()
+# ------------------------------------------------------------------------------ issue 11: robustness
+# Items 1-3 of issue 11, each on the kernel path (the interpreter here) and on the reference path.
+# Helpers shared with the property tests at the end of the module.
+NAN_PAD = 24  # rows of padding around each of q, k, v, d_out in their buffers
+# Triton's interpreter computes with NumPy, which warns about arithmetic on NaN and infinities.
+numpy_nan_warnings = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+
+
+def _padded(shape, gen, fill, dtype=torch.float32):
+    """A random tensor ``shape = [B, S, H, D]`` that is a view into a buffer with ``NAN_PAD`` rows of ``fill``
+    before and after it along S: a kernel reading outside the view reads ``fill``."""
+    batch, seq, heads, dim = shape
+    buffer = torch.full((batch, seq + 2 * NAN_PAD, heads, dim), fill, dtype=dtype, device=DEVICE)
+    buffer[:, NAN_PAD:NAN_PAD + seq] = torch.randn(shape, generator=gen).to(DEVICE)
+    return buffer[:, NAN_PAD:NAN_PAD + seq]
+
+
+def _fwd_bwd(fn, q, k, v, d_out):
+    """out, lse, dq, dk, dv of ``fn(q, k, v) -> (out, lse)`` with loss ``sum(out * d_out) + sum(finite lse)``."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out * d_out).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, (q, k, v)))
+
+
+def _kernel(mask, scale=None):
+    return lambda q, k, v: tk.attention(q, k, v, mask, scale=scale, return_lse=True)
+
+
+def _reference(mask, scale=None):
+    return lambda q, k, v: tk.reference.attention(q, k, v, mask, scale=scale)
+
+
+def _assert_same(ours, ref, *, tol=2e-5, names=("out", "lse", "dq", "dk", "dv")):
+    """Same non-finite entries (NaN/inf) on both paths, finite entries equal up to ``tol`` x magnitude."""
+    for name, a, r in zip(names, ours, ref):
+        a, r = a.double().cpu(), r.double().cpu()
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), f"{name}: NaN in different places"
+        assert torch.equal(torch.isinf(a), torch.isinf(r)), f"{name}: inf in different places"
+        finite = torch.isfinite(r)
+        if finite.any():
+            scale = max(1.0, r[finite].abs().max().item())
+            assert (a[finite] - r[finite]).abs().max().item() <= tol * scale, f"{name}: values differ"
+
+
+def test_in_place_edits_after_first_use_are_rejected_on_both_paths(monkeypatch):
+    """Issue 11, item 1's example: a mask that passed validation, then edited in place to hold 2**31 - 1,
+    used to crash the kernel (cdiv overflow, reads outside K/V). It is now re-validated (item 2)."""
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    mask = tk.IntervalMask.full(1, 5, 40, device=DEVICE)
+    tk.attention(q, k, v, mask)
+    mask.kv_start[0, 4] = mask.kv_end[0, 4] = 2**31 - 1
+    message = r"mask.kv_end: batch row 0, query 4: expected kv_end <= seq_len_k=40, got \[2147483647, 2147483647\)"
+    with pytest.raises(ValueError, match=message):
+        tk.attention(q, k, v, mask)
+    with pytest.raises(ValueError, match=message):
+        tk.reference.attention(q, k, v, mask)
+    mask.kv_start[0, 4], mask.kv_end[0, 4] = 0, 40  # fixed in place: accepted again
+    torch.testing.assert_close(tk.attention(q, k, v, mask), tk.reference.attention(q, k, v, mask)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_mask_tensors_are_validated():
+    q, k, v = _qkv(1, 8, 8, 2, 1, 16, torch.float32, seed=40)
+    mask = tk.IntervalMask.causal(1, 8, device=DEVICE)
+    tk.attention(q, k, v, mask)
+    mask.kv_end = torch.full((1, 8), 3, dtype=torch.int32, device=DEVICE)  # new tensors, never validated
+    mask.kv_start = torch.tensor([[0, 0, 0, 0, 5, 5, 5, 5]], dtype=torch.int32, device=DEVICE)
+    for attend in (lambda: tk.attention(q, k, v, mask), lambda: tk.reference.attention(q, k, v, mask)):
+        with pytest.raises(ValueError, match=r"batch row 0, query 4: expected kv_start <= kv_end, got \[5, 3\)"):
+            attend()
+
+
+def test_return_lse_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"return_lse: expected a bool, got 'no'"):
+        tk.attention(**_bad(), return_lse="no")
+    with pytest.raises(TypeError, match=r"return_lse: expected a bool, got 1"):
+        tk.attention(**_bad(), return_lse=1)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from tfkernels.attention import _tile_ranges
+
+    @triton.jit
+    def _tile_ranges_probe(START, END, OUT, last, num_cols, BLOCK: tl.constexpr):
+        tiles = _tile_ranges(START, END, 0, last, num_cols, BLOCK)
+        for i in tl.static_range(4):
+            tl.store(OUT + i, tiles[i])
+
+
+def _tile_ranges_of(start, end, num_cols, block):
+    """``_tile_ranges`` run by a one-program Triton kernel on ``[R]`` bounds (rows ``0..R-1``)."""
+    out = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    bounds = [torch.tensor(b, dtype=torch.int32, device=DEVICE) for b in (start, end)]
+    _tile_ranges_probe[(1,)](*bounds, out, len(start) - 1, num_cols, BLOCK=block)
+    return out.tolist()
+
+
+INT32_EDGES = [-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 2, 2**31 - 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(st.integers(-70, 140), st.sampled_from(INT32_EDGES)), min_size=4, max_size=4),
+       st.integers(1, 100), st.sampled_from([16, 32, 64]))
+def test_tile_ranges_stay_inside_the_columns_whatever_the_bounds(bounds, num_cols, block):
+    """Item 1's mechanism: the four bounds a program reads are clamped before any tile arithmetic, so the
+    three segments are consecutive and inside [0, cdiv(Sk, BLOCK)) for every int32 value (no overflow)."""
+    start_first, start_last, end_first, end_last = bounds
+    lo, inner_lo, inner_hi, hi = _tile_ranges_of([start_first, start_last], [end_first, end_last], num_cols, block)
+    num_tiles = -(-num_cols // block)
+    assert lo >= 0 and hi <= num_tiles and lo <= num_tiles and 0 <= inner_lo <= inner_hi <= num_tiles
+    visited = [t for a, b in ((lo, inner_lo), (inner_lo, inner_hi), (inner_hi, hi)) for t in range(a, b)]
+    assert len(visited) == len(set(visited)) <= num_tiles, "segments overlap or run past the columns"
+    assert all(0 <= t < num_tiles for t in visited)
+    # Interior tiles (no element mask, no load mask) must be full tiles inside [0, Sk).
+    assert inner_hi * block <= num_cols or inner_hi == inner_lo
+
+
+@numpy_nan_warnings
+def test_kernels_read_nothing_outside_their_tensors_whatever_the_bounds():
+    """Item 1: the kernel ops themselves (below validation) with bounds no valid mask has: huge, negative,
+    decreasing, past Sk. Whatever they compute, they must not read outside q, k, v, d_out: with the
+    padding around the views filled with NaN or with a finite value, every result is bitwise the same."""
+    batch, seq_q, seq_k, heads_q, heads_kv, dim = 2, 70, 50, 2, 1, 16
+    big = 2**31 - 1
+    kv_start = torch.tensor([[-5, -(2**31), 0, 3, 40, 2, big, 10, 0, 49] * 7,
+                             [0, 0, 60, 60, -1, 5, 5, 90, 90, 20] * 7], dtype=torch.int32, device=DEVICE)
+    kv_end = torch.tensor([[big, 50, 1, 2, 45, 60, big, 9, -3, 50] * 7,
+                           [1, 2, 70, 2**30, 2, 6, 7, 100, 91, 30] * 7], dtype=torch.int32, device=DEVICE)
+    # The rows a program reads its tile range from (first and last of each 32- and 64-row tile): the
+    # values that used to overflow cdiv (issue 11, item 1) and a range past both ends.
+    kv_start[:, [31, 63, 69]] = big
+    kv_end[:, [0, 32, 64]] = -(2**31)
+    kv_start[1, [0, 32]], kv_end[1, [31, 63]] = -(2**31), big
+    op = attention_module._attention_fwd
+    results = []
+    for fill in (float("nan"), 1e4):
+        gen = torch.Generator().manual_seed(41)
+        q = _padded((batch, seq_q, heads_q, dim), gen, fill)
+        k = _padded((batch, seq_k, heads_kv, dim), gen, fill)
+        v = _padded((batch, seq_k, heads_kv, dim), gen, fill)
+        d_out = _padded((batch, seq_q, heads_q, dim), gen, fill)
+        results.append(_fwd_bwd(lambda a, b, c: op(a, b, c, kv_start, kv_end, 0.25), q, k, v, d_out))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name} read outside its tensors")
+    assert torch.isfinite(results[0][0]).all(), "the forward reads real keys only: finite output"
+
+
+def test_keys_past_sk_are_never_phantom_keys():
+    """Item 1: with an (unvalidated) kv_end past Sk, the keys loaded as zeros past the end of K/V must not
+    count as visible keys: the rows see exactly their keys below Sk."""
+    q, k, v = _qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=42)
+    start = torch.zeros(1, 40, dtype=torch.int32, device=DEVICE)
+    end = torch.full((1, 40), 40, dtype=torch.int32, device=DEVICE)
+    expected, expected_lse = attention_module._attention_fwd(q, k, v, start, end, 0.25)
+    out, lse = attention_module._attention_fwd(q, k, v, start, end + 1000, 0.25)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
+
+
+# Non-finite isolation (item 3). The issue's example: a NaN in V at a padding key.
+@numpy_nan_warnings
+def test_nan_at_a_padding_key_reaches_no_row_on_both_paths():
+    mask = tk.IntervalMask.from_segment_ids(torch.tensor([[0] * 10 + [-1] * 6], device=DEVICE))
+    gen = torch.Generator().manual_seed(43)
+    q, k, v = (torch.randn(1, 16, 1, 8, generator=gen).to(DEVICE) for _ in range(3))
+    v[0, 12] = float("nan")
+    clean_v = v.clone()
+    clean_v[0, 12] = 0.0
+    for attend in (tk.attention, lambda *a: tk.reference.attention(*a)[0]):
+        out = attend(q, k, v, mask)
+        assert torch.isfinite(out).all(), "a NaN no query sees turned rows NaN"
+        assert (out[0, 10:] == 0).all(), "padding rows are exactly 0"
+        torch.testing.assert_close(out, attend(q, k, clean_v, mask), rtol=0, atol=0)
+
+
+NONFINITE_SOURCES = ["q", "k", "v", "d_out"]
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("source", NONFINITE_SOURCES)
+def test_nonfinite_values_stay_inside_their_visible_pairs(source, value):
+    """Item 3: a non-finite value in q, k, v or d_out reaches only the outputs and gradients that depend
+    on it through a visible (query, key) pair. Both paths give the same NaN/inf entries and the same
+    finite values; every entry the poisoned value cannot reach equals the clean run's."""
+    mask = tk.IntervalMask.from_spans(80, images=[[(10, 30)], [(40, 70)]], documents=[[35, 30], [75]],
+                                      device=DEVICE)
+    gen = torch.Generator().manual_seed(44)
+    q, k, v, d_out = (torch.randn(2, 80, 2, 16, generator=gen).to(DEVICE) for _ in range(4))
+    clean = _fwd_bwd(_kernel(mask), q, k, v, d_out)
+    tensor = {"q": q, "k": k, "v": v, "d_out": d_out}[source]
+    # Head 0 of row 0 at position 20 (inside an image), head 1 (GQA: kv head 1) of row 0 at 70 (padding),
+    # head 0 of row 1 at 77 (padding: nobody sees it, and it sees nothing).
+    for b, pos, head in ((0, 20, 0), (0, 70, 1), (1, 77, 0)):
+        tensor[b, pos, head, 3] = value
+    ours = _fwd_bwd(_kernel(mask), q, k, v, d_out)
+    ref = _fwd_bwd(_reference(mask), q, k, v, d_out)
+    _assert_same(ours, ref)
+    # What the poisoned entries can reach: through visible pairs only.
+    dense = mask.to_dense()  # [B, Sq, Sk]
+    poisoned_q = torch.zeros(2, 80, 2, dtype=torch.bool, device=DEVICE)  # (batch, position, head)
+    poisoned_k = torch.zeros_like(poisoned_q)
+    for b, pos, head in ((0, 20, 0), (0, 70, 1), (1, 77, 0)):
+        (poisoned_k if source in ("k", "v") else poisoned_q)[b, pos, head] = True
+    # Rows that see a poisoned key, keys seen by a poisoned row (heads: q head h uses kv head h here).
+    rows = poisoned_q | torch.einsum("bqk,bkh->bqh", dense.float(), poisoned_k.float()).bool()
+    keys = poisoned_k | torch.einsum("bqk,bqh->bkh", dense.float(), rows.float()).bool()
+    reachable = {"out": rows, "lse": rows.transpose(1, 2), "dq": rows, "dk": keys, "dv": keys}
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), ours, clean):
+        untouched = ~reachable[name]
+        torch.testing.assert_close(a[untouched], c[untouched], rtol=0, atol=0, msg=f"{name} outside the reach")
+    if source in ("q", "k", "v") and value != value:  # a NaN makes every row that sees it NaN
+        sees_something = dense.any(-1)[..., None]  # a padding row with a NaN q still sees nothing: 0
+        assert torch.isnan(ours[0][rows & sees_something]).all() and (ours[0][rows & ~sees_something] == 0).all()
+
+
+@numpy_nan_warnings
+def test_rows_that_see_nothing_are_zero_whatever_q_k_v_hold():
+    """Item 3: padding rows give exactly 0 (lse -inf) and zero dq; keys nobody sees get zero dk and dv, on
+    both paths, with NaN and inf everywhere in q, k, v and d_out outside the visible pairs."""
+    mask = tk.IntervalMask.from_spans(48, images=[[(3, 9)]], documents=[[20]], device=DEVICE)
+    gen = torch.Generator().manual_seed(45)
+    q, k, v, d_out = (torch.randn(1, 48, 2, 8, generator=gen).to(DEVICE) for _ in range(4))
+    for t, value in ((q, float("nan")), (k, float("inf")), (v, float("nan")), (d_out, -float("inf"))):
+        t[:, 20:] = value  # the padding: sees nothing, seen by nothing
+    for attend in (_kernel(mask), _reference(mask)):
+        out, lse, dq, dk, dv = _fwd_bwd(attend, q, k, v, d_out)
+        assert (out[:, 20:] == 0).all() and torch.isneginf(lse[:, :, 20:]).all() and (dq[:, 20:] == 0).all()
+        assert (dk[:, 20:] == 0).all() and (dv[:, 20:] == 0).all()
+        for t in (out, lse[:, :, :20], dq, dk, dv):
+            assert torch.isfinite(t[:, :20] if t is not lse else t).all()
+
+
+@numpy_nan_warnings
+def test_documents_of_a_packed_row_are_isolated():
+    """Item 3: a NaN anywhere in one document (q, k, v and d_out) leaves the other documents' outputs and
+    gradients exactly as without it, on both paths."""
+    mask = tk.IntervalMask.from_spans(96, images=[[(5, 20), (50, 70)]], documents=[[40, 56]], device=DEVICE)
+    gen = torch.Generator().manual_seed(46)
+    q, k, v, d_out = (torch.randn(1, 96, 2, 16, generator=gen).to(DEVICE) for _ in range(4))
+    for attend in (_kernel(mask), _reference(mask)):
+        clean = _fwd_bwd(attend, q, k, v, d_out)
+        poisoned = [t.clone() for t in (q, k, v, d_out)]
+        for t in poisoned:
+            t[0, 12, 1, 5] = float("nan")  # document 0 (inside its first image)
+        results = _fwd_bwd(attend, *poisoned)
+        for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), results, clean):
+            other = a[..., 40:, :, :] if name != "lse" else a[..., 40:]
+            expected = c[..., 40:, :, :] if name != "lse" else c[..., 40:]
+            torch.testing.assert_close(other, expected, rtol=0, atol=0, msg=f"{name}: document 1 changed")
+        # Head 1 of document 0's rows that see key 12 (the image's rows 5.. and every row after it): NaN.
+        assert torch.isnan(results[0][0, 5:40, 1]).all() and torch.isfinite(results[0][0, :, 0]).all()
+
+
+# Item 2 under torch.compile: no host sync, so both paths compute with the canonical bounds.
+def _canonical_mask(kv_start, kv_end, seq_len_k):
+    return tk.IntervalMask(*canonical_bounds(kv_start, kv_end, seq_len_k), seq_len_k)
+
+
+@functools.cache
+def _compiled(path):
+    """One compiled function per path, reused across tests and examples (mask values are graph inputs:
+    new values never recompile)."""
+    attend = tk.attention if path == "kernel" else tk.reference.attention
+    kwargs = {"return_lse": True} if path == "kernel" else {}
+
+    def step(q, k, v, kv_start, kv_end):
+        return attend(q, k, v, tk.IntervalMask(kv_start, kv_end, k.shape[1]), **kwargs)
+
+    return torch.compile(step, fullgraph=True, backend="aot_eager")
+
+
+def _check_compiled_against_canonical(q, k, v, d_out, kv_start, kv_end):
+    expected = _fwd_bwd(_reference(_canonical_mask(kv_start, kv_end, k.shape[1])), q.double(), k.double(),
+                        v.double(), d_out.double())
+    for path in ("kernel", "reference"):
+        got = _fwd_bwd(lambda a, b, c, path=path: _compiled(path)(a, b, c, kv_start, kv_end), q, k, v, d_out)
+        _assert_same(got, expected, tol=1e-4)
+
+
+@numpy_nan_warnings
+def test_compiled_calls_compute_with_the_canonical_bounds_on_both_paths():
+    """A bad mask first seen by a compiled function (or edited between compiled calls) cannot be validated
+    without a graph break: the kernel and the reference then both compute with canonical_bounds (monotone,
+    clamped, start past end = empty row), never out of bounds, and agree."""
+    q, k, v = _qkv(2, 37, 45, 2, 1, 16, torch.float32, seed=47)
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(48)).to(DEVICE)
+    big = 2**31 - 1
+    rows = [
+        ([0] * 37, [45] * 37),  # valid
+        ([-5] * 20 + [big] * 17, [big] * 37),  # past both ends
+        (list(range(37, 0, -1)), list(range(45, 8, -1))),  # decreasing
+        ([3, 1, 4, 1, 5, 9, 2, 6] * 4 + [5] * 5, [2, 7, 1, 8, 2, 8] * 6 + [-(2**31)]),  # start past end, negative
+    ]
+    for start_row, end_row in rows:
+        kv_start = torch.tensor([start_row, start_row[::-1]], dtype=torch.int32, device=DEVICE)
+        kv_end = torch.tensor([end_row, end_row], dtype=torch.int32, device=DEVICE)
+        _check_compiled_against_canonical(q, k, v, d_out, kv_start, kv_end)
+
+
+# ------------------------------------------------------------------------------ property test (issue 11)
+# Random bad masks thrown at the three kernels (forward, dK/dV, dQ: forward + backward), eagerly and
+# under torch.compile(fullgraph=True). Kept small for the interpreter: a few shapes, ~45 examples.
+PROPERTY_SHAPES = [(1, 37, 37, 2, 1, 16), (2, 20, 70, 2, 2, 8), (2, 70, 45, 1, 1, 16)]  # B, Sq, Sk, Hq, Hkv, D
+VALUES = [-(2**31), -(2**31) + 1, -70, -1, 0, 1, 2**31 - 2, 2**31 - 1]
+
+
+@st.composite
+def _masks(draw, batch, seq_q, seq_k):
+    """``(valid mask, kv_start, kv_end)``: a valid mask of the shape, and bounds made from it by random
+    edits (out of range, huge, negative, start past end, decreasing), which may leave it valid."""
+    kind = draw(st.sampled_from(["layout", "causal", "full", "window", "prefix"] if seq_q == seq_k else
+                                ["causal", "full", "window", "prefix"]))
+    if kind == "layout":
+        images, documents = random_layout(random.Random(draw(st.integers(0, 2**16))), batch, seq_q, max_image_len=12)
+        mask = tk.IntervalMask.from_spans(seq_q, images=images, documents=documents, device=DEVICE)
+    elif kind == "window":
+        mask = tk.IntervalMask.sliding_window(draw(st.integers(1, 20)), batch, seq_q, seq_k, device=DEVICE)
+    elif kind == "prefix":
+        mask = tk.IntervalMask.prefix_lm(draw(st.integers(0, seq_k)), batch, seq_q, seq_k, device=DEVICE)
+    else:
+        mask = getattr(tk.IntervalMask, kind)(batch, seq_q, seq_k, device=DEVICE)
+    start, end = mask.kv_start.clone(), mask.kv_end.clone()
+    value = st.one_of(st.integers(-3, seq_k + 3), st.sampled_from(VALUES))
+    for _ in range(draw(st.integers(0, 4))):
+        target = draw(st.sampled_from([start, end]))
+        b, i = draw(st.integers(0, batch - 1)), draw(st.integers(0, seq_q - 1))
+        if draw(st.booleans()):
+            target[b, i] = draw(value)
+        else:  # a run of rows
+            target[b, i:] = draw(value)
+    if draw(st.booleans()):  # rows out of order
+        b = draw(st.integers(0, batch - 1))
+        perm = torch.tensor(draw(st.permutations(range(seq_q))), device=DEVICE)
+        start[b] = start[b, perm]
+    return mask, start, end
+
+
+def _property_inputs(shape, seed):
+    batch, seq_q, seq_k, heads_q, heads_kv, dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    return (_padded((batch, seq_q, heads_q, dim), gen, float("nan")), _padded((batch, seq_k, heads_kv, dim), gen, float("nan")),
+            _padded((batch, seq_k, heads_kv, dim), gen, float("nan")), _padded((batch, seq_q, heads_q, dim), gen, float("nan")))
+
+
+@numpy_nan_warnings
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_property_random_bad_masks_in_eager_mode(data):
+    """Eager mode, a mask used once (validated) and then edited in place or given new tensors: an invalid
+    mask raises ValueError on both paths before any launch; a valid one gives kernel == reference. The
+    kernel ops below validation, on the raw bounds, never read outside q, k, v, d_out (NaN all around)."""
+    shape = data.draw(st.sampled_from(PROPERTY_SHAPES))
+    batch, seq_q, seq_k = shape[:3]
+    mask, start, end = data.draw(_masks(batch, seq_q, seq_k))
+    q, k, v, d_out = _property_inputs(shape, data.draw(st.integers(0, 2**16)))
+    tk.attention(q, k, v, mask)  # first use: validated
+    if data.draw(st.booleans()):
+        mask.kv_start.copy_(start)  # in place
+        mask.kv_end.copy_(end)
+    else:
+        mask.kv_start, mask.kv_end = start, end  # swapped tensors
+    canonical = canonical_bounds(start, end, seq_k)
+    valid = torch.equal(canonical[0], start) and torch.equal(canonical[1], end)
+    event("valid mask" if valid else "invalid mask")
+    if valid:
+        expected = _fwd_bwd(_reference(mask), q.double(), k.double(), v.double(), d_out.double())
+        _assert_same(_fwd_bwd(_kernel(mask), q, k, v, d_out), expected, tol=1e-4)
+    else:
+        for attend in (_kernel(mask), _reference(mask)):
+            with pytest.raises(ValueError, match=r"^mask.kv_(start|end): batch row \d+, query \d+: expected"):
+                attend(q, k, v)
+        # Below validation, on the raw values: finite (nothing read from the NaN around the tensors; the
+        # backward of an invalid mask may overflow, so only the forward is finite by construction) and
+        # the same as with finite values around the tensors.
+        op = lambda a, b, c: attention_module._attention_fwd(a, b, c, start, end, 0.25)  # noqa: E731
+        raw = _fwd_bwd(op, q, k, v, d_out)
+        assert torch.isfinite(raw[0]).all()
+        padded = [t._base.clone().nan_to_num_(nan=7.0) for t in (q, k, v, d_out)]
+        again = _fwd_bwd(op, *(p[:, NAN_PAD:NAN_PAD + t.shape[1]] for p, t in zip(padded, (q, k, v, d_out))))
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), raw, again):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name} read outside")
+
+
+@numpy_nan_warnings
+@settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_property_random_bad_masks_under_torch_compile(data):
+    """Under torch.compile(fullgraph=True), valid or not: kernel == reference == the eager reference on the
+    canonical bounds (forward and backward), on inputs surrounded by NaN (no read outside them)."""
+    shape = PROPERTY_SHAPES[0]
+    batch, seq_q, seq_k = shape[:3]
+    _, start, end = data.draw(_masks(batch, seq_q, seq_k))
+    q, k, v, d_out = _property_inputs(shape, data.draw(st.integers(0, 2**16)))
+    _check_compiled_against_canonical(q, k, v, d_out, start, end)
