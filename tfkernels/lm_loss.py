@@ -60,6 +60,7 @@ _MAX_BLOCK_V = 4096
 _NUM_WARPS = 8
 # ignore_index is compared with the targets as an int64.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
@@ -335,6 +336,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             return linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss)
     _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss)
     z_loss = float(z_loss)
+    if target.dtype != torch.int64 and not _INT32_MIN <= ignore_index <= _INT32_MAX:
+        # torch compares an int32 tensor with a Python int modulo 2**32 (target 0 would equal 2**40):
+        # no int32 target equals an ignore_index beyond int32, so compare in int64.
+        target = target.long()
     if not use_triton(hidden):
         target = _checked_target_op(target, weight.shape[0], ignore_index)
         return reference.linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss)

@@ -238,6 +238,24 @@ def test_images_of_no_elements_are_a_named_error(shape, sizes, path):
         reference.diffusion_loss(x0, x0, t, COSINE, seed=1, offsets=offsets)
 
 
+@pytest.mark.parametrize("target, unread", [("eps", "x0"), ("x0", "noise")])
+def test_an_input_the_target_does_not_read_cannot_poison_the_loss(target, unread, path):
+    """eps reads only the noise, x0 only x0: a NaN or inf in the other input gives the same loss and
+    zero gradients on both paths (the kernels never load it; the reference used to compute 0 * nan)."""
+    gen = torch.Generator().manual_seed(16)
+    x0, noise = _random((3, 5), torch.float32, gen), _random((3, 5), torch.float32, gen)
+    pred = _random((3, 5), torch.float32, gen)
+    t = torch.tensor([1, 500, 999], device=DEVICE)
+    clean = tk.diffusion_loss(pred, x0, t, COSINE, target=target, noise=noise, reduction="none")
+    inputs = {"x0": x0.clone(), "noise": noise.clone()}
+    inputs[unread][0, 1], inputs[unread][2, 4] = float("nan"), float("inf")
+    inputs = {name: x.requires_grad_() for name, x in inputs.items()}
+    loss = tk.diffusion_loss(pred, inputs["x0"], t, COSINE, target=target, noise=inputs["noise"], reduction="none")
+    torch.testing.assert_close(loss, clean, rtol=1e-6, atol=0)
+    loss.sum().backward()
+    assert torch.equal(inputs[unread].grad, torch.zeros_like(x0))
+
+
 @pytest.mark.parametrize("target", ["eps", "v", "x0"])
 def test_one_element_per_image_batch_of_shape_n(target, path):
     """x0 [N]: each image is one value; the reference crashed on it while the kernels took it."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tfkernels import reference
 from tfkernels.testing import assert_anchored
 
 pytestmark = requires_triton
@@ -147,13 +148,20 @@ def test_zero_hidden_size_gives_uniform_logits(path):
     torch.testing.assert_close(loss, torch.full((3,), math.log(7), device=DEVICE))
 
 
-@pytest.mark.parametrize("ignore_index", [2**40, -(2**63), 2**63 - 1])
+@pytest.mark.parametrize("ignore_index", [2**40, 2**32 + 5, -(2**63), 2**63 - 1])
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
 def test_ignore_index_anywhere_in_int64(ignore_index, target_dtype, path):
-    """An ignore_index no target can equal (beyond int32 for int32 targets) ignores nothing."""
-    hidden, weight, target = _inputs(6, 4, 9, torch.float32, seed=14)
-    loss = tk.linear_cross_entropy(hidden, weight, target.to(target_dtype), ignore_index=ignore_index)
-    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, target), rtol=1e-5, atol=1e-6)
+    """An ignore_index no target can equal (beyond int32 for int32 targets) ignores nothing. torch
+    compares an int32 tensor with a Python int modulo 2**32: targets 0 and 5 are the ones that would
+    have been ignored silently (2**40 and -2**63 wrap to 0, 2**32 + 5 to 5)."""
+    hidden, weight, _ = _inputs(6, 4, 9, torch.float32, seed=14)
+    target = torch.tensor([0, 5, 1, 0, 8, 5], device=DEVICE)
+    for reduction in ("mean", "none"):
+        loss = tk.linear_cross_entropy(hidden, weight, target.to(target_dtype), ignore_index=ignore_index,
+                                       reduction=reduction)
+        torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, target, reduction=reduction),
+                                   rtol=1e-5, atol=1e-6)
+    assert reference.linear_cross_entropy(hidden, weight, target.to(target_dtype), ignore_index).item() > 0
 
 
 def test_logits_are_chunked_never_n_by_v(monkeypatch):

@@ -133,7 +133,14 @@ def _diffusion_loss(pred, x0, t, schedule, target, noise, seed, offsets, weights
     rows = _per_row_image(t, x0, offsets)
     c_x0 = _broadcast_rows(c_x0[rows], x0).to(compute)
     c_noise = _broadcast_rows(c_noise[rows], x0).to(compute)
-    goal = c_x0 * x0.to(compute) + c_noise * noise.to(compute)
+    x0, noise = x0.to(compute), noise.to(compute)
+    # A target that does not read x0 (eps) or the noise (x0) must not see their NaNs or infinities
+    # through a zero coefficient (0 * nan): the kernels never load them. The gradient stays 0.
+    if target == "eps":
+        x0 = x0.nan_to_num(0.0, 0.0, 0.0)
+    if target == "x0":
+        noise = noise.nan_to_num(0.0, 0.0, 0.0)
+    goal = c_x0 * x0 + c_noise * noise
     elements_per_row = math.prod(x0.shape[1:])  # 1 for x0 [N]
     sq = (pred.to(compute) - goal).square().reshape(x0.shape[0], elements_per_row).sum(dim=1)  # [rows]
     num_images = t.shape[0]

@@ -38,8 +38,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 def _linear_cross_entropy(hidden, weight, target, ignore_index, reduction, z_loss):
     compute = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(compute) @ weight.to(compute).T  # [N, V]
+    target = target.long()  # torch compares an int32 tensor with a Python int modulo 2**32
     counted = target != ignore_index
-    safe_target = torch.where(counted, target, torch.zeros_like(target)).long()
+    safe_target = torch.where(counted, target, torch.zeros_like(target))
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, safe_target[:, None]).squeeze(1)
     per_row = torch.where(counted, lse - target_logit + z_loss * lse.square(), torch.zeros_like(lse))
