@@ -363,9 +363,9 @@ def _checked_weights_op(weights: torch.Tensor, t: torch.Tensor | None, offsets: 
     """A copy of the loss weights once they are finite and ``>= 0`` and, if ``t`` is given, the index
     values pass ``_check_values`` (images need a row): the checks at run time, eagerly and under
     torch.compile alike. Differentiable in the weights (the identity)."""
+    _check_weights(weights)  # first, as on the kernel path, where t and offsets are checked in the loss op
     if t is not None:
         _check_values(t, offsets, num_rows, num_timesteps, empty_images_ok=False)
-    _check_weights(weights)
     return weights.clone()
 
 

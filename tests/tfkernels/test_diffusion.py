@@ -466,6 +466,9 @@ BAD_INPUTS = [
      r"weights: expected finite values >= 0, got weights\[1\] = nan"),
     (dict(weights=torch.tensor([1.0, 1.0, float("inf")], device=DEVICE)), ValueError, r"got weights\[2\] = inf"),
     (dict(weights=torch.tensor([1.0, -0.5, 1.0], device=DEVICE)), ValueError, r"got weights\[1\] = -0.5"),
+    # Two bad values: the same one is named first on both paths (the weights).
+    (dict(weights=torch.tensor([1.0, -0.5, 1.0], device=DEVICE), offsets=torch.tensor([0, 2, 5, 9], device=DEVICE)),
+     ValueError, r"got weights\[1\] = -0.5"),
     (dict(x0=torch.randn(10, 0, device=DEVICE), pred=torch.randn(10, 0, device=DEVICE),
           noise=torch.randn(10, 0, device=DEVICE)), ValueError, "x0: expected images of at least one element"),
     (dict(x0=torch.tensor(1.0, device=DEVICE)), ValueError, "x0: expected .N, ....* got a 0-d tensor"),
