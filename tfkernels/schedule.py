@@ -174,7 +174,7 @@ class NoiseSchedule:
         ``torch.Generator`` or None; ``device``: where the timesteps go (default: ``t_max``'s, the
         generator's, or the schedule's device).
         """
-        check_int("n", n, 0)
+        check_int("n", n, 0, 2**31 - 1)  # one timestep per image: the kernels' grid holds 2**31 - 1 images
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if device is not None:

@@ -120,9 +120,10 @@ def test_sample_timesteps_range_uniformity_and_per_image_cap():
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda s: s.sample_timesteps(-1), ValueError, r"n: expected an int >= 0, got -1"),
+    (lambda s: s.sample_timesteps(-1), ValueError, r"n: expected an int in \[0, 2147483647\], got -1"),
+    (lambda s: s.sample_timesteps(2**62), ValueError, r"n: expected an int in \[0, 2147483647\]"),
     # Wrong types are TypeErrors (they were ValueErrors before the one rule).
-    (lambda s: s.sample_timesteps(2.0), TypeError, r"n: expected an int >= 0, got 2.0"),
+    (lambda s: s.sample_timesteps(2.0), TypeError, r"n: expected an int in \[0, 2147483647\], got 2.0"),
     (lambda s: s.sample_timesteps(2, t_max=3.0), TypeError, r"t_max: expected an int in \[0, 9\], got 3.0"),
     (lambda s: s.sample_timesteps(2, t_max=torch.tensor([3.0, 4.0])), TypeError, r"t_max: expected an int tensor \[2\]"),
     (lambda s: s.sample_timesteps(2, t_max=torch.tensor([3, 4, 5])), ValueError,
