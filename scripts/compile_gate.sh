@@ -6,9 +6,10 @@
 # ~/.cache/tfkernels/triton-3.6.0; reused when it already holds that version), puts it first on
 # PYTHONPATH and runs `python -m bench.compile_report` on the attention kernels (forward, delta,
 # dK/dV, dQ) at every default launch config of the 16-bit dtypes: bf16 (fp16 has the same configs;
-# COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off:
-# 49 compiles. Exits non-zero if any kernel does not compile. fp32 is left out: its kernels take
-# 10-130 s each to compile. Extra arguments go to bench.compile_report (e.g. --jobs 4).
+# COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off
+# (91 compiles: both launches of each kernel). Exits non-zero if any kernel does not compile.
+# fp32 is left out: its kernels take 10-130 s each to compile. Extra arguments go to
+# bench.compile_report (e.g. --jobs 4).
 # The CSV goes to COMPILE_GATE_OUT (default: a temporary file, its path printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
