@@ -622,7 +622,13 @@ def _launch(kernel, tuned_kernel, grid, args, fixed: dict, free: dict, device):
         tuned_kernel[grid](*args, **fixed, RERUN=False)
     else:
         kernel[grid](*args, **fixed, **free, RERUN=False)
-    kernel[(min(num_work, _rerun_programs(device)),)](*args, **fixed, **free, RERUN=True)
+    kernel[(min(num_work, _rerun_programs(device)),)](*args, **fixed, **_rerun_config(free), RERUN=True)
+
+
+def _rerun_config(free: dict) -> dict:
+    """The rerun pass's free settings: the walk's, with the inner tile (the one ``BLOCK_*`` the launcher
+    does not fix) at most 32 wide: the rerun is rare, and its sanitised operands need registers."""
+    return {key: min(value, 32) if key.startswith("BLOCK_") else value for key, value in free.items()}
 
 
 def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:

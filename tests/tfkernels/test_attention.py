@@ -319,6 +319,9 @@ def test_autotuned_configs_match_reference_on_gpu(monkeypatch):
 # Items 1-3 of issue 11, each on the kernel path (the interpreter here) and on the reference path.
 # Helpers shared with the property tests at the end of the module.
 NAN_PAD = 24  # rows of padding around each of q, k, v, d_out in their buffers
+# Rows that share a work item with a non-finite value are recomputed by the rerun pass, which may use
+# another inner tile size than the walk: the same values as without that value, up to rounding.
+ROUNDING = dict(rtol=1e-5, atol=1e-5)
 # Triton's interpreter computes with NumPy, which warns about arithmetic on NaN and infinities.
 numpy_nan_warnings = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 
@@ -492,7 +495,7 @@ def test_nan_at_a_padding_key_reaches_no_row_on_both_paths():
         out = attend(q, k, v, mask)
         assert torch.isfinite(out).all(), "a NaN no query sees turned rows NaN"
         assert (out[0, 10:] == 0).all(), "padding rows are exactly 0"
-        torch.testing.assert_close(out, attend(q, k, clean_v, mask), rtol=0, atol=0)
+        torch.testing.assert_close(out, attend(q, k, clean_v, mask), **ROUNDING)
 
 
 NONFINITE_SOURCES = ["q", "k", "v", "d_out"]
@@ -504,7 +507,7 @@ NONFINITE_SOURCES = ["q", "k", "v", "d_out"]
 def test_nonfinite_values_stay_inside_their_visible_pairs(source, value):
     """Item 3: a non-finite value in q, k, v or d_out reaches only the outputs and gradients that depend
     on it through a visible (query, key) pair. Both paths give the same NaN/inf entries and the same
-    finite values; every entry the poisoned value cannot reach equals the clean run's."""
+    finite values; every entry the poisoned value cannot reach equals the clean run's (up to rounding)."""
     mask = tk.IntervalMask.from_spans(80, images=[[(10, 30)], [(40, 70)]], documents=[[35, 30], [75]],
                                       device=DEVICE)
     gen = torch.Generator().manual_seed(44)
@@ -530,7 +533,7 @@ def test_nonfinite_values_stay_inside_their_visible_pairs(source, value):
     reachable = {"out": rows, "lse": rows.transpose(1, 2), "dq": rows, "dk": keys, "dv": keys}
     for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), ours, clean):
         untouched = ~reachable[name]
-        torch.testing.assert_close(a[untouched], c[untouched], rtol=0, atol=0, msg=f"{name} outside the reach")
+        torch.testing.assert_close(a[untouched], c[untouched], **ROUNDING, msg=f"{name} outside the reach")
     if source in ("q", "k", "v") and value != value:  # a NaN makes every row that sees it NaN
         sees_something = dense.any(-1)[..., None]  # a padding row with a NaN q still sees nothing: 0
         assert torch.isnan(ours[0][rows & sees_something]).all() and (ours[0][rows & ~sees_something] == 0).all()
@@ -556,7 +559,7 @@ def test_rows_that_see_nothing_are_zero_whatever_q_k_v_hold():
 @numpy_nan_warnings
 def test_documents_of_a_packed_row_are_isolated():
     """Item 3: a NaN anywhere in one document (q, k, v and d_out) leaves the other documents' outputs and
-    gradients exactly as without it, on both paths."""
+    gradients as without it (up to rounding), on both paths."""
     mask = tk.IntervalMask.from_spans(96, images=[[(5, 20), (50, 70)]], documents=[[40, 56]], device=DEVICE)
     gen = torch.Generator().manual_seed(46)
     q, k, v, d_out = (torch.randn(1, 96, 2, 16, generator=gen).to(DEVICE) for _ in range(4))
@@ -569,7 +572,7 @@ def test_documents_of_a_packed_row_are_isolated():
         for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), results, clean):
             other = a[..., 40:, :, :] if name != "lse" else a[..., 40:]
             expected = c[..., 40:, :, :] if name != "lse" else c[..., 40:]
-            torch.testing.assert_close(other, expected, rtol=0, atol=0, msg=f"{name}: document 1 changed")
+            torch.testing.assert_close(other, expected, **ROUNDING, msg=f"{name}: document 1 changed")
         # Head 1 of document 0's rows that see key 12 (the image's rows 5.. and every row after it): NaN.
         assert torch.isnan(results[0][0, 5:40, 1]).all() and torch.isfinite(results[0][0, :, 0]).all()
 

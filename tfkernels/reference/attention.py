@@ -51,50 +51,55 @@ def _nan_rows(x):
     return x.masked_fill(_bad_rows(x)[..., None], float("nan"))
 
 
-def _attend_chunk(q, k, v, kv_start, kv_end, scale):
-    """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, bounds ``[B, C]`` -> out ``[B, H, C, D]``, lse ``[B, H, C]``."""
+def _attend_chunk(q, k, v, kv_start, kv_end, scale, v_finite, v_bad):
+    """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, bounds ``[B, C]`` -> out ``[B, H, C, D]``, lse ``[B, H, C]``.
+
+    ``v_finite`` is v with its non-finite entries zeroed, ``v_bad [B, H, Sk]`` where v's row held one.
+    In place where it can: the chunk's ``[B, H, C, Sk]`` buffers bound the memory.
+    """
     visible = _visible(kv_start, kv_end, k.shape[2])
-    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(~visible, float("-inf"))
     # Rows whose scores are all -inf (those that see nothing) shift by 0 so exp() gives 0, not NaN.
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    probs = (weights / denom.masked_fill(denom == 0, 1.0)).masked_fill(~visible, 0.0)
-    probs = probs.masked_fill(visible & _bad_rows(v)[:, :, None, :], float("nan"))  # a visible non-finite v
-    out = _nan_rows(torch.matmul(probs, _finite_or_zero(v)))
+    probs = scores.sub_(row_max).exp_()  # the weights, normalised below
+    denom = probs.sum(dim=-1, keepdim=True)
+    probs.div_(denom.masked_fill(denom == 0, 1.0)).masked_fill_(~visible, 0.0)
+    probs.masked_fill_(visible & v_bad[:, :, None, :], float("nan"))  # a visible non-finite v
+    out = _nan_rows(torch.matmul(probs, v_finite))
     lse = (row_max + torch.log(denom)).squeeze(-1)  # -inf where the row sees nothing
     return out, lse
 
 
 class _ChunkAttention(torch.autograd.Function):
     """One chunk of query rows: forward ``_attend_chunk``, backward the FlashAttention-2 formulas with
-    the same selects (checked against autograd of the textbook formula in the tests)."""
+    the same selects (checked against autograd of the textbook formula in the tests). ``k_finite``,
+    ``k_bad``, ``v_finite``, ``v_bad`` are computed once for all chunks (no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_start, kv_end, scale):
-        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale)
-        ctx.save_for_backward(q, k, v, kv_start, kv_end, out, lse)
+    def forward(ctx, q, k, v, kv_start, kv_end, scale, k_finite, k_bad, v_finite, v_bad):
+        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale, v_finite, v_bad)
+        ctx.save_for_backward(q, k, v, kv_start, kv_end, out, lse, k_finite, k_bad)
         ctx.scale = scale
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, kv_start, kv_end, out, lse = ctx.saved_tensors
+        q, k, v, kv_start, kv_end, out, lse, k_finite, k_bad = ctx.saved_tensors
         scale = ctx.scale
         visible = _visible(kv_start, kv_end, k.shape[2])
+        hidden = ~visible
         nan = float("nan")
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        probs = torch.exp(scores - lse[..., None]).masked_fill(~visible, 0.0)
-        d_probs = torch.matmul(d_out, v.transpose(-1, -2))
+        probs = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).sub_(lse[..., None]).exp_().masked_fill_(hidden, 0.0)
         delta = (d_out * out).sum(dim=-1) - d_lse  # [B, H, C]
-        d_scores = (probs * (d_probs - delta[..., None])).masked_fill(~visible, 0.0)
-        d_q = torch.matmul(d_scores.masked_fill(visible & _bad_rows(k)[:, :, None, :], nan), _finite_or_zero(k))
-        d_k = torch.matmul(d_scores.masked_fill(visible & _bad_rows(q)[..., None], nan).transpose(-1, -2),
+        d_scores = torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta[..., None]).mul_(probs).masked_fill_(hidden, 0.0)
+        d_q = torch.matmul(d_scores.masked_fill(visible & k_bad[:, :, None, :], nan), k_finite)
+        d_k = torch.matmul(d_scores.masked_fill_(visible & _bad_rows(q)[..., None], nan).transpose(-1, -2),
                            _finite_or_zero(q))
-        d_v = torch.matmul(probs.masked_fill(visible & _bad_rows(d_out)[..., None], nan).transpose(-1, -2),
+        del d_scores
+        d_v = torch.matmul(probs.masked_fill_(visible & _bad_rows(d_out)[..., None], nan).transpose(-1, -2),
                            _finite_or_zero(d_out))
-        return d_q * scale, d_k * scale, d_v, None, None, None
+        return d_q.mul_(scale), d_k.mul_(scale), d_v, None, None, None, None, None, None, None
 
 
 def attention(
@@ -137,10 +142,12 @@ def attention(
         lse = qh.new_full((batch, heads_q, seq_q), float("-inf"))
         return torch.zeros_like(q), lse.to(torch.promote_types(compute, torch.float32))
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads_q * seq_k))
+    # Once for all chunks: K and V with their non-finite entries zeroed, and where their rows held one.
+    operands = [f(t.detach()) for t in (kh, vh) for f in (_finite_or_zero, _bad_rows)]
     outs, lses = [], []
     for c0 in range(0, seq_q, chunk):
         out, lse = _ChunkAttention.apply(qh[:, :, c0 : c0 + chunk], kh, vh, kv_start[:, c0 : c0 + chunk],
-                                         kv_end[:, c0 : c0 + chunk], scale)
+                                         kv_end[:, c0 : c0 + chunk], scale, *operands)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2) if outs else qh.new_zeros(batch, heads_q, 0, dim)
