@@ -331,6 +331,12 @@ def test_sizes_past_int32_are_rejected_by_name(name, call, size):
         call(size)
 
 
+def test_from_segment_ids_rejects_rows_past_int32():
+    doc_ids = torch.zeros(1, 2**31, dtype=torch.long, device="meta")  # shapes only, nothing allocated
+    with pytest.raises(ValueError, match=r"^doc_ids: expected at most 2\*\*31 - 1 tokens per row"):
+        tk.IntervalMask.from_segment_ids(doc_ids)
+
+
 def test_largest_int32_sizes_are_accepted_and_huge_windows_are_causal():
     big = 2**31 - 1
     mask = tk.IntervalMask.causal(1, 2, big).validate()
