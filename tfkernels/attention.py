@@ -282,10 +282,11 @@ if HAS_TRITON:
         """Non-finite isolation. Hidden pairs get P = 0 exactly, so P @ V adds 0 * v = 0 for them unless
         v is NaN or infinite: the walk is exact whenever its result is finite, and each work item
         records whether it is. The rerun pass (a second launch, one program per SM, each reading its
-        share of the flags and exiting at once when none is set) recomputes the flagged items with every tile masked,
-        V's non-finite entries zeroed and NaN put back for exactly the rows that see one; an output
-        row with any non-finite entry is then NaN throughout (``reference.attention`` computes the
-        same). A separate launch keeps the rerun's registers out of the walk's allocation."""
+        share of the flags and exiting at once when none is set) recomputes the flagged items with
+        every tile masked, V's non-finite entries zeroed and NaN put back for exactly the rows that
+        see one; an output row with any non-finite entry is then NaN throughout
+        (``reference.attention`` computes the same). A separate launch keeps the rerun's registers
+        out of the walk's allocation; its inner tile may be narrower (``_rerun_config``)."""
         args = (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
                 stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k,
                 num_heads_q, num_q_tiles, q_per_kv, qk_scale)
