@@ -38,10 +38,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .harness import git_commit
+
 OPS = ("attention", "diffusion", "lm_loss")
 DTYPES = ("bf16", "fp16", "fp32")
 # fp32 is opt-in (--dtypes bf16,fp16,fp32): its attention kernels run FMA dots and take 10-130 s each
-# to compile (1-5 s for bf16/fp16); see shared/notes/hopper-static-2026-11.md.
+# to compile (1-5 s for bf16/fp16), measured on a 2-core CPU.
 DEFAULT_DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
@@ -448,21 +450,6 @@ def _versions() -> tuple[str, str, str]:
     return triton.__version__, str(Path(triton.__file__).parent), str(Path(tfkernels.__file__).parent)
 
 
-def commit() -> str:
-    """Short commit of the checkout, ``+dirty`` when tfkernels/ differs from it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "tfkernels")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
-
 def run(cases: Sequence[Case], archs: Sequence[int] = (90,), jobs: int = 2, cache: bool = False,
         keep: Path | None = None, select: Callable[[Case, str], bool] | None = None,
         log: Callable[[str], None] = print) -> list[dict]:
@@ -492,7 +479,7 @@ def run(cases: Sequence[Case], archs: Sequence[int] = (90,), jobs: int = 2, cach
                 key = next(k for k, f in futures.items() if f is future)
                 results[key] = future.result()
                 log(format_row(_row(unique[key], results[key], triton_version, "")))
-    head = commit()
+    head = git_commit("tfkernels")  # the kernels' commit: other files do not change a compile
     return [_row(job, results[job.key], triton_version, head) for job in captured]
 
 

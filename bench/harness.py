@@ -161,8 +161,8 @@ class Environment(NamedTuple):
         return cls(name, torch.__version__, triton_version, commit or git_commit(), stamp)
 
 
-def git_commit() -> str:
-    """Short commit of the checkout, ``+dirty`` when tracked files differ from it."""
+def git_commit(*paths: str) -> str:
+    """Short commit of the checkout, ``+dirty`` when tracked files (under ``paths``, if given) differ from it."""
     root = Path(__file__).resolve().parent.parent
 
     def git(*args):
@@ -170,7 +170,7 @@ def git_commit() -> str:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")

@@ -1,5 +1,5 @@
 """bench/tile_waste.py: the tile walk and the block-mask counts against a brute force over the dense
-mask, the W1 figures of shared/notes/hopper-static-2026-11.md, and the tile-waste columns of the
+mask, the W1 figures measured by an independent count (the project's static notes), and the tile-waste columns of the
 quick run's CSV."""
 
 import random
@@ -91,7 +91,7 @@ def test_flex_blocks_match_create_block_mask(seed):
 
 
 def test_w1_figures_of_the_notes():
-    """shared/notes/hopper-static-2026-11.md, tile waste on W1 (B = 2 x 8192, seed 0)."""
+    """Tile waste on W1 (B = 2 x 8192, seed 0) as counted independently for the project's static notes."""
     w1 = next(s for s in shapes(quick=False) if s.name == "W1_packed_hkv16")
     waste = tile_waste(w1.build_mask("cpu", w1.segment_ids("cpu")), w1.head_dim)
     assert waste.visible == 11_970_505
