@@ -35,3 +35,17 @@ DIFFUSERS_ALPHAS_CUMPROD = {
         999: 4.035830352222547e-05,
     },
 }
+
+
+def both_paths_fixture(op_module):
+    """A ``path`` fixture for the tests of ``op_module`` (e.g. ``tfkernels.diffusion``): each test runs on
+    the kernel path and on the reference path (which CPU tensors take without the interpreter): the
+    same input must give the same answer or the same named error on both."""
+
+    @pytest.fixture(params=["kernel", "reference"])
+    def path(request, monkeypatch):
+        if request.param == "reference":
+            monkeypatch.setattr(op_module, "use_triton", lambda x: False)
+        return request.param
+
+    return path

@@ -20,7 +20,7 @@ import torch
 
 import tfkernels as tk
 import tfkernels.diffusion as diffusion_module
-from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tests.support import CPU_DTYPES, DEVICE, both_paths_fixture, gpu_only, requires_triton
 from tfkernels import reference
 from tfkernels.schedule import TARGETS, target_coefficients
 from tfkernels.testing import assert_anchored, max_error
@@ -35,13 +35,7 @@ COSINE = tk.NoiseSchedule.cosine(1000).to(DEVICE)
 FLOW = tk.NoiseSchedule.rectified_flow(1000).to(DEVICE)
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def path(request, monkeypatch):
-    """Run a test on the kernel path and on the reference path (which CPU tensors take without the
-    interpreter): the same input must give the same answer or the same named error on both."""
-    if request.param == "reference":
-        monkeypatch.setattr(diffusion_module, "use_triton", lambda x: False)
-    return request.param
+path = both_paths_fixture(diffusion_module)
 
 
 @pytest.fixture

@@ -15,20 +15,14 @@ import torch.nn.functional as F
 
 import tfkernels as tk
 import tfkernels.lm_loss as lm_loss_module
-from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
+from tests.support import CPU_DTYPES, DEVICE, both_paths_fixture, gpu_only, requires_triton
 from tfkernels import reference
 from tfkernels.testing import assert_anchored
 
 pytestmark = requires_triton
 
 
-@pytest.fixture(params=["kernel", "reference"])
-def path(request, monkeypatch):
-    """Run a test on the kernel path and on the reference path (which CPU tensors take without the
-    interpreter): the same input must give the same answer or the same named error on both."""
-    if request.param == "reference":
-        monkeypatch.setattr(lm_loss_module, "use_triton", lambda x: False)
-    return request.param
+path = both_paths_fixture(lm_loss_module)
 
 
 @pytest.fixture
