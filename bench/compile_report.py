@@ -47,8 +47,6 @@ DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_DTYPES = ("bf16", "fp16")
 HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
-# Largest shared memory one block may use (opt-in maximum), per architecture.
-SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 # SASS opcodes counted per kernel (by the opcode's first component, e.g. HGMMA.64x128x16.F32.BF16).
 SASS_COUNTS = {"hgmma": "HGMMA", "hmma": "HMMA", "ldgsts": "LDGSTS", "utmaldg": "UTMALDG", "ublkcp": "UBLKCP",
                "ldl": "LDL", "stl": "STL"}
