@@ -32,9 +32,16 @@ Validation policy (what every op taking a mask relies on):
 * Whatever the values, the kernels never touch memory outside their tensors and never loop longer
   than a valid mask of the same shape would make them (they clamp every bound they read).
 
-Holds ``IntervalMask``, ``canonical_bounds`` and ``segment_ids_from_layout``, which turns a layout
-of span lists (as ``IntervalMask.from_spans`` takes it) into the per-token segment ids
-``from_segment_ids`` takes.
+Constructors from the masks other libraries' users already hold (FlashAttention's ``window_size``,
+varlen ``cu_seqlens`` and ``cache_seqlens``, Hugging Face's packed ``position_ids``, SDPA's dense
+boolean mask, padded cross-attention keys, packed images) build the same two vectors on the device;
+those that take offsets or lengths read them back once to name a bad value, except while
+``torch.compile`` traces or a CUDA graph is captured. A varlen packed batch (FlashAttention's
+``[total, H, D]``) is one row of our ``[B, S, H, D]`` layout: ``q[None]``, a view.
+
+Holds ``IntervalMask``, ``NotAnIntervalError`` (a dense mask that intervals cannot express),
+``canonical_bounds`` and ``segment_ids_from_layout``, which turns a layout of span lists (as
+``IntervalMask.from_spans`` takes it) into the per-token segment ids ``from_segment_ids`` takes.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch
 
 from ._checks import check_int, is_int, is_int_dtype
 
-__all__ = ["IntervalMask", "canonical_bounds", "segment_ids_from_layout"]
+__all__ = ["IntervalMask", "NotAnIntervalError", "canonical_bounds", "segment_ids_from_layout"]
 
 # Positions are stored as int32: every size and bound must fit.
 INT32_MAX = 2**31 - 1
@@ -94,8 +101,10 @@ class IntervalMask:
         seq_len_k: number of keys ``Sk``.
 
     Build one with a constructor (``causal``, ``full``, ``prefix_lm``, ``sliding_window``,
-    ``from_spans``, ``from_segment_ids``) or directly from two tensors; ``validate()`` checks the
-    contract and every public op calls it before any kernel launch.
+    ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``window``, ``from_cu_seqlens``,
+    ``from_cache_seqlens``, ``from_key_lengths``, ``block_diagonal``, ``from_position_ids``,
+    ``from_dense``) or directly from two tensors; ``validate()`` checks the contract and every public
+    op calls it before any kernel launch.
     """
 
     def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, seq_len_k: int):
@@ -343,6 +352,262 @@ class IntervalMask:
         end = torch.where(padding, pos, end)
         return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
 
+    # ------------------------------------------------------------------ constructors from other libraries' masks
+    @classmethod
+    def window(
+        cls,
+        window_size,
+        batch_size: int,
+        seq_len_q: int,
+        seq_len_k: int | None = None,
+        *,
+        causal: bool = False,
+        device=None,
+    ):
+        """FlashAttention's ``window_size=(left, right)``: the query at position ``p = i + Sk - Sq`` sees
+        keys ``p - left`` to ``p + right`` inclusive (clipped to ``[0, Sk)``), ``-1`` meaning unbounded on
+        that side. ``causal=True`` sets ``right = 0``, as FlashAttention does. ``(-1, -1)`` is ``full``,
+        ``(-1, 0)`` is ``causal`` and ``(w - 1, 0)`` is ``sliding_window(w)``.
+        """
+        left, right = _check_window_size(window_size, causal)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
+        pos = _positions(seq_len_q, seq_len_k, device)
+        start, end = _window_bounds(pos, torch.zeros_like(pos), torch.full_like(pos, seq_len_k), left, right)
+        return cls._from_bounds(start, end, batch_size, seq_len_k)
+
+    @classmethod
+    def from_cu_seqlens(
+        cls,
+        cu_seqlens_q,
+        cu_seqlens_k=None,
+        *,
+        causal: bool = False,
+        window_size=(-1, -1),
+        seq_len_q: int | None = None,
+        seq_len_k: int | None = None,
+        device=None,
+    ):
+        """FlashAttention's varlen layout (``flash_attn_varlen_func``) as a batch-1 mask.
+
+        Varlen packs the documents of a batch one after another: ``q [total_q, Hq, D]``, ``k``/``v
+        [total_k, Hkv, D]``, document ``d`` owning queries ``cu_seqlens_q[d]:cu_seqlens_q[d + 1]`` and
+        keys ``cu_seqlens_k[d]:cu_seqlens_k[d + 1]``. Here that packed buffer is ONE row of the
+        ``[B, S, H, D]`` layout: pass ``q[None]``, ``k[None]``, ``v[None]`` (views, nothing copied) and
+        take ``out[0]``. Each document attends only to its own keys, bottom-right aligned inside the
+        document as in FlashAttention when its query and key lengths differ (local query ``j`` sits at
+        key ``j + len_k - len_q``), fully (``causal=False``, the default as in FlashAttention), causally,
+        or in a ``window_size`` window (see ``window``).
+
+        Args:
+            cu_seqlens_q: int ``[N + 1]`` tensor or list, ``0 = cu[0] <= cu[1] <= ...``: query offsets.
+            cu_seqlens_k: key offsets, ``[N + 1]`` (same number of documents); ``None``: ``cu_seqlens_q``
+                (self-attention).
+            seq_len_q, seq_len_k: the packed row lengths; default the last offsets. Rows past the
+                last query offset (padding of a fixed-size buffer) see nothing.
+
+        The offsets are read back once to check them (skipped while ``torch.compile`` traces and during
+        CUDA graph capture, where ``seq_len_q`` and ``seq_len_k`` must then be given); the bounds
+        themselves are computed on the device.
+        """
+        left, right = _check_window_size(window_size, causal)
+        cu_q = _int_vector("cu_seqlens_q", cu_seqlens_q, device, 0, INT32_MAX)
+        cu_k = cu_q if cu_seqlens_k is None else _int_vector("cu_seqlens_k", cu_seqlens_k, cu_q.device, 0, INT32_MAX)
+        seq_len_q = _offsets_length("cu_seqlens_q", cu_q, "seq_len_q", seq_len_q)
+        seq_len_k = _offsets_length("cu_seqlens_k", cu_k, "seq_len_k", seq_len_k)
+        if cu_k.shape != cu_q.shape:
+            raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0]} offsets like cu_seqlens_q (one document each), "
+                             f"got {cu_k.shape[0]}")
+        num_docs = cu_q.shape[0] - 1
+        rows = torch.arange(seq_len_q, device=cu_q.device)
+        if num_docs == 0:  # no documents: every row is padding
+            return IntervalMask(*(torch.zeros(1, seq_len_q, dtype=torch.int32, device=cu_q.device),) * 2, seq_len_k)
+        # The document of each query row: the last one starting at or before it (skips empty documents).
+        doc = (torch.searchsorted(cu_q, rows, right=True) - 1).clamp(max=num_docs - 1)
+        q_begin, key_begin, key_end = cu_q[doc], cu_k[doc], cu_k[doc + 1]
+        pos = key_begin + (rows - q_begin) + (key_end - key_begin) - (cu_q[doc + 1] - q_begin)
+        start, end = _window_bounds(pos, key_begin, key_end, left, right)
+        padding = rows >= cu_q[-1]  # after every document: empty, placed after the last document's keys
+        start = torch.where(padding, cu_k[-1], start)
+        end = torch.where(padding, cu_k[-1], end)
+        return cls._from_bounds(start, end, 1, seq_len_k)
+
+    @classmethod
+    def from_cache_seqlens(
+        cls,
+        cache_seqlens,
+        seq_len_q: int,
+        seq_len_k: int,
+        *,
+        causal: bool = False,
+        window_size=(-1, -1),
+        device=None,
+    ):
+        """Per-row KV-cache lengths (``flash_attn_with_kvcache``'s ``cache_seqlens``), bottom-right aligned.
+
+        Row ``b`` holds ``cache_seqlens[b]`` valid keys at the front of a cache of ``seq_len_k`` slots; its
+        ``seq_len_q`` queries are the last ``seq_len_q`` positions of those keys (query ``i`` at
+        ``i + cache_seqlens[b] - seq_len_q``) and see them fully (``causal=False``, FlashAttention's
+        default), causally, or in a ``window_size`` window; slots past ``cache_seqlens[b]`` are never
+        seen. ``cache_seqlens`` counts the keys attended to: FlashAttention appends ``k``/``v`` passed to
+        ``flash_attn_with_kvcache`` after ``cache_seqlens``, so after writing ``n`` new keys into the
+        cache yourself pass ``cache_seqlens + n``.
+
+        Args:
+            cache_seqlens: int ``[B]`` tensor or list, each in ``[0, seq_len_k]`` (read back once to check
+                it, skipped while ``torch.compile`` traces and during CUDA graph capture).
+        """
+        left, right = _check_window_size(window_size, causal)
+        _check_size("seq_len_q", seq_len_q)
+        _check_size("seq_len_k", seq_len_k)
+        lengths = _int_vector("cache_seqlens", cache_seqlens, device, 0, seq_len_k)
+        return cls._from_key_lengths(lengths, seq_len_q, seq_len_k, left, right)
+
+    @classmethod
+    def from_key_lengths(cls, key_lengths, seq_len_q: int, seq_len_k: int, *, device=None):
+        """Cross-attention to padded keys: every query of row ``b`` sees keys ``[0, key_lengths[b])``.
+
+        E.g. PixArt-alpha's image tokens attending to caption embeddings padded to the longest caption
+        (``seq_len_k``). A row with ``key_lengths[b] = 0`` sees nothing and outputs zeros.
+
+        Args:
+            key_lengths: int ``[B]`` tensor or list, each in ``[0, seq_len_k]`` (read back once to check it,
+                skipped while ``torch.compile`` traces and during CUDA graph capture).
+        """
+        _check_size("seq_len_q", seq_len_q)
+        _check_size("seq_len_k", seq_len_k)
+        lengths = _int_vector("key_lengths", key_lengths, device, 0, seq_len_k)
+        return cls._from_key_lengths(lengths, seq_len_q, seq_len_k, -1, -1)
+
+    @staticmethod
+    def _from_key_lengths(lengths: torch.Tensor, seq_len_q: int, seq_len_k: int, left: int, right: int):
+        """Row ``b`` sees a window of keys ``[0, lengths[b])``, its queries bottom-right aligned on them."""
+        lengths = lengths[:, None]
+        pos = torch.arange(seq_len_q, device=lengths.device) + lengths - seq_len_q  # [B, Sq]
+        start, end = _window_bounds(pos, torch.zeros_like(lengths), lengths, left, right)
+        return IntervalMask._from_bounds(start, end, lengths.shape[0], seq_len_k)
+
+    @classmethod
+    def block_diagonal(cls, lengths: Sequence[Sequence[int]], seq_len: int, *, device=None):
+        """Packed blocks, each bidirectional within itself and blind to the others: e.g. several images of
+        different sizes (multi-aspect, NaViT/PixArt-style packing) in one row of a DiT's self-attention.
+
+        Args:
+            lengths: per batch row, the block lengths (e.g. ``h * w`` patches of each image), packed from
+                position 0; positions past the last block are padding and see nothing.
+            seq_len: row length ``S``.
+        """
+        _check_size("seq_len", seq_len)
+        if not isinstance(lengths, Sequence) or isinstance(lengths, str):
+            raise TypeError(f"lengths: expected one list of block lengths per batch row, got {_describe(lengths)}")
+        doc_ids = torch.full((len(lengths), seq_len), -1, dtype=torch.int64)
+        for row, blocks in enumerate(lengths):
+            if not isinstance(blocks, Sequence) or not all(is_int(n) for n in blocks):
+                raise TypeError(f"lengths[{row}]: expected a list of int block lengths, got {blocks!r}")
+            if not all(n >= 0 for n in blocks):
+                raise ValueError(f"lengths[{row}]: expected non-negative block lengths, got {blocks!r}")
+            if sum(blocks) > seq_len:
+                raise ValueError(f"lengths[{row}]: lengths sum to {sum(blocks)}, more than seq_len={seq_len}")
+            ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.int64))
+            doc_ids[row, : ids.shape[0]] = ids
+        doc_ids = doc_ids.to(device)
+        # One document per block, all of it one bidirectional span (image ids must be non-zero).
+        return cls.from_segment_ids(doc_ids, doc_ids + 1)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, *, causal: bool = True, image_ids=None):
+        """Hugging Face-style packed rows: a document starts at each token whose position id is the smallest
+        in ``position_ids`` (0 for most models; RoBERTa-like models start at ``padding_idx + 1``), as
+        transformers' packed flash-attention path reads them, and at the start of every row.
+
+        Vectorised, no host sync (usable inside ``torch.compile``). Documents are causal within
+        themselves (``causal=False``: bidirectional, a packed encoder) and blind to each other.
+
+        Args:
+            position_ids: int ``[B, S]``.
+            image_ids: optional int ``[B, S]`` (only with ``causal=True``): bidirectional spans inside the
+                documents, as ``from_segment_ids`` takes them.
+        """
+        if not isinstance(position_ids, torch.Tensor) or position_ids.ndim != 2:
+            error = ValueError if isinstance(position_ids, torch.Tensor) else TypeError
+            raise error(f"position_ids: expected an int tensor [B, S], got {_describe(position_ids)}")
+        if not is_int_dtype(position_ids.dtype):
+            raise TypeError(f"position_ids: expected an integer dtype, got {position_ids.dtype}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {causal!r}")
+        if image_ids is not None and not causal:
+            raise ValueError("image_ids: only with causal=True (with causal=False every document is bidirectional)")
+        if position_ids.numel() == 0:
+            return cls.from_segment_ids(position_ids, image_ids)
+        starts = position_ids == position_ids.min()
+        starts[:, 0] = True
+        doc_ids = starts.long().cumsum(dim=1)  # >= 1, one value per document
+        return cls.from_segment_ids(doc_ids, image_ids if causal else doc_ids)
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor):
+        """The interval mask of a dense boolean mask (``True``: the query sees the key), as SDPA takes it.
+
+        Args:
+            dense: bool ``[B, Sq, Sk]``, ``[B, 1, Sq, Sk]`` (SDPA/Hugging Face, one mask for all heads) or
+                ``[Sq, Sk]`` (a batch-1 mask). An additive float mask (0 or -inf) converts with
+                ``dense == 0``.
+
+        Every query row must see one contiguous run of keys, and the runs' starts and ends must not
+        decrease from one row to the next; a row that sees nothing becomes an empty interval (its output
+        is zeros), placed after the keys of the rows before it. Anything else raises
+        ``NotAnIntervalError`` (a ``ValueError``) naming the first (batch row, query) that breaks it.
+        One host sync (the check reads the result back).
+        """
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"dense: expected a bool tensor [B, Sq, Sk], got {_describe(dense)}")
+        if dense.dtype != torch.bool:
+            raise TypeError(f"dense: expected dtype torch.bool (True = visible; an additive float mask converts "
+                            f"with dense == 0), got {dense.dtype}")
+        if dense.ndim == 4 and dense.shape[1] == 1:
+            dense = dense[:, 0]
+        elif dense.ndim == 2:
+            dense = dense[None]
+        if dense.ndim != 3:
+            raise ValueError(f"dense: expected shape [B, Sq, Sk], [B, 1, Sq, Sk] or [Sq, Sk] (one mask for all "
+                             f"heads), got {tuple(dense.shape)}")
+        batch_size, seq_len_q, seq_len_k = dense.shape
+        for name, size in (("batch_size", batch_size), ("seq_len_q", seq_len_q), ("seq_len_k", seq_len_k)):
+            _check_size(f"dense ({name})", size)
+        if seq_len_q == 0 or seq_len_k == 0:
+            empty = torch.zeros(batch_size, seq_len_q, dtype=torch.int32, device=dense.device)
+            return IntervalMask(empty, empty.clone(), seq_len_k)
+        as_int = dense.to(torch.uint8)
+        sees_any = dense.any(dim=-1)
+        first = as_int.argmax(dim=-1)  # the first visible key (argmax returns the first maximum)
+        last_end = seq_len_k - as_int.flip(-1).argmax(dim=-1)  # one past the last visible key
+        holes = sees_any & (as_int.sum(dim=-1, dtype=torch.int64) != last_end - first)
+        # An empty row sits at the largest end so far: the only place that can keep both bounds monotone.
+        running_end = torch.where(sees_any, last_end, 0).cummax(dim=-1).values
+        start = torch.where(sees_any, first, running_end)
+        end = torch.where(sees_any, last_end, running_end)
+        false = torch.zeros_like(holes[:, :1])
+        decreasing = torch.cat([false, (start[:, 1:] < start[:, :-1]) | (end[:, 1:] < end[:, :-1])], dim=1)
+        bad = holes | decreasing
+        if bool(bad.any()):
+            row, query = (int(i) for i in bad.nonzero()[0])
+            if holes[row, query]:
+                lo, hi = int(first[row, query]), int(last_end[row, query])
+                hidden = lo + int((~dense[row, query, lo:hi]).to(torch.uint8).argmax())
+                what = (f"its visible keys are not one interval (key {hidden} is hidden between visible keys "
+                        f"{lo} and {hi - 1})")
+            else:  # an empty row never decreases a bound: this row sees keys, the one before may not
+                here = f"it sees keys [{int(start[row, query])}, {int(end[row, query])})"
+                if sees_any[row, query - 1]:
+                    what = (f"{here} but query {query - 1} sees [{int(start[row, query - 1])}, "
+                            f"{int(end[row, query - 1])}): an interval mask needs the first and last visible keys "
+                            f"non-decreasing along the queries")
+                else:
+                    what = (f"{here} but query {query - 1} sees nothing, after rows that see keys up to "
+                            f"{int(end[row, query - 1])}: an interval mask can hold an empty row only between rows "
+                            f"whose intervals do not overlap")
+            raise NotAnIntervalError(row, query, f"dense: batch row {row}, query {query}: {what}")
+        return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len_k)
+
     # ------------------------------------------------------------------ views
     def slice_queries(self, start: int, end: int) -> IntervalMask:
         """Rows ``[start, end)`` against the keys up to the last of them (bottom-right aligned).
@@ -491,6 +756,109 @@ class IntervalMask:
         if what.endswith(monotone):
             got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
         raise ValueError(f"mask.{name}: batch row {row}, query {col}: {what}, got {got}")
+
+
+class NotAnIntervalError(ValueError):
+    """A dense mask that one key interval per query cannot express (``IntervalMask.from_dense``): a query
+    row with a hole in its visible keys, or bounds that decrease along the queries. ``batch`` and ``query``
+    name the first such row (row-major), e.g. for a caller that falls back to dense attention."""
+
+    def __init__(self, batch: int, query: int, message: str):
+        super().__init__(message)
+        self.batch = batch
+        self.query = query
+
+
+# Wider than any window can matter: |position| < 2**31 and keys lie in [0, 2**31), so a side of at
+# least this many keys is unbounded. Clamping to it keeps the int64 arithmetic far from overflow.
+_UNBOUNDED_WINDOW = 2**32
+
+
+def _check_window_size(window_size, causal) -> tuple[int, int]:
+    """FlashAttention's ``window_size=(left, right)`` (ints >= -1; -1: unbounded) with ``causal`` folded in
+    (``right = 0``, as FlashAttention does), each side clamped to ``_UNBOUNDED_WINDOW``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    message = f"window_size: expected a (left, right) pair of ints >= -1 (-1: unbounded), got {window_size!r}"
+    if not isinstance(window_size, (tuple, list)) or not all(is_int(side) for side in window_size):
+        raise TypeError(message)
+    if len(window_size) != 2 or not all(side >= -1 for side in window_size):
+        raise ValueError(message)
+    left, right = window_size
+    if causal:
+        right = 0
+    return min(left, _UNBOUNDED_WINDOW), min(right, _UNBOUNDED_WINDOW)
+
+
+def _window_bounds(pos, lo, hi, left: int, right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``pos - left`` to ``pos + right`` inclusive (``-1``: unbounded), clipped to ``[lo, hi)``, as
+    ``[start, end)``; int64 tensors that broadcast together, ``lo <= hi``. Both bounds are monotone in
+    ``pos``, and ``start <= end`` since ``pos - left <= pos + right + 1``."""
+    def clip(x):
+        return torch.minimum(torch.maximum(x, lo), hi)
+
+    start = lo if left < 0 else clip(pos - left)
+    end = hi if right < 0 else clip(pos + right + 1)
+    shape = torch.broadcast_shapes(pos.shape, lo.shape, hi.shape)
+    return start.expand(shape), end.expand(shape)
+
+
+def _can_read_values(t: torch.Tensor) -> bool:
+    """Whether a constructor may read ``t``'s values back to check them: not while ``torch.compile`` traces
+    (a graph break) nor during CUDA graph capture (a host sync is illegal there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _int_vector(name: str, value, device, low: int, high: int) -> torch.Tensor:
+    """``value``, a list of ints or a 1-D int tensor, as int64 on ``device`` (a tensor's own when ``None``),
+    each value checked to lie in ``[low, high]`` (``ValueError`` naming the first bad index)."""
+    if isinstance(value, torch.Tensor):
+        if not is_int_dtype(value.dtype):
+            raise TypeError(f"{name}: expected an integer dtype, got {value.dtype}")
+        if value.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-D int tensor, got shape {tuple(value.shape)}")
+        vector = value.to(device=value.device if device is None else device, dtype=torch.int64)
+        if _can_read_values(vector):
+            bad = (vector < low) | (vector > high)
+            if bool(bad.any()):
+                index = int(bad.to(torch.uint8).argmax())
+                raise ValueError(f"{name}[{index}]: expected an int in [{low}, {high}], got {int(vector[index])}")
+        return vector
+    if not isinstance(value, (list, tuple)) or not all(is_int(v) for v in value):
+        raise TypeError(f"{name}: expected a list of ints or a 1-D int tensor, got {value!r}")
+    for index, v in enumerate(value):
+        if not low <= v <= high:
+            raise ValueError(f"{name}[{index}]: expected an int in [{low}, {high}], got {v}")
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def _offsets_length(name: str, offsets: torch.Tensor, size_name: str, size) -> int:
+    """Check cumulative offsets ``[N + 1]`` (start at 0, non-decreasing, end within ``size``) and return
+    the row length: ``size``, or the last offset when ``size`` is ``None``."""
+    if offsets.shape[0] == 0:
+        raise ValueError(f"{name}: expected N + 1 >= 1 offsets starting at 0, got an empty tensor")
+    if size is not None:
+        _check_size(size_name, size)
+    if not _can_read_values(offsets):
+        if size is None:
+            raise ValueError(f"{size_name}: give it while torch.compile traces or a CUDA graph is captured "
+                             f"(the default reads {name}[-1] back)")
+        return size
+    if int(offsets[0]) != 0:
+        raise ValueError(f"{name}[0]: expected 0, got {int(offsets[0])}")
+    decreasing = offsets[1:] < offsets[:-1]
+    if bool(decreasing.any()):
+        index = int(decreasing.to(torch.uint8).argmax()) + 1
+        raise ValueError(f"{name}[{index}]: expected non-decreasing offsets, got {int(offsets[index])} after "
+                         f"{int(offsets[index - 1])}")
+    last = int(offsets[-1])
+    if size is None:
+        return last
+    if last > size:
+        raise ValueError(f"{name}[-1]: expected at most {size_name}={size}, got {last}")
+    return size
 
 
 def _describe(x) -> str:

@@ -1,16 +1,19 @@
 """tfkernels.mask: IntervalMask against brute-force per-(query, key) definitions of each mask, and
 segment_ids_from_layout."""
 
+import importlib
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfkernels as tk
-from tfkernels.mask import canonical_bounds, segment_ids_from_layout
-from tfkernels.testing import random_layout
+from tests.support import both_paths_fixture
+from tfkernels.mask import NotAnIntervalError, canonical_bounds, segment_ids_from_layout
+from tfkernels.testing import assert_anchored, random_layout
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -507,3 +510,438 @@ def test_flex_block_mask_matches_reference_attention():
     blocks = dense.reshape(2, 3, 32, 3, 32).any(dim=(2, 4))
     listed = block_mask.to_dense().bool()[:, 0, :3, :3]
     assert torch.equal(listed, blocks)
+
+
+# ------------------------------------------------------------------------------ constructors from other libraries
+# (issue 15: the masks FlashAttention, Hugging Face and SDPA users hold; issue 17: PixArt-alpha's cross-attention
+# and multi-aspect packed images). Each against a per-(query, key) definition written out in Python loops.
+def in_window(key, pos, left, right, causal):
+    """FlashAttention's window rule: key within [pos - left, pos + right] (-1 unbounded; causal sets right = 0)."""
+    right = 0 if causal else right
+    return (left < 0 or key >= pos - left) and (right < 0 or key <= pos + right)
+
+
+window_sizes = st.tuples(st.integers(-1, 6), st.integers(-1, 6))
+
+
+def assert_mask(mask, dense, seq_len_k):
+    assert mask.kv_start.dtype == mask.kv_end.dtype == torch.int32
+    assert mask.kv_start.is_contiguous() and mask.kv_end.is_contiguous()
+    assert mask.seq_len_k == seq_len_k
+    assert torch.equal(mask.to_dense(), dense)
+    mask.validate()
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(0, 24), st.integers(0, 24), window_sizes, st.booleans())
+def test_window_matches_brute_force(batch, seq_q, seq_k, window_size, causal):
+    mask = tk.IntervalMask.window(window_size, batch, seq_q, seq_k, causal=causal)
+    dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for i in range(seq_q):
+        for k in range(seq_k):
+            dense[:, i, k] = in_window(k, i + seq_k - seq_q, *window_size, causal)
+    assert_mask(mask, dense, seq_k)
+
+
+def test_window_special_cases_are_the_existing_masks():
+    for seq_q, seq_k in ((7, 7), (3, 9), (9, 4)):
+        for window_mask, other in (
+            (tk.IntervalMask.window((-1, -1), 2, seq_q, seq_k), tk.IntervalMask.full(2, seq_q, seq_k)),
+            (tk.IntervalMask.window((-1, 5), 2, seq_q, seq_k, causal=True), tk.IntervalMask.causal(2, seq_q, seq_k)),
+            (tk.IntervalMask.window((2, 0), 2, seq_q, seq_k), tk.IntervalMask.sliding_window(3, 2, seq_q, seq_k)),
+            (tk.IntervalMask.window((2**70, -1), 2, seq_q, seq_k), tk.IntervalMask.full(2, seq_q, seq_k)),
+        ):
+            assert torch.equal(window_mask.kv_start, other.kv_start) and torch.equal(window_mask.kv_end, other.kv_end)
+
+
+@st.composite
+def varlen_layouts(draw):
+    """Documents with their own query and key lengths (0 included), and optional padding after them."""
+    lengths = draw(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=0, max_size=5))
+    cu_q = [0]
+    cu_k = [0]
+    for len_q, len_k in lengths:
+        cu_q.append(cu_q[-1] + len_q)
+        cu_k.append(cu_k[-1] + len_k)
+    pad_q, pad_k = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    return cu_q, cu_k, pad_q, pad_k
+
+
+@SETTINGS
+@given(varlen_layouts(), window_sizes, st.booleans(), st.sampled_from([torch.int32, torch.int64, list]))
+def test_from_cu_seqlens_matches_brute_force(layout, window_size, causal, kind):
+    cu_q, cu_k, pad_q, pad_k = layout
+    seq_q, seq_k = cu_q[-1] + pad_q, cu_k[-1] + pad_k
+    dense = torch.zeros(1, seq_q, seq_k, dtype=torch.bool)
+    for d in range(len(cu_q) - 1):
+        len_q, len_k = cu_q[d + 1] - cu_q[d], cu_k[d + 1] - cu_k[d]
+        for j in range(len_q):
+            for kk in range(len_k):  # local key kk; local query j sits at key j + len_k - len_q
+                dense[0, cu_q[d] + j, cu_k[d] + kk] = in_window(kk, j + len_k - len_q, *window_size, causal)
+    convert = (lambda x: x) if kind is list else (lambda x: torch.tensor(x, dtype=kind))
+    mask = tk.IntervalMask.from_cu_seqlens(convert(cu_q), convert(cu_k), causal=causal, window_size=window_size,
+                                           seq_len_q=seq_q, seq_len_k=seq_k)
+    assert mask.batch_size == 1 and mask.seq_len_q == seq_q
+    assert_mask(mask, dense, seq_k)
+    if pad_q == pad_k == 0:  # the lengths default to the last offsets
+        default = tk.IntervalMask.from_cu_seqlens(convert(cu_q), convert(cu_k), causal=causal, window_size=window_size)
+        assert_mask(default, dense, seq_k)
+
+
+def test_from_cu_seqlens_self_attention_is_the_packed_document_mask():
+    cu = torch.tensor([0, 5, 5, 12, 20], dtype=torch.int32)
+    mask = tk.IntervalMask.from_cu_seqlens(cu, causal=True, seq_len_q=24)
+    expected = tk.IntervalMask.from_spans(24, documents=[[5, 0, 7, 8]])
+    assert mask.seq_len_k == 20 and torch.equal(mask.to_dense(), expected.to_dense()[:, :, :20])
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(0, 10), st.integers(0, 12), window_sizes, st.booleans(), st.data())
+def test_from_cache_seqlens_matches_brute_force(batch, seq_q, seq_k, window_size, causal, data):
+    lengths = data.draw(st.lists(st.integers(0, seq_k), min_size=batch, max_size=batch))
+    dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        for i in range(seq_q):
+            for k in range(length):
+                dense[b, i, k] = in_window(k, i + length - seq_q, *window_size, causal)
+    for given_lengths in (lengths, torch.tensor(lengths, dtype=torch.int32)):
+        mask = tk.IntervalMask.from_cache_seqlens(given_lengths, seq_q, seq_k, causal=causal, window_size=window_size)
+        assert_mask(mask, dense, seq_k)
+
+
+def test_from_cache_seqlens_full_caches_are_the_rectangular_masks():
+    causal = tk.IntervalMask.from_cache_seqlens([9, 9], 3, 9, causal=True)
+    expected = tk.IntervalMask.causal(2, 3, 9)
+    assert torch.equal(causal.kv_start, expected.kv_start) and torch.equal(causal.kv_end, expected.kv_end)
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(0, 10), st.integers(0, 12), st.data())
+def test_from_key_lengths_matches_brute_force(batch, seq_q, seq_k, data):
+    lengths = data.draw(st.lists(st.integers(0, seq_k), min_size=batch, max_size=batch))
+    dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        dense[b, :, :length] = True
+    assert_mask(tk.IntervalMask.from_key_lengths(torch.tensor(lengths), seq_q, seq_k), dense, seq_k)
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.data())
+def test_block_diagonal_matches_brute_force(seq_len, data):
+    batch = data.draw(st.integers(1, 3))
+    lengths = []
+    for _ in range(batch):
+        row, room = [], seq_len
+        for _ in range(data.draw(st.integers(0, 4))):
+            row.append(data.draw(st.integers(0, room)))
+            room -= row[-1]
+        lengths.append(row)
+    dense = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    for b, row in enumerate(lengths):
+        offset = 0
+        for n in row:
+            dense[b, offset:offset + n, offset:offset + n] = True
+            offset += n
+    assert_mask(tk.IntervalMask.block_diagonal(lengths, seq_len), dense, seq_len)
+
+
+@st.composite
+def position_id_rows(draw, first_position=0):
+    """[B, S] position ids of packed documents restarting at first_position (documents of any length)."""
+    batch, seq_len = draw(st.integers(1, 3)), draw(st.integers(1, 24))
+    rows = []
+    for _ in range(batch):
+        row = [draw(st.integers(first_position, first_position + 5))]  # a row may start mid-document
+        while len(row) < seq_len:
+            row.append(first_position if draw(st.integers(0, 3)) == 0 else row[-1] + 1)
+        rows.append(row)
+    return rows
+
+
+@SETTINGS
+@given(st.integers(0, 2).flatmap(lambda first: position_id_rows(first)), st.booleans())
+def test_from_position_ids_matches_brute_force(rows, causal):
+    batch, seq_len = len(rows), len(rows[0])
+    smallest = min(min(row) for row in rows)
+    dense = torch.zeros(batch, seq_len, seq_len, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        doc = [0] * seq_len
+        for p in range(1, seq_len):
+            doc[p] = doc[p - 1] + (row[p] == smallest)
+        for q in range(seq_len):
+            for k in range(seq_len):
+                dense[b, q, k] = doc[q] == doc[k] and (k <= q or not causal)
+    assert_mask(tk.IntervalMask.from_position_ids(torch.tensor(rows), causal=causal), dense, seq_len)
+
+
+def test_from_position_ids_with_images_and_under_compile():
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    image_ids = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 2, 2, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    expected = tk.IntervalMask.from_spans(10, images=[[(1, 4), (7, 9)], []], documents=[[6, 4], [10]])
+    mask = tk.IntervalMask.from_position_ids(position_ids, image_ids=image_ids)
+    assert torch.equal(mask.kv_start, expected.kv_start) and torch.equal(mask.kv_end, expected.kv_end)
+
+    def bounds(ids, images):
+        m = tk.IntervalMask.from_position_ids(ids, image_ids=images)
+        return m.kv_start, m.kv_end
+
+    start, end = torch.compile(bounds, fullgraph=True, backend="eager")(position_ids, image_ids)  # no host sync
+    assert torch.equal(start, expected.kv_start) and torch.equal(end, expected.kv_end)
+
+
+def from_dense_oracle(dense):
+    """Row by row from the definition: each row one run of keys; an empty row must sit at or after the ends
+    of the rows before it and at or before the starts of the rows after it. Returns (bounds, None) or
+    (None, (batch, query)) for the first row that breaks it."""
+    batch, seq_q, _ = dense.shape
+    starts, ends = [], []
+    for b in range(batch):
+        last_start = last_end = 0
+        row_starts, row_ends = [], []
+        for q in range(seq_q):
+            keys = dense[b, q].nonzero().flatten().tolist()
+            if not keys:
+                s = e = last_end
+            else:
+                s, e = keys[0], keys[-1] + 1
+                if len(keys) != e - s or s < last_start or e < last_end:
+                    return None, (b, q)
+            last_start, last_end = s, e
+            row_starts.append(s)
+            row_ends.append(e)
+        starts.append(row_starts)
+        ends.append(row_ends)
+    return (starts, ends), None
+
+
+@st.composite
+def dense_masks(draw):
+    """Dense masks of random valid interval masks (empty rows included), some with bits flipped."""
+    batch, seq_q, seq_k = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for b in range(batch):
+        start = end = 0
+        for q in range(seq_q):
+            start = draw(st.integers(start, seq_k))
+            end = draw(st.integers(max(start, end), seq_k))
+            if draw(st.integers(0, 4)) > 0:  # else an empty row here
+                dense[b, q, start:end] = True
+    for _ in range(draw(st.integers(0, 2))):
+        b, q, k = draw(st.integers(0, batch - 1)), draw(st.integers(0, seq_q - 1)), draw(st.integers(0, seq_k - 1))
+        dense[b, q, k] = ~dense[b, q, k]
+    return dense
+
+
+@settings(max_examples=150, deadline=None)
+@given(dense_masks(), st.sampled_from(["3d", "4d", "2d"]))
+def test_from_dense_matches_the_oracle(dense, form):
+    if form == "2d":
+        dense = dense[:1]
+    given_mask = {"3d": dense, "4d": dense[:, None], "2d": dense[0]}[form]
+    bounds, bad = from_dense_oracle(dense)
+    if bad is not None:
+        with pytest.raises(NotAnIntervalError, match=rf"^dense: batch row {bad[0]}, query {bad[1]}: ") as caught:
+            tk.IntervalMask.from_dense(given_mask)
+        assert (caught.value.batch, caught.value.query) == bad
+        return
+    mask = tk.IntervalMask.from_dense(given_mask)
+    assert mask.kv_start.tolist() == bounds[0] and mask.kv_end.tolist() == bounds[1]
+    assert_mask(mask, dense, dense.shape[-1])
+
+
+def test_from_dense_round_trips_every_constructor():
+    rng = random.Random(3)
+    images, documents = random_layout(rng, 3, 40, max_image_len=10)
+    for mask in (tk.IntervalMask.from_spans(40, images=images, documents=documents),
+                 tk.IntervalMask.causal(2, 5, 9), tk.IntervalMask.causal(2, 9, 5), tk.IntervalMask.prefix_lm([2, 7], 2, 6, 8),
+                 tk.IntervalMask.window((2, 3), 1, 7, 11), tk.IntervalMask.from_key_lengths([0, 3], 4, 5),
+                 tk.IntervalMask.from_cu_seqlens([0, 3, 3, 9], [0, 4, 6, 6], causal=True)):
+        again = tk.IntervalMask.from_dense(mask.to_dense())
+        assert torch.equal(again.to_dense(), mask.to_dense())
+        again.validate()
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([[1, 0, 1, 0]], r"query 0: its visible keys are not one interval \(key 1 is hidden between visible keys 0 and 2\)"),
+        ([[0, 1, 1, 0], [1, 1, 0, 0]], r"query 1: it sees keys \[0, 2\) but query 0 sees \[1, 3\): an interval mask needs"),
+        ([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]],
+         r"query 2: it sees keys \[0, 3\) but query 1 sees nothing, after rows that see keys up to 2: an interval mask "
+         r"can hold an empty row only between rows whose intervals do not overlap"),
+    ],
+)
+def test_from_dense_names_the_first_row_that_is_not_an_interval(rows, message):
+    dense = torch.zeros(2, len(rows), 4, dtype=torch.bool)
+    dense[1] = torch.tensor(rows, dtype=torch.bool)  # batch row 1: row 0 is all visible
+    dense[0] = True
+    with pytest.raises(NotAnIntervalError, match=r"^dense: batch row 1, " + message):
+        tk.IntervalMask.from_dense(dense)
+    assert issubclass(NotAnIntervalError, ValueError)
+
+
+# ------------------------------------------------------------------------------ the constructors' masks in attention
+attention_path = both_paths_fixture(importlib.import_module("tfkernels.attention"))
+
+
+def dense_attention(q, k, v, dense):
+    """SDPA under the dense mask, in q's dtype; a row that sees nothing outputs zeros (SDPA would give NaN, so
+    such a row attends to every key and is zeroed after: its gradients are zero too)."""
+    sees_any = dense.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=(dense | ~sees_any)[:, None], enable_gqa=True).transpose(1, 2)
+    return torch.where(sees_any[..., None], out, 0)
+
+
+def check_against_dense(mask, batch, seq_q, seq_k, heads_q=4, heads_kv=2, head_dim=16, squeeze_batch=False):
+    """tk.attention under ``mask`` against SDPA under ``mask.to_dense()``, forward and gradients, in float32
+    anchored on SDPA's own float32 error. ``squeeze_batch``: q, k, v are varlen-packed ``[total, H, D]`` tensors
+    passed as ``x[None]`` views."""
+    torch.manual_seed(seq_q * 1000 + seq_k)
+    shapes = ((batch, seq_q, heads_q, head_dim), (batch, seq_k, heads_kv, head_dim), (batch, seq_k, heads_kv, head_dim))
+    qkv = [torch.randn(shape[1:] if squeeze_batch else shape) for shape in shapes]
+    d_out = torch.randn(shapes[0])
+    dense = mask.to_dense()
+
+    def run(attend, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in qkv]
+        out = attend(*[t[None] for t in inputs] if squeeze_batch else inputs)
+        return (out, *torch.autograd.grad(out, inputs, d_out.to(dtype).reshape(out.shape)))
+
+    ours = run(lambda q, k, v: tk.attention(q, k, v, mask), torch.float32)
+    exact = run(lambda q, k, v: dense_attention(q, k, v, dense), torch.float64)
+    lowp = run(lambda q, k, v: dense_attention(q, k, v, dense), torch.float32)
+    for name, a, ref64, low in zip(("out", "dq", "dk", "dv"), ours, exact, lowp):
+        assert_anchored(name, a, ref64, low)
+    return ours
+
+
+def test_from_dense_empty_rows_run_in_attention(attention_path):
+    """Rows that see nothing (padding between documents, rows before the first key) are empty intervals:
+    attention outputs zeros there and gives them zero gradients, on both paths."""
+    dense = tk.IntervalMask.from_spans(20, images=[[(2, 6)]], documents=[[7, 9]]).to_dense()
+    dense[0, 7] = dense[0, 13:16] = False  # a fully masked row at a document's start, and three at its end
+    dense[0, 8:13, 7] = False  # (the rows after row 7 then must not see key 7: else not an interval mask)
+    mask = tk.IntervalMask.from_dense(dense)
+    assert mask.kv_start[0, 13:].tolist() == mask.kv_end[0, 13:].tolist() == [13] * 7  # padding rows 16-19 too
+    out, dq, _, _ = check_against_dense(mask, 1, 20, 20)
+    assert not out[0, 13:16].any() and not dq[0, 13:16].any() and not out[0, 7].any()
+
+
+def test_cross_attention_with_key_lengths(attention_path):
+    """Issue 17, PixArt-alpha: image queries attend to captions padded to the longest one (GQA, Sq != Sk,
+    an empty caption)."""
+    mask = tk.IntervalMask.from_key_lengths(torch.tensor([13, 5, 0]), 24, 13)
+    out = check_against_dense(mask, 3, 24, 13, heads_q=4, heads_kv=1)[0]
+    assert not out[2].any()
+
+
+def test_multi_aspect_images_in_one_call(attention_path):
+    """Issue 17: images of 4x3, 2x5 and 3x3 patches packed in one row (and 6x2 with padding in another), each
+    bidirectional within itself and blind to the others, in one call."""
+    mask = tk.IntervalMask.block_diagonal([[12, 10, 9], [12]], 32)
+    check_against_dense(mask, 2, 32, 32)
+
+
+def test_varlen_packed_row_in_attention(attention_path):
+    """FlashAttention's varlen layout: [total, H, D] tensors passed as q[None] views, documents with their own
+    query and key lengths, causal and windowed, padding queries after the last document."""
+    mask = tk.IntervalMask.from_cu_seqlens([0, 6, 6, 15, 19], [0, 9, 12, 17, 26], causal=True, window_size=(4, -1),
+                                           seq_len_q=21)
+    check_against_dense(mask, 1, 21, 26, squeeze_batch=True)
+
+
+def test_kv_cache_lengths_in_attention(attention_path):
+    mask = tk.IntervalMask.from_cache_seqlens([17, 3, 24], 3, 24, causal=True, window_size=(8, 0))
+    check_against_dense(mask, 3, 3, 24)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: tk.IntervalMask.window((2,), 1, 4), ValueError, r"^window_size: expected a \(left, right\) pair of ints >= -1"),
+        (lambda: tk.IntervalMask.window((2, -2), 1, 4), ValueError, r"^window_size: expected .* got \(2, -2\)"),
+        (lambda: tk.IntervalMask.window((2, 1.0), 1, 4), TypeError, r"^window_size: expected .* got \(2, 1.0\)"),
+        (lambda: tk.IntervalMask.window(3, 1, 4), TypeError, r"^window_size: expected .* got 3"),
+        (lambda: tk.IntervalMask.window((1, 1), 1, 4, causal=1), TypeError, r"^causal: expected a bool, got 1"),
+        (lambda: tk.IntervalMask.window((1, 1), 1, -4), ValueError, r"^seq_len_q: expected an int"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([1, 3]), ValueError, r"^cu_seqlens_q\[0\]: expected 0, got 1"),
+        (lambda: tk.IntervalMask.from_cu_seqlens(torch.tensor([0, 5, 3])), ValueError,
+         r"^cu_seqlens_q\[2\]: expected non-decreasing offsets, got 3 after 5"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3], [0, -3]), ValueError,
+         r"^cu_seqlens_k\[1\]: expected an int in \[0, 2147483647\], got -3"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3], torch.tensor([0, 2**40])), ValueError,
+         r"^cu_seqlens_k\[1\]: expected an int in \[0, 2147483647\], got 1099511627776"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3], [0, 2, 4]), ValueError,
+         r"^cu_seqlens_k: expected 2 offsets like cu_seqlens_q \(one document each\), got 3"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3], seq_len_q=2), ValueError,
+         r"^cu_seqlens_q\[-1\]: expected at most seq_len_q=2, got 3"),
+        (lambda: tk.IntervalMask.from_cu_seqlens(torch.zeros(0, dtype=torch.int32)), ValueError,
+         r"^cu_seqlens_q: expected N \+ 1 >= 1 offsets starting at 0"),
+        (lambda: tk.IntervalMask.from_cu_seqlens(torch.tensor([[0, 3]])), ValueError,
+         r"^cu_seqlens_q: expected a 1-D int tensor, got shape \(1, 2\)"),
+        (lambda: tk.IntervalMask.from_cu_seqlens(torch.tensor([0.0, 3.0])), TypeError,
+         r"^cu_seqlens_q: expected an integer dtype, got torch.float32"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3.0]), TypeError,
+         r"^cu_seqlens_q: expected a list of ints or a 1-D int tensor, got \[0, 3.0\]"),
+        (lambda: tk.IntervalMask.from_cu_seqlens([0, 3], causal=None), TypeError, r"^causal: expected a bool"),
+        (lambda: tk.IntervalMask.from_cache_seqlens([3, 9], 1, 8), ValueError,
+         r"^cache_seqlens\[1\]: expected an int in \[0, 8\], got 9"),
+        (lambda: tk.IntervalMask.from_cache_seqlens(torch.tensor([3, -1]), 1, 8), ValueError,
+         r"^cache_seqlens\[1\]: expected an int in \[0, 8\], got -1"),
+        (lambda: tk.IntervalMask.from_cache_seqlens(4, 1, 8), TypeError,
+         r"^cache_seqlens: expected a list of ints or a 1-D int tensor, got 4"),
+        (lambda: tk.IntervalMask.from_cache_seqlens([4], 1, 2**31), ValueError, r"^seq_len_k: expected an int"),
+        (lambda: tk.IntervalMask.from_key_lengths(torch.tensor([3, 12]), 4, 8), ValueError,
+         r"^key_lengths\[1\]: expected an int in \[0, 8\], got 12"),
+        (lambda: tk.IntervalMask.from_key_lengths(torch.tensor([True]), 4, 8), TypeError,
+         r"^key_lengths: expected an integer dtype, got torch.bool"),
+        (lambda: tk.IntervalMask.block_diagonal([[4, 5]], 8), ValueError,
+         r"^lengths\[0\]: lengths sum to 9, more than seq_len=8"),
+        (lambda: tk.IntervalMask.block_diagonal([[4], [2, -1]], 8), ValueError,
+         r"^lengths\[1\]: expected non-negative block lengths, got \[2, -1\]"),
+        (lambda: tk.IntervalMask.block_diagonal([[4, 2.0]], 8), TypeError,
+         r"^lengths\[0\]: expected a list of int block lengths, got \[4, 2.0\]"),
+        (lambda: tk.IntervalMask.block_diagonal(torch.tensor([[4]]), 8), TypeError,
+         r"^lengths: expected one list of block lengths per batch row"),
+        (lambda: tk.IntervalMask.from_position_ids(torch.zeros(4, dtype=torch.long)), ValueError,
+         r"^position_ids: expected an int tensor \[B, S\]"),
+        (lambda: tk.IntervalMask.from_position_ids(torch.zeros(1, 4)), TypeError,
+         r"^position_ids: expected an integer dtype, got torch.float32"),
+        (lambda: tk.IntervalMask.from_position_ids(torch.zeros(1, 4, dtype=torch.long), causal=False,
+                                                   image_ids=torch.zeros(1, 4, dtype=torch.long)), ValueError,
+         r"^image_ids: only with causal=True"),
+        (lambda: tk.IntervalMask.from_position_ids(torch.zeros(1, 4, dtype=torch.long),
+                                                   image_ids=torch.zeros(1, 5, dtype=torch.long)), ValueError,
+         r"^image_ids: expected a tensor of doc_ids' shape"),
+        (lambda: tk.IntervalMask.from_dense(torch.zeros(2, 3, 3)), TypeError,
+         r"^dense: expected dtype torch.bool \(True = visible; an additive float mask converts with dense == 0\)"),
+        (lambda: tk.IntervalMask.from_dense(torch.zeros(2, 4, 3, 3, dtype=torch.bool)), ValueError,
+         r"^dense: expected shape \[B, Sq, Sk\], \[B, 1, Sq, Sk\] or \[Sq, Sk\] \(one mask for all heads\), "
+         r"got \(2, 4, 3, 3\)"),
+        (lambda: tk.IntervalMask.from_dense([[True]]), TypeError, r"^dense: expected a bool tensor \[B, Sq, Sk\], got list"),
+    ],
+)
+def test_new_constructor_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_from_cu_seqlens_under_compile_needs_the_lengths():
+    """While torch.compile traces, offsets cannot be read back: the lengths must be given, and then the mask is
+    built on the device without a graph break."""
+    cu_q, cu_k = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+
+    def bounds(q_offsets, k_offsets):
+        m = tk.IntervalMask.from_cu_seqlens(q_offsets, k_offsets, causal=True, seq_len_q=8, seq_len_k=6)
+        return m.kv_start, m.kv_end
+
+    expected = tk.IntervalMask.from_cu_seqlens(cu_q, cu_k, causal=True)
+    start, end = torch.compile(bounds, fullgraph=True, backend="eager")(cu_q, cu_k)
+    assert torch.equal(start, expected.kv_start) and torch.equal(end, expected.kv_end)
+
+    def without_lengths(q_offsets):
+        return tk.IntervalMask.from_cu_seqlens(q_offsets).kv_end
+
+    with pytest.raises(Exception, match=r"seq_len_q: give it while torch.compile traces"):
+        torch.compile(without_lengths, fullgraph=True, backend="eager")(cu_q)
