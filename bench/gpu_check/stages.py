@@ -233,7 +233,7 @@ BENCH_STAGES = {
                             ATTENTION_FIRST, ATTENTION_LAST),
     "attention_more": BenchStage(("attention",), ("W2_long_packed", "W4_full", "W5_image_vs_cache", "W5_decode"),
                                  ATTENTION_FIRST, ATTENTION_LAST),
-    "losses": BenchStage(("lm_loss", "diffusion"), None, ("tfkernels", "eager"), ("compiled_eager",)),
+    "losses": BenchStage(("lm_loss", "diffusion", "adaln"), None, ("tfkernels", "eager"), ("compiled_eager",)),
     "e2e": BenchStage(("e2e",), None, ("tfkernels", "sdpa_dense_eager_losses"), ("flex_eager_losses",)),
 }
 

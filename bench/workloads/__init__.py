@@ -1,10 +1,11 @@
 """The benchmark suites: each module's ``workloads(quick, device)`` lists its fixed workloads."""
 
-from . import attention, diffusion, e2e, lm_loss
+from . import adaln, attention, diffusion, e2e, lm_loss
 
 SUITES = {
     "attention": attention.workloads,
     "diffusion": diffusion.workloads,
     "lm_loss": lm_loss.workloads,
     "e2e": e2e.workloads,
+    "adaln": adaln.workloads,
 }
