@@ -1,0 +1,588 @@
+"""tfkernels.integrations.hf: tk.attention as transformers' attention backend.
+
+Tiny random-initialised models (no download, no network), float32. Model results are compared with
+transformers' own "sdpa" (or "eager" where SDPA cannot run) in float64, within float32 SDPA's own
+error (tfkernels.testing.assert_anchored), on the kernel path (Triton's interpreter on a CPU) and on
+the reference path. The mask builder is checked against transformers' dense masks on random calls.
+"""
+
+import copy
+import importlib
+import importlib.util
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tfkernels as tk
+from tests.support import DEVICE, both_paths_fixture
+from tfkernels.mask import IntervalMask, NotAnIntervalError
+from tfkernels.testing import assert_anchored
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers: pip install -e '.[hf]'")
+
+if HAS_TRANSFORMERS:
+    import transformers
+    from torch._dynamo.testing import CompileCounter
+    from transformers import masking_utils as mu
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    from tfkernels.integrations import hf
+
+    hf.register()
+    hf.register("tfkernels_fallback", fallback="sdpa")
+
+# The module (tfkernels.attention, the attribute, is the public function).
+attention_module = importlib.import_module("tfkernels.attention")
+path = both_paths_fixture(attention_module)
+
+
+@pytest.fixture
+def model_path(path):
+    if path == "kernel" and tk.backend(DEVICE) != "triton":
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels")
+    return path
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    """Fails a test whose masks do not all take the structural (O(B * S)) path."""
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the mask builder evaluated the closure instead of taking the structural path")
+
+    monkeypatch.setattr(hf, "_evaluated", evaluated)
+
+
+@pytest.fixture
+def tk_calls(monkeypatch):
+    """The masks tk.attention ran with (proof that a model's layers ran on tfkernels, not a fallback)."""
+    calls = []
+
+    def spy(q, k, v, mask, **kwargs):
+        calls.append(mask)
+        return tk.attention(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(hf, "attention", spy)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models and comparisons
+# ----------------------------------------------------------------------------------------------
+def tiny_llama(**config):
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **config,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(DEVICE)
+
+
+def tiny_gemma3():
+    """Gemma3 with a one-layer SigLIP tower, a sliding-window layer (window 4) and a global layer."""
+    config = transformers.Gemma3Config(
+        text_config=dict(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7,
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma3ForConditionalGeneration(config).to(DEVICE)
+
+
+def random_ids(batch_size, seq_len, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(8, 64, (batch_size, seq_len), generator=gen).to(DEVICE)
+
+
+def left_padding(lengths, seq_len):
+    """A 2D attention mask: row ``r`` has ``lengths[r]`` real tokens at its end."""
+    mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, seq_len - length :] = 1
+    return mask.to(DEVICE)
+
+
+def logits_and_grads(model, implementation, inputs, weight):
+    """Logits and every parameter's gradient of ``sum(logits * weight)`` with ``implementation``."""
+    model.set_attn_implementation(implementation)
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs, use_cache=False).logits
+    (logits.double() * weight).sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa"):
+    """tfkernels' logits (on ``rows``, bool ``[B, S]``) and parameter gradients against ``reference`` in
+    float64, within ``reference``'s own float32 error. Returns tfkernels' logits."""
+    model64 = copy.deepcopy(model).double()
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    batch_size, seq_len = inputs["input_ids"].shape
+    rows = torch.ones(batch_size, seq_len, dtype=torch.bool, device=DEVICE) if rows is None else rows
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(batch_size, seq_len, vocab, generator=gen, dtype=torch.float64).to(DEVICE)
+    weight = weight * rows[..., None]
+    ref64, grads64 = logits_and_grads(model64, reference, inputs64, weight)
+    lowp, grads_lowp = logits_and_grads(model, reference, inputs, weight)
+    ours, grads = logits_and_grads(model, "tfkernels", inputs, weight)
+    assert_anchored("logits", ours[rows], ref64[rows], lowp[rows])
+    assert grads.keys() == grads64.keys() and grads
+    for name, grad in grads.items():
+        assert_anchored(name, grad, grads64[name], grads_lowp[name])
+    return ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Packaging
+# ----------------------------------------------------------------------------------------------
+def test_importing_tfkernels_does_not_import_transformers():
+    code = "import sys, tfkernels, tfkernels.integrations; assert 'transformers' not in sys.modules, 'imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_hf_module_without_transformers_names_the_extra():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "pip install 'tfkernels[hf]'" in result.stdout, result.stdout + result.stderr
+
+
+@needs_transformers
+def test_register_arguments():
+    assert hf.register("tfkernels") == "tfkernels"
+    assert "tfkernels" in transformers.AttentionInterface._global_mapping
+    assert "tfkernels" in mu.AttentionMaskInterface._global_mapping
+    for name in ("sdpa", "tfkernels_or_sdpa", "flash_tfkernels"):
+        with pytest.raises(ValueError, match="which transformers reads as one of its own"):
+            hf.register(name)
+    with pytest.raises(ValueError, match="fallback: expected one of"):
+        hf.register("x", fallback="eager")
+    with pytest.raises(TypeError, match="name: expected a non-empty str"):
+        hf.register("")
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask builder against transformers' dense masks
+# ----------------------------------------------------------------------------------------------
+def _random_padding(rng, batch_size, length, style):
+    if style == "left":
+        return left_padding([rng.randint(1, length) for _ in range(batch_size)], length).bool()
+    if style == "right":
+        return left_padding([rng.randint(1, length) for _ in range(batch_size)], length).flip(1).bool()
+    return torch.tensor([[rng.random() < 0.8 for _ in range(length)] for _ in range(batch_size)], device=DEVICE)
+
+
+def _random_token_types(rng, batch_size, seq_len):
+    """Gemma3's image token types: several images per row, one-token images, images at both ends."""
+    types = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    for row in range(batch_size):
+        pos = rng.randint(0, 2)
+        while pos < seq_len:
+            length = rng.choice([1, 1, 2, 4, 5])
+            types[row, pos : pos + length] = 1
+            pos += length + rng.randint(1, 4)
+    return types.to(DEVICE)
+
+
+def _random_documents(rng, batch_size, seq_len):
+    """Packed position ids restarting at 0 per document, and transformers' document ids from them."""
+    rows = []
+    for _ in range(batch_size):
+        positions = []
+        while len(positions) < seq_len:
+            positions += list(range(rng.randint(1, seq_len)))
+        rows.append(positions[:seq_len])
+    positions = torch.tensor(rows, device=DEVICE)
+    return positions, mu.find_packed_sequence_indices(positions)
+
+
+def _random_call(rng):
+    """A random mask-builder call as transformers makes them, and whether the structural path is
+    expected to take it (when the mask is an interval mask)."""
+    batch_size = rng.randint(1, 3)
+    kind = rng.choice(["cache", "static", "window", "bidirectional", "chunked", "blocks", "packed", "gap", "custom"])
+    q_length = rng.randint(1, 16)
+    kv_offset, q_offset, structural = 0, 0, True
+    kv_length = q_length
+    mask_function = mu.causal_mask_function
+    padding_style = rng.choice([None, "left", "right", "random"])
+    use_vmap = False
+    if kind == "cache":  # DynamicCache: the queries are the last of the keys
+        kv_length = q_length + rng.randint(0, 12)
+        q_offset = kv_length - q_length
+    elif kind == "static":  # StaticCache: unwritten slots after the queries, q_offset a tensor
+        q_offset = torch.tensor(rng.randint(0, 8), device=DEVICE)
+        kv_length = int(q_offset) + q_length + rng.randint(0, 8)
+    elif kind == "window":  # a sliding-window cache layer: kv_offset > 0
+        window = rng.randint(1, 8)
+        kv_offset = rng.randint(0, 10)
+        kv_length = q_length + rng.randint(0, window)
+        q_offset = kv_offset + kv_length - q_length
+        mask_function = mu.sliding_window_causal_mask_function(window)
+    elif kind == "bidirectional":
+        kv_length = rng.randint(1, 16)
+        mask_function = rng.choice([mu.bidirectional_mask_function,
+                                    mu.sliding_window_bidirectional_mask_function(rng.randint(1, 6))])
+    elif kind == "chunked":
+        left = torch.tensor([rng.randint(0, 4) for _ in range(batch_size)], device=DEVICE)
+        mask_function = mu.chunked_causal_mask_function(rng.randint(1, 6), left)
+    elif kind == "blocks":  # Gemma3: OR(causal, blocks), and a sliding window for its local layers
+        if rng.random() < 0.7:
+            ids = get_block_sequence_ids_for_mask(_random_token_types(rng, batch_size, q_length))
+        else:  # arbitrary ids: one id may own two runs (then the closure is evaluated)
+            ids = torch.tensor([[rng.randint(-1, 2) for _ in range(q_length)] for _ in range(batch_size)], device=DEVICE)
+            structural = False
+        mask_function = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids))
+        if rng.random() < 0.5:
+            mask_function = mu.and_masks(mask_function, mu.sliding_window_overlay(rng.randint(1, 6)))
+            use_vmap = True
+    elif kind == "packed":  # create_causal_mask's composition for padding-free packed rows
+        positions, documents = _random_documents(rng, batch_size, q_length)
+        documents = torch.zeros_like(positions) if documents is None else documents
+        inner = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
+        mask_function = mu.remap_positions_for_packed_sequence(inner, positions)
+        if rng.random() < 0.5:
+            ids = get_block_sequence_ids_for_mask(_random_token_types(rng, batch_size, q_length))
+            mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(ids))
+        mask_function = mu.and_masks(mask_function, mu.packed_sequence_mask_function(documents))
+        padding_style = None  # transformers packs only without a padding mask
+    elif kind == "gap":  # a union with a gap (keys up to the query and from 2-4 past it): padding may fill it
+        mask_function = mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(-rng.randint(1, 3)))
+        structural = False
+    else:  # a model's own overlay (prefix-LM): only the evaluated path knows it
+        prefix = rng.randint(0, q_length)
+        mask_function = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < prefix)
+        use_vmap, structural = True, False
+    attention_mask = None
+    if padding_style is not None:
+        attention_mask = _random_padding(rng, batch_size, kv_offset + kv_length, padding_style)
+    call = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, use_vmap=use_vmap,
+                device=torch.device(DEVICE))
+    return kind, call, structural
+
+
+@needs_transformers
+def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
+    """On random calls (caches, windows, chunks, Gemma3 image blocks, packed documents, padding, a custom
+    overlay): the IntervalMask equals transformers' dense mask wherever that is an interval mask (the
+    same mask as IntervalMask.from_dense gives), and NotAnIntervalError is raised exactly where it is
+    not. The structural path takes every call whose pieces it knows."""
+    evaluations = []
+    evaluated = hf._evaluated
+
+    def counted(*args, **kwargs):
+        evaluations.append(1)
+        return evaluated(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "_evaluated", counted)
+    rng = random.Random(0)
+    seen = {"interval": 0, "not an interval": 0, "structural": 0}
+    for case in range(300):
+        kind, call, structural = _random_call(rng)
+        dense = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
+        dense = dense.expand(call["batch_size"], call["q_length"], call["kv_length"])
+        evaluations.clear()
+        try:
+            expected = IntervalMask.from_dense(dense)
+        except NotAnIntervalError:
+            with pytest.raises(NotAnIntervalError, match="not one key interval per query"):
+                hf.interval_mask(**call)
+            seen["not an interval"] += 1
+            continue
+        mask = hf.interval_mask(**call)
+        assert torch.equal(mask.to_dense(), dense), (case, kind)
+        assert torch.equal(mask.kv_start, expected.kv_start) and torch.equal(mask.kv_end, expected.kv_end), case
+        mask.validate()
+        if structural:
+            assert not evaluations, (case, kind, "evaluated")
+            seen["structural"] += 1
+        seen["interval"] += 1
+    assert min(seen.values()) >= 30, seen
+
+
+@needs_transformers
+def test_the_mask_builder_evaluates_in_bounded_chunks(monkeypatch):
+    """The evaluated path materialises a chunk of query rows at a time, with the same result, and names the
+    row of a hole found in a later chunk with its absolute query index."""
+    monkeypatch.setattr(hf, "_DENSE_CHUNK_ELEMENTS", 2 * 24)  # 2 rows of 24 keys per chunk
+    rows_seen = []
+    sdpa_mask = mu.sdpa_mask
+
+    def spy(**kwargs):
+        rows_seen.append(kwargs["q_length"])
+        return sdpa_mask(**kwargs)
+
+    monkeypatch.setattr(hf, "sdpa_mask", spy)
+    prefix = 5
+    custom = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < prefix)
+    call = dict(batch_size=1, q_length=24, kv_length=24, mask_function=custom, use_vmap=True, device=DEVICE)
+    mask = hf.interval_mask(**call)
+    assert max(rows_seen) == 2 and sum(rows_seen) == 24
+    assert torch.equal(mask.to_dense(), sdpa_mask(**call, allow_is_causal_skip=False)[:, 0])
+    hole = mu.and_masks(custom, lambda b, h, q, kv: kv != 9)  # rows from 10 on miss key 9
+    with pytest.raises(NotAnIntervalError, match=r"batch row 0, query 10: it sees keys \[0, 9\), \[10, 11\)"):
+        hf.interval_mask(**{**call, "mask_function": hole})
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama: logits, gradients, padding, KV cache, packing
+# ----------------------------------------------------------------------------------------------
+@needs_transformers
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_llama_logits_and_gradients_equal_sdpa(model_path, padding, tk_calls, no_evaluation):
+    model = tiny_llama()
+    seq_len = 12
+    inputs = {"input_ids": random_ids(2, seq_len)}
+    rows = None
+    if padding is not None:
+        mask = left_padding([7, 12], seq_len)
+        inputs["attention_mask"] = mask if padding == "left" else mask.flip(1)
+        rows = inputs["attention_mask"].bool()
+    assert_matches_sdpa(model, inputs, rows)
+    assert tk_calls and all(isinstance(m, IntervalMask) for m in tk_calls)
+
+
+@needs_transformers
+def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, monkeypatch):
+    model = tiny_llama().eval()
+    ids = random_ids(2, 8, seed=3)
+    attention_mask = left_padding([5, 8], 8)
+    tokens = {}
+    for implementation in ("sdpa", "tfkernels"):
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6,
+                                                do_sample=False)
+    assert tokens["sdpa"].shape == (2, 14)
+    assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
+    # Prefill, then one query per step against the cache (bottom-right aligned), on every layer.
+    assert [m.seq_len_q for m in tk_calls[::2]] == [8, 1, 1, 1, 1, 1]
+    assert [m.seq_len_k for m in tk_calls[::2]] == [8, 9, 10, 11, 12, 13]
+
+
+@needs_transformers
+def test_packed_rows_equal_their_documents_run_separately(model_path, no_evaluation):
+    """Padding-free packing (DataCollatorWithFlattening): position_ids restart at 0 per document."""
+    model = tiny_llama()
+    model64 = copy.deepcopy(model).double()
+    documents = [[5, 7, 1, 3], [16], [2, 14]]
+    ids = random_ids(3, 16, seed=4)
+    positions = torch.tensor([[p for length in row for p in range(length)] for row in documents], device=DEVICE)
+    model.set_attn_implementation("tfkernels")
+    packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits.detach()
+    separate = {"ref64": [], "lowp": []}
+    for row, lengths in enumerate(documents):
+        start = 0
+        for length in lengths:
+            doc = ids[row : row + 1, start : start + length]
+            for name, m in (("ref64", model64), ("lowp", model)):
+                m.set_attn_implementation("sdpa")
+                separate[name].append(m(input_ids=doc, use_cache=False).logits.detach()[0])
+            start += length
+    assert_anchored("packed logits", packed.reshape(-1, packed.shape[-1]), torch.cat(separate["ref64"]),
+                    torch.cat(separate["lowp"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gemma3: bidirectional image blocks (token types), sliding windows, the vision tower
+# ----------------------------------------------------------------------------------------------
+def gemma3_image_batch():
+    """Row 0: left padding, a 4-token image and a one-token image; row 1: an image at the row's start,
+    a one-token image, two images one text token apart, an image at the row's end."""
+    seq_len = 20
+    images = [[(4, 8), (11, 12)], [(0, 4), (7, 8), (9, 12), (13, 15), (16, 20)]]
+    ids = random_ids(2, seq_len, seed=5)
+    token_type_ids = torch.zeros_like(ids)
+    for row, spans in enumerate(images):
+        for start, end in spans:
+            token_type_ids[row, start:end] = 1
+            ids[row, start:end] = 5  # image_token_index
+    attention_mask = left_padding([18, 20], seq_len)
+    return {"input_ids": ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+
+@needs_transformers
+def test_gemma3_image_blocks_equal_sdpa_and_differ_from_causal(model_path, tk_calls, no_evaluation):
+    model = tiny_gemma3()
+    inputs = gemma3_image_batch()
+    ours = assert_matches_sdpa(model, inputs, rows=inputs["attention_mask"].bool())
+    # The image blocks change the result: a backend that dropped them (plain causal) would fail above.
+    model.set_attn_implementation("tfkernels")
+    causal = model(**{**inputs, "token_type_ids": torch.zeros_like(inputs["token_type_ids"])}, use_cache=False)
+    assert (ours - causal.logits.detach()).abs().max() > 1e-2
+    # Image queries see the rest of their image, also on the sliding-window layer.
+    mask = tk_calls[0]
+    assert mask.kv_end[1].tolist()[:5] == [4, 4, 4, 4, 5] and mask.kv_end[1, 16:].tolist() == [20] * 4
+
+
+@needs_transformers
+def test_gemma3_with_pixels_equals_sdpa(model_path):
+    """The whole multimodal model: the SigLIP tower (bidirectional, no mask) also runs on tfkernels."""
+    model = tiny_gemma3()
+    ids = random_ids(1, 10, seed=6)
+    ids[0, 3:7] = 5
+    token_type_ids = torch.zeros_like(ids)
+    token_type_ids[0, 3:7] = 1
+    gen = torch.Generator().manual_seed(7)
+    pixels = torch.randn(1, 3, 28, 28, generator=gen).to(DEVICE)
+    assert_matches_sdpa(model, {"input_ids": ids, "token_type_ids": token_type_ids, "pixel_values": pixels})
+
+
+# ----------------------------------------------------------------------------------------------
+# Explicit masks, masks that are not intervals, unsupported arguments
+# ----------------------------------------------------------------------------------------------
+@needs_transformers
+def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_calls, monkeypatch):
+    """tfkernels_mask= carries a Transfusion mask to every layer; the same mask as a dense 4D tensor is
+    converted once per forward (the layers share the tensor)."""
+    model = tiny_llama()
+    mask = IntervalMask.from_spans(16, images=[[(2, 6)], [(9, 16)]], documents=[[10, 6], [16]], device=DEVICE)
+    ids = random_ids(2, 16, seed=8)
+    dense = mask.to_dense()[:, None]
+    sdpa = {}
+    for name, m in (("ref64", copy.deepcopy(model).double()), ("lowp", model)):
+        m.set_attn_implementation("sdpa")
+        sdpa[name] = m(input_ids=ids, attention_mask=dense, use_cache=False).logits.detach()
+    model.set_attn_implementation("tfkernels")
+    explicit = model(input_ids=ids, tfkernels_mask=mask, use_cache=False).logits.detach()
+    assert all(m is mask for m in tk_calls)
+    conversions = []
+    from_dense = IntervalMask.from_dense
+    monkeypatch.setattr(IntervalMask, "from_dense", lambda d: conversions.append(1) or from_dense(d))
+    converted = model(input_ids=ids, attention_mask=dense, use_cache=False).logits.detach()
+    assert len(conversions) == 1 and len(tk_calls) == 4
+    for name, out in (("explicit mask", explicit), ("dense mask", converted)):
+        assert_anchored(name, out, sdpa["ref64"], sdpa["lowp"])
+
+
+@needs_transformers
+def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
+    model = tiny_llama()
+    ids = random_ids(2, 10, seed=9)
+    attention_mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+    attention_mask[1, 3] = 0  # a hole: query 4 sees keys 0-2 and 4
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotAnIntervalError, match=r"LlamaConfig \(model_type 'llama'\).*not one key interval per query "
+                                                 r"\(batch row 1, query 4: it sees keys \[0, 3\), \[4, 5\).*fallback='sdpa'"):
+        model(input_ids=ids, attention_mask=attention_mask)
+    outputs = {}
+    for implementation in ("sdpa", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model(input_ids=ids, attention_mask=attention_mask).logits
+    assert torch.equal(outputs["tfkernels_fallback"], outputs["sdpa"])
+
+
+@needs_transformers
+def test_dense_masks_given_to_the_attention_function():
+    model = tiny_llama()
+    module = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, h, 6, 8, generator=gen).to(DEVICE) for h in (4, 2, 2))
+    hole = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
+    hole[0, 0, 5, 2] = False
+    with pytest.raises(NotAnIntervalError, match="batch row 0, query 5: its visible keys are not one interval"):
+        hf.attention_forward(module, q, k, v, hole)
+    out, _ = hf.attention_forward(module, q, k, v, hole, fallback="sdpa")
+    expected, _ = transformers.integrations.sdpa_attention.sdpa_attention_forward(module, q, k, v, hole)
+    assert torch.equal(out, expected)
+    bias = torch.zeros(1, 1, 6, 6, device=DEVICE)
+    bias[..., 0] = -1.0
+    with pytest.raises(NotImplementedError, match="holds biases"):
+        hf.attention_forward(module, q, k, v, bias)
+    with pytest.raises(NotImplementedError, match=r"shape \(1, 4, 6, 6\)"):
+        hf.attention_forward(module, q, k, v, hole.expand(1, 4, 6, 6))
+    with pytest.raises(TypeError, match="tfkernels_mask: expected a tfkernels.IntervalMask, got Tensor"):
+        hf.attention_forward(module, q, k, v, None, tfkernels_mask=hole)
+
+
+@needs_transformers
+def test_dropout_in_training_raises_or_falls_back_to_sdpa():
+    model = tiny_llama(attention_dropout=0.5).train()
+    ids = random_ids(1, 8, seed=11)
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotImplementedError, match=r"dropout=0.5 .*fallback='sdpa'"):
+        model(input_ids=ids)
+    outputs = {}
+    for implementation in ("sdpa", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        torch.manual_seed(12)
+        outputs[implementation] = model(input_ids=ids).logits
+    assert torch.equal(outputs["tfkernels_fallback"], outputs["sdpa"])
+
+
+@needs_transformers
+def test_attention_weights_raise_or_fall_back_to_eager():
+    model = tiny_llama().eval()
+    ids = random_ids(1, 8, seed=13)
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotImplementedError, match="output_attentions=True"):
+        model(input_ids=ids, output_attentions=True)
+    outputs = {}
+    for implementation in ("eager", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model(input_ids=ids, output_attentions=True).attentions
+    assert len(outputs["eager"]) == 2
+    for ours, eager in zip(outputs["tfkernels_fallback"], outputs["eager"]):
+        assert torch.equal(ours, eager)
+
+
+@needs_transformers
+def test_softcap_raises_or_falls_back_to_eager():
+    """Gemma2 soft-caps its attention logits: tk.attention does not (yet)."""
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).to(DEVICE)
+    ids = random_ids(1, 8, seed=14)
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotImplementedError, match="softcap=5.0"):
+        model(input_ids=ids)
+    outputs = {}
+    for implementation in ("eager", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model(input_ids=ids).logits
+    assert torch.equal(outputs["tfkernels_fallback"], outputs["eager"])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile
+# ----------------------------------------------------------------------------------------------
+@needs_transformers
+def test_compiled_model_breaks_only_at_the_mask_builder_and_does_not_recompile(model_path):
+    """The builder runs eagerly (it reads closures and syncs once); the attention layers trace without a
+    graph break, and a batch with another padding layout of the same shape reuses the graphs."""
+    model = tiny_llama()
+    model.set_attn_implementation("tfkernels")
+    ids = random_ids(2, 12, seed=15)
+    layouts = [left_padding([7, 12], 12), left_padding([12, 3], 12)]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=layouts[0], use_cache=False)
+    assert explanation.graph_break_count >= 1
+    for reason in explanation.break_reasons:
+        assert "interval_mask" in reason.reason, reason.reason
+        assert not any("attention" in frame.name or "tfkernels" in frame.filename for frame in reason.user_stack)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    frame_counts = []
+    with torch.no_grad():
+        for layout in layouts:
+            out = compiled(input_ids=ids, attention_mask=layout, use_cache=False).logits
+            frame_counts.append(counter.frame_count)
+            expected = model(input_ids=ids, attention_mask=layout, use_cache=False).logits
+            assert torch.equal(out, expected)
+    assert frame_counts[0] >= 1 and frame_counts[1] == frame_counts[0]
+    torch._dynamo.reset()
