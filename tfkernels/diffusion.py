@@ -24,7 +24,12 @@ do not need x0 (eps) or the noise (x0) do not read it. Gradients for x0 and a gi
 needed, are ``-c * dL/dpred`` with a per-timestep coefficient ``c``: one more scaling pass each,
 the same kernel that adds noise.
 
-Coefficients are float32 table lookups whatever the data dtype; loads are cast to float32 at once.
+Coefficients are float32 whatever the data dtype; loads are cast to float32 at once. Integer
+timesteps look them up in the schedule's tables; float32 times of a flow schedule (continuous time,
+``t`` in ``[0, 1]``) give ``(1 - t, t)`` computed in the kernel from ``t`` (a constexpr picks the
+mode: no table, no per-element cost). The rarely needed gradients for x0 and a given noise scale by
+per-image coefficients: for continuous times the host builds them as ``[N]`` float32 tables indexed
+by the image number (``_gradient_tables``), so the one scaling kernel serves both modes.
 """
 
 from __future__ import annotations
@@ -104,12 +109,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _image_program(t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits,
-                       PACKED: tl.constexpr, BLOCK: tl.constexpr):
+                       PACKED: tl.constexpr, CONTINUOUS: tl.constexpr, BLOCK: tl.constexpr):
         """What every diffusion kernel starts with: image ``i = program_id(0)``, its flat elements
         ``[start, end)`` (int64), the float32 coefficients ``(a, b)`` of its timestep, and this
         program's blocks, ``range(first, end, step)``.
 
-        The host checked the timesteps; the clamp only keeps a bad one from reading outside the tables.
+        ``CONTINUOUS``: ``t`` is a float32 time, ``(a, b) = (1 - t, t)`` (a flow schedule); else an
+        integer index into the tables. The host checked the timesteps; the clamps only keep a bad
+        one from reading outside the tables (or leaving the path).
         """
         image = tl.program_id(0)
         split = tl.program_id(1)
@@ -119,10 +126,16 @@ if HAS_TRITON:
         else:
             start = image.to(tl.int64) * row_elems
             end = start + row_elems
-        t = tl.load(t_ptr + image).to(tl.int32)
-        t = tl.minimum(tl.maximum(t, 0), num_timesteps - 1)
-        a = tl.load(signal_ptr + t)
-        b = tl.load(noise_scale_ptr + t)
+        if CONTINUOUS:
+            t = tl.load(t_ptr + image)
+            t = tl.minimum(tl.maximum(t, 0.0), 1.0)
+            a = 1.0 - t
+            b = t
+        else:
+            step = tl.load(t_ptr + image).to(tl.int32)
+            step = tl.minimum(tl.maximum(step, 0), num_timesteps - 1)
+            a = tl.load(signal_ptr + step)
+            b = tl.load(noise_scale_ptr + step)
         return image, start, end, a, b, start + split * BLOCK, num_splits * BLOCK
 
     @triton.jit
@@ -154,11 +167,13 @@ if HAS_TRITON:
         num_timesteps, row_elems, num_splits, seed_lo, seed_hi,
         NOISE: tl.constexpr,  # none (out = a * x: gradient scaling), tensor or seeded
         PACKED: tl.constexpr,  # offsets give the images' rows; else image i is row i
+        CONTINUOUS: tl.constexpr,  # t holds float32 flow times; else integer table indices
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
         """``out = a[t_i] * x + b[t_i] * noise`` over image ``i = program_id(0)``."""
         image, start, end, a, b, first, step = _image_program(
-            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, CONTINUOUS,
+            BLOCK)
         for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
             in_image = index < end
@@ -178,10 +193,12 @@ if HAS_TRITON:
         TARGET: tl.constexpr,  # index in TARGETS: decides which inputs are read
         SEEDED: tl.constexpr,  # noise from the seed instead of noise_ptr
         PACKED: tl.constexpr,  # offsets give the images' rows
+        CONTINUOUS: tl.constexpr,  # t holds float32 flow times; else integer table indices
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
         image, start, end, a, b, first, step = _image_program(
-            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, CONTINUOUS,
+            BLOCK)
         sq_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
@@ -202,11 +219,13 @@ if HAS_TRITON:
         TARGET: tl.constexpr,  # index in TARGETS: decides which inputs are read
         SEEDED: tl.constexpr,  # regenerate the forward's noise from the seed
         PACKED: tl.constexpr,  # offsets give the images' rows
+        CONTINUOUS: tl.constexpr,  # t holds float32 flow times; else integer table indices
         BLOCK: tl.constexpr,  # elements per step of a program
     ):
         """``dL/dpred = 2 (pred - target) * dL/dmse_i / numel_i`` over image ``i``."""
         image, start, end, a, b, first, step = _image_program(
-            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, BLOCK)
+            t_ptr, offsets_ptr, signal_ptr, noise_scale_ptr, num_timesteps, row_elems, num_splits, PACKED, CONTINUOUS,
+            BLOCK)
         scale = 2.0 * tl.load(grad_mse_ptr + image) / (end - start).to(tl.float32)
         for block_start in range(first, end, step):
             index = block_start + tl.arange(0, BLOCK)
@@ -251,7 +270,8 @@ def _launch_add_noise(x, t, signal, noise_scale, noise, offsets, seed):
     grid = _grid(x, num_images)
     _add_noise_kernel[grid](
         x, noise, out, t, offsets_arg, signal, noise_scale, signal.shape[0], row_elems, grid[1],
-        *_seed_words(seed), NOISE=mode, PACKED=packed, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        *_seed_words(seed), NOISE=mode, PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
     )
     return out
 
@@ -269,7 +289,7 @@ def _launch_mse_fwd(pred, x0, t, signal, noise_scale, noise, offsets, seed, targ
     _mse_fwd_kernel[grid](
         pred, x0, noise, partial, t, offsets_arg, signal, noise_scale, signal.shape[0], row_elems,
         grid[1], *_seed_words(seed), TARGET=TARGETS.index(target), SEEDED=seed is not None,
-        PACKED=packed, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )
     return partial.sum(dim=1)
 
@@ -287,7 +307,8 @@ def _launch_mse_bwd(grad_mse, pred, x0, t, signal, noise_scale, noise, offsets, 
     _mse_bwd_kernel[grid](
         grad_mse.float().contiguous(), pred, x0, noise, grad_pred, t, offsets_arg, signal, noise_scale,
         signal.shape[0], row_elems, grid[1], *_seed_words(seed), TARGET=TARGETS.index(target),
-        SEEDED=seed is not None, PACKED=packed, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        SEEDED=seed is not None, PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
     )
     return grad_pred
 
@@ -295,12 +316,15 @@ def _launch_mse_bwd(grad_mse, pred, x0, t, signal, noise_scale, noise, offsets, 
 def _check_values(t: torch.Tensor, offsets: torch.Tensor | None, num_rows: int, num_timesteps: int,
                   empty_images_ok: bool) -> None:
     """Range checks on the index tensors, with one host sync; a bad index would read or write
-    outside the buffers. Skipped while a CUDA graph is being captured (no sync is possible)."""
+    outside the buffers, a float time outside ``[0, 1]`` (or NaN) leave the path. Skipped while a CUDA
+    graph is being captured (no sync is possible)."""
     if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
+    continuous = t.dtype.is_floating_point
     stats = []
     if t.numel():
-        stats += [t.min(), t.max()]
+        # Float times: one flag, "some t is outside [0, 1]" (NaN fails both comparisons).
+        stats += [(~((t >= 0) & (t <= 1))).any()] if continuous else [t.min(), t.max()]
     if offsets is not None:
         sizes = offsets[1:] - offsets[:-1]
         smallest = sizes.min() if sizes.numel() else offsets.new_ones(())
@@ -308,7 +332,12 @@ def _check_values(t: torch.Tensor, offsets: torch.Tensor | None, num_rows: int, 
     if not stats:
         return
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
-    if t.numel():
+    if t.numel() and continuous:
+        out_of_range = values.pop(0)
+        if out_of_range:
+            bad = int((~((t >= 0) & (t <= 1))).int().argmax())
+            raise ValueError(f"t: expected times in [0, 1], got t[{bad}] = {t[bad].item()}")
+    elif t.numel():
         t_min, t_max = values[:2]
         values = values[2:]
         if t_min < 0 or t_max >= num_timesteps:
@@ -407,6 +436,15 @@ def _scale_per_image_fake(x, t, table, offsets):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _gradient_tables(t, signal, noise_scale):
+    """``(index, a, b)``: each image's coefficients are ``a[index[i]]``, ``b[index[i]]``. Integer
+    timesteps index the schedule's tables; float32 times get ``[N]`` tables of their own,
+    ``(1 - t, t)`` in float32 as in the kernels, indexed by the image number."""
+    if not t.dtype.is_floating_point:
+        return t, signal, noise_scale
+    return torch.arange(t.shape[0], device=t.device), 1 - t, t
+
+
 def _add_noise_setup_context(ctx, inputs, output):
     x0, t, signal, noise_scale, noise, offsets, seed = inputs
     ctx.save_for_backward(t, signal, noise_scale, offsets)
@@ -414,8 +452,9 @@ def _add_noise_setup_context(ctx, inputs, output):
 
 def _add_noise_backward(ctx, grad_out):
     t, signal, noise_scale, offsets = ctx.saved_tensors
-    grad_x0 = _scale_per_image_op(grad_out, t, signal, offsets) if ctx.needs_input_grad[0] else None
-    grad_noise = _scale_per_image_op(grad_out, t, noise_scale, offsets) if ctx.needs_input_grad[4] else None
+    index, a, b = _gradient_tables(t, signal, noise_scale)
+    grad_x0 = _scale_per_image_op(grad_out, index, a, offsets) if ctx.needs_input_grad[0] else None
+    grad_noise = _scale_per_image_op(grad_out, index, b, offsets) if ctx.needs_input_grad[4] else None
     return grad_x0, None, None, None, grad_noise, None, None
 
 
@@ -461,9 +500,10 @@ def _diffusion_mse_backward(ctx, grad_mse):
     grad_pred = _diffusion_mse_bwd_op(grad_mse, pred, x0, t, signal, noise_scale, noise, offsets, ctx.seed,
                                       ctx.target)
     # target = c_x0 * x0 + c_noise * noise, so dL/dx0 = -c_x0 * dL/dpred (likewise for the noise).
-    c_x0, c_noise = target_coefficients(ctx.target, signal, noise_scale)
-    grad_x0 = _scale_per_image_op(grad_pred, t, -c_x0, offsets) if ctx.needs_input_grad[1] else None
-    grad_noise = _scale_per_image_op(grad_pred, t, -c_noise, offsets) if ctx.needs_input_grad[5] else None
+    index, a, b = _gradient_tables(t, signal, noise_scale)
+    c_x0, c_noise = target_coefficients(ctx.target, a, b)
+    grad_x0 = _scale_per_image_op(grad_pred, index, -c_x0, offsets) if ctx.needs_input_grad[1] else None
+    grad_noise = _scale_per_image_op(grad_pred, index, -c_noise, offsets) if ctx.needs_input_grad[5] else None
     return (grad_pred if ctx.needs_input_grad[0] else None, grad_x0, None, None, None, grad_noise,
             None, None, None)
 
@@ -483,7 +523,8 @@ def _check_like_x0(name: str, x, x0: torch.Tensor) -> None:
 
 
 def _check_index(name: str, x, length: int, device: torch.device, what: str) -> None:
-    check_index_tensor(name, x, f"[{what}]")
+    if not (name == "t" and x.dtype.is_floating_point):  # t's dtype was checked against the schedule
+        check_index_tensor(name, x, f"[{what}]")
     if x.ndim != 1 or x.shape[0] != length:
         raise ValueError(f"{name}: expected shape [{what}] = [{length}], got {tuple(x.shape)}")
     if x.device != device:
@@ -497,7 +538,10 @@ def _check_inputs(x0, t, schedule, noise, seed, offsets) -> None:
         raise ValueError("x0: expected [N, ...] or a patch buffer [P, C], got a 0-d tensor")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a tfkernels.NoiseSchedule, got {type(schedule).__name__}")
-    check_index_tensor("t", t, "[N]")
+    if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+        schedule.check_times(t)  # float32 times of a flow schedule
+    else:
+        check_index_tensor("t", t, "[N]")
     if t.ndim != 1:
         raise ValueError(f"t: expected an int tensor [N], one timestep per image, got shape {tuple(t.shape)}")
     if offsets is None:
@@ -530,7 +574,9 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise:
     Args:
         x0: float16/bfloat16/float32; a batch ``[N, ...]``, or a packed patch buffer ``[P, C]``
             (any ``[P, ...]``) whose image ``i`` owns rows ``offsets[i]:offsets[i + 1]``.
-        t: int ``[N]``, timesteps in ``[0, schedule.num_timesteps)``.
+        t: ``[N]``, one per image: int timesteps in ``[0, schedule.num_timesteps)``, or, with a
+            flow schedule, float32 continuous times in ``[0, 1]`` (``a = 1 - t``, ``b = t``,
+            computed in float32 in the kernel: ``t = 0`` is x0, ``t = 1`` the noise).
         schedule: a ``NoiseSchedule``; its float32 tables are used whatever x0's dtype.
         noise: like x0. Or ``seed``: an int in ``[0, 2**63)``; the noise is generated in-kernel
             from the seed and each element's index and can be regenerated exactly (it equals
@@ -569,7 +615,8 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
             (one row of a packed buffer, and rows of at least one element): the mean over an empty
             image is undefined, a ``ValueError``.
         target: ``"eps"`` (the noise), ``"v"`` (``a * noise - b * x0``), ``"x0"``, or ``"flow"``
-            (``noise - x0``, the velocity of ``NoiseSchedule.rectified_flow()``, which it needs).
+            (``noise - x0``, the velocity of ``NoiseSchedule.rectified_flow()``, which it needs);
+            diffusers' names ``"epsilon"``, ``"v_prediction"`` and ``"sample"`` are accepted.
         weights: optional float ``[N]``, finite and ``>= 0``, multiplies each image's loss.
         reduction: ``"mean"`` over images (0 when ``N == 0``) or ``"none"`` (float32 ``[N]``).
 
@@ -585,7 +632,7 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
             return diffusion_loss(pred, x0, t, schedule, target, noise, seed, offsets, weights, reduction)
     _check_inputs(x0, t, schedule, noise, seed, offsets)
     _check_like_x0("pred", pred, x0)
-    check_target(target, schedule)
+    target = check_target(target, schedule)
     check_choice("reduction", reduction, REDUCTIONS)
     num_images = t.shape[0]
     if num_images and math.prod(x0.shape[1:]) == 0:

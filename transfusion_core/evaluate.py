@@ -2,9 +2,10 @@
 
 On the held-out split of the run's data set (``CHECKPOINT/train_state.json`` names it):
 
-- **text -> image**: an image generated from each held-out caption (DDIM, classifier-free
-  guidance) is read back with ``datasets.detect_shapes``: exact (every shape right) and accuracy
-  of each attribute (colour, shape, position). Embedded data set only.
+- **text -> image**: an image generated from each held-out caption (DDIM, or Euler steps for a
+  continuous-time flow model; classifier-free guidance) is read back with
+  ``datasets.detect_shapes``: exact (every shape right) and accuracy of each attribute (colour,
+  shape, position). Embedded data set only.
 - **image -> text**: a greedy caption of each held-out image: exact match, and, on the embedded
   data set, accuracy of each attribute of the parsed caption.
 - **caption perplexity**: per caption byte (EOS included) given the clean image, on held-out
@@ -19,6 +20,7 @@ counts as wrong for every attribute.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -45,12 +47,19 @@ TOKENIZER = ByteTokenizer()
 # ----------------------------------------------------------------------------------------------
 # Generation in both directions
 # ----------------------------------------------------------------------------------------------
+def default_sampler(model: Transfusion) -> str:
+    """The sampler of the evaluation and the samples: DDIM, or Euler for a continuous-time (flow) model;
+    both take one model call per step."""
+    return "euler" if model.config.continuous_time else "ddim"
+
+
 @torch.no_grad()
 def text_to_image(model: Transfusion, codec, caption: str, *, steps: int, cfg_scale: float | None,
-                  seed: int) -> torch.Tensor:
-    """An image ``[3, H, W]`` in [-1, 1] generated from a caption (DDIM, ``steps`` steps)."""
+                  seed: int, sampler: str | None = None) -> torch.Tensor:
+    """An image ``[3, H, W]`` in [-1, 1] generated from a caption (``steps`` steps of ``sampler``,
+    by default ``default_sampler(model)``)."""
     latent = model.generate([TOKENIZER.encode(caption)], force_image=True, max_new_tokens=0,
-                            image_steps=steps, sampler="ddim", cfg_scale=cfg_scale,
+                            image_steps=steps, sampler=sampler or default_sampler(model), cfg_scale=cfg_scale,
                             clip_x0=codec.clip_x0, seed=seed)[0]
     return codec.decode(latent[None])[0]
 
@@ -93,6 +102,8 @@ def caption_perplexity(model: Transfusion, documents, *, batch_size: int = 16) -
     nll, count = 0.0, 0
     for start in range(0, len(documents), batch_size):
         batch = packer(documents[start:start + batch_size]).to(model.device)
+        if config.continuous_time:  # the packer's steps are integers: clean is the float time 0
+            batch = dataclasses.replace(batch, timesteps=torch.zeros(batch.num_images, device=model.device))
         hidden, _ = model.predict(batch, batch.patches)
         scored = (batch.targets != IGNORE_INDEX) & (batch.tokens != config.bos_id)
         logits = model.logits(hidden[scored])
@@ -105,8 +116,9 @@ def caption_perplexity(model: Transfusion, documents, *, batch_size: int = 16) -
 # The evaluation
 # ----------------------------------------------------------------------------------------------
 def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, image_steps: int = 25,
-             cfg_scale: float | None = 3.0, seed: int = 0, log=print) -> dict:
-    """Metrics of ``model`` on the first ``samples`` items of ``heldout`` (all by default)."""
+             cfg_scale: float | None = 3.0, seed: int = 0, sampler: str | None = None, log=print) -> dict:
+    """Metrics of ``model`` on the first ``samples`` items of ``heldout`` (all by default); images by
+    ``image_steps`` steps of ``sampler`` (``default_sampler(model)`` by default)."""
     if not isinstance(model, Transfusion):
         raise TypeError(f"model: expected a Transfusion, got {type(model).__name__}")
     if samples is not None:
@@ -115,6 +127,7 @@ def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, 
     if cfg_scale is not None:
         check_float("cfg_scale", cfg_scale)
     check_int("seed", seed, 0)
+    sampler = sampler or default_sampler(model)
     model.eval()
     count = len(heldout) if samples is None else min(samples, len(heldout))
     if count < 1:
@@ -152,7 +165,8 @@ def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, 
         started = time.perf_counter()
         exact, hits = 0, dict.fromkeys(ATTRIBUTES, 0)
         for i, item in enumerate(items):
-            image = text_to_image(model, codec, item.caption, steps=image_steps, cfg_scale=cfg_scale, seed=seed + i)
+            image = text_to_image(model, codec, item.caption, steps=image_steps, cfg_scale=cfg_scale, seed=seed + i,
+                                  sampler=sampler)
             found = detect_shapes(image)
             exact += found == item.shapes
             for name, hit in attribute_hits(item.shapes, found).items():
@@ -164,7 +178,7 @@ def evaluate(model: Transfusion, codec, heldout, *, samples: int | None = None, 
         seconds["text_to_image"] = time.perf_counter() - started
         if heldout.max_shapes == 1:
             results["chance"] = heldout.chance()
-    results["settings"] = {"image_steps": image_steps, "cfg_scale": cfg_scale, "sampler": "ddim", "seed": seed}
+    results["settings"] = {"image_steps": image_steps, "cfg_scale": cfg_scale, "sampler": sampler, "seed": seed}
     results["seconds"] = seconds
     return results
 
@@ -188,8 +202,8 @@ def format_table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 def write_samples(path, model: Transfusion, codec, heldout, *, samples: int, steps: int,
                   cfg_scale: float | None) -> None:
-    """``samples.png``: images from the first ``samples`` held-out captions (``steps`` DDIM steps,
-    guidance ``cfg_scale``) and greedy captions of the first held-out images."""
+    """``samples.png``: images from the first ``samples`` held-out captions (``steps`` steps of
+    ``default_sampler(model)``, guidance ``cfg_scale``) and greedy captions of the first held-out images."""
     check_int("samples", samples, 1)
     check_int("steps", steps, 1, model.config.num_timesteps)
     count = min(samples, len(heldout))
@@ -216,7 +230,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m transfusion_core.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory written by transfusion_core.train")
     parser.add_argument("--samples", type=int, default=None, help="held-out items to use (default: all)")
-    parser.add_argument("--image-steps", type=int, default=25, help="DDIM steps per generated image")
+    parser.add_argument("--image-steps", type=int, default=25,
+                        help="steps per generated image (DDIM; Euler for a flow model)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), default=None,
+                        help="image sampler (default: ddim; euler for a flow model)")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON output (default: CHECKPOINT/eval.json)")
@@ -271,7 +288,8 @@ def _evaluate_checkpoint(args, parser) -> dict:
     print(f"evaluating {args.checkpoint} (step {state['step']}) on {min(args.samples or len(heldout), len(heldout))} "
           f"held-out items", flush=True)
     results = evaluate(model, codec, heldout, samples=args.samples, image_steps=args.image_steps,
-                       cfg_scale=args.cfg_scale, seed=args.seed, log=lambda line: print(line, flush=True))
+                       cfg_scale=args.cfg_scale, seed=args.seed, sampler=args.sampler,
+                       log=lambda line: print(line, flush=True))
     results["checkpoint"] = str(args.checkpoint)
     results["step"] = state["step"]
     print(format_table(results))

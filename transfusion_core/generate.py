@@ -2,12 +2,19 @@
 
 LM mode samples text tokens through the cache (``sample_token``: temperature, top-k, top-p). At
 BOI it switches to diffusion mode: it appends ``(H/p)*(W/p)`` noise patches, denoises them against
-the cached prefix (``denoise_step``: DDPM or DDIM, any ``tk.NoiseSchedule``, optional
-classifier-free guidance), writes the clean image into the cache, then EOI, and returns to LM
-mode. ``Transfusion.generate`` and ``Transfusion.new_cache`` are thin methods calling this module.
+the cached prefix (optional classifier-free guidance), writes the clean image into the cache, then
+EOI, and returns to LM mode. ``Transfusion.generate`` and ``Transfusion.new_cache`` are thin
+methods calling this module.
 
-The diffusion step works for any ``tk.NoiseSchedule``: the forward process is
-``x_t = a_t * x0 + b_t * noise`` with ``(a_t, b_t) = schedule.coefficients(t)``.
+Two families of samplers, by the model's diffusion mode:
+
+- integer steps (DDPM kinds, ``rectified_flow``): ``denoise_step``, DDPM's ancestral step or
+  DDIM's deterministic one, for any ``tk.NoiseSchedule`` (the forward process is ``x_t = a_t * x0
+  + b_t * noise`` with ``(a_t, b_t) = schedule.coefficients(t)``), on the timesteps of
+  ``diffusion_timesteps`` (``TIMESTEP_SPACINGS``: ours, and diffusers' three);
+- continuous time (``noise_schedule="flow"``): ``integrate_flow`` solves the probability-flow ODE
+  ``dx/dt = v(x, t)`` from ``t = 1`` (noise) to ``t = 0`` with Euler or Heun steps on the shifted
+  grid of ``flow_times``; ``flow_velocity`` turns any target's prediction into ``v``.
 
 Shapes: ``B`` cache rows, ``n`` new positions, ``V`` vocabulary, ``Hkv`` key/value heads, ``Dh``
 head dim, ``C*p*p`` values per patch.
@@ -27,6 +34,9 @@ from .data import document_segments, patchify, unpatchify
 from .model import Transfusion
 
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # name -> eta: 1 is DDPM's ancestral step, 0 is DDIM's
+FLOW_SAMPLERS = ("euler", "heun")  # ODE steps of a continuous-time model
+# Where the steps of a DDPM/DDIM run fall among the T training steps (``diffusion_timesteps``).
+TIMESTEP_SPACINGS = ("even", "linspace", "leading", "trailing")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,11 +115,42 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k, top_p, generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def diffusion_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """``steps`` distinct timesteps from ``T - 1`` down to 0, evenly spaced: int64 ``[steps]``."""
+def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -> torch.Tensor:
+    """``steps`` distinct timesteps, decreasing, of the ``num_timesteps`` training steps: int64 ``[steps]``.
+
+    ``spacing`` (diffusers' ``timestep_spacing`` names, Lin et al. 2024, table 2, for the last three):
+
+    - ``"even"`` (ours, the default): evenly spaced from ``T - 1`` down to 0, both included,
+      rounded (``linspace(T - 1, 0, steps)`` in float32): the run starts from the noisiest step.
+    - ``"linspace"``: diffusers' ``linspace``, ``linspace(0, T - 1, steps)`` in float64, rounded,
+      reversed. Equal to ``"even"`` but at rounding ties (15 of 1000: ``..., 571, 500`` where ours
+      ends ``..., 571, 499``) and for one step (0, ours ``T - 1``).
+    - ``"leading"``: ``k * (T // steps)`` for ``k = steps - 1 .. 0`` (diffusers' DDPM/DDIM default,
+      Stable Diffusion's; without its ``steps_offset``): never starts at the noisiest step.
+    - ``"trailing"``: ``round(T - k * T / steps) - 1`` for ``k = 0 .. steps - 1``: starts at
+      ``T - 1`` and ends at ``T / steps - 1``, not 0.
+    """
     check_int("num_timesteps", num_timesteps, 1)
     check_int("steps", steps, 1, num_timesteps)
-    return torch.linspace(num_timesteps - 1, 0, steps).round().to(torch.int64)
+    check_choice("spacing", spacing, TIMESTEP_SPACINGS)
+    if spacing == "even":
+        return torch.linspace(num_timesteps - 1, 0, steps).round().to(torch.int64)
+    if spacing == "linspace":
+        return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0).to(torch.int64)
+    if spacing == "leading":
+        return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_timesteps // steps))
+    return torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64).round().to(torch.int64) - 1
+
+
+def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The time grid of a continuous-time sampler: float32 ``[steps + 1]`` from 1 (noise) down to 0,
+    ``shift * s / (1 + (shift - 1) * s)`` of the even grid ``s = 1 - i / steps`` (SD3's shift:
+    ``shift > 1`` spends more steps at high noise). Computed in float64, rounded once."""
+    check_int("steps", steps, 1)
+    if check_float("shift", shift, what="a finite float > 0") <= 0:
+        raise ValueError(f"shift: expected a finite float > 0, got {shift!r}")
+    even = 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
+    return (shift * even / (1 + (shift - 1) * even)).to(torch.float32)
 
 
 def split_prediction(pred, x_t, a, b, target: str):
@@ -153,6 +194,43 @@ def denoise_step(x_t, pred, t: int, t_next, schedule, target: str, *, eta: float
     return x_s
 
 
+def flow_velocity(pred: torch.Tensor, x_t: torch.Tensor, t: float, target: str, clip_x0=None) -> torch.Tensor:
+    """The velocity ``v = noise - x0`` at ``x_t = (1 - t) x0 + t noise`` from a prediction of ``target``
+    (``t`` in ``(0, 1]``; any target but ``"eps"`` at ``t = 1``, where it does not determine x0).
+    ``clip_x0`` clamps the implied x0 and takes the noise that goes with it, as ``denoise_step`` does;
+    then ``v = (x_t - x0) / t``."""
+    if target == "flow" and clip_x0 is None:
+        return pred  # exactly: no round trip through x0 and the noise
+    x0, noise = split_prediction(pred, x_t, 1.0 - t, t, target)
+    if clip_x0 is None:
+        return noise - x0
+    return (x_t - x0.clamp(-clip_x0, clip_x0)) / t
+
+
+def integrate_flow(x: torch.Tensor, predict, *, steps: int, sampler: str, target: str, shift: float = 1.0,
+                   clip_x0=None) -> torch.Tensor:
+    """Solve ``dx/dt = v(x, t)`` from ``t = 1`` (``x``: the noise) to ``t = 0``: the clean sample.
+
+    ``predict(x, t)`` returns the model's prediction of ``target`` at ``x`` and the float ``t`` (the
+    float32 grid value of ``flow_times(steps, shift)``, as a Python float). ``sampler``: ``"euler"``
+    (one prediction per step, first order) or ``"heun"`` (Euler's step, then the trapezoid of the
+    velocities at both ends: second order, two predictions per step). As in Karras et al. 2022
+    (Algorithm 1), Heun's last step, which ends at ``t = 0``, is an Euler step: the velocity at
+    ``t = 0`` is not defined for every target; so Heun takes ``2 * steps - 1`` predictions.
+    """
+    check_choice("sampler", sampler, FLOW_SAMPLERS)
+    times = flow_times(steps, shift).tolist()
+    for t, t_next in zip(times[:-1], times[1:]):
+        velocity = flow_velocity(predict(x, t), x, t, target, clip_x0)
+        euler = x + (t_next - t) * velocity
+        if sampler == "euler" or t_next == 0:
+            x = euler
+            continue
+        velocity_next = flow_velocity(predict(euler, t_next), euler, t_next, target, clip_x0)
+        x = x + (t_next - t) * 0.5 * (velocity + velocity_next)
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 # The generation loop
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +246,12 @@ def generate(
     force_image: bool = False,
     image_size: int | tuple[int, int] | None = None,
     image_steps: int = 250,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     cfg_scale: float | None = None,
     clip_x0: float | None = None,
     seed: int | None = None,
+    timestep_spacing: str = "even",
+    shift: float | None = None,
 ) -> list:
     """Continue a mixed-modal prompt: text in LM mode, images in diffusion mode.
 
@@ -185,8 +265,10 @@ def generate(
             (text -> image; with ``max_new_tokens=0`` the image is all that is generated).
         image_size: latent side ``H = W``, or ``(H, W)``; ``config.image_size`` by default.
         image_steps: denoising steps per image (at most ``num_timesteps``).
-        sampler: ``"ddpm"`` (ancestral, as in the paper) or ``"ddim"`` (deterministic,
-            for fewer steps).
+        sampler: for a model of integer steps ``"ddpm"`` (ancestral, as in the paper; the default)
+            or ``"ddim"`` (deterministic, for fewer steps); for a continuous-time model
+            (``noise_schedule="flow"``) ``"euler"`` (the default) or ``"heun"`` (second order, two
+            model calls per step but the last).
         cfg_scale: classifier-free guidance scale ``s``; the prediction is
             ``cond + (s - 1) * (cond - uncond)`` with ``uncond`` from the prefix ``BOS, BOI``
             batched alongside. ``None``: no guidance (and no unconditional row).
@@ -194,6 +276,11 @@ def generate(
             pixels in [-1, 1], as DDPM samplers do; ``None`` for unbounded latents).
         seed: seed of every random choice (tokens and noise), an int in ``[0, 2**64)``; ``None``
             draws one.
+        timestep_spacing: ddpm/ddim only: where the ``image_steps`` steps fall among the training
+            steps, one of ``TIMESTEP_SPACINGS`` (``diffusion_timesteps``): ``"even"`` (ours), or
+            diffusers' ``"linspace"``, ``"leading"``, ``"trailing"``.
+        shift: euler/heun only: the time shift of the grid (``flow_times``); ``None``: the
+            model's ``config.flow_shift``, the shift it was trained with.
 
     Returns:
         The generated continuation as a list of texts (lists of token ids, without the
@@ -208,8 +295,9 @@ def generate(
         raise TypeError(f"model: expected a Transfusion, got {type(model).__name__}")
     config = model.config
     temperature, top_p, cfg_scale, clip_x0 = _check_generate_args(
-        max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale, clip_x0, seed, config
+        max_new_tokens, temperature, top_k, top_p, force_image, image_steps, cfg_scale, clip_x0, seed, config
     )
+    sampler, shift = _check_sampler_args(sampler, timestep_spacing, shift, config)
     image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
     generator = torch.Generator(device=model.device)
     if seed is None:
@@ -229,8 +317,9 @@ def generate(
             if text:
                 outputs.append(text)
                 text = []
-            outputs.append(generate_image(model, cache, image_hw, steps=image_steps, eta=SAMPLERS[sampler],
-                                          cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator))
+            outputs.append(generate_image(model, cache, image_hw, steps=image_steps, sampler=sampler,
+                                          cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator,
+                                          timestep_spacing=timestep_spacing, shift=shift))
             logits = model.extend_text(cache, torch.tensor([[config.eoi_id]], device=model.device))[0, -1]
             last_token = config.eoi_id
             continue
@@ -249,9 +338,16 @@ def generate(
     return outputs
 
 
-def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, eta, cfg_scale, clip_x0,
-                   generator) -> torch.Tensor:
-    """Denoise one image after the cache (which ends with BOI), then commit it clean."""
+def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, sampler, cfg_scale, clip_x0,
+                   generator, timestep_spacing="even", shift=1.0) -> torch.Tensor:
+    """Denoise one image after the cache (which ends with BOI), then commit it clean.
+
+    ``sampler``: ``"ddpm"`` or ``"ddim"`` (on ``diffusion_timesteps(T, steps, timestep_spacing)``) for
+    a model of integer steps, ``"euler"`` or ``"heun"`` (``integrate_flow`` with ``shift``) for a
+    continuous-time one. Every model call runs the noisy patches after the cached prefix without
+    committing them; with ``cfg_scale`` the unconditional prefix ``BOS, BOI`` rides along as a
+    second cache row and the prediction is guided (``_guided``).
+    """
     config = model.config
     grid = (image_hw[0] // config.patch_size, image_hw[1] // config.patch_size)
     n = grid[0] * grid[1]
@@ -260,20 +356,35 @@ def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, eta, 
         unconditional = model.new_cache()
         model.extend_text(unconditional, torch.tensor([[config.bos_id, config.boi_id]], device=model.device))
         rows = KVCache.stack([cache, unconditional])  # row 0 conditional, row 1 unconditional
-    x = torch.randn(n, config.patch_dim, device=model.device, generator=generator)  # [n, C*p*p] x_T
-    schedule = model.schedule_on(model.device)
-    timesteps = diffusion_timesteps(config.num_timesteps, steps).tolist()
-    for i, t in enumerate(timesteps):
-        t_batch = torch.full((rows.batch_size,), t, dtype=torch.int64, device=model.device)
+    time_dtype = torch.float32 if config.continuous_time else torch.int64
+
+    def predict(x, t):  # the guided prediction [n, C*p*p] of the patches x at step or time t
+        t_batch = torch.full((rows.batch_size,), t, dtype=time_dtype, device=model.device)
         pred = model.extend_image(rows, x.expand(rows.batch_size, n, -1), t_batch, grid, commit=False).float()
-        guided = pred[0]  # [n, C*p*p]; pred is [B, n, C*p*p], B = 2 with guidance
-        if cfg_scale is not None:  # written so that s = 1 gives the conditional prediction exactly
-            guided = pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        x = denoise_step(x, guided, t, t_next, schedule, config.diffusion_target,
-                         eta=eta, clip_x0=clip_x0, generator=generator)
-    model.extend_image(cache, x[None], torch.zeros(1, dtype=torch.int64, device=model.device), grid, commit=True)
+        return _guided(pred, cfg_scale)
+
+    x = torch.randn(n, config.patch_dim, device=model.device, generator=generator)  # [n, C*p*p] x_T
+    if config.continuous_time:
+        x = integrate_flow(x, predict, steps=steps, sampler=sampler, target=config.diffusion_target, shift=shift,
+                           clip_x0=clip_x0)
+    else:
+        schedule = model.schedule_on(model.device)
+        timesteps = diffusion_timesteps(config.num_timesteps, steps, timestep_spacing).tolist()
+        for i, t in enumerate(timesteps):
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            x = denoise_step(x, predict(x, t), t, t_next, schedule, config.diffusion_target,
+                             eta=SAMPLERS[sampler], clip_x0=clip_x0, generator=generator)
+    clean = torch.zeros(1, dtype=time_dtype, device=model.device)
+    model.extend_image(cache, x[None], clean, grid, commit=True)
     return unpatchify(x, grid, config.patch_size)  # [C, H, W]
+
+
+def _guided(pred: torch.Tensor, cfg_scale) -> torch.Tensor:
+    """``pred [B, n, C*p*p]`` (B = 2 with guidance: conditional, unconditional) -> ``[n, C*p*p]``:
+    ``cond + (s - 1) * (cond - uncond)``, written so that ``s = 1`` gives ``cond`` exactly."""
+    if cfg_scale is None:
+        return pred[0]
+    return pred[0] + (cfg_scale - 1.0) * (pred[0] - pred[1])
 
 
 def prefill(model: Transfusion, cache: KVCache, segments) -> torch.Tensor:
@@ -283,7 +394,8 @@ def prefill(model: Transfusion, cache: KVCache, segments) -> torch.Tensor:
         if segment.is_floating_point():  # a prompt image is clean: t = 0
             grid = (segment.shape[1] // model.config.patch_size, segment.shape[2] // model.config.patch_size)
             patches = patchify(segment.to(model.device, torch.float32), model.config.patch_size)[None]  # [1, n, C*p*p]
-            clean = torch.zeros(1, dtype=torch.int64, device=model.device)
+            time_dtype = torch.float32 if model.config.continuous_time else torch.int64
+            clean = torch.zeros(1, dtype=time_dtype, device=model.device)
             model.extend_image(cache, patches, clean, grid, commit=True)
         else:
             logits = model.extend_text(cache, segment.to(model.device)[None])[0, -1]
@@ -301,8 +413,8 @@ def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
     return tuple(hw)
 
 
-def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image, image_steps, sampler, cfg_scale,
-                         clip_x0, seed, config):
+def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image, image_steps, cfg_scale, clip_x0,
+                         seed, config):
     """The type/value rule of ``tfkernels._checks``: ``TypeError`` for a wrong type, ``ValueError`` for
     a wrong value, the message naming the argument. Returns ``temperature, top_p, cfg_scale, clip_x0``
     as floats (``None`` kept), so that an int such as ``2**70`` never reaches torch."""
@@ -315,7 +427,6 @@ def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image,
     if not isinstance(force_image, bool):
         raise TypeError(f"force_image: expected a bool, got {force_image!r}")
     check_int("image_steps", image_steps, 1, config.num_timesteps)
-    check_choice("sampler", sampler, tuple(SAMPLERS))
     if cfg_scale is not None:
         cfg_scale = check_float("cfg_scale", cfg_scale, what="None or a finite float")
     if clip_x0 is not None and (clip_x0 := check_float("clip_x0", clip_x0, 0, what="None or a finite float > 0")) == 0:
@@ -323,3 +434,27 @@ def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image,
     if seed is not None:
         check_int("seed", seed, 0, 2**64 - 1)
     return temperature, top_p, cfg_scale, clip_x0
+
+
+def _check_sampler_args(sampler, timestep_spacing, shift, config) -> tuple[str, float | None]:
+    """``(sampler, shift)`` with their defaults filled in for the model's diffusion mode: ddpm/ddim and a
+    timestep spacing for a model of integer steps, euler/heun and a shift for a continuous-time one."""
+    check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    if shift is not None:
+        shift = check_float("shift", shift, what="None or a finite float > 0")
+        if shift <= 0:
+            raise ValueError(f"shift: expected None or a finite float > 0, got {shift!r}")
+    if config.continuous_time:
+        sampler = "euler" if sampler is None else check_choice("sampler", sampler, FLOW_SAMPLERS)
+        if timestep_spacing != "even":
+            raise ValueError(f"timestep_spacing: expected 'even' with sampler {sampler!r} (spacings place the "
+                             f"steps of ddpm/ddim; a flow model's grid is set by shift), got {timestep_spacing!r}")
+        return sampler, config.flow_shift if shift is None else shift
+    if sampler in FLOW_SAMPLERS:
+        raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)} for a model of integer steps ({sampler!r} "
+                         f"integrates a continuous-time model, noise_schedule='flow'), got {sampler!r}")
+    sampler = "ddpm" if sampler is None else check_choice("sampler", sampler, tuple(SAMPLERS))
+    if shift is not None:
+        raise ValueError(f"shift: expected None for a model of integer steps (noise_schedule="
+                         f"{config.noise_schedule!r}); the shift is a continuous-time sampler's, got {shift!r}")
+    return sampler, None

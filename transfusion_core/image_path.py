@@ -23,17 +23,24 @@ __all__ = ["ImageLayout", "LinearPatches", "TimestepEmbedding", "UNetPatches", "
 
 
 class TimestepEmbedding(nn.Module):
-    """Sinusoidal features of the diffusion step, then an MLP: ``t [N]`` -> ``[N, D]``."""
+    """Sinusoidal features of the diffusion step, then an MLP: ``t [N]`` -> ``[N, D]``.
 
-    def __init__(self, dim: int, frequency_dim: int = 256):
+    ``t`` is an integer step or a float time; the features are those of ``t * time_scale``. A
+    continuous-time model passes ``time_scale = T`` (``num_timesteps``, 1000), so that ``t`` in
+    ``[0, 1]`` spans the frequencies as DDPM's steps ``0..T-1`` do (SD3 and diffusers' flow models
+    embed ``1000 t`` likewise): with ``t`` itself, the slowest wavelengths would hardly move.
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.time_scale = time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = t.to(torch.float32)[:, None] * freqs  # [N, F/2]
+        angles = (t.to(torch.float32) * self.time_scale)[:, None] * freqs  # [N, F/2]
         features = torch.cat([angles.cos(), angles.sin()], dim=-1)  # [N, F]
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 

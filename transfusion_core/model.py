@@ -33,7 +33,7 @@ import tfkernels as tk
 from tfkernels._checks import check_int, is_int, is_int_dtype
 
 from . import checkpoint, ops
-from .config import IGNORE_INDEX, TransfusionConfig, noise_schedule
+from .config import IGNORE_INDEX, TransfusionConfig, continuous_times, noise_schedule
 from .data import PackedBatch
 from .image_path import ImageLayout, LinearPatches, TimestepEmbedding, UNetPatches, patch_position_embedding
 
@@ -142,6 +142,27 @@ def _check_index(name: str, x, shape: tuple, what: str, device: torch.device, hi
         raise ValueError(f"{name}: expected values in [0, {high - 1}], got {name}{list(index)} = {int(x[index])}")
 
 
+def _check_times(name: str, t, shape: tuple, what: str, config: TransfusionConfig, device: torch.device) -> None:
+    """Diffusion times of the model's kind: int steps in ``[0, T)``, or float32 times in ``[0, 1]`` for a
+    continuous-time (``noise_schedule="flow"``) model."""
+    if not config.continuous_time:
+        _check_index(name, t, shape, what, device, config.num_timesteps)
+        return
+    kind = "float32 times in [0, 1] (noise_schedule='flow')"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected {kind} {what}, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: expected {kind} {what}, got {t.dtype}")
+    if t.ndim != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the model's), got {t.device}")
+    bad = ~((t >= 0) & (t <= 1))  # NaN fails both comparisons
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected values in [0, 1], got {name}{list(index)} = {t[index].item()}")
+
+
 def _check_cache(cache, model: Transfusion) -> None:
     from .generate import KVCache  # generate.py builds on this module, not the other way round
 
@@ -170,7 +191,9 @@ class Transfusion(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.time_embedding = TimestepEmbedding(config.dim)
+        # A continuous time t in [0, 1] is embedded as t * T, the range of the integer steps.
+        self.time_embedding = TimestepEmbedding(config.dim,
+                                                time_scale=config.num_timesteps if config.continuous_time else 1.0)
         self.image_io = LinearPatches(config) if config.image_encoder == "linear" else UNetPatches(config)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
@@ -221,12 +244,18 @@ class Transfusion(nn.Module):
         return self.norm(h)
 
     def predict(self, batch, x_t: torch.Tensor):
-        """Run a packed batch whose patches are already noised (``x_t [P, C*p*p]``).
+        """Run a packed batch whose patches are already noised (``x_t [P, C*p*p]``) at ``batch.timesteps``
+        (int steps; float32 times in ``[0, 1]`` for a continuous-time model, ``noise_schedule="flow"``).
 
         Returns the final hidden states ``[B, S, D]`` (``logits(hidden)`` for next-token
         logits) and the image predictions ``[P, C*p*p]`` (of ``config.diffusion_target``).
         """
         _check_batch(batch)
+        _check_times("batch.timesteps", batch.timesteps, (batch.num_images,), f"[N = {batch.num_images}]",
+                     self.config, self.device)
+        return self._predict(batch, x_t, batch.timesteps)
+
+    def _predict(self, batch, x_t: torch.Tensor, t: torch.Tensor):
         _check_float("x_t", x_t, (None, self.config.patch_dim), f"[P, {self.config.patch_dim}]", self.device)
         layout = ImageLayout(batch.patch_offsets, batch.image_grids)
         h = self.tok_embeddings(batch.tokens)  # [B, S, D]
@@ -237,7 +266,7 @@ class Transfusion(nn.Module):
             raise ValueError(
                 f"x_t: expected {int(is_image.sum())} patches (the batch's image positions), got {x_t.shape[0]}"
             )
-        patch_tokens, time_emb, skips = self._embed_images(x_t, batch.timesteps, layout)
+        patch_tokens, time_emb, skips = self._embed_images(x_t, t, layout)
         # Patches fill the image positions in row-major order, the order of the patch buffer. Under
         # autocast the patch tokens come out of autocast's linears in its dtype while the token
         # embeddings stay in the parameters' dtype: the residual stream keeps the embeddings' dtype.
@@ -250,14 +279,20 @@ class Transfusion(nn.Module):
 
         The patches are noised at ``batch.timesteps`` with ``noise`` ``[P, C*p*p]`` if given,
         else with noise generated from ``batch.noise_seed`` (regenerated in the loss, not stored).
+        A continuous-time model (``noise_schedule="flow"``) takes float32 times in ``[0, 1]``, or reads
+        the packer's integer draws as times of its distribution (``config.continuous_times``).
         """
         _check_batch(batch)
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
+        t = batch.timesteps
+        if self.config.continuous_time and not t.dtype.is_floating_point:
+            t = continuous_times(t, batch.noise_seed, self.config)
+        # t's values are checked by the diffusion ops (in an op of their own, also under torch.compile).
         schedule = self.schedule_on(x0.device)
         model_ops = ops.current()
-        x_t = model_ops.add_noise(x0, batch.timesteps, schedule, offsets=batch.patch_offsets, **noise_args)
-        hidden, pred = self.predict(batch, x_t)
+        x_t = model_ops.add_noise(x0, t, schedule, offsets=batch.patch_offsets, **noise_args)
+        hidden, pred = self._predict(batch, x_t, t)
         is_target = batch.targets != IGNORE_INDEX  # [B, S]
         text_hidden = hidden[is_target]  # [T, D]: only text positions pay for the LM head
         # Under autocast the head runs in the activations' dtype, as an nn.Linear would.
@@ -266,7 +301,7 @@ class Transfusion(nn.Module):
         diffusion_loss = lm_loss.new_zeros(())  # a text-only batch
         if batch.num_images:
             diffusion_loss = model_ops.diffusion_loss(
-                pred, x0, batch.timesteps, schedule, target=self.config.diffusion_target,
+                pred, x0, t, schedule, target=self.config.diffusion_target,
                 offsets=batch.patch_offsets, **noise_args,
             )
         return TransfusionLoss(lm_loss + self.config.diffusion_loss_weight * diffusion_loss, lm_loss, diffusion_loss)
@@ -313,7 +348,8 @@ class Transfusion(nn.Module):
 
         Returns the predictions ``[B, h*w, C*p*p]``. ``commit=True`` keeps the patches' keys
         and values (a clean image that later tokens attend to); a denoising step does not.
-        ``grid``: the patch grid ``(h, w)``, positive ints; ``t``: int, in ``[0, T)``.
+        ``grid``: the patch grid ``(h, w)``, positive ints; ``t``: int, in ``[0, T)``, or float32 times in
+        ``[0, 1]`` for a continuous-time model (``noise_schedule="flow"``).
         """
         _check_cache(cache, self)
         if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(is_int(g) for g in grid)):
@@ -324,8 +360,7 @@ class Transfusion(nn.Module):
         dim = self.config.patch_dim
         _check_float("x_t", x_t, (cache.batch_size, n, dim), f"[B = {cache.batch_size}, h*w = {n}, {dim}]",
                      self.device)
-        _check_index("t", t, (cache.batch_size,), f"[B = {cache.batch_size}]", self.device,
-                     self.schedule.num_timesteps)
+        _check_times("t", t, (cache.batch_size,), f"[B = {cache.batch_size}]", self.config, self.device)
         if not isinstance(commit, bool):
             raise TypeError(f"commit: expected a bool, got {commit!r:.60}")
         batch, n, _ = x_t.shape

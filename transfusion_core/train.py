@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tfkernels._checks import check_choice, check_float, check_int
+from tfkernels.schedule import TIME_DISTRIBUTIONS
 
 from .checkpoint import (
     TRAIN_STATE_FILE,
@@ -60,7 +61,7 @@ from .checkpoint import (
     write_training_checkpoint,
 )
 from .codec import PixelCodec, VAECodec, encode_dataset
-from .config import TransfusionConfig, is_int
+from .config import FLOW_DEFAULTS, TransfusionConfig, is_int
 from .data import ByteTokenizer, Packer
 from .datasets import MAX_IMAGE_SIZE, DataError, ShapesDataset, heldout_set, training_set
 from .evaluate import write_samples
@@ -68,6 +69,10 @@ from .model import Transfusion
 from .plots import write_loss_curve
 
 CHECKPOINT_DIR = "checkpoint"
+# The diffusion modes and targets the script trains (TransfusionConfig takes more: rectified_flow's
+# integer grid, diffusers' target names).
+TRAIN_SCHEDULES = ("cosine", "linear", "flow")
+TRAIN_TARGETS = ("eps", "v", "x0", "flow")
 METRICS_FILE = "metrics.jsonl"
 
 # Presets: every option below has a value in "tiny"; other presets override some of them.
@@ -77,6 +82,7 @@ PRESETS = {
     "tiny": dict(
         data="shapes", heldout_data=None, image_size=16, max_shapes=1, train_samples=100_000, heldout_samples=48,
         dim=128, n_layers=4, n_heads=4, image_encoder="linear", patch_size=4, diffusion_target="v",
+        noise_schedule="cosine", **FLOW_DEFAULTS,
         steps=1800, batch_size=32, micro_batches=1, seq_len=57,
         lr=1e-3, min_lr_ratio=0.1, warmup=100, weight_decay=0.01, grad_clip=1.0,
         caption_first_prob=0.5, drop_caption_prob=0.1,
@@ -93,7 +99,8 @@ PRESETS = {
 # What a resumed run must share with its checkpoint: everything that changes the arithmetic.
 RUN_IDENTITY = (
     "data", "heldout_data", "image_size", "max_shapes", "train_samples", "dim", "n_layers", "n_heads",
-    "image_encoder", "patch_size", "diffusion_target", "steps", "batch_size", "micro_batches", "seq_len", "lr",
+    "image_encoder", "patch_size", "diffusion_target", "noise_schedule", *FLOW_DEFAULTS, "steps", "batch_size",
+    "micro_batches", "seq_len", "lr",
     "min_lr_ratio",
     "warmup", "weight_decay", "grad_clip", "caption_first_prob", "drop_caption_prob", "seed", "vae",
 )
@@ -117,6 +124,11 @@ class TrainArgs:
     image_encoder: str
     patch_size: int
     diffusion_target: str
+    noise_schedule: str
+    flow_time_distribution: str
+    flow_time_mean: float
+    flow_time_std: float
+    flow_shift: float
     steps: int
     batch_size: int
     micro_batches: int
@@ -162,7 +174,16 @@ def parse_args(argv=None) -> TrainArgs:
     group.add_argument("--n-heads", type=int)
     group.add_argument("--image-encoder", choices=("linear", "unet"))
     group.add_argument("--patch-size", type=int)
-    group.add_argument("--diffusion-target", choices=("eps", "v", "x0"), help="what the image output predicts")
+    group.add_argument("--diffusion-target", choices=TRAIN_TARGETS,
+                       help="what the image output predicts (default with --noise-schedule flow: flow)")
+    group.add_argument("--noise-schedule", choices=TRAIN_SCHEDULES,
+                       help="DDPM betas (integer steps) or flow: continuous-time rectified flow")
+    group.add_argument("--flow-time-distribution", choices=TIME_DISTRIBUTIONS,
+                       help="flow: how training draws t in [0, 1], before the shift")
+    group.add_argument("--flow-time-mean", type=float, help="flow, logit_normal: mean of the normal")
+    group.add_argument("--flow-time-std", type=float, help="flow, logit_normal: std of the normal")
+    group.add_argument("--flow-shift", type=float,
+                       help="flow: time shift s t / (1 + (s - 1) t) of training and sampling (SD3)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--steps", type=int, help="optimizer steps")
     group.add_argument("--batch-size", type=int, help="documents per step, over all processes")
@@ -180,7 +201,7 @@ def parse_args(argv=None) -> TrainArgs:
     group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one at the end)")
     group.add_argument("--log-every", type=int, help="steps between progress lines")
     group.add_argument("--samples", type=int, help="held-out samples in samples.png (0: none)")
-    group.add_argument("--sample-steps", type=int, help="DDIM steps per sample image")
+    group.add_argument("--sample-steps", type=int, help="steps per sample image (DDIM; Euler for a flow model)")
     group.add_argument("--cfg-scale", type=float, help="guidance scale of the sample images")
     group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
     group.add_argument("--stop-at", type=int, help="stop after this step, as an interruption would (resume later)")
@@ -189,6 +210,8 @@ def parse_args(argv=None) -> TrainArgs:
     group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     group.add_argument("--no-plots", dest="plots", action="store_false", help="skip loss_curve.png and samples.png")
     namespace = vars(parser.parse_args(argv))
+    if namespace["noise_schedule"] == "flow" and namespace["diffusion_target"] is None:
+        namespace["diffusion_target"] = "flow"  # a flow model predicts the velocity unless told otherwise
     values = PRESETS["tiny"] | PRESETS[namespace["preset"]]
     values |= {name: value for name, value in namespace.items() if value is not None}
     values["out"] = values["out"] if namespace["out"] is not None else f"runs/{values['preset']}"
@@ -240,7 +263,13 @@ def check_args(args: TrainArgs) -> None:
             raise TypeError(f"{option(name)}: expected a bool, got {getattr(args, name)!r}")
     check_choice("--preset", args.preset, tuple(PRESETS))
     check_choice("--image-encoder", args.image_encoder, ("linear", "unet"))
-    check_choice("--diffusion-target", args.diffusion_target, ("eps", "v", "x0"))
+    check_choice("--diffusion-target", args.diffusion_target, TRAIN_TARGETS)
+    check_choice("--noise-schedule", args.noise_schedule, TRAIN_SCHEDULES)
+    check_choice("--flow-time-distribution", args.flow_time_distribution, TIME_DISTRIBUTIONS)
+    check_float("--flow-time-mean", args.flow_time_mean)
+    for name in ("flow_time_std", "flow_shift"):
+        if check_float(option(name), getattr(args, name), what="a finite float > 0") <= 0:
+            fail(name, "a finite float > 0")
     if args.batch_size % args.micro_batches:
         fail("micro_batches", f"a divisor of --batch-size={args.batch_size}")
     if check_float("--lr", args.lr, what="a finite float > 0") <= 0:
@@ -396,6 +425,7 @@ def model_config(args: TrainArgs, codec) -> TransfusionConfig:
     fields = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, image_encoder=args.image_encoder,
                   patch_size=args.patch_size, image_channels=codec.latent_channels,
                   image_size=args.image_size // codec.downsample, diffusion_target=args.diffusion_target,
+                  noise_schedule=args.noise_schedule, **{name: getattr(args, name) for name in FLOW_DEFAULTS},
                   patch_position_embedding=True)
     if args.image_encoder == "unet":  # one level per halving: 32, 64, ... channels
         fields["unet_channels"] = tuple(32 * 2**k for k in range(args.patch_size.bit_length()))

@@ -416,7 +416,9 @@ BAD_INPUTS = [
     (dict(x0=[1.0]), TypeError, "x0: expected a torch.Tensor"),
     (dict(pred=torch.randn(10, 5, device=DEVICE)), ValueError, r"pred: expected shape \(10, 4\)"),
     (dict(noise=torch.randn(9, 4, device=DEVICE)), ValueError, r"noise: expected shape \(10, 4\)"),
-    (dict(t=torch.tensor([1.0, 2.0, 3.0], device=DEVICE)), TypeError, "t: expected dtype int32 or int64"),
+    # Float times need a flow schedule (and float32).
+    (dict(t=torch.tensor([0.1, 0.2, 0.3], device=DEVICE)), TypeError,
+     r"t: expected integer timesteps for a 'cosine' schedule \(float32 times in \[0, 1\] need"),
     (dict(t=torch.tensor([[1, 2, 3]], device=DEVICE)), ValueError, r"t: expected an int tensor \[N\]"),
     (dict(t=[1, 2, 3]), TypeError, r"t: expected an int tensor \[N\], got list"),
     (dict(offsets=torch.tensor([0, 5, 10], device=DEVICE)), ValueError, r"offsets: expected shape \[N \+ 1\] = \[4\]"),

@@ -202,7 +202,7 @@ def _tables(T=4):
 
 
 @pytest.mark.parametrize("args, error, message", [
-    (("diffusion", *_tables()), ValueError, r"kind: expected one of \('cosine', 'linear', 'flow'\), got 'diffusion'"),
+    (("diffusion", *_tables()), ValueError, r"kind: expected one of \('cosine', 'linear', 'scaled_linear', 'flow'\), got 'diffusion'"),
     ((None, *_tables()), TypeError, "kind: expected a str"),
     (("flow", _tables()[0], _tables(5)[1]), ValueError, r"noise_scale: expected shape \(4,\) on cpu \(as signal_scale\)"),
     (("flow", [1.0, 0.5], torch.ones(2)), TypeError, r"signal_scale: expected a float32 tensor \[T\], got list"),

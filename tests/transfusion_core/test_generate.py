@@ -114,7 +114,7 @@ def test_generated_image_enters_the_cache_clean():
     model = tiny_model("unet")
     prompt = [[40, 41, 42]]
     cache, _ = prefill(model, prompt, force_image=True)
-    image = generate.generate_image(model, cache, (4, 4), steps=3, eta=1.0, cfg_scale=None, clip_x0=1.0,
+    image = generate.generate_image(model, cache, (4, 4), steps=3, sampler="ddpm", cfg_scale=None, clip_x0=1.0,
                                     generator=torch.Generator().manual_seed(0))
     assert image.abs().max() <= 1.0 and image.std() > 0.1
     assert cache.length == 1 + 3 + 1 + 4
@@ -253,7 +253,7 @@ def test_bad_generate_arguments_are_named(kwargs, message):
         (dict(temperature=None), r"temperature: expected"),
         (dict(top_k=2.0), r"top_k: expected an int >= 1"),
         (dict(top_p="0.9"), r"top_p: expected None or a float"),
-        (dict(sampler=None), r"sampler: expected a str"),
+        (dict(sampler=1), r"sampler: expected a str"),  # None: the model's default sampler
         (dict(image_steps=2.5), r"image_steps: expected an int"),
         (dict(image_size="16"), r"image_size: expected an int or \(H, W\)"),
         (dict(image_size=(4.0, 4)), r"image_size: expected an int or \(H, W\)"),

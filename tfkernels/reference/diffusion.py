@@ -5,7 +5,8 @@ here.)
 Images come either as a batch ``[N, ...]`` (one timestep per leading index) or packed in one flat
 patch buffer ``[P, C]`` with ``offsets`` ``[N + 1]`` (image ``i`` owns rows
 ``offsets[i]:offsets[i + 1]``, like ``cu_seqlens``). Coefficients are the schedule's float32
-tables whatever the data dtype.
+tables whatever the data dtype, or, for float32 continuous times of a flow schedule, ``(1 - t, t)``
+in float32 (``NoiseSchedule.coefficients``).
 
 Seeded noise is a counter-based generator, Philox-4x32-10 (``tfkernels._philox``) keyed by the seed
 and counted by the element's row-major index in the buffer, followed by Box-Muller. ``seeded_noise``
@@ -88,7 +89,7 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise=
 
     Args:
         x0: ``[N, ...]`` with ``t`` ``[N]``, or a patch buffer ``[P, C]`` with ``offsets`` ``[N + 1]``.
-        t: int ``[N]``, one timestep per image.
+        t: ``[N]``, one per image: int timesteps, or float32 times in ``[0, 1]`` with a flow schedule.
         noise: like x0; or ``seed``: int, noise from ``seeded_noise(seed, x0.shape)``.
     Arithmetic runs in float32, or float64 when x0 is float64, autocast or not (it is off inside).
     """
@@ -116,7 +117,7 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, schedu
     every tensor argument. ``x0`` is ``[N, ...]`` (``[N]``: one element per image) or a packed
     buffer; an image of no elements has no mean: ``ValueError``.
     """
-    check_target(target, schedule)
+    target = check_target(target, schedule)
     check_choice("reduction", reduction, REDUCTIONS)
     if t.shape[0] and math.prod(x0.shape[1:]) == 0:
         raise ValueError(f"x0: expected images of at least one element (the loss is a mean over each image), "
