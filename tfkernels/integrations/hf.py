@@ -479,9 +479,9 @@ class _DenseMasks:
 _dense_masks = _DenseMasks()
 
 
-def _from_dense(dense: torch.Tensor, module, fallback) -> IntervalMask | None:
-    """The IntervalMask of a dense 4D mask (bool, or additive float with 0 for visible), ``None`` when it
-    is none (with a fallback; without one that raises)."""
+def _from_dense(dense: torch.Tensor, module, batch_size: int, fallback) -> IntervalMask | None:
+    """The IntervalMask of a dense 4D mask (bool, or additive float with 0 for visible; batch 1 is
+    broadcast), ``None`` when it is none (with a fallback; without one that raises)."""
     known, mask = _dense_masks.lookup(dense)
     if known and (mask is not None or fallback is not None):
         return mask
@@ -502,7 +502,7 @@ def _from_dense(dense: torch.Tensor, module, fallback) -> IntervalMask | None:
         dense = visible
     if error is None:
         try:
-            mask = IntervalMask.from_dense(dense)
+            mask = IntervalMask.from_dense(dense.expand(batch_size, -1, -1, -1))
         except NotAnIntervalError as not_interval:
             error = _not_an_interval(config, not_interval.batch, not_interval.query, str(not_interval))
     if error is not None and fallback is None:
@@ -582,7 +582,7 @@ def attention_forward(
         elif attention_mask is None:
             mask = _implicit_mask(module, query, key, kwargs)
         elif isinstance(attention_mask, torch.Tensor):
-            mask = _from_dense(attention_mask, module, fallback)
+            mask = _from_dense(attention_mask, module, query.shape[0], fallback)
         else:
             raise TypeError(f"attention_mask: expected a tfkernels.IntervalMask, a dense tensor or None, got "
                             f"{type(attention_mask).__name__} (was the model built for another attn_implementation?)")

@@ -502,6 +502,11 @@ def test_dense_masks_given_to_the_attention_function():
         hf.attention_forward(module, q, k, v, bias)
     with pytest.raises(NotImplementedError, match=r"shape \(1, 4, 6, 6\)"):
         hf.attention_forward(module, q, k, v, hole.expand(1, 4, 6, 6))
+    causal = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
+    q2, k2, v2 = (torch.cat([t, t.flip(2)]) for t in (q, k, v))  # batch 2, the mask's batch 1 broadcast
+    out, _ = hf.attention_forward(module, q2, k2, v2, causal)
+    expected = tk.attention(*(t.transpose(1, 2) for t in (q2, k2, v2)), IntervalMask.causal(2, 6, device=DEVICE))
+    assert torch.equal(out, expected)
     with pytest.raises(TypeError, match="tfkernels_mask: expected a tfkernels.IntervalMask, got Tensor"):
         hf.attention_forward(module, q, k, v, None, tfkernels_mask=hole)
 
