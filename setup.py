@@ -25,12 +25,16 @@ setup(
         # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
         # Pillow, matplotlib, diffusers: the suite also tests the train, bench and vae extras' code.
         # ruff: scripts/test.sh lints the tree before the tests.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers", "ruff"],
+        # transformers: tests/tfkernels/integrations/test_hf.py (the hf extra; transformers pulls no torch build).
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers", "ruff",
+                 "transformers>=5"],
         # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
         "train": ["Pillow", "matplotlib"],
         # A real image codec: a diffusers AutoencoderKL loaded from a local directory.
         "vae": ["diffusers"],
         # python -m bench.plot: PNG charts of a benchmark CSV.
         "bench": ["matplotlib"],
+        # tfkernels.integrations.hf: attn_implementation="tfkernels" (tested with transformers 5.24.0).
+        "hf": ["transformers>=5"],
     },
 )

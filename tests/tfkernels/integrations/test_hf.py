@@ -10,8 +10,10 @@ import copy
 import importlib
 import importlib.util
 import random
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +158,17 @@ def test_the_hf_module_without_transformers_names_the_extra():
             "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'tfkernels[hf]'" in result.stdout, result.stdout + result.stderr
+
+
+@needs_transformers
+def test_the_readme_section_runs():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("## Use with Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = {}
+    exec(compile(code, "README.md", "exec"), example)
+    assert example["logits"].shape == (1, 12, 256) and torch.isfinite(example["logits"]).all()
+    assert example["tokens"].shape == (2, 10)
 
 
 @needs_transformers
