@@ -57,7 +57,7 @@ try:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
-except ImportError as error:  # pragma: no cover - exercised only without the extra
+except ImportError as error:
     raise ImportError(
         "tfkernels.integrations.hf needs transformers >= 5: pip install 'tfkernels[hf]'"
     ) from error
@@ -456,24 +456,25 @@ def interval_mask(
 # Attention function
 # ----------------------------------------------------------------------------------------------
 class _DenseMasks:
-    """The IntervalMask of the last dense mask converted (``None``: not an interval mask). All layers of
-    a forward get the same tensor, so it is converted once; a new tensor or an in-place edit (its
-    version counter) converts again. Holds the tensor weakly."""
+    """The IntervalMasks of the last few dense masks converted (``None``: not an interval mask). All layers
+    of a forward get the same tensor (one per layer type, e.g. global and sliding-window layers), so each is
+    converted once; a new tensor or an in-place edit (its version counter) converts again. Holds the
+    tensors weakly."""
 
-    def __init__(self):
-        self._key = None
-        self._mask = None
+    def __init__(self, size: int = 4):
+        self._entries: list[tuple[weakref.ref, int, IntervalMask | None]] = []
+        self._size = size
 
     def lookup(self, dense: torch.Tensor):
         """``(True, mask_or_None)`` if ``dense`` was converted as it is now, else ``(False, None)``."""
-        key = self._key
-        if key is not None and key[0]() is dense and key[1] == dense._version:
-            return True, self._mask
+        for ref, version, mask in self._entries:
+            if ref() is dense and version == dense._version:
+                return True, mask
         return False, None
 
     def remember(self, dense: torch.Tensor, mask: IntervalMask | None) -> None:
-        self._key = (weakref.ref(dense), dense._version)
-        self._mask = mask
+        live = [entry for entry in self._entries if entry[0]() is not None and entry[0]() is not dense]
+        self._entries = [(weakref.ref(dense), dense._version, mask)] + live[: self._size - 1]
 
 
 _dense_masks = _DenseMasks()

@@ -497,6 +497,24 @@ def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
 
 
 @needs_transformers
+def test_a_fallback_converts_each_mask_of_a_forward_once(monkeypatch):
+    """Gemma3 builds a global and a sliding-window mask per forward; with a padding hole neither is an
+    interval mask, and each layer type then runs SDPA on its dense mask without converting it again."""
+    model = tiny_gemma3()
+    inputs = gemma3_image_batch()
+    inputs["attention_mask"][1, 10] = 0
+    conversions = []
+    from_dense = IntervalMask.from_dense
+    monkeypatch.setattr(IntervalMask, "from_dense", lambda d: conversions.append(1) or from_dense(d))
+    outputs = {}
+    for implementation in ("sdpa", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model(**inputs, use_cache=False).logits
+    assert len(conversions) == 2  # by the builder, one per mask (the layers reuse its verdict)
+    assert torch.equal(outputs["tfkernels_fallback"], outputs["sdpa"])
+
+
+@needs_transformers
 def test_dense_masks_given_to_the_attention_function():
     model = tiny_llama()
     module = model.model.layers[0].self_attn
