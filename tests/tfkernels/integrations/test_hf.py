@@ -440,6 +440,22 @@ def test_gemma3_image_blocks_equal_sdpa_and_differ_from_causal(model_path, tk_ca
 
 
 @needs_transformers
+def test_gemma3_generate_with_images_and_a_sliding_window_cache_gives_sdpa_tokens(model_path, tk_calls):
+    """Prefill with image blocks, then decoding against a global cache and a sliding-window cache (whose
+    keys start past position 0: kv_offset > 0)."""
+    model = tiny_gemma3().eval()
+    inputs = gemma3_image_batch()
+    tokens = {}
+    for implementation in ("sdpa", "tfkernels"):
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
+    decoding = [m for m in tk_calls if m.seq_len_q == 1]
+    assert len(decoding) == 8 and {m.seq_len_k for m in decoding[::2]} == {4}  # the window's keys only
+    assert [m.seq_len_k for m in decoding[1::2]] == [21, 22, 23, 24]
+
+
+@needs_transformers
 def test_gemma3_with_pixels_equals_sdpa(model_path):
     """The whole multimodal model: the SigLIP tower (bidirectional, no mask) also runs on tfkernels."""
     model = tiny_gemma3()
