@@ -368,6 +368,14 @@ def test_llama_logits_and_gradients_equal_sdpa(model_path, padding, tk_calls, no
 
 
 @needs_transformers
+def test_llama_in_float16_equals_sdpa(model_path, tk_calls):
+    model = tiny_llama().half()
+    inputs = {"input_ids": random_ids(2, 12), "attention_mask": left_padding([7, 12], 12)}
+    assert_matches_sdpa(model, inputs, inputs["attention_mask"].bool())
+    assert tk_calls
+
+
+@needs_transformers
 def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, monkeypatch):
     model = tiny_llama().eval()
     ids = random_ids(2, 8, seed=3)
