@@ -71,3 +71,56 @@ def test_unknown_reduction_fails():
     hidden, weight, target = _inputs()
     with pytest.raises(ValueError, match="reduction: expected one of"):
         linear_cross_entropy(hidden, weight, target, reduction="avg")
+
+
+# ------------------------------------------------------------------------------ issue 15: bias, class weights,
+# label smoothing, soft-cap, z-loss term, any leading shape
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_bias_class_weight_and_smoothing_are_f_cross_entropys(reduction, label_smoothing):
+    hidden, weight, target = _inputs()
+    bias = torch.randn(weight.shape[0], dtype=torch.float64, requires_grad=True)
+    class_weight = torch.rand(weight.shape[0], dtype=torch.float64) + 0.1
+    ours = linear_cross_entropy(hidden, weight, target, reduction=reduction, bias=bias, class_weight=class_weight,
+                                label_smoothing=label_smoothing)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), target, weight=class_weight, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    torch.testing.assert_close(ours, expected)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (hidden, weight, bias)),
+                    torch.autograd.grad(expected.sum(), (hidden, weight, bias))):
+        torch.testing.assert_close(a, b)
+    if reduction == "mean":  # torch's own fused linear cross-entropy, same argument values
+        torch.testing.assert_close(ours, F.linear_cross_entropy(hidden, weight, target, linear_bias=bias,
+                                                                weight=class_weight, label_smoothing=label_smoothing))
+
+
+def test_softcap_caps_the_logits_before_the_softmax():
+    hidden, weight, target = _inputs()
+    logits = hidden @ weight.T
+    expected = F.cross_entropy(5.0 * torch.tanh(logits / 5.0), target)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, target, softcap=5.0), expected)
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, target, softcap=None),
+                               linear_cross_entropy(hidden, weight, target, softcap=0.0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_term_and_weighted_mean_denominators(reduction):
+    """The z-loss is averaged over the counted rows, the weighted cross-entropy over their summed class weights."""
+    hidden, weight, target = _inputs()
+    class_weight = torch.rand(weight.shape[0], dtype=torch.float64) + 0.1
+    loss, z_term = linear_cross_entropy(hidden, weight, target, reduction=reduction, z_loss=1e-2,
+                                        class_weight=class_weight, return_z_loss=True)
+    counted = target != -100
+    z_rows = torch.where(counted, 1e-2 * torch.logsumexp(hidden @ weight.T, -1).square(), 0.0)
+    expected_z = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows[counted].mean()}[reduction]
+    torch.testing.assert_close(z_term, expected_z.detach())
+    assert not z_term.requires_grad
+    ce = F.cross_entropy(hidden @ weight.T, target, weight=class_weight, reduction=reduction)
+    torch.testing.assert_close(loss, ce + expected_z)
+
+
+def test_leading_dimensions_are_flattened():
+    hidden, weight, target = _inputs(n=24)
+    shaped = linear_cross_entropy(hidden.reshape(2, 3, 4, -1), weight, target.reshape(2, 3, 4), reduction="none")
+    assert shaped.shape == (2, 3, 4)
+    torch.testing.assert_close(shaped.reshape(-1), linear_cross_entropy(hidden, weight, target, reduction="none"))
