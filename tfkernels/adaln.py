@@ -52,11 +52,15 @@ if HAS_TRITON:
 
 __all__ = ["MAX_CHANNELS", "adaln_modulate"]
 
-# A row lives in registers: 16384 float32 values at 16 warps are 32 per thread per live tile (the
-# backward keeps about six). DiT widths are 1152 (PixArt-alpha) to 4096.
-MAX_CHANNELS = 16384
-# Elements per [ROWS, BLOCK_C] tile when C is small: 32 float32 values per thread at 4 warps.
+# A row lives in registers. The backward keeps about six [ROWS, BLOCK_C] float32 tiles live: at 16 fp32
+# values per thread per tile it needs 128 registers and no spills on sm_90a, at 32 (C = 16384 at the
+# most warps, 16) it spills 0.7 KB (bench.compile_report's compiler, run on a CPU). DiT widths are
+# 1152 (PixArt-alpha) to 4096.
+MAX_CHANNELS = 8192
+# Elements per [ROWS, BLOCK_C] tile when C is small: several rows per program step.
 _TILE_ELEMENTS = 4096
+# fp32 elements per thread per tile (sets the warps): see MAX_CHANNELS.
+_ELEMENTS_PER_THREAD = 16
 # About this many programs per launch: ~8 per SM on an H100 (132 SMs), enough to hide memory latency
 # with the tile sizes above; fewer would leave SMs idle, more would mean more [B, chunks, C] partials.
 _TARGET_PROGRAMS = 1024
@@ -218,7 +222,7 @@ def _config(batch: int, tokens: int, channels: int) -> dict:
     rows_per_program = rows * max(1, tiles_per_program)
     return dict(rows=rows, block_c=block_c, rows_per_program=rows_per_program,
                 chunks=triton.cdiv(tokens, rows_per_program),
-                num_warps=min(16, max(4, rows * block_c // 1024)))
+                num_warps=min(16, max(4, rows * block_c // (32 * _ELEMENTS_PER_THREAD))))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -418,7 +422,7 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ga
     in one pass.
 
     Args:
-        x: ``[B, T, C]`` float16/bfloat16/float32, any strides; ``1 <= C <= 16384``.
+        x: ``[B, T, C]`` float16/bfloat16/float32, any strides; ``1 <= C <= 8192``.
         shift, scale: per-sample ``[B, C]`` or ``[B, 1, C]`` (broadcast over the tokens: DiT's
             timestep conditioning, PixArt-alpha's adaLN-single) or per-token ``[B, T, C]``; any
             float dtype and strides (e.g. chunks of one ``[B, 6 C]`` projection).

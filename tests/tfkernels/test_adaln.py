@@ -264,7 +264,7 @@ BAD_INPUTS = [
     (dict(x=[[1.0]]), TypeError, "x: expected a torch.Tensor, got list"),
     (dict(x=_randn(6, 8, seed=0)), ValueError, r"x: expected \[B, T, C\], got shape \[6, 8\]"),
     (dict(x=_randn(2, 3, 0, seed=0), shift=_randn(2, 0, seed=0), scale=_randn(2, 0, seed=0)), ValueError,
-     r"x: expected 1 <= C <= 16384 channels"),
+     r"x: expected 1 <= C <= 8192 channels"),
     (dict(shift=_randn(2, 8, seed=0).long()), TypeError, "shift: expected float16, bfloat16 or float32"),
     (dict(shift=_randn(3, 8, seed=0)), ValueError,
      r"shift: expected per-sample \[B, C\] = \[2, 8\] \(or \[B, 1, C\]\) or per-token \[B, T, C\] = \[2, 3, 8\], "
