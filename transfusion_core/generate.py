@@ -22,6 +22,7 @@ head dim, ``C*p*p`` values per patch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -139,7 +140,12 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
         return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0).to(torch.int64)
     if spacing == "leading":
         return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_timesteps // steps))
-    return torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64).round().to(torch.int64) - 1
+    # numpy's arange(T, 0, -T / steps), as diffusers calls it: numpy fills T + i * (a[1] - a[0]), whose
+    # rounding differs from T - i * T / steps at ties (999 steps of 50: 499.4999... vs 499.5).
+    step = -num_timesteps / steps
+    count = math.ceil((0 - num_timesteps) / step)
+    values = num_timesteps + torch.arange(count, dtype=torch.float64) * ((num_timesteps + step) - num_timesteps)
+    return values.round().to(torch.int64) - 1
 
 
 def flow_times(steps: int, shift: float = 1.0) -> torch.Tensor:

@@ -516,3 +516,224 @@ def test_add_noise_allows_empty_images_but_checks_offsets():
     assert out.shape == x0.shape
     with pytest.raises(ValueError, match=r"offsets: expected non-decreasing values, got offsets\[1\] = 4, offsets\[2\] = 3"):
         tk.add_noise(x0, t, COSINE, seed=3, offsets=torch.tensor([0, 4, 3, 6], device=DEVICE))
+
+
+# ------------------------------------------------------------------------------ continuous time (issue 16)
+EDGE_TIMES = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
+# Float32 times per layout: every edge time, in batch and packed layouts.
+FLOAT_TIMES = {"one_image": [0.5], "batch": EDGE_TIMES, "packed": EDGE_TIMES + [0.25, 0.75],
+               "packed_one_image": [1e-6]}
+
+
+def _float_layout(name, gen):
+    shape, offsets, _ = _layout(name, gen)
+    return shape, offsets, torch.tensor(FLOAT_TIMES[name], dtype=torch.float32, device=DEVICE)
+
+
+def _flow_formula(x0, noise, t, offsets, target=None):
+    """x_t = (1 - t) x0 + t noise (or a target) per image, in float64 from the float32 times."""
+    t64 = t.double()
+    if offsets is not None:
+        t64 = torch.repeat_interleave(t64, (offsets[1:] - offsets[:-1]).long())
+    t64 = t64.reshape(-1, *([1] * (x0.ndim - 1)))
+    x0, noise = x0.double(), noise.double()
+    if target is None:
+        return (1 - t64) * x0 + t64 * noise
+    return {"eps": noise, "x0": x0, "v": (1 - t64) * noise - t64 * x0, "flow": noise - x0}[target]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_add_noise_float_times_match_the_formula(dtype, layout, seeded, small_blocks, path):
+    gen = torch.Generator().manual_seed(31)
+    shape, offsets, t = _float_layout(layout, gen)
+    x0 = _random(shape, dtype, gen)
+    noise = _kernel_noise(13, shape) if seeded else _random(shape, dtype, gen)
+    source = {"seed": 13} if seeded else {"noise": noise}
+    ours = tk.add_noise(x0, t, FLOW, offsets=offsets, **source)
+    assert ours.shape == x0.shape and ours.dtype == dtype
+    lowp = reference.add_noise(x0, t, FLOW, noise=noise.to(dtype), offsets=offsets)
+    assert_anchored("x_t", ours, _flow_formula(x0, noise, t, offsets), lowp)
+
+
+def test_float_times_zero_and_one_are_x0_and_the_noise_exactly(path):
+    gen = torch.Generator().manual_seed(32)
+    x0, noise = _random((4, 300), torch.float32, gen), _random((4, 300), torch.float32, gen)
+    x_t = tk.add_noise(x0, torch.tensor([0.0, 1.0, 0.0, 1.0], device=DEVICE), FLOW, noise=noise)
+    assert torch.equal(x_t[0::2], x0[0::2]) and torch.equal(x_t[1::2], noise[1::2])
+    # The integer grid is a different thing: step 0 is s = 1 / T, not clean.
+    assert not torch.equal(tk.add_noise(x0, torch.zeros(4, dtype=torch.long, device=DEVICE), FLOW, noise=noise), x0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout, seeded, weighted", [("batch", False, True), ("packed", True, False),
+                                                      ("packed", False, True)])
+def test_diffusion_loss_float_times_match_the_formula(dtype, target, layout, seeded, weighted, small_blocks, path):
+    """Loss and d/dpred against per-image float64 means of the closed-form target."""
+    gen = torch.Generator().manual_seed(33)
+    shape, offsets, t = _float_layout(layout, gen)
+    x0, pred = _random(shape, dtype, gen), _random(shape, dtype, gen)
+    noise = _kernel_noise(23, shape) if seeded else _random(shape, dtype, gen)  # the path's own seeded noise
+    weights = torch.rand(t.shape[0], generator=gen).to(DEVICE) + 0.5 if weighted else None
+    grad_none = torch.randn(t.shape[0], generator=gen).to(DEVICE)
+    source = {"seed": 23} if seeded else {"noise": noise}
+
+    def ours_fn(p, reduction):
+        return tk.diffusion_loss(p, x0, t, FLOW, target=target, offsets=offsets, weights=weights,
+                                 reduction=reduction, **source)
+
+    def formula_fn(p, reduction):  # float64, per image, from the closed-form target
+        goal = _flow_formula(x0, noise, t, offsets, target)
+        sq = (p - goal).square().reshape(shape[0], -1).mean(dim=1)
+        sizes = (offsets[1:] - offsets[:-1]) if offsets is not None else torch.ones_like(t, dtype=torch.long)
+        per_image = torch.zeros(t.shape[0], dtype=torch.float64, device=DEVICE).index_add(
+            0, torch.repeat_interleave(torch.arange(t.shape[0], device=DEVICE), sizes), sq) / sizes
+        per_image = per_image * (1 if weights is None else weights.double())
+        return per_image if reduction == "none" else per_image.mean()
+
+    def lowp_fn(p, reduction):
+        return reference.diffusion_loss(p, x0, t, FLOW, target=target, noise=noise.to(dtype), offsets=offsets,
+                                        weights=weights, reduction=reduction)
+
+    ours = _loss_and_grads(ours_fn, pred, grad_none)
+    ref64 = _loss_and_grads(formula_fn, pred.double(), grad_none)
+    lowp = _loss_and_grads(lowp_fn, pred, grad_none)
+    for name, a, r, low in zip(("loss[none]", "loss[mean]", "dpred[none]", "dpred[mean]"), ours, ref64, lowp):
+        assert_anchored(name, a, r, low)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_float_time_gradients_for_x0_noise_and_weights(target, path):
+    gen = torch.Generator().manual_seed(34)
+    shape, offsets, t = _float_layout("packed", gen)
+    pred, x0, noise = (_random(shape, torch.float32, gen) for _ in range(3))
+    weights = torch.rand(t.shape[0], generator=gen).to(DEVICE)
+    grad_out = _random(shape, torch.float32, gen)
+
+    def loss_grads(fn, *inputs):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        loss = fn(inputs[0], inputs[1], t, FLOW, target=target, noise=inputs[2], offsets=offsets, weights=inputs[3])
+        return torch.autograd.grad(loss, inputs)
+
+    def noise_grads(fn, *inputs):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad((fn(inputs[0], t, FLOW, noise=inputs[1], offsets=offsets)
+                                    * grad_out.to(inputs[0].dtype)).sum(), inputs)
+
+    as64 = [x.double() for x in (pred, x0, noise, weights)]
+    ours = loss_grads(tk.diffusion_loss, pred, x0, noise, weights)
+    ref64 = loss_grads(reference.diffusion_loss, *as64)
+    lowp = loss_grads(reference.diffusion_loss, pred, x0, noise, weights)
+    for name, a, r, low in zip(("dpred", "dx0", "dnoise", "dweights"), ours, ref64, lowp):
+        assert_anchored(name, a, r, low)
+    ours = noise_grads(tk.add_noise, x0, noise)
+    # d x_t / d x0 = 1 - t, d x_t / d noise = t: the formula's gradients in float64.
+    per_row = _flow_formula(torch.ones_like(x0), torch.zeros_like(noise), t, offsets)
+    expected = (per_row * grad_out.double(), (1 - per_row) * grad_out.double())
+    lowp = noise_grads(reference.add_noise, x0, noise)
+    for name, a, r, low in zip(("dx0", "dnoise"), ours, expected, lowp):
+        assert_anchored(name, a, r, low)
+
+
+def test_kernel_equals_reference_for_float_times(small_blocks):
+    """The interpreted kernels and the eager reference agree to float32 rounding on the same noise."""
+    gen = torch.Generator().manual_seed(35)
+    shape, offsets, t = _float_layout("packed", gen)
+    x0, noise, pred = (_random(shape, torch.float32, gen) for _ in range(3))
+    torch.testing.assert_close(tk.add_noise(x0, t, FLOW, noise=noise, offsets=offsets),
+                               reference.add_noise(x0, t, FLOW, noise=noise, offsets=offsets), rtol=0, atol=2e-7)
+    for target in TARGETS:
+        torch.testing.assert_close(
+            tk.diffusion_loss(pred, x0, t, FLOW, target=target, noise=noise, offsets=offsets, reduction="none"),
+            reference.diffusion_loss(pred, x0, t, FLOW, target=target, noise=noise, offsets=offsets, reduction="none"),
+            rtol=1e-6, atol=0)
+    assert torch.equal(tk.add_noise(x0, t, FLOW, seed=3, offsets=offsets), tk.add_noise(x0, t, FLOW, seed=3, offsets=offsets))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)])
+def test_low_precision_inputs_keep_float32_coefficients_for_float_times(dtype):
+    """bf16/fp16 data with t = 1e-3: coefficients stay float32 on both paths (bf16 would round 1 - t to 1)."""
+    gen = torch.Generator().manual_seed(36)
+    x0, noise = _random((3, 2048), torch.float32, gen), _random((3, 2048), torch.float32, gen)
+    t = torch.tensor([1e-3, 0.5, 1 - 1e-3], dtype=torch.float32, device=DEVICE)
+    expected = ((1 - t)[:, None] * x0.to(dtype).float() + t[:, None] * noise.to(dtype).float()).to(dtype)
+    assert torch.equal(reference.add_noise(x0.to(dtype), t, FLOW, noise=noise.to(dtype)), expected)
+    assert (1 - t.to(torch.bfloat16))[0].item() == 1.0, "eager bf16 arithmetic would leave t = 1e-3 un-noised"
+    ours = tk.add_noise(x0.to(dtype), t, FLOW, noise=noise.to(dtype))
+    assert max_error(ours, expected) <= torch.finfo(dtype).eps * expected.abs().max().item()
+
+
+def test_diffusers_target_names_give_the_same_loss(path):
+    gen = torch.Generator().manual_seed(37)
+    x0, pred = _random((3, 40), torch.float32, gen), _random((3, 40), torch.float32, gen)
+    t = torch.tensor([3, 400, 990], device=DEVICE)
+    for alias, target in (("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")):
+        assert torch.equal(tk.diffusion_loss(pred, x0, t, COSINE, target=alias, seed=4, reduction="none"),
+                           tk.diffusion_loss(pred, x0, t, COSINE, target=target, seed=4, reduction="none"))
+
+
+def test_torch_compile_float_times_match_eager_and_check_at_run_time(path):
+    gen = torch.Generator().manual_seed(38)
+    shape, offsets, t = _float_layout("packed", gen)
+    x0 = _random(shape, torch.float32, gen)
+    pred = _random(shape, torch.float32, gen).requires_grad_()
+
+    def step(pred, x0, t, offsets):
+        x_t = tk.add_noise(x0, t, FLOW, seed=5, offsets=offsets)
+        return tk.diffusion_loss(pred + 0.1 * x_t, x0, t, FLOW, target="flow", seed=5, offsets=offsets)
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_compiled = compiled(pred, x0, t, offsets)
+    loss_eager = step(pred, x0, t, offsets)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss_compiled, pred)[0], torch.autograd.grad(loss_eager, pred)[0],
+                               rtol=1e-5, atol=1e-7)
+    bad = t.clone()
+    bad[2] = 1.25
+    with pytest.raises(ValueError, match=r"t: expected times in \[0, 1\], got t\[2\] = 1.25"):
+        compiled(pred, x0, bad, offsets)
+
+
+def test_op_registration_with_float_times_passes_opcheck():
+    gen = torch.Generator().manual_seed(39)
+    x0, noise = _random((3, 5), torch.float32, gen), _random((3, 5), torch.float32, gen)
+    pred = _random((3, 5), torch.float32, gen).requires_grad_()
+    t = torch.tensor([0.0, 0.3, 1.0], device=DEVICE)
+    tables = (FLOW.signal_scale, FLOW.noise_scale)
+    torch.library.opcheck(torch.ops.tfkernels.add_noise.default,
+                          (x0.requires_grad_(), t, *tables, noise.requires_grad_(), None, None))
+    torch.library.opcheck(torch.ops.tfkernels.diffusion_mse.default, (pred, x0, t, *tables, None, None, 8, "v"))
+    torch.library.opcheck(torch.ops.tfkernels.diffusion_checked_timesteps.default, (t, None, 3, 1000, True))
+
+
+FLOAT_T = torch.tensor([0.1, 0.5, 0.9], device=DEVICE)
+BAD_FLOAT_TIMES = [
+    (dict(t=torch.tensor([0.1, 1.5, 0.2], device=DEVICE)), ValueError, r"t: expected times in \[0, 1\], got t\[1\] = 1.5"),
+    (dict(t=torch.tensor([0.1, 0.5, -0.25], device=DEVICE)), ValueError, r"t: expected times in \[0, 1\], got t\[2\] = -0.25"),
+    (dict(t=torch.tensor([float("nan"), 0.5, 0.2], device=DEVICE)), ValueError, r"got t\[0\] = nan"),
+    (dict(t=torch.tensor([0.1, float("inf"), 0.2], device=DEVICE)), ValueError, r"got t\[1\] = inf"),
+    (dict(t=FLOAT_T.double()), TypeError, r"t: expected integer timesteps or float32 times in \[0, 1\], got torch.float64"),
+    (dict(t=FLOAT_T.half()), TypeError, r"t: expected integer timesteps or float32 times in \[0, 1\], got torch.float16"),
+    (dict(t=FLOAT_T[None]), ValueError, r"t: expected an int tensor \[N\] \(float32 times for a flow schedule\), one "
+     r"timestep per image, got shape \(1, 3\)"),
+    (dict(t=FLOAT_T[:2]), ValueError, r"t: expected shape \[N\] = \[2\]|offsets: expected shape \[N \+ 1\] = \[3\]"),
+    (dict(t=FLOAT_T, schedule=COSINE), TypeError, r"t: expected integer timesteps for a 'cosine' schedule"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_FLOAT_TIMES)
+def test_bad_float_times_raise_before_launch(overrides, error, message, path, monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel or the reference ran on bad input")
+
+    for name in ("_launch_add_noise", "_launch_mse_fwd", "_launch_mse_bwd"):
+        monkeypatch.setattr(diffusion_module, name, no_launch)
+    for name in ("add_noise", "diffusion_loss"):
+        monkeypatch.setattr(diffusion_module.reference, name, no_launch)
+    args = _bad_args(**({"schedule": FLOW} | overrides))
+    with pytest.raises(error, match=message):
+        tk.diffusion_loss(**args)
+    with pytest.raises(error, match=message):
+        tk.add_noise(args["x0"], args["t"], args["schedule"], noise=args["noise"], offsets=args["offsets"])

@@ -13,7 +13,14 @@ import torch
 import tfkernels as tk
 from tests.support import DIFFUSERS_ALPHAS_CUMPROD
 from tfkernels import reference
-from tfkernels.schedule import TARGETS, NoiseSchedule, check_target, target_coefficients
+from tfkernels.schedule import (
+    TARGET_ALIASES,
+    TARGETS,
+    NoiseSchedule,
+    canonical_target,
+    check_target,
+    target_coefficients,
+)
 
 T = 1000
 # Relative error bound of a float32 cumulative product of T float32 factors, each factor itself
@@ -226,3 +233,226 @@ def test_raw_constructor_accepts_a_valid_schedule_s_tables():
         again = NoiseSchedule(schedule.kind, schedule.signal_scale, schedule.noise_scale, schedule.alphas_cumprod)
         assert again.num_timesteps == 20 and again.kind == schedule.kind
         assert torch.equal(again.coefficients([0, 19])[1], schedule.coefficients([0, 19])[1])
+
+
+# ------------------------------------------------------------------------------ diffusers' names (issue 15)
+def test_diffusers_target_names_are_aliases():
+    a, b = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
+    for alias, target in TARGET_ALIASES.items():
+        assert canonical_target(alias) == target == check_target(alias, NoiseSchedule.cosine(4))
+        for got, want in zip(target_coefficients(alias, a, b), target_coefficients(target, a, b)):
+            assert torch.equal(got, want)
+    assert set(TARGET_ALIASES) == {"epsilon", "v_prediction", "sample"}
+    with pytest.raises(ValueError, match=r"target: expected one of \('eps', 'v', 'x0', 'flow', 'epsilon'"):
+        canonical_target("velocity")
+
+
+DIFFUSERS_CONFIGS = [
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),  # Stable Diffusion's
+    dict(beta_schedule="scaled_linear"),  # diffusers' default betas
+    dict(beta_schedule="linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=50),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True),
+    dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, num_train_timesteps=7),
+    dict(beta_schedule="linear", num_train_timesteps=2, rescale_betas_zero_snr=True),
+    dict(),  # every default: linear, 1000 steps
+]
+
+
+@pytest.mark.parametrize("scheduler_class", ["DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("options", DIFFUSERS_CONFIGS)
+def test_from_diffusers_gives_diffusers_table_bit_for_bit(scheduler_class, options):
+    diffusers = pytest.importorskip("diffusers")  # in the test extra
+    scheduler = getattr(diffusers, scheduler_class)(**options)
+    for source in (scheduler.config, scheduler, dict(scheduler.config)):
+        schedule = NoiseSchedule.from_diffusers(source)
+        assert torch.equal(schedule.alphas_cumprod, scheduler.alphas_cumprod), source
+        assert schedule.num_timesteps == scheduler.config.num_train_timesteps
+    kind = {"squaredcos_cap_v2": "cosine"}.get(scheduler.config.beta_schedule, scheduler.config.beta_schedule)
+    assert schedule.kind == kind
+    acp = scheduler.alphas_cumprod.double()
+    torch.testing.assert_close(schedule.signal_scale, acp.sqrt().float(), rtol=0, atol=0)
+    torch.testing.assert_close(schedule.noise_scale, (1 - acp).sqrt().float(), rtol=0, atol=0)
+    if options.get("rescale_betas_zero_snr"):
+        assert schedule.signal_scale[-1].item() == 0.0 and schedule.noise_scale[-1].item() == 1.0
+
+
+def test_scaled_linear_constructor_is_diffusers_formula():
+    """Independent of diffusers: betas are the squares of float32 linspace of the square roots."""
+    schedule = NoiseSchedule.scaled_linear(10, 0.00085, 0.012)
+    roots = [math.sqrt(0.00085) + k * (math.sqrt(0.012) - math.sqrt(0.00085)) / 9 for k in range(10)]
+    expected = 1.0
+    for k, root in enumerate(roots):
+        expected *= 1 - root**2
+        assert schedule.alphas_cumprod[k].item() == pytest.approx(expected, rel=24 * 2.0**-24)
+    assert schedule.kind == "scaled_linear" and tk.NoiseSchedule.scaled_linear().num_timesteps == 1000
+
+
+@pytest.mark.parametrize("config, error, message", [
+    (dict(beta_schedule="sigmoid"), ValueError,
+     r"scheduler_config\['beta_schedule'\]: expected one of \('squaredcos_cap_v2', 'linear', 'scaled_linear'\), "
+     r"got 'sigmoid'"),
+    (dict(trained_betas=[0.1, 0.2]), ValueError, "scheduler_config: trained_betas: expected None"),
+    (dict(num_train_timesteps=0), ValueError, r"scheduler_config\['num_train_timesteps'\]: expected an int in \[1, "),
+    (dict(num_train_timesteps=10.0), TypeError, r"scheduler_config\['num_train_timesteps'\]: expected an int"),
+    (dict(beta_start=-1.0), ValueError, r"scheduler_config\['beta_start'\]: expected a finite float in \[0, 1\]"),
+    (dict(beta_end="0.02"), TypeError, r"scheduler_config\['beta_end'\]: expected a finite float"),
+    (dict(rescale_betas_zero_snr=1), TypeError, r"scheduler_config\['rescale_betas_zero_snr'\]: expected a bool"),
+    (dict(num_train_timesteps=1, rescale_betas_zero_snr=True), ValueError,
+     r"scheduler_config\['num_train_timesteps'\]: expected at least 2 with rescale_betas_zero_snr, got 1"),
+])
+def test_from_diffusers_bad_configs_are_named(config, error, message):
+    with pytest.raises(error, match=message):
+        NoiseSchedule.from_diffusers(config)
+
+
+def test_from_diffusers_needs_a_config():
+    with pytest.raises(TypeError, match="scheduler_config: expected a diffusers scheduler or its config .a dict., got str"):
+        NoiseSchedule.from_diffusers("scheduler_config.json")
+
+
+# ------------------------------------------------------------------------------ continuous flow times (issue 16)
+FLOW = NoiseSchedule.rectified_flow(T)
+EDGE_TIMES = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
+
+
+def test_float_times_give_float32_coefficients_computed_from_t():
+    t = torch.tensor(EDGE_TIMES + [0.3, 0.7], dtype=torch.float32)
+    a, b = FLOW.coefficients(t)
+    assert a.dtype == b.dtype == torch.float32 and a.shape == t.shape
+    t64 = t.double()
+    # One float32 rounding of the exact 1 - t (t itself is exact): within half an ulp of 1.
+    assert ((a.double() - (1 - t64)).abs() <= 2.0**-25).all()
+    assert torch.equal(b, t)
+    assert (a[0], b[0], a[4], b[4]) == (1.0, 0.0, 0.0, 1.0), "t = 0 is x0, t = 1 the noise, exactly"
+    assert a[1].item() < 1.0 and b[1].item() > 0.0, "t = 1e-6 still noises (float32, not bfloat16)"
+    # The integer grid keeps its meaning: step k is s = (k + 1) / T.
+    a_int, b_int = FLOW.coefficients(torch.tensor([499]))
+    assert b_int.item() == pytest.approx(0.5, abs=1e-7) and a_int.item() == pytest.approx(0.5, abs=1e-7)
+
+
+@pytest.mark.parametrize("t, schedule, error, message", [
+    (torch.tensor([0.5, 1.5]), FLOW, ValueError, r"t: expected times in \[0, 1\], got t\[1\] = 1.5"),
+    (torch.tensor([-1e-7]), FLOW, ValueError, r"t: expected times in \[0, 1\], got t\[0\] = -1"),
+    (torch.tensor([0.1, float("nan")]), FLOW, ValueError, r"t: expected times in \[0, 1\], got t\[1\] = nan"),
+    (torch.tensor([0.5], dtype=torch.float64), FLOW, TypeError,
+     r"t: expected integer timesteps or float32 times in \[0, 1\], got torch.float64"),
+    (torch.tensor([0.5], dtype=torch.bfloat16), FLOW, TypeError, "got torch.bfloat16"),
+    (torch.tensor([0.5]), NoiseSchedule.cosine(10), TypeError,
+     r"t: expected integer timesteps for a 'cosine' schedule \(float32 times in \[0, 1\] need"),
+    (0.5, FLOW, TypeError, r"t: expected integer timesteps or a float32 tensor of times in \[0, 1\]"),
+])
+def test_bad_float_times_are_named(t, schedule, error, message):
+    with pytest.raises(error, match=message):
+        schedule.coefficients(t)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _closed_form_cdf(t: float, distribution: str, mean=0.0, std=1.0, shift=1.0) -> float:
+    """P(T <= t), written out here from the definitions (not the library's flow_time_cdf): undo the
+    shift t' = s u / (1 + (s - 1) u), i.e. u = t / (s - (s - 1) t), then the base CDF of u."""
+    if t <= 0 or t >= 1:
+        return 0.0 if t <= 0 else 1.0
+    u = t / (shift - (shift - 1) * t)
+    return u if distribution == "uniform" else _normal_cdf((math.log(u / (1 - u)) - mean) / std)
+
+
+def _ks_statistic(samples: torch.Tensor, cdf) -> float:
+    """Kolmogorov-Smirnov distance between the empirical CDF of ``samples`` and ``cdf``."""
+    x = samples.double().sort().values.tolist()
+    n = len(x)
+    return max(max(abs((k + 1) / n - cdf(v)), abs(k / n - cdf(v))) for k, v in enumerate(x))
+
+
+# P(sqrt(n) * D > 1.95) ~ 2 exp(-2 * 1.95**2) = 1e-3 under the null: a bound that a wrong CDF fails.
+KS_BOUND = 1.95
+TIME_CASES = [
+    dict(distribution="uniform"),
+    dict(distribution="logit_normal"),
+    dict(distribution="logit_normal", mean=0.5, std=0.7),
+    dict(distribution="uniform", shift=3.0),
+    dict(distribution="logit_normal", shift=3.0),
+    dict(distribution="logit_normal", mean=-0.3, std=1.4, shift=0.5),
+]
+
+
+@pytest.mark.parametrize("case", TIME_CASES)
+def test_sampled_times_follow_their_closed_form_cdf(case):
+    n = 4000
+    t = FLOW.sample_timesteps(n, generator=torch.Generator().manual_seed(11), **case)
+    assert t.dtype == torch.float32 and t.shape == (n,) and ((t >= 0) & (t <= 1)).all()
+    assert _ks_statistic(t, lambda v: _closed_form_cdf(v, **case)) < KS_BOUND / math.sqrt(n)
+    # The test has power: the same samples fail against another case's CDF.
+    for other in TIME_CASES:
+        if other != case:
+            assert _ks_statistic(t, lambda v, other=other: _closed_form_cdf(v, **other)) > KS_BOUND / math.sqrt(n), \
+                other
+    # The library's CDF is the closed form, and its quantile function inverts it.
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
+    library = tk.schedule.flow_time_cdf(grid, **case)
+    expected = torch.tensor([_closed_form_cdf(v, **case) for v in grid.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(library, expected, rtol=0, atol=1e-12)
+    # (Where the CDF is below 1e-9 its float64 value no longer pins t down to 1e-9.)
+    inner = (library > 1e-9) & (library < 1 - 1e-9)
+    torch.testing.assert_close(tk.schedule.flow_time_quantile(library, **case)[inner], grid[inner], rtol=0, atol=1e-9)
+
+
+def test_per_image_caps_draw_from_the_truncated_distribution():
+    """t <= t_max per image, distributed as the CDF conditioned on it: F(t) / F(t_max), not clamped."""
+    case = dict(distribution="logit_normal", shift=2.0)
+    caps = torch.tensor([0.3, 1.0, 0.75]).repeat(3000)
+    t = FLOW.sample_timesteps(caps.shape[0], t_max=caps, generator=torch.Generator().manual_seed(5), **case)
+    assert (t <= caps).all() and (t >= 0).all()
+    for cap in (0.3, 1.0, 0.75):
+        capped = t[caps == cap]
+        truncated = lambda v, cap=cap: min(1.0, _closed_form_cdf(v, **case) / _closed_form_cdf(cap, **case))  # noqa: E731
+        assert _ks_statistic(capped, truncated) < KS_BOUND / math.sqrt(capped.numel())
+        assert capped.max() > 0.97 * cap, "mass reaches up to the cap"
+    scalar = FLOW.sample_timesteps(500, t_max=0.2, generator=torch.Generator().manual_seed(5), distribution="uniform")
+    assert scalar.max() <= 0.2 and scalar.max() > 0.19
+    assert torch.equal(FLOW.sample_timesteps(3, t_max=0.0, distribution="uniform"), torch.zeros(3))
+
+
+def test_sampled_times_are_seeded_and_the_shift_maps_them():
+    def draw(seed, **kwargs):
+        return FLOW.sample_timesteps(64, generator=torch.Generator().manual_seed(seed), distribution="logit_normal",
+                                     **kwargs)
+
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+    base, shifted = draw(3).double(), draw(3, shift=3.0).double()
+    torch.testing.assert_close(shifted, 3 * base / (1 + 2 * base), rtol=0, atol=2e-7)  # SD3's shift, per sample
+    assert (shifted >= base).all(), "a shift > 1 noises more"
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: NoiseSchedule.cosine(10).sample_timesteps(2, distribution="uniform"), ValueError,
+     "distribution: continuous times need a flow schedule .NoiseSchedule.rectified_flow..., got a 'cosine' schedule"),
+    (lambda: FLOW.sample_timesteps(2, distribution="beta"), ValueError,
+     r"distribution: expected one of \('uniform', 'logit_normal'\), got 'beta'"),
+    (lambda: FLOW.sample_timesteps(2, distribution="logit_normal", std=0.0), ValueError,
+     "std: expected a finite float > 0, got 0.0"),
+    (lambda: FLOW.sample_timesteps(2, distribution="logit_normal", shift=-1.0), ValueError,
+     "shift: expected a finite float > 0, got -1.0"),
+    (lambda: FLOW.sample_timesteps(2, distribution="logit_normal", mean=float("nan")), ValueError,
+     "mean: expected a finite float"),
+    (lambda: FLOW.sample_timesteps(2, distribution="logit_normal", mean="0"), TypeError, "mean: expected a finite float"),
+    (lambda: FLOW.sample_timesteps(2, distribution="uniform", mean=0.5), ValueError,
+     "mean, std: expected their defaults with distribution='uniform'"),
+    (lambda: FLOW.sample_timesteps(2, shift=3.0), ValueError,
+     "mean, std, shift: expected their defaults for integer timesteps"),
+    (lambda: FLOW.sample_timesteps(2, t_max=1.5, distribution="uniform"), ValueError,
+     r"t_max: expected a finite float in \[0, 1\], got 1.5"),
+    (lambda: FLOW.sample_timesteps(2, t_max=torch.tensor([1, 0]), distribution="uniform"), TypeError,
+     r"t_max: expected a float in \[0, 1\] or a float tensor \[2\] for continuous times, got torch.int64"),
+    (lambda: FLOW.sample_timesteps(2, t_max=torch.tensor([0.5, float("nan")]), distribution="uniform"), ValueError,
+     r"t_max: expected values in \[0, 1\], got t_max\[1\] = nan"),
+    (lambda: FLOW.sample_timesteps(2, t_max=torch.tensor([0.5]), distribution="uniform"), ValueError,
+     r"t_max: expected a float tensor \[2\], got shape \(1,\)"),
+])
+def test_bad_time_sampling_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

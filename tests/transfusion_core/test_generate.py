@@ -1,6 +1,8 @@
-"""Generation: the KV cache against full recomputation, guidance, seeds, samplers."""
+"""Generation: the KV cache against full recomputation, guidance, seeds, samplers (DDPM/DDIM and
+their timestep spacings; Euler/Heun for continuous-time flow models, against an analytic ODE)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -9,15 +11,22 @@ import tfkernels as tk
 import transfusion_core as tc
 from transfusion_core import generate
 from transfusion_core.data import document_segments, unpatchify
-from transfusion_core.generate import denoise_step, diffusion_timesteps, sample_token
+from transfusion_core.generate import (
+    denoise_step,
+    diffusion_timesteps,
+    flow_times,
+    flow_velocity,
+    integrate_flow,
+    sample_token,
+)
 
 pytestmark = pytest.mark.usefixtures("reference_path")
 
 
-def tiny_model(image_encoder="linear", seed=0):
+def tiny_model(image_encoder="linear", seed=0, **config_fields):
     torch.manual_seed(seed)
     config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, image_size=4,
-                                  image_encoder=image_encoder, unet_channels=(8, 16))
+                                  image_encoder=image_encoder, unet_channels=(8, 16), **config_fields)
     model = tc.Transfusion(config).eval()
     with torch.no_grad():  # weights of unit gain (not the small init) so every input shows downstream
         for parameter in model.parameters():
@@ -28,7 +37,8 @@ def tiny_model(image_encoder="linear", seed=0):
 def full_forward(model, document, timesteps, x_t=None):
     """Recompute a whole document without a cache: hidden ``[S, D]``, patch predictions, batch."""
     batch = tc.Packer(model.config, 128)([document])
-    batch = dataclasses.replace(batch, timesteps=torch.as_tensor(timesteps, dtype=torch.int64))
+    time_dtype = torch.float32 if model.config.continuous_time else torch.int64
+    batch = dataclasses.replace(batch, timesteps=torch.as_tensor(timesteps, dtype=time_dtype))
     with torch.no_grad():
         hidden, pred = model.predict(batch, batch.patches if x_t is None else x_t)
     return hidden[0], pred, batch
@@ -307,3 +317,185 @@ def test_model_methods_delegate_to_the_generate_module():
     assert isinstance(cache, generate.KVCache) and cache.batch_size == 3 and cache.length == 0
     with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
         model.generate([[1]], steps=3)
+
+
+# ------------------------------------------------------------------ timestep spacings (issue 15)
+def test_our_even_spacing_and_diffusers_names():
+    assert diffusion_timesteps(1000, 4, "even").tolist() == [999, 666, 333, 0]
+    assert diffusion_timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
+    assert diffusion_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
+    assert diffusion_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
+    # Ours rounds a float32 grid laid downwards; diffusers' linspace a float64 one laid upwards.
+    assert diffusion_timesteps(1000, 15, "even").tolist()[7] == 499
+    assert diffusion_timesteps(1000, 15, "linspace").tolist()[7] == 500
+    assert diffusion_timesteps(1000, 1, "even").tolist() == [999]
+    with pytest.raises(ValueError, match=r"spacing: expected one of \('even', 'linspace', 'leading', 'trailing'\)"):
+        diffusion_timesteps(1000, 4, "uniform")
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_spacings_equal_diffusers_ddim_scheduler(spacing):
+    diffusers = pytest.importorskip("diffusers")  # in the test extra
+    for num_timesteps in (1000, 999, 50, 7, 1):
+        for steps in sorted({1, 2, 3, 7, 10, 15, 25, 50, 250, 333, 999, 1000} & set(range(1, num_timesteps + 1))):
+            scheduler = diffusers.DDIMScheduler(num_train_timesteps=num_timesteps, timestep_spacing=spacing)
+            scheduler.set_timesteps(steps)
+            assert diffusion_timesteps(num_timesteps, steps, spacing).tolist() == scheduler.timesteps.tolist(), \
+                (num_timesteps, steps)
+
+
+def test_generate_takes_a_timestep_spacing():
+    model = tiny_model()
+    kwargs = dict(force_image=True, max_new_tokens=0, image_steps=3, sampler="ddim", seed=1)
+    images = {spacing: model.generate([[1, 2]], timestep_spacing=spacing, **kwargs)[0]
+              for spacing in ("even", "leading", "trailing")}
+    torch.testing.assert_close(images["even"], model.generate([[1, 2]], **kwargs)[0], rtol=0, atol=0)
+    assert not torch.allclose(images["even"], images["leading"]) and not torch.allclose(images["even"],
+                                                                                         images["trailing"])
+
+
+# ------------------------------------------------------------------ continuous-time flow (issue 16)
+def flow_model(image_encoder="linear", target="flow", **fields):
+    return tiny_model(image_encoder, noise_schedule="flow", diffusion_target=target, **fields)
+
+
+@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
+def test_cached_flow_prediction_equals_full_recomputation(image_encoder):
+    model = flow_model(image_encoder)
+    prompt = [[30, 31, 32, 33]]
+    cache, _ = prefill(model, prompt, force_image=True)
+    grid = (2, 3)
+    for t in (1.0, 0.73, 1e-3, 0.0):  # float times, successive calls overwrite the uncommitted patches
+        x_t = torch.randn(6, model.config.patch_dim)
+        cached = model.extend_image(cache, x_t[None], torch.tensor([t]), grid, commit=False)[0]
+        _, full, _ = full_forward(model, prompt + [unpatchify(x_t, grid, 2)], timesteps=[t])
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_generation_equals_the_integration_of_full_recomputations(sampler):
+    """Every model call of the cached sampler equals a full forward of prompt + noisy image: the
+    whole run, guidance included, reproduced by integrate_flow over full recomputations."""
+    model = flow_model(flow_shift=2.0)
+    prompt = [[5, 6, 7]]
+    kwargs = dict(force_image=True, max_new_tokens=0, image_steps=3, sampler=sampler, cfg_scale=2.0, seed=4)
+    cached = model.generate(prompt, **kwargs)[0]
+    x1 = torch.randn(4, model.config.patch_dim, generator=torch.Generator().manual_seed(4))
+
+    def predict(x, t):
+        image = unpatchify(x, (2, 2), 2)
+        cond = full_forward(model, prompt + [image], timesteps=[t])[1]
+        uncond = full_forward(model, [image], timesteps=[t])[1]
+        return cond + (2.0 - 1.0) * (cond - uncond)
+
+    full = integrate_flow(x1, predict, steps=3, sampler=sampler, target="flow", shift=2.0)
+    torch.testing.assert_close(cached, unpatchify(full, (2, 2), 2), rtol=1e-4, atol=1e-5)
+
+
+def test_flow_generation_continues_after_the_clean_image():
+    """text -> image -> text: the image enters the cache clean (t = 0.0) and EOI follows."""
+    model = flow_model("unet")
+    prompt = [[40, 41, 42]]
+    out = model.generate(prompt, force_image=True, max_new_tokens=5, temperature=0, image_steps=4, seed=0)
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (3, 4, 4) and torch.isfinite(out[0]).all()
+    hidden, _, _ = full_forward(model, prompt + [out[0], out[1]], timesteps=[0.0])
+    after_eoi = 1 + 3 + 1 + 4 + 1
+    assert model.logits(hidden).argmax(dim=-1)[after_eoi - 1:after_eoi - 1 + 5].tolist() == out[1]
+    caption = model.generate([out[0]], max_new_tokens=3, temperature=0, seed=0)  # an image prompt, read at t = 0.0
+    assert len(caption) == 1 and isinstance(caption[0], list)
+
+
+def test_flow_generation_is_seeded_and_guidance_one_is_unguided():
+    model = flow_model(target="v")
+    kwargs = dict(force_image=True, max_new_tokens=0, image_steps=4, seed=3)
+    unguided = model.generate([[7, 8, 9]], cfg_scale=None, **kwargs)[0]
+    torch.testing.assert_close(model.generate([[7, 8, 9]], cfg_scale=1.0, **kwargs)[0], unguided, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate([[7, 8, 9]], **kwargs)[0], unguided)
+    assert (model.generate([[7, 8, 9]], cfg_scale=4.0, **kwargs)[0] - unguided).abs().max() > 1e-2
+    assert not torch.equal(model.generate([[7, 8, 9]], **(kwargs | {"seed": 4}))[0], unguided)
+    heun = model.generate([[7, 8, 9]], sampler="heun", **kwargs)[0]
+    assert torch.isfinite(heun).all() and not torch.allclose(heun, unguided)
+    shifted = model.generate([[7, 8, 9]], shift=3.0, **kwargs)[0]  # the shift of the time grid changes the run
+    assert not torch.allclose(shifted, unguided)
+    clipped = model.generate([[7, 8, 9]], clip_x0=0.05, **kwargs)[0]
+    assert clipped.abs().max() <= 0.05 + 1e-6, "the last Euler step lands on the clipped x0"
+
+
+def test_flow_times_run_from_one_to_zero_with_the_shift():
+    assert flow_times(4).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    shifted = flow_times(4, shift=3.0).double()
+    even = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(shifted, 3 * even / (1 + 2 * even), rtol=0, atol=1e-7)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and (shifted[1:-1] > even[1:-1]).all()
+
+
+def test_flow_velocity_of_each_target_and_the_clip():
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 8, generator=gen, dtype=torch.float64), torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    for t in (1.0, 0.6, 0.01):
+        x_t = (1 - t) * x0 + t * noise
+        for target, pred in (("flow", noise - x0), ("x0", x0), ("v", (1 - t) * noise - t * x0)):
+            torch.testing.assert_close(flow_velocity(pred, x_t, t, target), noise - x0)
+        clipped = flow_velocity(noise - x0, x_t, t, "flow", clip_x0=0.5)
+        torch.testing.assert_close(x_t - t * clipped, x0.clamp(-0.5, 0.5))  # the implied x0 is clipped
+
+
+def gaussian_prediction(mean, std, target):
+    """The exact (MSE-optimal) prediction of ``target`` when the data are N(mean, std**2) per
+    coordinate: x_t = (1 - t) x0 + t eps is Gaussian, so E[x0 | x_t] and E[eps | x_t] are linear."""
+    def predict(x, t):
+        variance = (1 - t) ** 2 * std**2 + t**2
+        centred = x - (1 - t) * mean
+        x0 = mean + (1 - t) * std**2 / variance * centred
+        eps = t / variance * centred
+        return {"flow": eps - x0, "x0": x0, "v": (1 - t) * eps - t * x0}[target]
+    return predict
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_and_heun_converge_on_gaussian_data_at_their_orders(shift):
+    """The ODE maps x_1 = z to mean + std * z exactly. Euler's error halves with twice the steps
+    (order 1), Heun's quarters (order 2), and Heun beats Euler at equal steps; every target
+    integrates to the same trajectory."""
+    mean = torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64)
+    std = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    z = torch.randn(2048, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mean + std * z
+    errors = {}
+    for sampler in ("euler", "heun"):
+        for steps in (8, 16, 32, 64, 128):
+            x = integrate_flow(z, gaussian_prediction(mean, std, "flow"), steps=steps, sampler=sampler,
+                               target="flow", shift=shift)
+            errors[sampler, steps] = (x - exact).abs().max().item()
+            for target in ("x0", "v"):
+                other = integrate_flow(z, gaussian_prediction(mean, std, target), steps=steps, sampler=sampler,
+                                       target=target, shift=shift)
+                torch.testing.assert_close(other, x, rtol=0, atol=1e-9)
+    for steps in (16, 32, 64):  # asymptotic from 16 steps on (shift 3 at 8 steps: Heun's order is 1.76)
+        euler_order = math.log2(errors["euler", steps] / errors["euler", 2 * steps])
+        heun_order = math.log2(errors["heun", steps] / errors["heun", 2 * steps])
+        assert 0.9 < euler_order < 1.1, (steps, euler_order)  # 0.97-0.996 when written
+        assert 1.85 < heun_order < 2.15, (steps, heun_order)  # 1.93-2.09 when written
+    for steps in (8, 16, 32, 64, 128):
+        assert errors["heun", steps] < errors["euler", steps] / 2, steps
+    # The samples have the data's distribution (2048 samples: 4 standard errors).
+    samples = integrate_flow(z, gaussian_prediction(mean, std, "flow"), steps=64, sampler="heun", target="flow",
+                             shift=shift)
+    assert ((samples.mean(0) - mean).abs() < 4 * std / math.sqrt(2048)).all()
+    assert ((samples.std(0) / std - 1).abs() < 4 / math.sqrt(2 * 2048)).all()
+
+
+@pytest.mark.parametrize("model_kind, kwargs, error, message", [
+    ("flow", dict(sampler="ddim"), ValueError, r"sampler: expected one of \('euler', 'heun'\), got 'ddim'"),
+    ("flow", dict(timestep_spacing="leading"), ValueError, "timestep_spacing: expected 'even' with sampler 'euler'"),
+    ("flow", dict(shift=0.0), ValueError, "shift: expected None or a finite float > 0, got 0.0"),
+    ("flow", dict(shift="2"), TypeError, "shift: expected None or a finite float > 0"),
+    ("cosine", dict(sampler="heun"), ValueError,
+     r"sampler: expected one of \('ddpm', 'ddim'\) for a model of integer steps \('heun' integrates"),
+    ("cosine", dict(shift=2.0), ValueError, "shift: expected None for a model of integer steps"),
+    ("cosine", dict(timestep_spacing="middle"), ValueError, r"timestep_spacing: expected one of \('even', 'linspace'"),
+])
+def test_bad_sampler_arguments_are_named(model_kind, kwargs, error, message):
+    model = flow_model() if model_kind == "flow" else tiny_model()
+    with pytest.raises(error, match=message):
+        model.generate([[1, 2]], force_image=True, max_new_tokens=0, image_steps=2, **kwargs)
