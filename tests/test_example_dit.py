@@ -123,3 +123,15 @@ def test_training_makes_the_loss_fall_and_uses_the_captions(dit, reference_path,
     assert 0.9 < result["heldout_before"] < 1.1
     assert result["heldout_after"] < 0.2 * result["heldout_before"]
     assert result["heldout_shuffled"] > 1.15 * result["heldout_after"], "the captions must matter"
+
+
+def test_readme_pixart_snippet_runs(path):
+    """The README's PixArt-alpha block snippet runs as written, on both paths."""
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    section = readme.split("\n## PixArt-alpha: DiT blocks\n")[1].split("\n## ")[0]
+    code = section.split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    B, T, C = (namespace[n] for n in ("B", "T", "C"))
+    assert namespace["y"].shape == namespace["x"].shape == (B, T, C)
+    assert torch.isfinite(namespace["y"]).all() and torch.isfinite(namespace["x"]).all()
