@@ -5,6 +5,12 @@ reads it as ``BOS, text..., BOI, patches..., EOI, text..., EOS`` (``document_seg
 as its ``p x p`` patches in raster order (``patchify`` / ``unpatchify``). The packer places
 whole documents into rows of ``seq_len`` positions, pads, and returns a ``PackedBatch``: what
 ``Transfusion.forward`` takes.
+
+Retrieval augmentation (RA-CM3 / CM3Leon): ``packer(documents, retrieved=...)`` places documents
+retrieved for a document just before it, in the same row. ``retrieval_mask`` says what the mask
+makes of them: ``"visible"`` (RA-CM3's concatenation: the document and its retrieved documents are
+one causal span, the document reads them) or ``"separate"`` (each is a document of its own, packed
+alongside: the ablation, or retrieved documents used as training data only).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import torch
 from einops import rearrange
 
 import tfkernels as tk
-from tfkernels._checks import check_float, check_int
+from tfkernels._checks import check_choice, check_float, check_int
 
 from .config import IGNORE_INDEX, TransfusionConfig, is_int, noise_schedule
 
 INT32_MAX = 2**31 - 1  # positions index int32 interval masks
+# What the mask makes of retrieved documents (``Packer(retrieval_mask=...)``).
+RETRIEVAL_MASKS = ("visible", "separate")
 
 
 class ByteTokenizer:
@@ -142,11 +150,14 @@ class PackedBatch:
 
     Per position (``[B, S]``):
         tokens: int64 token ids; 0 at image and padding positions (never read there).
-        positions: int64 position inside the document (RoPE); 0 on padding.
+        positions: int64 position inside the attention span (RoPE): the document, or the document
+            with its retrieved documents when they are visible to it; 0 on padding.
         targets: int64 next-token targets at text positions whose next position is text of the
-            same document (so BOI is a target, EOI is not: it always follows an image);
+            same document (so BOI is a target, EOI is not: it always follows an image, and EOS
+            is not, also when a document follows in the same span);
             ``IGNORE_INDEX`` (-100) elsewhere.
-        doc_ids: int64 document index in the row, -1 on padding.
+        doc_ids: int64 index of the attention span in the row, -1 on padding: a document, or
+            with ``retrieval_mask="visible"`` a document together with its retrieved documents.
         image_ids: int64 1 + index of the image in the batch at its patch positions, else 0.
     Per image (in row-major order of the positions):
         patches: float32 ``[P, C*p*p]`` clean latents, patchified in raster order.
@@ -196,9 +207,22 @@ class Packer:
         drop_caption_prob: drop the text of caption-then-image documents with this probability,
             so that the model learns the unconditional ``BOS, BOI, image`` that classifier-free
             guidance uses (the paper drops 10%).
-        truncate: cut a document longer than ``seq_len`` (whole images only) instead of raising.
+        truncate: cut a document longer than ``seq_len`` (whole images only) instead of raising;
+            a document with retrieved documents first drops those (the first listed first).
+        retrieval_mask: what the mask makes of the documents retrieved for a document:
+            ``"visible"``: the document reads them (RA-CM3's concatenation); they and the document
+            are one causal span (one doc id, positions counted from the first one's BOS; EOS still
+            ends each document's targets) and their images get the ``image_first_t_max`` cap, since
+            the document conditions on them. ``"separate"``: each is a document of its own for the
+            mask and the positions, placed just before the document in its row.
         seed: seed of every random choice (order, caption drop, timesteps, noise seed), an int in
             ``[0, 2**64)``. ``packer.generator`` holds the state, for exact resumption.
+
+    Calling it: ``packer(documents, retrieved=None)``. ``retrieved``: ``None``, or one list per
+    document (possibly empty) of the documents retrieved for it, placed before it in the order
+    given, in the same row. They are trained on like any document (text targets, noised images),
+    as RA-CM3 does, and laid out as given: ``caption_first_prob`` and ``drop_caption_prob`` act on
+    the document only.
 
     An argument of the wrong type raises ``TypeError`` (``seed=1.5``, ``drop_caption_prob=None``,
     ``truncate=1``), one out of range ``ValueError``, the message naming it; so do the documents
@@ -215,6 +239,7 @@ class Packer:
         caption_first_prob: float | None = None,
         drop_caption_prob: float = 0.0,
         truncate: bool = False,
+        retrieval_mask: str = "visible",
         seed: int = 0,
     ):
         if not isinstance(config, TransfusionConfig):
@@ -229,6 +254,7 @@ class Packer:
         drop_caption_prob = check_float("drop_caption_prob", drop_caption_prob, 0, 1)
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate: expected a bool, got {truncate!r}")
+        check_choice("retrieval_mask", retrieval_mask, RETRIEVAL_MASKS)
         check_int("seed", seed, 0, 2**64 - 1)
         self.config = config
         self.seq_len = seq_len
@@ -237,17 +263,36 @@ class Packer:
         self.caption_first_prob = caption_first_prob
         self.drop_caption_prob = drop_caption_prob
         self.truncate = truncate
+        self.retrieval_mask = retrieval_mask
         self.schedule = noise_schedule(config)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, documents) -> PackedBatch:
+    def __call__(self, documents, retrieved=None) -> PackedBatch:
         if isinstance(documents, (str, bytes, torch.Tensor)) or not isinstance(documents, Sequence):
             raise TypeError(f"documents: expected a list of documents, got {type(documents).__name__}")
         if not documents:
             raise ValueError("documents: expected at least one document")
-        laid_out = [self._lay_out(i, self._reorder(doc)) for i, doc in enumerate(documents)]
-        rows = self._assign_rows([sum(length for _, length, _ in segs) for segs in laid_out])
-        return self._fill(laid_out, rows)
+        retrieved = self._check_retrieved(retrieved, len(documents))
+        groups = [self._lay_out(i, doc, retrieved[i]) for i, doc in enumerate(documents)]
+        rows = self._assign_rows([sum(length for piece in group for _, length, _ in piece) for group in groups])
+        return self._fill(groups, rows)
+
+    @staticmethod
+    def _check_retrieved(retrieved, num_documents: int):
+        """``retrieved`` as one list of documents per document (``None``: none anywhere)."""
+        if retrieved is None:
+            return [[] for _ in range(num_documents)]
+        if isinstance(retrieved, (str, bytes, torch.Tensor)) or not isinstance(retrieved, Sequence):
+            raise TypeError(f"retrieved: expected None or one list of documents per document, "
+                            f"got {type(retrieved).__name__}")
+        if len(retrieved) != num_documents:
+            raise ValueError(f"retrieved: expected one list of retrieved documents per document "
+                             f"({num_documents}), got {len(retrieved)}")
+        for i, docs in enumerate(retrieved):
+            if isinstance(docs, (str, bytes, torch.Tensor)) or not isinstance(docs, Sequence):
+                raise TypeError(f"retrieved[{i}]: expected a list of documents (possibly empty), "
+                                f"got {type(docs).__name__}")
+        return retrieved
 
     # ------------------------------------------------------------------ per document
     def _coin(self, p: float) -> bool:
@@ -272,26 +317,45 @@ class Packer:
             return [image]
         return [text, image] if caption_first else [image, text]
 
-    def _lay_out(self, index: int, document):
-        """Segments of one document with their lengths and, for images, their timestep cap."""
+    def _lay_out(self, index: int, document, retrieved):
+        """What goes into a row for ``documents[index]``: its retrieved documents, then itself; each
+        a list of ``(segment, length, timestep cap)``."""
         name = f"documents[{index}]"
-        segments = document_segments(document, self.config, name=name)
-        lengths = [segment_length(s, self.config.patch_size) for s in segments]
-        if sum(lengths) > self.seq_len:
+        pieces = [document_segments(doc, self.config, name=f"retrieved[{index}][{j}]")
+                  for j, doc in enumerate(retrieved)]
+        pieces.append(document_segments(self._reorder(document), self.config, name=name))
+        lengths = [[segment_length(s, self.config.patch_size) for s in piece] for piece in pieces]
+        total = sum(map(sum, lengths))
+        if total > self.seq_len:
             if not self.truncate:
+                what = f"{name}: takes"
+                if len(pieces) > 1:
+                    what = f"{name} and its {len(pieces) - 1} retrieved documents: take"
                 raise ValueError(
-                    f"{name}: takes {sum(lengths)} positions (BOS/EOS, text, BOI/EOI and image patches), "
+                    f"{what} {total} positions (BOS/EOS, text, BOI/EOI and image patches), "
                     f"more than seq_len={self.seq_len}; shorten it, raise seq_len or pass truncate=True"
                 )
-            segments, lengths = self._truncated(segments, lengths)
-        # An image that text follows in its document (it precedes its caption) gets the cap.
+            while len(pieces) > 1 and total > self.seq_len:  # retrieved documents go first, in order
+                pieces.pop(0)
+                total -= sum(lengths.pop(0))
+            if total > self.seq_len:
+                pieces[0], lengths[0] = self._truncated(pieces[0], lengths[0])
+        read_later = self.retrieval_mask == "visible"
+        return [list(zip(piece, piece_lengths, self._timestep_caps(piece, read_later and k < len(pieces) - 1)))
+                for k, (piece, piece_lengths) in enumerate(zip(pieces, lengths))]
+
+    def _timestep_caps(self, segments, read_later: bool) -> list[int]:
+        """The largest timestep of each segment's image: ``image_first_t_max`` for an image that text of
+        its document follows (it precedes its caption: the text should condition on a recognisable
+        image) or that a later document reads (``read_later``), else ``num_timesteps - 1``."""
         has_text = [not s.is_floating_point() and bool((~torch.isin(s, special_tokens(self.config))).any())
                     for s in segments]
         caps = []
         for k, segment in enumerate(segments):
-            capped = segment.is_floating_point() and any(has_text[k + 1:]) and self.image_first_t_max is not None
-            caps.append(self.image_first_t_max if capped else self.config.num_timesteps - 1)
-        return list(zip(segments, lengths, caps))
+            capped = segment.is_floating_point() and (read_later or any(has_text[k + 1:]))
+            caps.append(self.image_first_t_max if capped and self.image_first_t_max is not None
+                        else self.config.num_timesteps - 1)
+        return caps
 
     def _truncated(self, segments, lengths):
         """The longest prefix that fits: text cut anywhere, images kept whole or dropped."""
@@ -332,34 +396,39 @@ class Packer:
         return rows
 
     # ------------------------------------------------------------------ the batch
-    def _fill(self, laid_out, rows) -> PackedBatch:
+    def _fill(self, groups, rows) -> PackedBatch:
         shape = (len(rows), self.seq_len)  # [B, S]
         tokens = torch.zeros(shape, dtype=torch.int64)
         positions = torch.zeros(shape, dtype=torch.int64)
-        doc_ids = torch.full(shape, -1, dtype=torch.int64)
+        doc_ids = torch.full(shape, -1, dtype=torch.int64)  # attention spans
+        document_ids = torch.full(shape, -1, dtype=torch.int64)  # documents: targets stop at their ends
         image_ids = torch.zeros(shape, dtype=torch.int64)
         patches, grids, caps = [], [], []
         patch_size = self.config.patch_size
         for r, row in enumerate(rows):
-            start = 0
-            for slot, doc in enumerate(row):
-                end = start + sum(length for _, length, _ in laid_out[doc])
-                doc_ids[r, start:end] = slot
-                positions[r, start:end] = torch.arange(end - start)
-                p = start
-                for segment, length, cap in laid_out[doc]:
-                    if segment.is_floating_point():
-                        patches.append(patchify(segment.float(), patch_size))  # [h*w, C*p*p]
-                        grids.append((segment.shape[1] // patch_size, segment.shape[2] // patch_size))
-                        caps.append(cap)
-                        image_ids[r, p:p + length] = len(patches)
-                    else:
-                        tokens[r, p:p + length] = segment
-                    p += length
-                start = end
+            p, span, document = 0, -1, 0
+            for group in row:
+                for k, piece in enumerate(groups[group]):
+                    if k == 0 or self.retrieval_mask == "separate":  # a new attention span
+                        span += 1
+                        span_start = p
+                    start = p
+                    for segment, length, cap in piece:
+                        if segment.is_floating_point():
+                            patches.append(patchify(segment.float(), patch_size))  # [h*w, C*p*p]
+                            grids.append((segment.shape[1] // patch_size, segment.shape[2] // patch_size))
+                            caps.append(cap)
+                            image_ids[r, p:p + length] = len(patches)
+                        else:
+                            tokens[r, p:p + length] = segment
+                        p += length
+                    doc_ids[r, start:p] = span
+                    document_ids[r, start:p] = document
+                    document += 1
+                    positions[r, start:p] = torch.arange(start - span_start, p - span_start)
         is_text = (doc_ids >= 0) & (image_ids == 0)
         targets = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
-        next_is_text = is_text[:, :-1] & is_text[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
+        next_is_text = is_text[:, :-1] & is_text[:, 1:] & (document_ids[:, :-1] == document_ids[:, 1:])
         targets[:, :-1] = torch.where(next_is_text, tokens[:, 1:], IGNORE_INDEX)
         counts = torch.tensor([p.shape[0] for p in patches], dtype=torch.int64)  # [N] patches per image
         timesteps = torch.zeros(0, dtype=torch.int64)

@@ -290,3 +290,157 @@ def test_byte_tokenizer_round_trip():
     assert max(tokens) < 256
     assert tokenizer.decode(tokens + [tokenizer.eos_id]) == "a red circle, été"
     assert tokenizer.vocab_size == CONFIG.vocab_size and tokenizer.boi_id == CONFIG.boi_id
+
+
+# ------------------------------------------------------------------ retrieval augmentation
+def brute_force_retrieval_rows(groups, seq_len, retrieval_mask):
+    """Brute force: first fit of the groups (retrieved documents, then their document), as one list per
+    row of positions ``(item, span, document, position in span)``; an item is a token id or
+    ``(image number in the batch, patch index)``, with ``images`` the patches of every image in order."""
+    rows, used, images = [], [], []
+    for group in groups:
+        laid_out = [layout(document) for document in group]
+        length = sum(len(positions) for positions, _ in laid_out)
+        r = next((r for r in range(len(rows)) if used[r] + length <= seq_len), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(laid_out)
+        used[r] += length
+    filled = []
+    for row in rows:
+        positions_of_row, span, document = [], -1, 0
+        for laid_out in row:
+            for k, (positions, document_images) in enumerate(laid_out):
+                if k == 0 or retrieval_mask == "separate":
+                    span += 1
+                    span_start = len(positions_of_row)
+                first_image = len(images)
+                images += document_images
+                for item in positions:
+                    item = (first_image + item[0], item[1]) if isinstance(item, tuple) else item
+                    positions_of_row.append((item, span, document, len(positions_of_row) - span_start))
+                document += 1
+        filled.append(positions_of_row)
+    return filled, images
+
+
+@pytest.mark.parametrize("retrieval_mask", ["visible", "separate"])
+def test_retrieved_documents_are_packed_and_masked_as_the_option_says(retrieval_mask):
+    """Random documents with 0-3 retrieved documents each, against a brute-force packing: tokens,
+    patches, spans, positions, targets and the mask, position by position (the mask also pair by pair
+    from its definition: same span, and the key not after the query unless both are one image)."""
+    generator = torch.Generator().manual_seed(11)
+    seq_len = 96
+    documents, retrieved = [], []
+    while len(documents) < 24:
+        group = [random_document(generator) for _ in range(int(torch.randint(1, 5, (), generator=generator)))]
+        if sum(len(layout(document)[0]) for document in group) <= seq_len:
+            retrieved.append(group[:-1])
+            documents.append(group[-1])
+    batch = tc.Packer(CONFIG, seq_len, retrieval_mask=retrieval_mask, seed=2)(documents, retrieved=retrieved)
+    rows, images = brute_force_retrieval_rows([r + [d] for r, d in zip(retrieved, documents)], seq_len,
+                                              retrieval_mask)
+    assert sum(len(r) for r in retrieved) >= 20 and batch.tokens.shape == (len(rows), seq_len)
+    assert batch.num_images == len(images)
+    dense = batch.mask.to_dense()
+    for r, row in enumerate(rows):
+        span = torch.full((seq_len,), -1)
+        image = torch.zeros(seq_len, dtype=torch.int64)
+        for q, (item, span_q, document, position) in enumerate(row):
+            span[q] = span_q
+            if isinstance(item, tuple):
+                image[q] = 1 + item[0]
+                lo = int(batch.patch_offsets[item[0]])
+                assert int(batch.image_ids[r, q]) == 1 + item[0]
+                assert torch.equal(batch.patches[lo + item[1]], images[item[0]][item[1]])
+            else:
+                assert int(batch.tokens[r, q]) == item and int(batch.image_ids[r, q]) == 0
+            assert int(batch.doc_ids[r, q]) == span_q and int(batch.positions[r, q]) == position
+            following = row[q + 1] if q + 1 < len(row) else None
+            text_follows = following is not None and following[2] == document and isinstance(following[0], int)
+            expected = following[0] if isinstance(item, int) and text_follows else tc.IGNORE_INDEX
+            assert int(batch.targets[r, q]) == expected, (r, q)
+        assert (batch.doc_ids[r, len(row):] == -1).all() and (batch.targets[r, len(row):] == tc.IGNORE_INDEX).all()
+        q, k = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+        same_image = (image[:, None] == image[None, :]) & (image[:, None] != 0)
+        expected_mask = (span[:, None] == span[None, :]) & (span[:, None] >= 0) & ((k <= q) | same_image)
+        assert torch.equal(dense[r], expected_mask)
+        if retrieval_mask == "separate":  # the same mask as packing every document on its own
+            assert torch.equal(dense[r], brute_force_mask(batch, r))
+
+
+@pytest.mark.usefixtures("reference_path")
+def test_visible_retrieval_shows_the_retrieved_documents_to_the_document_and_separate_does_not():
+    """The option in the model: the document's hidden states depend on its retrieved documents when they are
+    visible, and are bit-identical whatever was retrieved when they are separate."""
+    from tests.transfusion_core.support import tiny_config
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = tc.Transfusion(config).eval()
+    document = [[5, 6, 7], torch.randn(3, 4, 4)]
+    retrieved_a = [[[1, 2, 3], torch.randn(3, 4, 4)], [[40, 41]]]
+    retrieved_b = [[[9, 8, 7], torch.randn(3, 4, 4)], [[50, 51]]]
+    for retrieval_mask, depends in (("visible", True), ("separate", False)):
+        hidden = []
+        for retrieved in (retrieved_a, retrieved_b):
+            batch = tc.Packer(config, 48, retrieval_mask=retrieval_mask, seed=0)([document], retrieved=[retrieved])
+            batch.timesteps.fill_(300)
+            with torch.no_grad():
+                h, _ = model.predict(batch, batch.patches)
+            start = 1 + 3 + 1 + 4 + 1 + 1 + 1 + 2 + 1  # the retrieved documents' positions
+            hidden.append(h[0, start:start + 1 + 3 + 1 + 4 + 1 + 1])
+        assert torch.equal(hidden[0], hidden[1]) != depends, retrieval_mask
+
+
+def test_retrieved_images_read_by_the_document_get_the_image_first_cap():
+    image = torch.randn(3, 2, 2)
+    documents = [[[5, 6], image] for _ in range(60)]
+    retrieved = [[[image]] for _ in range(60)]  # an image alone: nothing of its own document follows it
+    for retrieval_mask, capped in (("visible", True), ("separate", False)):
+        batch = tc.Packer(CONFIG, 32, image_first_t_max=0, retrieval_mask=retrieval_mask, seed=0)(
+            documents, retrieved=retrieved)
+        retrieved_t, document_t = batch.timesteps[0::2], batch.timesteps[1::2]  # row-major: retrieved image first
+        assert bool((retrieved_t == 0).all()) == capped, retrieval_mask
+        assert int(document_t.max()) > 500  # a caption-first document's image is not capped
+
+
+def test_retrieval_truncation_drops_the_first_listed_retrieved_documents_first():
+    packer = tc.Packer(CONFIG, 16, truncate=True)
+    # Lengths: the document 6, the retrieved documents 5, 6 and 4: 21 positions, one drop makes 16.
+    batch = packer([[[1, 2, 3, 4]]], retrieved=[[[[7, 7, 7]], [[8, 8, 8, 8]], [[9, 9]]]])
+    assert batch.tokens[0].tolist() == [BOS, 8, 8, 8, 8, EOS, BOS, 9, 9, EOS, BOS, 1, 2, 3, 4, EOS]
+    # Nothing retrieved fits: all go, then the document itself is cut.
+    batch = packer([[list(range(20))]], retrieved=[[[[7]]]])
+    assert batch.tokens[0].tolist() == [BOS] + list(range(15))
+    with pytest.raises(ValueError, match=r"documents\[0\] and its 3 retrieved documents: take 21 positions.*"
+                                         r"seq_len=16.*truncate=True"):
+        tc.Packer(CONFIG, 16)([[[1, 2, 3, 4]]], retrieved=[[[[7, 7, 7]], [[8, 8, 8, 8]], [[9, 9]]]])
+
+
+def test_no_retrieval_packs_as_before():
+    generator = torch.Generator().manual_seed(5)
+    documents = [random_document(generator) for _ in range(12)]
+    plain = tc.Packer(CONFIG, 64, caption_first_prob=0.5, seed=3)(documents)
+    for retrieved in (None, [[] for _ in documents]):
+        for retrieval_mask in ("visible", "separate"):
+            batch = tc.Packer(CONFIG, 64, caption_first_prob=0.5, retrieval_mask=retrieval_mask, seed=3)(
+                documents, retrieved=retrieved)
+            for name in ("tokens", "positions", "targets", "doc_ids", "image_ids", "patches", "timesteps"):
+                assert torch.equal(getattr(batch, name), getattr(plain, name)), name
+            assert batch.noise_seed == plain.noise_seed
+
+
+@pytest.mark.parametrize("retrieved, retrieval_mask, error, message", [
+    ([[], []], "visible", ValueError, r"retrieved: expected one list of retrieved documents per document \(1\), got 2"),
+    ("abc", "visible", TypeError, "retrieved: expected None or one list of documents per document, got str"),
+    ([torch.tensor([1])], "visible", TypeError, r"retrieved\[0\]: expected a list of documents .*got Tensor"),
+    ([[[[1, 300]]]], "visible", ValueError, r"retrieved\[0\]\[0\]\[0\]: token ids must lie in"),
+    ([["text"]], "visible", TypeError, r"retrieved\[0\]\[0\]: expected a list of token-id lists"),
+    (None, "both", ValueError, r"retrieval_mask: expected one of \('visible', 'separate'\), got 'both'"),
+    (None, True, TypeError, "retrieval_mask: expected a str"),
+])
+def test_bad_retrieval_arguments_are_named(retrieved, retrieval_mask, error, message):
+    with pytest.raises(error, match=message):
+        tc.Packer(CONFIG, 64, retrieval_mask=retrieval_mask)([[[1, 2]]], retrieved=retrieved)
