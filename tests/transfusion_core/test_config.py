@@ -1,14 +1,18 @@
-"""The model's configuration: checks naming the bad field, derived defaults, the package's int check."""
+"""The model's configuration: checks naming the bad field, derived defaults, the package's int check,
+the diffusion modes (continuous-time flow fields, how a flow model reads the packer's integer draws)."""
 
 import dataclasses
 import json
+import math
+import statistics
 
 import pytest
 import torch
 
 import tfkernels as tk
 import transfusion_core as tc
-from transfusion_core.config import is_int, noise_schedule
+from tfkernels.schedule import flow_time_cdf
+from transfusion_core.config import FLOW_DEFAULTS, continuous_times, is_int, noise_schedule
 
 from .support import tiny_config
 
@@ -27,6 +31,18 @@ UNET_PATCH_3 = dict(image_encoder="unet", patch_size=3, image_size=6)
         (dict(vocab_size=100), r"TransfusionConfig.bos_id: expected a token id in \[0, vocab_size=100\)"),
         (dict(diffusion_target="noise"), r"TransfusionConfig.diffusion_target: expected one of"),
         (dict(image_size=5), r"TransfusionConfig.image_size: expected a multiple of patch_size=2"),
+        (dict(diffusion_target="flow"), r"TransfusionConfig.diffusion_target: expected 'eps', 'v' or 'x0' unless"),
+        (dict(noise_schedule="flow"), r"TransfusionConfig.diffusion_target: expected 'flow', 'v' or 'x0' with "
+                                      r"noise_schedule='flow' \(sampling starts at t = 1"),
+        (dict(flow_shift=3.0), r"TransfusionConfig.flow_shift: expected 1.0: the flow_\* fields apply to "
+                               r"noise_schedule='flow' only, got 3.0"),
+        (dict(flow_time_distribution="uniform"), r"TransfusionConfig.flow_time_distribution: expected 'logit_normal'"),
+        (dict(noise_schedule="flow", diffusion_target="flow", flow_time_distribution="uniform", flow_time_std=2.0),
+         r"TransfusionConfig.flow_time_std: expected the default with flow_time_distribution='uniform'"),
+        (dict(noise_schedule="flow", diffusion_target="flow", flow_shift=0.0),
+         r"TransfusionConfig.flow_shift: expected a finite float > 0, got 0.0"),
+        (dict(noise_schedule="flow", diffusion_target="flow", flow_time_distribution="beta"),
+         r"TransfusionConfig.flow_time_distribution: expected one of \('uniform', 'logit_normal'\)"),
     ],
 )
 def test_bad_config_is_named(overrides, message):
@@ -100,10 +116,51 @@ def test_replace_checks_too_and_numbers_are_stored_as_floats():
         dataclasses.replace(config, norm_eps="1e-5")
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "rectified_flow"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "scaled_linear", "rectified_flow", "flow"])
 def test_noise_schedule_is_the_one_the_config_names(kind):
-    schedule = noise_schedule(tiny_config(noise_schedule=kind, num_timesteps=50))
-    expected = getattr(tk.NoiseSchedule, kind)(T=50)
+    target = "flow" if kind == "flow" else "eps"
+    schedule = noise_schedule(tiny_config(noise_schedule=kind, num_timesteps=50, diffusion_target=target))
+    expected = getattr(tk.NoiseSchedule, "rectified_flow" if kind == "flow" else kind)(T=50)
     t = torch.arange(50)
     for got, want in zip(schedule.coefficients(t), expected.coefficients(t)):
         assert torch.equal(got, want)
+
+
+def test_flow_config_fields_and_diffusers_target_names():
+    config = tiny_config(noise_schedule="flow", diffusion_target="flow", flow_time_distribution="uniform",
+                         flow_shift=3)
+    assert config.continuous_time and isinstance(config.flow_shift, float) and config.flow_shift == 3.0
+    assert not tiny_config().continuous_time and not tiny_config(noise_schedule="rectified_flow").continuous_time
+    assert {f: getattr(tiny_config(), f) for f in FLOW_DEFAULTS} == FLOW_DEFAULTS
+    fields = json.loads(json.dumps(dataclasses.asdict(config)))
+    assert tc.TransfusionConfig(**fields) == config
+    for alias, target in (("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")):
+        assert tiny_config(diffusion_target=alias).diffusion_target == target  # stored under our name
+    with pytest.raises(TypeError, match="TransfusionConfig.flow_time_mean: expected a finite float"):
+        tiny_config(noise_schedule="flow", diffusion_target="v", flow_time_mean="0")
+
+
+def test_continuous_times_read_integer_draws_as_quantiles():
+    """t = F^-1((k + u) / T): uniform integer draws k give exactly the config's time distribution,
+    and a cap k <= c keeps t at most the (c + 1) / T quantile."""
+    config = tiny_config(noise_schedule="flow", diffusion_target="flow", flow_shift=3.0)
+    steps = torch.randint(0, config.num_timesteps, (20000,), generator=torch.Generator().manual_seed(0))
+    t = continuous_times(steps, seed=5, config=config)
+    assert t.dtype == torch.float32 and ((t >= 0) & (t <= 1)).all()
+    assert torch.equal(t, continuous_times(steps, seed=5, config=config))
+    assert not torch.equal(t, continuous_times(steps, seed=6, config=config))
+    quantile = flow_time_cdf(t.double(), "logit_normal", 0.0, 1.0, 3.0)
+    assert ((quantile * config.num_timesteps).floor() == steps).float().mean() > 0.999, "each t in its quantile bin"
+    # Kolmogorov-Smirnov against the uniform distribution of the quantiles: P(sqrt(n) D > 1.95) ~ 1e-3.
+    sorted_q = quantile.sort().values
+    n = sorted_q.numel()
+    ranks = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert (ranks - sorted_q).abs().max() < 1.95 / n**0.5
+    # Draws k = 500 (the paper's cap): t in [F^-1(0.5), F^-1(0.501)), the shifted logit-normal quantiles.
+    capped = continuous_times(torch.full((1000,), 500), seed=1, config=config).double()
+
+    def shifted(u):
+        return 3 * u / (1 + 2 * u)
+
+    low, high = shifted(0.5), shifted(1 / (1 + math.exp(-statistics.NormalDist().inv_cdf(0.501))))
+    assert capped.min() >= low - 1e-7 and capped.max() < high + 1e-7 and capped.max() > low + 0.9 * (high - low)

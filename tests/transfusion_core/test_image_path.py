@@ -55,3 +55,19 @@ def test_encoders_keep_images_apart_and_restore_the_patch_shape(encoder):
     tokens_other, _ = layers.encode(x_other, time_emb, LAYOUT)
     torch.testing.assert_close(tokens_other[4:], tokens[4:])
     assert not torch.allclose(tokens_other[:4], tokens[:4])
+
+
+def test_timestep_embedding_of_float_times_is_that_of_the_scaled_step():
+    """A continuous-time model embeds t in [0, 1] as t * T: t = 0.25 with T = 1000 is step 250's
+    embedding, so the frequencies span the same range as the integer steps'."""
+    torch.manual_seed(0)
+    by_step = TimestepEmbedding(16)
+    by_time = TimestepEmbedding(16, time_scale=1000.0)
+    by_time.load_state_dict(by_step.state_dict())
+    steps = torch.tensor([0, 250, 999])
+    torch.testing.assert_close(by_time(torch.tensor([0.0, 0.25, 0.999])), by_step(steps), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(by_time(torch.tensor([0.25])), by_time(torch.tensor([0.2501])), atol=1e-7)
+    model = tc.Transfusion(tc.TransfusionConfig(dim=32, n_heads=4, noise_schedule="flow", diffusion_target="flow",
+                                                num_timesteps=500))
+    assert model.time_embedding.time_scale == 500
+    assert tc.Transfusion(tc.TransfusionConfig(dim=32, n_heads=4)).time_embedding.time_scale == 1.0

@@ -1,4 +1,5 @@
-"""Transfusion model: loss, gradients, kernel path vs reference path, training, the patch position hook."""
+"""Transfusion model: loss, gradients, kernel path vs reference path, training, the patch position hook,
+continuous-time flow mode."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import torch
 import transfusion_core as tc
 from transfusion_core.datasets import ShapesDataset
 
-from .support import packed, tiny_config
+from .support import documents, packed, tiny_config
 
 pytestmark = pytest.mark.usefixtures("reference_path")
 
@@ -49,11 +50,14 @@ def test_the_loss_reads_only_text_targets():
     torch.testing.assert_close(model(scrambled, noise=noise), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
-def test_kernel_path_matches_reference_path(image_encoder, monkeypatch):
+FLOW = dict(noise_schedule="flow", diffusion_target="flow")
+
+
+@pytest.mark.parametrize("image_encoder, mode", [("linear", {}), ("unet", {}), ("linear", FLOW)])
+def test_kernel_path_matches_reference_path(image_encoder, mode, monkeypatch):
     """Triton kernels (in the interpreter on CPU) and the eager reference: same loss, same grads."""
     torch.manual_seed(0)
-    model = tc.Transfusion(tiny_config(image_encoder=image_encoder))
+    model = tc.Transfusion(tiny_config(image_encoder=image_encoder, **mode))
     with torch.no_grad():  # unit-gain weights: attention far from uniform, errors show downstream
         for parameter in model.parameters():
             parameter.normal_(0.0, 1.0 / max(parameter.shape[-1], 1) ** 0.5 if parameter.ndim > 1 else 0.5)
@@ -71,10 +75,10 @@ def test_kernel_path_matches_reference_path(image_encoder, monkeypatch):
         torch.testing.assert_close(kernel_grads[name], grad, rtol=1e-3, atol=1e-5, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("image_encoder", ["linear", "unet"])
-def test_training_steps_reduce_the_loss(image_encoder):
+@pytest.mark.parametrize("image_encoder, mode", [("linear", {}), ("unet", {}), ("linear", FLOW)])
+def test_training_steps_reduce_the_loss(image_encoder, mode):
     torch.manual_seed(0)
-    model = tc.Transfusion(tiny_config(image_encoder=image_encoder))
+    model = tc.Transfusion(tiny_config(image_encoder=image_encoder, **mode))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = packed()
     losses = []
@@ -116,6 +120,54 @@ def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generati
         model.config.patch_position_embedding = False
         _, without = model.predict(batch, x_t)
     assert not torch.allclose(without, from_batch, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ continuous-time flow (issue 16)
+def test_flow_loss_is_the_velocity_regression_at_continuous_times():
+    """model(batch) of a flow model: the packer's integer draws become float times (config.continuous_times),
+    x_t = (1 - t) x0 + t noise, and the diffusion loss is the per-image MSE against noise - x0."""
+    torch.manual_seed(0)
+    config = tiny_config(**FLOW)
+    model = tc.Transfusion(config)
+    batch = tc.Packer(config, 48, seed=0)(documents())
+    assert batch.timesteps.dtype == torch.int64  # the packer's draws
+    noise = torch.randn_like(batch.patches)
+    out = model(batch, noise=noise)
+    t = tc.config.continuous_times(batch.timesteps, batch.noise_seed, config)
+    timed = dataclasses.replace(batch, timesteps=t)
+    torch.testing.assert_close(model(timed, noise=noise), out, rtol=0, atol=0)  # float times are taken as given
+    per_patch_t = torch.repeat_interleave(t, batch.patch_offsets.diff())[:, None]
+    x_t = (1 - per_patch_t) * batch.patches + per_patch_t * noise
+    _, pred = model.predict(timed, x_t)
+    errors = ((pred - (noise - batch.patches)) ** 2).mean(dim=1)
+    per_image = torch.stack([errors[a:b].mean() for a, b in zip(batch.patch_offsets[:-1], batch.patch_offsets[1:])])
+    torch.testing.assert_close(out.diffusion_loss, per_image.mean(), rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_flow_model_takes_float_times_and_names_the_others():
+    model = tc.Transfusion(tiny_config(**FLOW))
+    batch = packed()  # integer timesteps
+    with pytest.raises(TypeError, match=r"batch.timesteps: expected float32 times in \[0, 1\] \(noise_schedule='flow'\) "
+                                        r"\[N = 4\], got torch.int64"):
+        model.predict(batch, batch.patches)
+    bad = dataclasses.replace(batch, timesteps=torch.tensor([0.0, 0.5, 1.0, 1.5]))
+    with pytest.raises(ValueError, match=r"batch.timesteps: expected values in \[0, 1\], got batch.timesteps\[3\] = 1.5"):
+        model.predict(bad, batch.patches)
+    with pytest.raises(ValueError, match=r"t: expected times in \[0, 1\], got t\[3\] = 1.5"):
+        model(bad)
+    cache = model.new_cache()
+    model.extend_text(cache, torch.tensor([[1, model.config.boi_id]]))
+    x_t = torch.randn(1, 4, model.config.patch_dim)
+    with pytest.raises(ValueError, match=r"t: expected values in \[0, 1\], got t\[0\] = nan"):
+        model.extend_image(cache, x_t, torch.tensor([float("nan")]), (2, 2), commit=False)
+    with pytest.raises(TypeError, match=r"t: expected float32 times in \[0, 1\] \(noise_schedule='flow'\) \[B = 1\], "
+                                        r"got torch.int64"):
+        model.extend_image(cache, x_t, torch.tensor([5]), (2, 2), commit=False)
+    with pytest.raises(TypeError, match="got torch.float64"):
+        model.extend_image(cache, x_t, torch.tensor([0.5], dtype=torch.float64), (2, 2), commit=False)
+    assert model.extend_image(cache, x_t, torch.tensor([0.5]), (2, 2), commit=False).shape == (1, 4, 12)
 
 
 # ------------------------------------------------------------------------------ bad arguments
