@@ -16,10 +16,10 @@ from transfusion_core.datasets import Shape, ShapesDataset, detect_shapes, parse
 pytestmark = pytest.mark.usefixtures("one_thread", "reference_path")
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **fields):
     torch.manual_seed(seed)
     config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, image_size=16,
-                                  patch_position_embedding=True)
+                                  patch_position_embedding=True, **fields)
     return tc.Transfusion(config).eval()
 
 
@@ -50,17 +50,21 @@ def test_a_perfect_model_scores_one_and_chance_is_reported(monkeypatch):
     assert results["samples"] == 6
 
 
-def test_an_untrained_model_scores_low():
-    results = evaluate.evaluate(tiny_model(), PixelCodec(), ShapesDataset(3, split="heldout"), image_steps=2,
+@pytest.mark.parametrize("fields, sampler", [({}, "ddim"), (dict(noise_schedule="flow", diffusion_target="flow"), "euler")])
+def test_an_untrained_model_scores_low(fields, sampler):
+    results = evaluate.evaluate(tiny_model(**fields), PixelCodec(), ShapesDataset(3, split="heldout"), image_steps=2,
                                 log=lambda line: None)
     assert results["image_to_text"]["exact"] == 0 and results["text_to_image"]["exact"] == 0
     assert results["caption_perplexity"] > 100  # close to uniform over 260 tokens
+    assert results["settings"]["sampler"] == sampler  # one model call per step either way
 
 
-def test_caption_perplexity_equals_the_cached_generation_path():
+@pytest.mark.parametrize("fields", [{}, dict(noise_schedule="flow", diffusion_target="flow")])
+def test_caption_perplexity_equals_the_cached_generation_path(fields):
     """Perplexity from packed batches = the same captions scored token by token through the KV
-    cache (prompt image at t = 0, then teacher-forced caption)."""
-    model = tiny_model(1)
+    cache (prompt image at t = 0, the float time 0 for a flow model, then teacher-forced caption)."""
+    model = tiny_model(1, **fields)
+    clean = torch.zeros(1, dtype=torch.float32 if model.config.continuous_time else torch.int64)
     dataset = ShapesDataset(4, seed=2, split="heldout")
     tokenizer = tc.ByteTokenizer()
     documents = [[dataset[i].image, tokenizer.encode(dataset[i].caption)] for i in range(len(dataset))]
@@ -69,8 +73,7 @@ def test_caption_perplexity_equals_the_cached_generation_path():
     for image, tokens in documents:
         cache = model.new_cache()
         model.extend_text(cache, torch.tensor([[config.bos_id, config.boi_id]]))
-        model.extend_image(cache, tc.patchify(image, config.patch_size)[None], torch.zeros(1, dtype=torch.int64),
-                           (4, 4), commit=True)
+        model.extend_image(cache, tc.patchify(image, config.patch_size)[None], clean, (4, 4), commit=True)
         inputs = torch.tensor([[config.eoi_id] + tokens])
         targets = torch.tensor(tokens + [config.eos_id])
         logits = model.extend_text(cache, inputs)[0]

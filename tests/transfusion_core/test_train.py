@@ -58,6 +58,9 @@ def test_presets_fill_every_option_and_the_command_line_wins():
     (["--device", "banana"], r"--device: expected one of \('cpu', 'cuda'\)"),
     (["--vae", "/nowhere"], "--vae: expected a diffusers AutoencoderKL directory"),
     (["--out", ""], "--out: expected a non-empty string"),
+    (["--noise-schedule", "flow", "--flow-shift", "0"], "--flow-shift: expected a finite float > 0"),
+    (["--flow-time-std", "-1"], "--flow-time-std: expected a finite float > 0"),
+    (["--flow-time-mean", "nan"], "--flow-time-mean: expected a finite float"),
 ])
 def test_bad_options_raise_naming_the_option(argv, message, capsys):
     with pytest.raises(ValueError, match=message):
@@ -455,3 +458,41 @@ def test_seq_len_too_short_for_the_embedded_captions_is_an_option_error(tmp_path
            "78 bytes, its image's 16 patches and BOS/BOI/EOI/EOS), got 57" in error
     assert "--seq-len: expected at least 20" in cli_error(tiny_argv(tmp_path, "--seq-len", "10", "--patch-size", "4"),
                                                           capsys)
+
+
+# ------------------------------------------------------------------------------ continuous-time flow (issue 16)
+def test_noise_schedule_flow_option_and_its_defaults(tmp_path, capsys):
+    assert train.PRESETS["tiny"]["noise_schedule"] == "cosine" and train.PRESETS["tiny"]["diffusion_target"] == "v"
+    args = train.parse_args(["--noise-schedule", "flow"])
+    assert args.diffusion_target == "flow", "a flow model predicts the velocity unless told otherwise"
+    assert (args.flow_time_distribution, args.flow_time_mean, args.flow_time_std, args.flow_shift) == (
+        "logit_normal", 0.0, 1.0, 1.0)
+    config = train.model_config(train.parse_args(["--noise-schedule", "flow", "--diffusion-target", "v",
+                                                  "--flow-shift", "2"]), train.PixelCodec())
+    assert config.continuous_time and config.diffusion_target == "v" and config.flow_shift == 2.0
+    assert "model options: TransfusionConfig.diffusion_target: expected 'flow', 'v' or 'x0' with " \
+        "noise_schedule='flow'" in cli_error(tiny_argv(tmp_path, "--noise-schedule", "flow", "--diffusion-target",
+                                                       "eps"), capsys)
+    assert "model options: TransfusionConfig.flow_shift: expected 1.0: the flow_* fields apply to " \
+        "noise_schedule='flow' only, got 2.0" in cli_error(tiny_argv(tmp_path, "--flow-shift", "2"), capsys)
+
+
+def test_a_flow_run_learns_resumes_exactly_and_evaluates_with_euler(tmp_path, capsys):
+    argv = tiny_argv(tmp_path, "--steps", "40", "--noise-schedule", "flow", "--flow-shift", "1.5",
+                     "--heldout-samples", "2")
+    history = train.main(argv)
+    first = sum(r["loss"] for r in history[:5]) / 5
+    last = sum(r["loss"] for r in history[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert sum(r["diffusion_loss"] for r in history[-5:]) < sum(r["diffusion_loss"] for r in history[:5])
+    model = tc.Transfusion.load(tmp_path / train.CHECKPOINT_DIR)
+    assert model.config.noise_schedule == "flow" and model.config.flow_shift == 1.5
+    parts = tmp_path / "parts"
+    argv_parts = argv[:1] + [str(parts)] + argv[2:]
+    train.main(argv_parts + ["--stop-at", "20"])
+    resumed = train.main(argv_parts + ["--resume"])
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in history[20:]], "bit-identical"
+    assert "--flow-shift: checkpoint 1.5, now 2.0" in cli_error(
+        [a if a != "1.5" else "2.0" for a in argv_parts] + ["--resume"], capsys)
+    results = evaluate.main([str(tmp_path / train.CHECKPOINT_DIR), "--image-steps", "2", "--threads", "1"])
+    assert results["settings"]["sampler"] == "euler" and math.isfinite(results["caption_perplexity"])
