@@ -28,8 +28,8 @@ from .adaln import adaln_modulate
 from .attention import attention
 from .diffusion import add_noise, diffusion_loss
 from .lm_loss import linear_cross_entropy
-from .mask import IntervalMask
+from .mask import IntervalMask, NotAnIntervalError
 from .schedule import NoiseSchedule
 
-__all__ = ["IntervalMask", "NoiseSchedule", "__version__", "adaln_modulate", "add_noise", "attention", "backend",
-           "diffusion_loss", "linear_cross_entropy"]
+__all__ = ["IntervalMask", "NoiseSchedule", "NotAnIntervalError", "__version__", "adaln_modulate", "add_noise",
+           "attention", "backend", "diffusion_loss", "linear_cross_entropy"]
