@@ -23,6 +23,7 @@ Shapes: ``B`` rows, ``S`` positions, ``D`` model dim, ``N`` images, ``P`` patche
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -142,11 +143,16 @@ def _check_index(name: str, x, shape: tuple, what: str, device: torch.device, hi
         raise ValueError(f"{name}: expected values in [0, {high - 1}], got {name}{list(index)} = {int(x[index])}")
 
 
-def _check_times(name: str, t, shape: tuple, what: str, config: TransfusionConfig, device: torch.device) -> None:
+def _check_times(name: str, t, shape: tuple, what: str, config: TransfusionConfig, device: torch.device,
+                 values: bool = True) -> None:
     """Diffusion times of the model's kind: int steps in ``[0, T)``, or float32 times in ``[0, 1]`` for a
-    continuous-time (``noise_schedule="flow"``) model."""
+    continuous-time (``noise_schedule="flow"``) model. ``values=False``: kind, shape and device only
+    (no host sync)."""
     if not config.continuous_time:
-        _check_index(name, t, shape, what, device, config.num_timesteps)
+        if values:
+            _check_index(name, t, shape, what, device, config.num_timesteps)
+        elif not isinstance(t, torch.Tensor) or not is_int_dtype(t.dtype):
+            raise TypeError(f"{name}: expected an int tensor {what}, got {getattr(t, 'dtype', type(t).__name__)}")
         return
     kind = "float32 times in [0, 1] (noise_schedule='flow')"
     if not isinstance(t, torch.Tensor):
@@ -158,7 +164,7 @@ def _check_times(name: str, t, shape: tuple, what: str, config: TransfusionConfi
     if t.device != device:
         raise ValueError(f"{name}: expected device {device} (the model's), got {t.device}")
     bad = ~((t >= 0) & (t <= 1))  # NaN fails both comparisons
-    if bool(bad.any()):
+    if values and bool(bad.any()):
         index = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: expected values in [0, 1], got {name}{list(index)} = {t[index].item()}")
 
@@ -251,11 +257,10 @@ class Transfusion(nn.Module):
         logits) and the image predictions ``[P, C*p*p]`` (of ``config.diffusion_target``).
         """
         _check_batch(batch)
+        # The kind of time, not the values (no host sync in the training step): they only feed the
+        # timestep embedding here; the training loss's ops check them.
         _check_times("batch.timesteps", batch.timesteps, (batch.num_images,), f"[N = {batch.num_images}]",
-                     self.config, self.device)
-        return self._predict(batch, x_t, batch.timesteps)
-
-    def _predict(self, batch, x_t: torch.Tensor, t: torch.Tensor):
+                     self.config, self.device, values=False)
         _check_float("x_t", x_t, (None, self.config.patch_dim), f"[P, {self.config.patch_dim}]", self.device)
         layout = ImageLayout(batch.patch_offsets, batch.image_grids)
         h = self.tok_embeddings(batch.tokens)  # [B, S, D]
@@ -266,7 +271,7 @@ class Transfusion(nn.Module):
             raise ValueError(
                 f"x_t: expected {int(is_image.sum())} patches (the batch's image positions), got {x_t.shape[0]}"
             )
-        patch_tokens, time_emb, skips = self._embed_images(x_t, t, layout)
+        patch_tokens, time_emb, skips = self._embed_images(x_t, batch.timesteps, layout)
         # Patches fill the image positions in row-major order, the order of the patch buffer. Under
         # autocast the patch tokens come out of autocast's linears in its dtype while the token
         # embeddings stay in the parameters' dtype: the residual stream keeps the embeddings' dtype.
@@ -285,14 +290,13 @@ class Transfusion(nn.Module):
         _check_batch(batch)
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
-        t = batch.timesteps
-        if self.config.continuous_time and not t.dtype.is_floating_point:
-            t = continuous_times(t, batch.noise_seed, self.config)
-        # t's values are checked by the diffusion ops (in an op of their own, also under torch.compile).
+        if self.config.continuous_time and not batch.timesteps.dtype.is_floating_point:
+            batch = replace(batch, timesteps=continuous_times(batch.timesteps, batch.noise_seed, self.config))
+        t = batch.timesteps  # its values are checked by the diffusion ops (in an op of their own)
         schedule = self.schedule_on(x0.device)
         model_ops = ops.current()
         x_t = model_ops.add_noise(x0, t, schedule, offsets=batch.patch_offsets, **noise_args)
-        hidden, pred = self._predict(batch, x_t, t)
+        hidden, pred = self.predict(batch, x_t)
         is_target = batch.targets != IGNORE_INDEX  # [B, S]
         text_hidden = hidden[is_target]  # [T, D]: only text positions pay for the LM head
         # Under autocast the head runs in the activations' dtype, as an nn.Linear would.

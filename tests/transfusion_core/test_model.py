@@ -153,8 +153,6 @@ def test_flow_model_takes_float_times_and_names_the_others():
                                         r"\[N = 4\], got torch.int64"):
         model.predict(batch, batch.patches)
     bad = dataclasses.replace(batch, timesteps=torch.tensor([0.0, 0.5, 1.0, 1.5]))
-    with pytest.raises(ValueError, match=r"batch.timesteps: expected values in \[0, 1\], got batch.timesteps\[3\] = 1.5"):
-        model.predict(bad, batch.patches)
     with pytest.raises(ValueError, match=r"t: expected times in \[0, 1\], got t\[3\] = 1.5"):
         model(bad)
     cache = model.new_cache()
