@@ -109,8 +109,9 @@ def flex_blocks(mask, block: int = FLEX_BLOCK) -> FlexBlocks:
 
 
 def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The attention launchers' default tile sizes on a CUDA device (``fwd_m``, ``fwd_n``,
-    ``bwd_m``, ``bwd_n``), read from ``tfkernels.attention._block_sizes``."""
+    """The attention launchers' default tile sizes and launch settings on a CUDA device (``fwd_m``,
+    ``fwd_n``, ``dkdv_m``, ``dkdv_n``, ``dq_m``, ``dq_n``, ...), read from
+    ``tfkernels.attention._block_sizes``."""
     attention = importlib.import_module("tfkernels.attention")
     block_sizes = getattr(attention, "_block_sizes", None)
     if block_sizes is None:
@@ -168,8 +169,8 @@ def tile_waste(mask, head_dim: int, dtype: torch.dtype = torch.bfloat16, flex_bl
     return TileWaste(
         visible=mask.visible_pairs(),
         forward=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, tiles["fwd_m"], tiles["fwd_n"]),
-        dq=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, tiles["bwd_m"], tiles["bwd_n"]),
-        dkdv=tile_walk(q_start, q_end, mask.kv_start.shape[1], tiles["bwd_n"], tiles["bwd_m"]),
+        dq=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, tiles["dq_m"], tiles["dq_n"]),
+        dkdv=tile_walk(q_start, q_end, mask.kv_start.shape[1], tiles["dkdv_n"], tiles["dkdv_m"]),
         flex=flex_blocks(mask, flex_block),
     )
 

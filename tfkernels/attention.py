@@ -46,6 +46,7 @@ Robustness, at no cost to the tile walk:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -77,6 +78,19 @@ if HAS_TRITON:
     def _clamp_bound(bound, num_cols):
         """An interval bound clamped into ``[0, num_cols]``."""
         return tl.minimum(tl.maximum(bound, 0), num_cols)
+
+    @triton.jit
+    def _tanh(x):
+        """float32 tanh (libdevice's has no interpreter implementation): odd, +-1 at +-inf, NaN for NaN,
+        within ~2 ulp. ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` loses ``1 - e`` to cancellation
+        near 0 (an absolute error of ~1e-7, which a soft cap multiplies), so ``|x| < 0.3`` takes the
+        Taylor series to x^11 (next term < 1e-9)."""
+        e = tl.math.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
+        t = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        series = x + x * x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
+            -1382.0 / 155925)))))
+        return tl.where(tl.abs(x) < 0.3, series, tl.where(x < 0, -t, t))
 
     @triton.jit
     def _nonfinite_rows(x, AXIS: tl.constexpr):
@@ -131,7 +145,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_setup(
-        pid, BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles,
+        pid, BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles, stride_mask_b,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
@@ -153,7 +167,7 @@ if HAS_TRITON:
         row_valid = offs < num_rows
         offs_d = tl.arange(0, BLOCK_D)
         d_valid = offs_d < HEAD_DIM
-        bounds_row = batch * num_rows
+        bounds_row = batch * stride_mask_b  # 0: one mask row serves every batch row
         # Clamped like the tile ranges: the element mask then keeps every column < num_cols, so
         # columns past the end (loaded as zeros) are never "phantom" visible keys.
         start = _clamp_bound(tl.load(BOUND_START + bounds_row + offs, mask=row_valid, other=0), num_cols)
@@ -166,12 +180,13 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_key_tiles(
         acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end,
-        tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+        tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,  # edge tile: apply the element mask and the key bound
         EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D: no head-dim mask on loads
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose ~3 digits)
         SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_fwd_kernel
+        SOFTCAP: tl.constexpr,  # scores capped: see _attn_fwd_kernel
     ):
         for tile in range(tile_lo, tile_hi):
             if MASKED:  # int32 keys for the mask compares (fewer registers than int64), int64 for addresses
@@ -195,6 +210,8 @@ if HAS_TRITON:
                 v_bad = _nonfinite_rows(v, 1)  # [BLOCK_N]
                 v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if SOFTCAP:
+                s = _tanh(s) * softcap_log2
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
@@ -219,14 +236,15 @@ if HAS_TRITON:
         pid, Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
+        softcap_log2, stride_mask_b,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Work item ``pid``: one (batch, query head, query tile). Stores its out and LSE rows and returns
         whether out holds a non-finite value (see ``_attn_fwd_kernel``)."""
         batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D,
-            BLOCK_M, BLOCK_N,
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, HEAD_DIM,
+            BLOCK_D, BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
         q_ptrs = _rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d)
@@ -241,14 +259,15 @@ if HAS_TRITON:
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
             acc, m_i, l_i = _fwd_key_tiles(
                 acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                tiles[0], tiles[3], seq_len_k, qk_scale, offs_d, d_valid, BLOCK_N, True, EVEN_D, DOT_PRECISION, True,
+                tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, BLOCK_N, True, EVEN_D,
+                DOT_PRECISION, True, SOFTCAP,
             )
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 acc, m_i, l_i = _fwd_key_tiles(
                     acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                    tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
-                    BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False,
+                    tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                    BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False, SOFTCAP,
                 )
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
@@ -269,7 +288,10 @@ if HAS_TRITON:
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
         stride_ob, stride_os, stride_oh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
+        qk_scale,  # score = q.k * qk_scale in log2 units; with SOFTCAP, tanh's argument (scale / cap)
+        softcap_log2,  # with SOFTCAP: the cap in log2 units, cap * log2(e)
+        stride_mask_b,  # KV_START/KV_END batch stride: Sq, or 0 when one mask row serves every batch row
         NONFINITE,  # int8 [num_work]: the work item's result held a NaN or an infinity
         num_work,
         HEAD_DIM: tl.constexpr,
@@ -278,6 +300,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
         DOT_PRECISION: tl.constexpr,
         RERUN: tl.constexpr,  # False: the walk, one work item per program; True: the rerun pass
+        SOFTCAP: tl.constexpr,  # scores soft-capped, cap * tanh(score / cap); False costs nothing
     ):
         """Non-finite isolation. Hidden pairs get P = 0 exactly, so P @ V adds 0 * v = 0 for them unless
         v is NaN or infinite: the walk is exact whenever its result is finite, and each work item
@@ -289,16 +312,17 @@ if HAS_TRITON:
         out of the walk's allocation; its inner tile may be narrower (``_rerun_config``)."""
         args = (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
                 stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k,
-                num_heads_q, num_q_tiles, q_per_kv, qk_scale)
+                num_heads_q, num_q_tiles, q_per_kv, qk_scale, softcap_log2, stride_mask_b)
         if RERUN:
             first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
             if flagged:
                 for pid in range(first, last):
                     if tl.load(NONFINITE + pid) != 0:
-                        _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+                        _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True, SOFTCAP)
         else:
             pid = tl.program_id(0)
-            nonfinite = _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            nonfinite = _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
+                                          SOFTCAP)
             tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
@@ -334,9 +358,10 @@ if HAS_TRITON:
     @triton.jit
     def _dq_key_tiles(
         dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end,
-        tile_lo, tile_hi, seq_len_k, qk_scale, offs_d, d_valid,
+        tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
         BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dq_kernel
+        SOFTCAP: tl.constexpr,
     ):
         for tile in range(tile_lo, tile_hi):
             if MASKED:  # int32 keys for the mask compares, int64 for addresses (as in _fwd_key_tiles)
@@ -357,12 +382,17 @@ if HAS_TRITON:
                 kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
                 vt = tl.load(vt_ptrs, mask=d_valid[:, None], other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                capped = _tanh(s)
+                s = capped * softcap_log2
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 p = tl.where(visible, p, 0.0)
             dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:  # d(cap * tanh(x)) / d(cap * x) = 1 - tanh(x)^2
+                ds = ds * (1.0 - capped * capped)
             if SAFE:
                 # Select, not multiply: dp is NaN at a hidden key whose V is. dS @ K contracts over
                 # keys: zero K's non-finite entries and make the rows that see one NaN.
@@ -377,15 +407,15 @@ if HAS_TRITON:
         pid, Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Work item ``pid``: one (batch, query head, query tile) of dQ; returns whether it holds a
         non-finite value (see ``_attn_bwd_dq_kernel``)."""
         batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, HEAD_DIM, BLOCK_D,
-            BLOCK_M, BLOCK_N,
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, HEAD_DIM,
+            BLOCK_D, BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
@@ -402,13 +432,13 @@ if HAS_TRITON:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
             dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                               tiles[0], tiles[3], seq_len_k, qk_scale, offs_d, d_valid,
-                               BLOCK_N, True, EVEN_D, DOT_PRECISION, True)
+                               tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                               BLOCK_N, True, EVEN_D, DOT_PRECISION, True, SOFTCAP)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                                   tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, offs_d, d_valid,
-                                   BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False)
+                                   tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d,
+                                   d_valid, BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False, SOFTCAP)
         dq_ptrs = _rows_ptrs(DQ, batch64, head, offs_m, stride_dqb, stride_dqs, stride_dqh, offs_d)
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
         return _any_nonfinite(dq, row_valid)
@@ -421,11 +451,12 @@ if HAS_TRITON:
         stride_vb, stride_vs, stride_vh,
         stride_dob, stride_dos, stride_doh,
         stride_dqb, stride_dqs, stride_dqh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale,
+        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b,
         NONFINITE, num_work,  # as in _attn_fwd_kernel
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         RERUN: tl.constexpr,
+        SOFTCAP: tl.constexpr,  # as in _attn_fwd_kernel
     ):
         """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
         selects for dS (dP is NaN at a hidden key whose V is) and, for ``dS @ K``, K's non-finite
@@ -433,40 +464,52 @@ if HAS_TRITON:
         args = (Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                 stride_dqb, stride_dqs, stride_dqh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
-                qk_scale, scale)
+                qk_scale, scale, softcap_log2, stride_mask_b)
         if RERUN:
             first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
             if flagged:
                 for pid in range(first, last):
                     if tl.load(NONFINITE + pid) != 0:
-                        _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+                        _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True,
+                                             SOFTCAP)
         else:
             pid = tl.program_id(0)
-            nonfinite = _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            nonfinite = _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
+                                             SOFTCAP)
             tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
     def _dkdv_query_tiles(
-        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_dos, q_start, q_end,
-        tile_lo, tile_hi, seq_len_q, qk_scale, offs_d, d_valid,
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end,
+        tile_lo, tile_hi, seq_len_q, q_per_kv, qk_scale, softcap_log2, offs_d, d_valid,
         BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
         SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dkdv_kernel
+        SOFTCAP: tl.constexpr,
     ):
-        for tile in range(tile_lo, tile_hi):
+        # One flat loop over (query tile, group member): the GQA group's heads run inside each tile
+        # step, so the loop nest and its live state are the same as without GQA (a loop over the group
+        # around the three tile walks keeps three pipelines' state live across it and spills).
+        for step in range(tile_lo * q_per_kv, tile_hi * q_per_kv):
+            tile = step // q_per_kv
+            member = step % q_per_kv  # 0 when q_per_kv == 1 (specialised to a constant by the launch)
+            Q_m = Q + member * stride_qh
+            DO_m = DO + member * stride_doh
+            LSE_m = LSE + member * seq_len_q
+            DELTA_m = DELTA + member * seq_len_q
             if MASKED:  # int32 queries for the mask compares, int64 for addresses (as in _fwd_key_tiles)
                 rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
                 offs_m = rows.to(tl.int64)
             else:
                 offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: row * stride may pass 2^31
-            q_ptrs = Q + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
-            do_ptrs = DO + offs_m[:, None] * stride_dos + offs_d[None, :]
+            q_ptrs = Q_m + offs_m[:, None] * stride_qs + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
+            do_ptrs = DO_m + offs_m[:, None] * stride_dos + offs_d[None, :]
             if MASKED:
                 row_valid = rows < seq_len_q
                 io_mask = row_valid[:, None] & d_valid[None, :]
                 q = tl.load(q_ptrs, mask=io_mask, other=0.0)
                 do = tl.load(do_ptrs, mask=io_mask, other=0.0)
-                lse2 = tl.load(LSE + offs_m, mask=row_valid, other=0.0) * _LOG2E_C
-                delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
+                lse2 = tl.load(LSE_m + offs_m, mask=row_valid, other=0.0) * _LOG2E_C
+                delta = tl.load(DELTA_m + offs_m, mask=row_valid, other=0.0)
             else:
                 if EVEN_D:
                     q = tl.load(q_ptrs)
@@ -474,9 +517,12 @@ if HAS_TRITON:
                 else:
                     q = tl.load(q_ptrs, mask=d_valid[None, :], other=0.0)
                     do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
-                lse2 = tl.load(LSE + offs_m) * _LOG2E_C
-                delta = tl.load(DELTA + offs_m)
+                lse2 = tl.load(LSE_m + offs_m) * _LOG2E_C
+                delta = tl.load(DELTA_m + offs_m)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if SOFTCAP:
+                capped = _tanh(st)
+                st = capped * softcap_log2
             pt = tl.math.exp2(st - lse2[None, :])
             if MASKED:
                 # Empty query rows have lse = -inf and pt = inf here; the mask zeroes them first.
@@ -492,6 +538,8 @@ if HAS_TRITON:
                 dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:  # as in _dq_key_tiles
+                dst = dst * (1.0 - capped * capped)
             if SAFE:  # select, not multiply: dpt is NaN at a hidden query where v or dO is
                 dst = tl.where(visible, dst, 0.0)
                 dst = tl.where(visible & (_nonfinite_rows(q, 1)[None, :] != 0), float("nan"), dst)
@@ -504,15 +552,16 @@ if HAS_TRITON:
         pid, Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale,
+        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
+        stride_mask_b,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Work item ``pid``: one (batch, kv head, key tile) of dK and dV; returns whether they hold a
         non-finite value (see ``_attn_bwd_dkdv_kernel``)."""
         batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
-            pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, HEAD_DIM, BLOCK_D,
-            BLOCK_N, BLOCK_M,
+            pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, stride_mask_b, HEAD_DIM,
+            BLOCK_D, BLOCK_N, BLOCK_M,
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(_rows_ptrs(K, batch64, kv_head, offs_n, stride_kb, stride_ks, stride_kh, offs_d),
@@ -522,21 +571,23 @@ if HAS_TRITON:
         EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for group_member in range(q_per_kv):
-            head = kv_head * q_per_kv + group_member
-            Q_head = Q + batch64 * stride_qb + head * stride_qh
-            DO_head = DO + batch64 * stride_dob + head * stride_doh
-            stats_row = (batch64 * num_heads_q + head) * seq_len_q
-            if SAFE:  # the rerun: every tile masked, non-finite values isolated
-                dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                           stride_qs, stride_dos, q_start, q_end, tiles[0], tiles[3], seq_len_q,
-                                           qk_scale, offs_d, d_valid, BLOCK_M, True, EVEN_D, DOT_PRECISION, True)
-            else:
-                for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
-                    dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_head, DO_head, LSE + stats_row, DELTA + stats_row,
-                                               stride_qs, stride_dos, q_start, q_end, tiles[segment],
-                                               tiles[segment + 1], seq_len_q, qk_scale, offs_d, d_valid, BLOCK_M,
-                                               segment != 1, EVEN_D, DOT_PRECISION, False)
+        # The group's first query head; _dkdv_query_tiles steps through its q_per_kv heads.
+        head = kv_head * q_per_kv
+        Q_group = Q + batch64 * stride_qb + head * stride_qh
+        DO_group = DO + batch64 * stride_dob + head * stride_doh
+        stats_row = (batch64 * num_heads_q + head) * seq_len_q
+        if SAFE:  # the rerun: every tile masked, non-finite values isolated
+            dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_group, DO_group, LSE + stats_row, DELTA + stats_row,
+                                       stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end, tiles[0],
+                                       tiles[3], seq_len_q, q_per_kv, qk_scale, softcap_log2, offs_d, d_valid,
+                                       BLOCK_M, True, EVEN_D, DOT_PRECISION, True, SOFTCAP)
+        else:
+            for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
+                dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_group, DO_group, LSE + stats_row, DELTA + stats_row,
+                                           stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end,
+                                           tiles[segment], tiles[segment + 1], seq_len_q, q_per_kv, qk_scale,
+                                           softcap_log2, offs_d, d_valid, BLOCK_M, segment != 1, EVEN_D,
+                                           DOT_PRECISION, False, SOFTCAP)
         dk_ptrs = _rows_ptrs(DK, batch64, kv_head, offs_n, stride_dkb, stride_dks, stride_dkh, offs_d)
         dv_ptrs = _rows_ptrs(DV, batch64, kv_head, offs_n, stride_dvb, stride_dvs, stride_dvh, offs_d)
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
@@ -552,13 +603,15 @@ if HAS_TRITON:
         stride_dob, stride_dos, stride_doh,
         stride_dkb, stride_dks, stride_dkh,
         stride_dvb, stride_dvs, stride_dvh,
-        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale,
+        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
+        stride_mask_b,  # Q_START/Q_END batch stride: Sk, or 0 when one mask row serves every batch row
         NONFINITE, num_work,  # as in _attn_fwd_kernel
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,  # query rows per inner step
         BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
         DOT_PRECISION: tl.constexpr,
         RERUN: tl.constexpr,
+        SOFTCAP: tl.constexpr,  # as in _attn_fwd_kernel
     ):
         """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
         selects for dS (dP is NaN at a hidden query where v or dO is) and, for ``P^T @ dO`` and
@@ -567,16 +620,19 @@ if HAS_TRITON:
         args = (Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                 stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, seq_len_q, seq_len_k,
-                num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale)
+                num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
+                stride_mask_b)
         if RERUN:
             first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
             if flagged:
                 for pid in range(first, last):
                     if tl.load(NONFINITE + pid) != 0:
-                        _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True)
+                        _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True,
+                                               SOFTCAP)
         else:
             pid = tl.program_id(0)
-            nonfinite = _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False)
+            nonfinite = _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+                                               False, SOFTCAP)
             tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
 
@@ -633,40 +689,62 @@ def _rerun_config(free: dict) -> dict:
 
 
 def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Default tile shapes and launch settings: the usual FlashAttention-2 starting points, not yet
-    measured here (the performance work tunes them; ``TFKERNELS_AUTOTUNE=1`` searches). The
-    query-tile size of the forward/dQ kernels and the key-tile size of the dK/dV kernel are
-    fixed here because the heaviest-first tile order is computed from them."""
+    """Default tile shapes and launch settings of each pass: ``fwd_*`` (forward), ``dkdv_*`` (dK/dV)
+    and ``dq_*`` (dQ); ``*_m`` query rows and ``*_n`` keys per tile, ``*_warps``, ``*_stages``. The
+    query tile of the forward/dQ and the key tile of dK/dV are fixed here because the heaviest-first
+    tile order is computed from them; ``TFKERNELS_AUTOTUNE=1`` searches the other settings.
+
+    Chosen with ``python -m bench.compile_report`` (sm_90a, bf16/fp16, triton 3.6 and 3.9; the
+    sweep is in bench/README.md): among the configs that compile to wgmma with no register spill
+    in either launch (the walk and the rerun), with and without GQA, the one nearest the usual
+    FlashAttention-2 starting points, key tiles of 64 where that is free (less tile waste on this
+    mask). Not yet timed on a GPU.
+    """
     if device.type != "cuda":
         # Interpreter: tiles small enough that short test sequences cross many tile borders,
         # with different query and key tile sizes so that no code path assumes they match.
-        return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=4, num_stages=1)
+        return dict(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=1, dkdv_m=32, dkdv_n=64, dkdv_warps=4,
+                    dkdv_stages=1, dq_m=32, dq_n=64, dq_warps=4, dq_stages=1)
     if dtype == torch.float32 and head_dim > 64:
         # 4-byte operands: halve the tiles so K/V/Q/dO stages fit in shared memory.
-        return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=32, num_warps=4, num_stages=1)
+        return dict(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=1, dkdv_m=32, dkdv_n=32, dkdv_warps=4,
+                    dkdv_stages=1, dq_m=32, dq_n=32, dq_warps=4, dq_stages=1)
     if head_dim <= 64:
-        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=4, num_stages=3)
+        # dK/dV and dQ need 8 warps here: at 4, dK/dV spills ~1 KB even as a bare textbook loop.
+        return dict(fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3, dkdv_m=64, dkdv_n=128, dkdv_warps=8,
+                    dkdv_stages=3, dq_m=64, dq_n=128, dq_warps=8, dq_stages=3)
     if head_dim <= 128:
-        return dict(fwd_m=128, fwd_n=64, bwd_m=64, bwd_n=128, num_warps=8, num_stages=3)
-    return dict(fwd_m=64, fwd_n=32, bwd_m=32, bwd_n=64, num_warps=8, num_stages=2)
+        # dK/dV holds dK, dV, K and V for its key tile: 64 keys with 32-query steps is the spill-free
+        # shape; dQ at 64 x 64 also halves the shared memory of 64 x 128 (132 KB, was 225 KB).
+        return dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3, dkdv_m=32, dkdv_n=64, dkdv_warps=8,
+                    dkdv_stages=3, dq_m=64, dq_n=64, dq_warps=8, dq_stages=3)
+    # D > 128: dQ needs 64 query rows for wgmma (one warpgroup's M); dK/dV at D = 256 holds 64 x 256
+    # fp32 dK and dV (128 registers a thread at 8 warps): it still spills, the least at these tiles.
+    return dict(fwd_m=64, fwd_n=32, fwd_warps=8, fwd_stages=2, dkdv_m=32, dkdv_n=64, dkdv_warps=8,
+                dkdv_stages=2, dq_m=64, dq_n=32, dq_warps=8, dq_stages=3)
 
 
 def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per_tile: int,
-                    cols_per_tile: int, num_cols: int) -> torch.Tensor:
-    """Order of the ``B * num_tiles`` row tiles, most column tiles to visit first: int32.
+                    cols_per_tile: int, num_cols: int, batch: int) -> torch.Tensor:
+    """Order of the ``batch * num_tiles`` row tiles, most column tiles to visit first: int32.
 
     ``bound_start``/``bound_end`` ``[B, R]`` are monotone interval bounds (the mask's, or its key
-    intervals for the key side) over ``num_cols`` columns; a tile of rows visits column tiles
-    ``[start[first] // cols, cdiv(end[last], cols))``, bounds clamped into ``[0, num_cols]`` as the
-    kernels clamp them.
+    intervals for the key side) over ``num_cols`` columns, ``B == batch`` or 1 (one mask row shared
+    by the batch); a tile of rows visits column tiles ``[start[first] // cols, cdiv(end[last],
+    cols))``, bounds clamped into ``[0, num_cols]`` as the kernels clamp them.
     """
     rows = bound_start.shape[1]
     firsts = torch.arange(0, rows, rows_per_tile, device=bound_start.device)
     lasts = (firsts + rows_per_tile - 1).clamp(max=rows - 1)
     lo = bound_start[:, firsts].long().clamp(0, num_cols) // cols_per_tile
     hi = (bound_end[:, lasts].long().clamp(0, num_cols) + cols_per_tile - 1) // cols_per_tile
-    work = (hi - lo).flatten()
+    work = (hi - lo).expand(batch, -1).flatten()
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
+
+
+def _mask_batch_stride(bounds: torch.Tensor, batch: int) -> int:
+    """Batch stride of contiguous ``[B, R]`` bounds: 0 when one row serves a batch of several."""
+    return 0 if bounds.shape[0] == 1 and batch > 1 else bounds.shape[1]
 
 
 _DELTA_ROWS = 64  # rows per program of the memory-bound delta pass
@@ -676,7 +754,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_fwd(q, k, v, kv_start, kv_end, scale):
+def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """The kernels' ``(qk_scale, softcap_log2)``: scores in log2 units are ``q.k * qk_scale``, or with a
+    cap ``c``, ``tanh(q.k * scale / c) * c * log2(e)``."""
+    if softcap:
+        return scale / softcap, softcap * _LOG2E
+    return scale * _LOG2E, 0.0
+
+
+def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     out = torch.empty(batch, seq_q, heads_q, dim, device=q.device, dtype=q.dtype)
@@ -684,7 +770,7 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
     if out.numel() == 0:
         return out, lse
     cfg = _block_sizes(dim, q.dtype, q.device)
-    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"], seq_k)
+    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"], seq_k, batch)
     num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
     args = (
         q, k, v, out, lse, kv_start, kv_end, order,
@@ -692,16 +778,17 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale):
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_q, seq_k, heads_q, num_q_tiles, heads_q // heads_kv, scale * _LOG2E,
+        seq_q, seq_k, heads_q, num_q_tiles, heads_q // heads_kv, *_score_scales(scale, softcap),
+        _mask_batch_stride(kv_start, batch),
     )
     fixed = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=cfg["fwd_m"],
-                 DOT_PRECISION=_dot_precision(q.dtype))
-    free = dict(BLOCK_N=cfg["fwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=bool(softcap))
+    free = dict(BLOCK_N=cfg["fwd_n"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, (heads_q * order.numel(),), args, fixed, free, q.device)
     return out, lse
 
 
-def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
+def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     # The kernels need a unit stride along D; autograd hands out expanded (stride-0) gradients for
@@ -718,6 +805,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
     block_d = max(16, triton.next_power_of_2(dim))
     precision = _dot_precision(q.dtype)
     q_per_kv = heads_q // heads_kv
+    qk_scale, softcap_log2 = _score_scales(scale, softcap)
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
     _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_ROWS) * batch * heads_q,)](
         out, do, dlse, delta,
@@ -727,7 +815,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=_DELTA_ROWS,
     )
     q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
-    key_order = _heaviest_first(q_start, q_end, cfg["bwd_n"], cfg["bwd_m"], seq_q)
+    key_order = _heaviest_first(q_start, q_end, cfg["dkdv_n"], cfg["dkdv_m"], seq_q, batch)
     args = (
         q, k, v, do, lse, delta, dk, dv, q_start, q_end, key_order,
         q.stride(0), q.stride(1), q.stride(2),
@@ -736,13 +824,14 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, cfg["bwd_n"]), q_per_kv, scale * _LOG2E, scale,
+        seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, cfg["dkdv_n"]), q_per_kv, qk_scale, scale,
+        softcap_log2, _mask_batch_stride(q_start, batch),
     )
-    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg["bwd_n"], DOT_PRECISION=precision)
-    free = dict(BLOCK_M=cfg["bwd_m"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg["dkdv_n"], DOT_PRECISION=precision, SOFTCAP=bool(softcap))
+    free = dict(BLOCK_M=cfg["dkdv_m"], num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
     _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv * key_order.numel(),), args, fixed, free,
             q.device)
-    query_order = _heaviest_first(kv_start, kv_end, cfg["bwd_m"], cfg["bwd_n"], seq_k)
+    query_order = _heaviest_first(kv_start, kv_end, cfg["dq_m"], cfg["dq_n"], seq_k, batch)
     args = (
         q, k, v, do, lse, delta, dq, kv_start, kv_end, query_order,
         q.stride(0), q.stride(1), q.stride(2),
@@ -750,10 +839,11 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        seq_q, seq_k, heads_q, triton.cdiv(seq_q, cfg["bwd_m"]), q_per_kv, scale * _LOG2E, scale,
+        seq_q, seq_k, heads_q, triton.cdiv(seq_q, cfg["dq_m"]), q_per_kv, qk_scale, scale, softcap_log2,
+        _mask_batch_stride(kv_start, batch),
     )
-    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["bwd_m"], DOT_PRECISION=precision)
-    free = dict(BLOCK_N=cfg["bwd_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["dq_m"], DOT_PRECISION=precision, SOFTCAP=bool(softcap))
+    free = dict(BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, (heads_q * query_order.numel(),), args, fixed, free, q.device)
     return dq, dk, dv
 
@@ -769,14 +859,14 @@ def _on_device(t: torch.Tensor):
 @torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    scale: float,
+    scale: float, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with _on_device(q):
-        return _launch_fwd(q, k, v, kv_start, kv_end, scale)
+        return _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap)
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale):
+def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale, softcap=0.0):
     batch, seq_q, heads_q, dim = q.shape
     out = q.new_empty(batch, seq_q, heads_q, dim)
     lse = q.new_empty(batch, heads_q, seq_q, dtype=torch.float32)
@@ -787,24 +877,24 @@ def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale):
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, dlse: torch.Tensor | None, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    scale: float,
+    scale: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on_device(q):
-        return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale)
+        return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale):
+def _attention_bwd_fake(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, scale = inputs
+    q, k, v, kv_start, kv_end, scale, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
-    ctx.scale = scale
+    ctx.scale, ctx.softcap = scale, softcap
     ctx.set_materialize_grads(False)  # an unused lse output must not cost a dLSE pass
 
 
@@ -812,8 +902,8 @@ def _backward(ctx, d_out, d_lse):
     q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
     if d_out is None:
         d_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kv_start, kv_end, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kv_start, kv_end, ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -822,7 +912,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, mask, scale, deterministic, return_lse=False) -> None:
+def _check_inputs(q, k, v, mask, scale, deterministic, return_lse=False, softcap=None) -> None:
     """Raise a clear error for anything a kernel cannot take, before any launch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t)
@@ -848,16 +938,40 @@ def _check_inputs(q, k, v, mask, scale, deterministic, return_lse=False) -> None
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected 1..{MAX_HEAD_DIM}, got {dim}")
-    if scale is not None and not torch.compiler.is_compiling():
-        check_float("scale", scale, what="a finite float or None")
+    if isinstance(scale, torch.Tensor):
+        if scale.ndim != 0 or not scale.is_floating_point():
+            raise ValueError(f"scale: expected a float, or a 0-d float tensor, got a {scale.dtype} tensor of shape "
+                             f"{tuple(scale.shape)}")
+    elif scale is not None and not torch.compiler.is_compiling():
+        check_float("scale", scale, what="a finite float, a 0-d float tensor or None")
     elif scale is not None and not isinstance(scale, (int, float, torch.SymFloat)):
         # Under torch.compile a scale may be traced as a symbolic float: only its type is checked.
-        raise TypeError(f"scale: expected a finite float or None, got {scale!r}")
+        raise TypeError(f"scale: expected a finite float, a 0-d float tensor or None, got {scale!r}")
+    if softcap is not None:
+        check_float("softcap", softcap, low=0.0, what="a finite float >= 0 (0 = no cap) or None")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {deterministic!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {return_lse!r}")
-    mask.validate(batch_size=batch, seq_len_q=q.shape[1], seq_len_k=k.shape[1], device=q.device)
+    # A mask of batch size 1 serves every batch row (validate checks its structure first).
+    shared = isinstance(mask.kv_start, torch.Tensor) and mask.kv_start.ndim == 2 and mask.kv_start.shape[0] == 1
+    mask.validate(batch_size=1 if shared else batch, seq_len_q=q.shape[1], seq_len_k=k.shape[1], device=q.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_mask(causal: bool, seq_len_q: int, seq_len_k: int, device: torch.device) -> IntervalMask:
+    """The batch-1 mask of ``attention(mask=None)``: validated once, then reused call after call."""
+    build = IntervalMask.causal if causal else IntervalMask.full
+    return build(1, seq_len_q, seq_len_k, device=device)
+
+
+def _default_mask(causal, q: torch.Tensor, k: torch.Tensor) -> IntervalMask:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    if torch.compiler.is_compiling():  # built in the graph, not looked up in a Python cache
+        build = IntervalMask.causal if causal else IntervalMask.full
+        return build(1, q.shape[1], k.shape[1], device=q.device)
+    return _shared_mask(causal, q.shape[1], k.shape[1], q.device)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -869,26 +983,44 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: IntervalMask,
-    scale: float | None = None,
+    mask: IntervalMask | None = None,
+    scale: float | torch.Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    *,
+    causal: bool = False,
+    softcap: float | None = None,
 ):
     """Softmax attention where query ``q`` sees keys ``[mask.kv_start[q], mask.kv_end[q])``.
+
+    Layout: ``[B, S, H, D]`` (batch, sequence, heads, head dim), as FlashAttention's
+    ``flash_attn_func``. SDPA, FlexAttention and Hugging Face attention functions use
+    ``[B, H, S, D]``: pass ``q.transpose(1, 2)`` (a view, no copy) and transpose the output back::
+
+        out = tk.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
 
     Args:
         q: ``[B, Sq, Hq, D]``; float16, bfloat16 or float32; ``D <= 256``; any strides (a
             non-unit stride along ``D`` costs a copy).
         k, v: ``[B, Sk, Hkv, D]``, ``Hq % Hkv == 0`` (GQA/MQA: kv head ``h // (Hq // Hkv)``
             serves query head ``h``).
-        mask: ``IntervalMask`` with batch ``B``, ``Sq`` rows and ``seq_len_k == Sk``; for
+        mask: ``IntervalMask`` with batch ``B`` or 1 (one layout shared by every batch row, read
+            with a zero batch stride: nothing is copied), ``Sq`` rows and ``seq_len_k == Sk``; for
             ``Sq != Sk`` the queries are the last ``Sq`` positions (bottom-right aligned).
-        scale: score scale, ``1 / sqrt(D)`` by default.
+            ``None``: every query sees every key, or with ``causal=True`` the causal mask
+            (bottom-right aligned, FlashAttention's ``causal=True``).
+        scale: score scale, ``1 / sqrt(D)`` by default. A 0-d float tensor is applied as
+            ``q * scale`` in q's dtype (no host sync, differentiable: a learned temperature gets
+            its gradient) and the kernels run with scale 1.
         return_lse: also return the log-sum-exp of the scaled scores, ``[B, Hq, Sq]`` float32,
             natural log, differentiable.
         deterministic: ask for bitwise-reproducible gradients. The current backward is always
             deterministic (dQ has its own pass; a GQA group's heads are summed in a fixed
             order), so this only matters if a faster atomic path is added later.
+        causal: with ``mask=None``, the causal mask; an error with a mask (it says it all).
+        softcap: logit soft-capping (Gemma 2, Grok): each scaled score ``s`` becomes
+            ``softcap * tanh(s / softcap)`` before the softmax, in the forward and backward kernels.
+            ``None`` or 0 (FlashAttention's "off") compile the kernels without it, at no cost.
 
     Returns:
         out ``[B, Sq, Hq, D]`` in q's dtype, and lse if asked. Rows that see no key give zeros
@@ -914,15 +1046,26 @@ def attention(
     if dtype is not None:
         q, k, v = autocast_cast(dtype, q, k, v)
         with autocast_off(q):
-            return attention(q, k, v, mask, scale, return_lse, deterministic)
-    _check_inputs(q, k, v, mask, scale, deterministic, return_lse)
+            return attention(q, k, v, mask, scale, return_lse, deterministic, causal=causal, softcap=softcap)
+    if mask is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 4:
+        mask = _default_mask(causal, q, k)
+    elif causal is not False:
+        raise ValueError("causal: expected False with a mask (the mask says which keys each query sees); "
+                         "pass mask=None, causal=True for the causal mask")
+    _check_inputs(q, k, v, mask, scale, deterministic, return_lse, softcap)
+    if isinstance(scale, torch.Tensor):
+        q, scale = q * scale.to(q.dtype), 1.0
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    softcap = float(softcap or 0.0)
     if use_triton(q):
         kv_start, kv_end = mask._op_bounds()  # validated, or canonical while torch.compile traces
         out, lse = _attention_fwd(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            kv_start.contiguous(), kv_end.contiguous(), scale,
+            kv_start.contiguous(), kv_end.contiguous(), scale, softcap,
         )
     else:
-        out, lse = reference.attention(q, k, v, mask, scale)
+        if mask.batch_size != q.shape[0]:  # a shared layout: the reference takes one mask row per batch row
+            mask = IntervalMask(mask.kv_start.expand(q.shape[0], -1), mask.kv_end.expand(q.shape[0], -1),
+                                mask.seq_len_k)
+        out, lse = reference.attention(q, k, v, mask, scale, softcap=softcap or None)
     return (out, lse) if return_lse else out

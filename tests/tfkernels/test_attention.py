@@ -38,7 +38,7 @@ def _random(shape, dtype, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
 
 
-def assert_matches_reference(q, k, v, mask, *, scale=None, lse_weight=0.0, seed=0):
+def assert_matches_reference(q, k, v, mask, *, scale=None, softcap=None, lse_weight=0.0, seed=0):
     """Forward and q/k/v gradients of tk.attention against the float64 reference.
 
     q/k/v may be non-contiguous views; gradients are taken with respect to them. With
@@ -58,9 +58,11 @@ def assert_matches_reference(q, k, v, mask, *, scale=None, lse_weight=0.0, seed=
             loss = loss + lse_weight * torch.where(finite, lse.double(), 0.0).square().sum()
         return (out, lse, *torch.autograd.grad(loss, inputs))
 
-    ours = run(lambda a, b, c: tk.attention(a, b, c, mask, scale=scale, return_lse=True), q, k, v)
-    ref = run(lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=scale), q.double(), k.double(), v.double())
-    lowp = run(lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=scale, upcast=False), q, k, v)
+    ours = run(lambda a, b, c: tk.attention(a, b, c, mask, scale=scale, return_lse=True, softcap=softcap), q, k, v)
+    ref = run(lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=scale, softcap=softcap), q.double(),
+              k.double(), v.double())
+    lowp = run(lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=scale, upcast=False, softcap=softcap), q,
+               k, v)
     # dq and dk are sums of p * (dp - delta) terms that can cancel to ~0 (one key: exactly 0), so
     # their ulps are those of the gradients' common scale: the largest reference gradient.
     grad_scale = max(r.abs().max().item() if r.numel() else 0.0 for r in ref[2:])
@@ -184,6 +186,83 @@ def test_deterministic_backward_is_bitwise_reproducible():
         assert torch.equal(first, second)
 
 
+# ------------------------------------------------------------------------------ ported arguments
+SOFTCAP_CASES = [c for c in CASES if c[0] in ("transfusion_gqa4_d80", "decode_7", "more_queries_than_keys")]
+
+
+@pytest.mark.parametrize("softcap", [0.5, 2.0], ids=["cap_0.5", "cap_2"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", SOFTCAP_CASES, ids=[c[0] for c in SOFTCAP_CASES])
+def test_softcap_matches_reference(case, dtype, softcap):
+    """Soft-capping in the forward and both backward kernels, LSE gradient included: scores are O(1) (the
+    default scale), so a cap of 0.5 saturates most of them (a missing tanh derivative shows) and 2 bends
+    the largest (scores of O(10) would need a looser floor: flash recomputes P from a rounded LSE)."""
+    name, build_mask, batch, seq_q, seq_k, heads_q, heads_kv, dim = case
+    q, k, v = _qkv(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, seed=zlib.crc32(name.encode()) % 1000)
+    assert_matches_reference(q, k, v, build_mask(), softcap=softcap, lse_weight=0.1)
+
+
+def test_softcap_off_is_the_plain_kernel_and_a_cap_changes_the_result():
+    mask = _transfusion_mask(96, 1, seed=30)
+    q, k, v = _qkv(1, 96, 96, 2, 2, 32, torch.float32, seed=31)
+    plain = tk.attention(q, k, v, mask)
+    assert torch.equal(tk.attention(q, k, v, mask, softcap=None), plain)
+    assert torch.equal(tk.attention(q, k, v, mask, softcap=0.0), plain)  # FlashAttention's "off"
+    capped = tk.attention(q, k, v, mask, softcap=0.5)
+    assert (capped - plain).abs().max() > 1e-2
+
+
+def test_causal_shortcut_equals_the_causal_mask():
+    """``mask=None, causal=True``: FlashAttention's causal (bottom-right aligned for Sq != Sk); ``mask=None``
+    alone: every key. Both are one shared mask row, validated once and reused."""
+    for seq_q, seq_k in ((64, 64), (20, 70)):
+        q, k, v = (t.requires_grad_() for t in _qkv(2, seq_q, seq_k, 4, 2, 32, torch.float32, seed=seq_q))
+        for causal, mask in ((True, tk.IntervalMask.causal(2, seq_q, seq_k, device=DEVICE)),
+                             (False, tk.IntervalMask.full(2, seq_q, seq_k, device=DEVICE))):
+            out = tk.attention(q, k, v, causal=causal)
+            expected = tk.attention(q, k, v, mask)
+            assert torch.equal(out, expected)
+            assert torch.equal(tk.attention(q, k, v, causal=causal), out)  # the cached mask, reused
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+            assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    assert attention_module._shared_mask.cache_info().hits > 0
+    with pytest.raises(ValueError, match=r"causal: expected False with a mask"):
+        tk.attention(q, k, v, tk.IntervalMask.causal(2, seq_q, seq_k), causal=True)
+    with pytest.raises(TypeError, match=r"causal: expected a bool, got 1"):
+        tk.attention(q, k, v, causal=1)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_one_mask_row_serves_the_whole_batch(dtype):
+    """A batch-1 mask with batch-3 tensors (read with a zero batch stride on the kernel path) equals the
+    same layout repeated per row, values and gradients, bitwise."""
+    shared = _transfusion_mask(120, 1, seed=40, max_image_len=40)
+    repeated = tk.IntervalMask(shared.kv_start.repeat(3, 1), shared.kv_end.repeat(3, 1), shared.seq_len_k)
+    q, k, v = _qkv(3, 120, 120, 4, 2, 32, dtype, seed=41)
+    results = []
+    for mask in (shared, repeated):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = tk.attention(*inputs, mask, return_lse=True)
+        results.append((out, lse, *torch.autograd.grad(out.float().square().sum() + lse.sum(), inputs)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+    assert_matches_reference(q, k, v, repeated)  # and the repeated layout is right
+
+
+def test_a_scale_tensor_is_applied_to_q_and_gets_its_gradient():
+    mask = _transfusion_mask(80, 2, seed=50)
+    q, k, v = _qkv(2, 80, 80, 2, 2, 32, torch.float32, seed=51)
+    scale = torch.tensor(0.3, requires_grad=True)
+    out = tk.attention(q, k, v, mask, scale=scale)
+    torch.testing.assert_close(out, tk.attention(q, k, v, mask, scale=0.3), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.square().sum(), scale)
+    scale64 = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out64, _ = tk.reference.attention(q.double() * scale64, k.double(), v.double(), mask, scale=1.0)
+    (expected,) = torch.autograd.grad(out64.square().sum(), scale64)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=0)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     mask = _transfusion_mask(96, 2, seed=14)
     q, k, v = (t.requires_grad_() for t in _qkv(2, 96, 96, 4, 2, 32, torch.float32, seed=15))
@@ -265,6 +344,8 @@ def _bad(**overrides):
          ValueError, r"head dim: expected 1..256, got 300"),
         (_bad(mask=tk.IntervalMask.causal(1, 7)), ValueError, r"mask.seq_len_q: is 7 but the inputs need 8"),
         (_bad(mask=tk.IntervalMask.causal(2, 8)), ValueError, r"mask.batch_size: is 2 but the inputs need 1"),
+        (_bad(q=torch.randn(3, 8, 4, 16), k=torch.randn(3, 8, 2, 16), v=torch.randn(3, 8, 2, 16),
+              mask=tk.IntervalMask.causal(2, 8)), ValueError, r"mask.batch_size: is 2 but the inputs need 3"),
         (_bad(mask=tk.IntervalMask.causal(1, 8, 9)), ValueError, r"mask.seq_len_k: is 9 but the inputs need 8"),
         (_bad(mask=torch.ones(1, 8, 8, dtype=torch.bool)), TypeError, r"mask: expected a tfkernels.IntervalMask, got Tensor"),
         (_bad(k=torch.randn(1, 8, 2, 16, device="meta"), v=torch.randn(1, 8, 2, 16, device="meta")),
@@ -278,12 +359,21 @@ def test_bad_inputs_raise_before_launch(args, error, message):
         tk.attention(**args)
 
 
-def test_bad_scale_and_deterministic_flag():
+def test_bad_scale_softcap_and_deterministic_flag():
     # A NaN scale is a float of the wrong value: ValueError (it was a TypeError before the one rule).
-    with pytest.raises(ValueError, match=r"scale: expected a finite float or None, got nan"):
+    with pytest.raises(ValueError, match=r"scale: expected a finite float, a 0-d float tensor or None, got nan"):
         tk.attention(**_bad(), scale=float("nan"))
-    with pytest.raises(TypeError, match=r"scale: expected a finite float or None, got '0.5'"):
+    with pytest.raises(TypeError, match=r"scale: expected a finite float, a 0-d float tensor or None, got '0.5'"):
         tk.attention(**_bad(), scale="0.5")
+    with pytest.raises(ValueError, match=r"scale: expected a float, or a 0-d float tensor, got a torch.float32 "
+                                         r"tensor of shape \(2,\)"):
+        tk.attention(**_bad(), scale=torch.ones(2))
+    with pytest.raises(ValueError, match=r"scale: expected a float, or a 0-d float tensor, got a torch.int64"):
+        tk.attention(**_bad(), scale=torch.tensor(1))
+    with pytest.raises(ValueError, match=r"softcap: expected a finite float >= 0 \(0 = no cap\) or None, got -1.0"):
+        tk.attention(**_bad(), softcap=-1.0)
+    with pytest.raises(TypeError, match=r"softcap: expected a finite float >= 0 \(0 = no cap\) or None, got '50'"):
+        tk.attention(**_bad(), softcap="50")
     with pytest.raises(TypeError, match=r"deterministic: expected a bool, got 'yes'"):
         tk.attention(**_bad(), deterministic="yes")
 

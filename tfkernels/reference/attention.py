@@ -51,14 +51,24 @@ def _nan_rows(x):
     return x.masked_fill(_bad_rows(x)[..., None], float("nan"))
 
 
-def _attend_chunk(q, k, v, kv_start, kv_end, scale, v_finite, v_bad):
+def _scores(q, k, scale, softcap):
+    """Scaled scores ``[B, H, C, Sk]``, soft-capped to ``softcap * tanh(s / softcap)`` when asked, and
+    the ``tanh`` (for the backward pass; None without a cap)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if not softcap:
+        return scores, None
+    capped = scores.div_(softcap).tanh_()
+    return capped * softcap, capped
+
+
+def _attend_chunk(q, k, v, kv_start, kv_end, scale, softcap, v_finite, v_bad):
     """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, bounds ``[B, C]`` -> out ``[B, H, C, D]``, lse ``[B, H, C]``.
 
     ``v_finite`` is v with its non-finite entries zeroed, ``v_bad [B, H, Sk]`` where v's row held one.
     In place where it can: the chunk's ``[B, H, C, Sk]`` buffers bound the memory.
     """
     visible = _visible(kv_start, kv_end, k.shape[2])
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(~visible, float("-inf"))
+    scores = _scores(q, k, scale, softcap)[0].masked_fill_(~visible, float("-inf"))
     # Rows whose scores are all -inf (those that see nothing) shift by 0 so exp() gives 0, not NaN.
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
@@ -77,10 +87,10 @@ class _ChunkAttention(torch.autograd.Function):
     ``k_bad``, ``v_finite``, ``v_bad`` are computed once for all chunks (no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_start, kv_end, scale, k_finite, k_bad, v_finite, v_bad):
-        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale, v_finite, v_bad)
+    def forward(ctx, q, k, v, kv_start, kv_end, scale, softcap, k_finite, k_bad, v_finite, v_bad):
+        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale, softcap, v_finite, v_bad)
         ctx.save_for_backward(q, k, v, kv_start, kv_end, out, lse, k_finite, k_bad)
-        ctx.scale = scale
+        ctx.scale, ctx.softcap = scale, softcap
         return out, lse
 
     @staticmethod
@@ -90,16 +100,20 @@ class _ChunkAttention(torch.autograd.Function):
         visible = _visible(kv_start, kv_end, k.shape[2])
         hidden = ~visible
         nan = float("nan")
-        probs = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).sub_(lse[..., None]).exp_().masked_fill_(hidden, 0.0)
+        scores, capped = _scores(q, k, scale, ctx.softcap)
+        probs = scores.sub_(lse[..., None]).exp_().masked_fill_(hidden, 0.0)
         delta = (d_out * out).sum(dim=-1) - d_lse  # [B, H, C]
-        d_scores = torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta[..., None]).mul_(probs).masked_fill_(hidden, 0.0)
+        d_scores = torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta[..., None]).mul_(probs)
+        if capped is not None:  # d(c * tanh(s / c)) / ds = 1 - tanh(s / c)^2
+            d_scores.mul_(1 - capped.square_())
+        d_scores.masked_fill_(hidden, 0.0)
         d_q = torch.matmul(d_scores.masked_fill(visible & k_bad[:, :, None, :], nan), k_finite)
         d_k = torch.matmul(d_scores.masked_fill_(visible & _bad_rows(q)[..., None], nan).transpose(-1, -2),
                            _finite_or_zero(q))
         del d_scores
         d_v = torch.matmul(probs.masked_fill_(visible & _bad_rows(d_out)[..., None], nan).transpose(-1, -2),
                            _finite_or_zero(d_out))
-        return d_q.mul_(scale), d_k.mul_(scale), d_v, None, None, None, None, None, None, None
+        return d_q.mul_(scale), d_k.mul_(scale), d_v, None, None, None, None, None, None, None, None
 
 
 def attention(
@@ -109,6 +123,7 @@ def attention(
     mask: IntervalMask,
     scale: float | None = None,
     upcast: bool = True,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention, eagerly.
 
@@ -118,6 +133,8 @@ def attention(
             ``Hq // Hkv`` consecutive query heads).
         mask: ``IntervalMask`` with ``batch_size == B``, ``seq_len_q == Sq``, ``seq_len_k == Sk``.
         scale: score scale, ``1 / sqrt(D)`` by default.
+        softcap: soft-capping: each scaled score ``s`` becomes ``softcap * tanh(s / softcap)``
+            before the softmax (None or 0: no cap).
         upcast: compute in float32 (or the input's wider dtype) and cast the output back;
             ``False`` computes in the input dtype, which is how eager low-precision code behaves
             and what the kernels' tolerances are anchored to.
@@ -147,7 +164,7 @@ def attention(
     outs, lses = [], []
     for c0 in range(0, seq_q, chunk):
         out, lse = _ChunkAttention.apply(qh[:, :, c0 : c0 + chunk], kh, vh, kv_start[:, c0 : c0 + chunk],
-                                         kv_end[:, c0 : c0 + chunk], scale, *operands)
+                                         kv_end[:, c0 : c0 + chunk], scale, softcap, *operands)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2) if outs else qh.new_zeros(batch, heads_q, 0, dim)

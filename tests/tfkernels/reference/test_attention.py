@@ -126,21 +126,25 @@ def test_memory_stays_bounded_at_8192(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ issue 11 (reference path)
-def _textbook(q, k, v, mask, scale):
+def _textbook(q, k, v, mask, scale, softcap=None):
     """Autograd of the plain formula on the dense mask (no chunking, no custom backward): out, lse."""
     group = q.shape[2] // k.shape[2]
     kh = k.repeat_interleave(group, dim=2)
     vh = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, kh) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask.to_dense()[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", probs, vh), lse
 
 
-def test_the_backward_equals_autograd_of_the_textbook_formula():
+@pytest.mark.parametrize("softcap", [None, 0.5, 3.0], ids=["no_cap", "cap_0.5", "cap_3"])
+def test_the_backward_equals_autograd_of_the_textbook_formula(softcap):
     """reference.attention has its own backward (the FlashAttention-2 formulas with selects, so that
-    non-finite values stay isolated): on finite inputs it is autograd of the textbook formula."""
+    non-finite values stay isolated): on finite inputs it is autograd of the textbook formula, with
+    or without soft-capping (a cap of 0.5 saturates most scores: tanh's derivative matters)."""
     images, documents = random_layout(random.Random(7), 2, 40, max_image_len=10, padding=True)
     mask = tk.IntervalMask.from_spans(40, images=images, documents=documents)
     q, k, v = _inputs(2, 40, 40, 4, 2, 8, seed=8)
@@ -148,8 +152,8 @@ def test_the_backward_equals_autograd_of_the_textbook_formula():
     d_out, d_lse = torch.randn(q.shape, generator=gen, dtype=torch.float64), torch.randn(2, 4, 40, generator=gen,
                                                                                         dtype=torch.float64)
     grads = []
-    for attend in (lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=0.3),
-                   lambda a, b, c: _textbook(a, b, c, mask, 0.3)):
+    for attend in (lambda a, b, c: tk.reference.attention(a, b, c, mask, scale=0.3, softcap=softcap),
+                   lambda a, b, c: _textbook(a, b, c, mask, 0.3, softcap)):
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         out, lse = attend(*inputs)
         finite = torch.isfinite(lse)
