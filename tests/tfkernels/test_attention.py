@@ -281,6 +281,27 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_compile_fullgraph_with_the_ported_arguments():
+    """causal=True (the mask built in the graph), softcap, a tensor scale and a batch-1 mask trace
+    without a graph break and match eager, gradients included."""
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 80, 80, 4, 2, 32, torch.float32, seed=60))
+    scale = torch.tensor(0.2, requires_grad=True)
+    shared = _transfusion_mask(80, 1, seed=61)
+
+    def step(q, k, v, scale, kv_start, kv_end):
+        causal = tk.attention(q, k, v, causal=True, softcap=2.0, scale=scale)
+        packed = tk.attention(q, k, v, tk.IntervalMask(kv_start, kv_end, 80), softcap=2.0)
+        return causal.square().sum() + packed.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        loss = fn(q, k, v, scale, shared.kv_start, shared.kv_end)
+        results.append((loss, *torch.autograd.grad(loss, (q, k, v, scale))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_takes_a_traced_scale():
     """The second scale value makes dynamo trace the scale as a SymFloat, which the argument checks
     must take without a graph break (fullgraph). The op's float argument then specialises it again,
