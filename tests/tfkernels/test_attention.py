@@ -419,6 +419,17 @@ def test_head_dims_on_gpu(dim):
 
 
 @gpu_only
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_softcap_and_shared_mask_on_gpu(dim):
+    """The SOFTCAP kernels and the zero-stride mask at the GPU's tiles (bf16, GQA, one layout for the batch)."""
+    mask = _transfusion_mask(1024, 1, seed=24, max_image_len=256)
+    q, k, v = _qkv(2, 1024, 1024, 8, 2, dim, torch.bfloat16, seed=25)
+    shared = tk.IntervalMask(mask.kv_start.expand(2, -1).contiguous(), mask.kv_end.expand(2, -1).contiguous(), 1024)
+    out, dq, dk, dv = assert_matches_reference(q, k, v, shared, softcap=2.0, lse_weight=0.1)
+    assert torch.equal(tk.attention(q, k, v, mask, softcap=2.0), out)
+
+
+@gpu_only
 def test_autotuned_configs_match_reference_on_gpu(monkeypatch):
     monkeypatch.setenv("TFKERNELS_AUTOTUNE", "1")
     mask = _transfusion_mask(2048, 2, seed=24, max_image_len=256)
