@@ -32,13 +32,15 @@ every layer, so its cost is per forward, not per layer:
 
 The attention function takes HF's ``[B, H, S, D]`` q/k/v (K/V not expanded for GQA), transposes
 them to views in tk's ``[B, S, H, D]`` layout (no copy) and calls ``tk.attention`` with the module's
-``scaling``; GQA is native. It also accepts a dense 4D mask (a model or user that built one itself:
+``scaling`` and ``softcap`` (Gemma 2's ``attn_logit_softcapping``: ``c * tanh(s / c)`` in the kernels);
+GQA is native. It also accepts a dense 4D mask (a model or user that built one itself:
 converted once per tensor, cached by identity and version, since all layers get the same tensor),
 ``None`` (SDPA's meaning: causal from the module's ``is_causal``, or everything), and an
 ``IntervalMask`` given explicitly with the ``tfkernels_mask=`` keyword of the model's forward.
-What ``tk.attention`` cannot do (dropout > 0, softcap, attention weights, position biases, sinks)
+What ``tk.attention`` cannot do (dropout > 0, attention weights, position biases, sinks)
 raises ``NotImplementedError`` or, with ``fallback="sdpa"``, runs SDPA (or the model's eager
-attention for what SDPA cannot do either).
+attention for what SDPA cannot do either, soft-capping included: a soft-capped model whose call
+falls back for another reason runs eager, never SDPA without its cap).
 
 The builder runs outside ``torch.compile`` graphs (``torch.compiler.disable``: it reads closures
 and syncs once); the attention function is traced without graph breaks, and since the mask is two
@@ -100,7 +102,7 @@ def register(name: str = "tfkernels", *, fallback: str | None = None) -> str:
         fallback: ``None``: a mask that is not one key interval per query raises
             ``NotAnIntervalError`` and an unsupported argument ``NotImplementedError``.
             ``"sdpa"``: those calls run transformers' SDPA attention instead (the model's eager
-            attention for softcap, attention weights and sinks, which SDPA lacks too).
+            attention for attention weights, sinks and soft-capped models, which SDPA lacks too).
 
     Returns:
         ``name``.
@@ -526,12 +528,10 @@ def _implicit_mask(module, query, key, kwargs) -> IntervalMask:
     return IntervalMask(full.kv_start, end.to(torch.int32).contiguous(), kv_length)
 
 
-def _unsupported(dropout, softcap, kwargs) -> tuple[str, str] | None:
+def _unsupported(dropout, kwargs) -> tuple[str, str] | None:
     """``(what, fallback implementation)`` for the first thing tk.attention cannot do, else ``None``."""
     if dropout:
         return f"dropout={dropout} (tk.attention has no attention dropout; set attention_dropout=0)", "sdpa"
-    if softcap is not None:
-        return f"softcap={softcap} (tk.attention has no logit soft-capping)", "eager"
     if kwargs.get("output_attentions"):
         return "output_attentions=True (tk.attention never materialises attention weights)", "eager"
     if kwargs.get("position_bias") is not None:
@@ -561,8 +561,10 @@ def attention_forward(
         query: ``[B, Hq, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (GQA: ``Hq % Hkv == 0``, not expanded).
         attention_mask: the ``IntervalMask`` from the builder, a dense ``[B, 1, Sq, Sk]`` mask (bool, or
             additive float with 0 where visible), or ``None`` (causal if the module is, else full).
-        dropout, softcap: must be 0 and ``None`` (else ``NotImplementedError``, or the fallback).
+        dropout: must be 0 (else ``NotImplementedError``, or the fallback).
         scaling: the score scale, ``1 / sqrt(D)`` by default.
+        softcap: logit soft-capping, ``softcap * tanh(s / softcap)`` of each scaled score ``s``
+            (``None`` or 0: off), as the models' eager attention applies it.
         **kwargs: ``tfkernels_mask`` (an ``IntervalMask`` that replaces ``attention_mask``),
             ``output_attentions``, ``is_causal``; the rest (``sliding_window``, ``position_ids``...) is
             already part of the mask and ignored.
@@ -575,7 +577,7 @@ def attention_forward(
         if not isinstance(explicit, IntervalMask):
             raise TypeError(f"{MASK_KWARG}: expected a tfkernels.IntervalMask, got {type(explicit).__name__}")
         attention_mask = explicit
-    problem = _unsupported(dropout, softcap, kwargs)
+    problem = _unsupported(dropout, kwargs)
     mask = None
     if problem is None:
         if isinstance(attention_mask, IntervalMask):
@@ -590,10 +592,13 @@ def attention_forward(
         if mask is not None:
             if mask.device != query.device:  # a model split over devices
                 mask = mask.to(query.device)
-            out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scale=scaling)
+            out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, scale=scaling,
+                            softcap=softcap)
             return out, None
         problem = ("its attention mask is not one key interval per query", "sdpa")
     what, target = problem
+    if softcap:  # SDPA would run without the cap
+        target = "eager"
     if fallback is None:
         raise NotImplementedError(
             f"tfkernels attention ({type(module).__name__}): {what}. Register with "

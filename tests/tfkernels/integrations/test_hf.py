@@ -597,24 +597,55 @@ def test_attention_weights_raise_or_fall_back_to_eager():
         assert torch.equal(ours, eager)
 
 
-@needs_transformers
-def test_softcap_raises_or_falls_back_to_eager():
-    """Gemma2 soft-caps its attention logits: tk.attention does not (yet)."""
+def tiny_gemma2(softcap=2.0):
+    """Gemma2: soft-capped attention logits, a sliding-window layer (window 4) and a global layer. q_proj and
+    k_proj are scaled up so that the scores reach the cap's non-linear range (at the random init they would
+    be far below it, and a backend that dropped the cap would pass unnoticed)."""
     config = transformers.Gemma2Config(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, attn_logit_softcapping=softcap,
+        query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"],
     )
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config).to(DEVICE)
-    ids = random_ids(1, 8, seed=14)
-    model.set_attn_implementation("tfkernels")
-    with pytest.raises(NotImplementedError, match="softcap=5.0"):
-        model(input_ids=ids)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    return model
+
+
+@needs_transformers
+def test_gemma2_softcap_equals_eager(model_path, tk_calls, no_evaluation):
+    """Gemma2's attn_logit_softcapping reaches tk.attention's softcap=: logits and gradients equal eager's
+    (SDPA cannot soft-cap), and differ visibly from the same model without the cap. (No padding: eager's
+    float64 run turns fully masked padding rows into NaN, which its zero weights then spread.)"""
+    model = tiny_gemma2()
+    inputs = {"input_ids": random_ids(2, 12, seed=14)}
+    ours = assert_matches_sdpa(model, inputs, reference="eager")
+    assert tk_calls and all(isinstance(m, IntervalMask) for m in tk_calls)
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped = model(**inputs, use_cache=False).logits.detach()
+    assert (ours - uncapped).abs().max() > 1e-2
+
+
+@needs_transformers
+def test_gemma2_softcap_falls_back_to_eager_not_sdpa():
+    """A soft-capped call that falls back (a padding hole) runs the model's eager attention, which applies
+    the cap; SDPA would silently drop it."""
+    model = tiny_gemma2()
+    ids = random_ids(2, 10, seed=16)
+    attention_mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
+    attention_mask[1, 3] = 0
     outputs = {}
     for implementation in ("eager", "tfkernels_fallback"):
         model.set_attn_implementation(implementation)
-        outputs[implementation] = model(input_ids=ids).logits
+        outputs[implementation] = model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
     assert torch.equal(outputs["tfkernels_fallback"], outputs["eager"])
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotAnIntervalError, match="fallback='sdpa'"):
+        model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
 
 
 # ----------------------------------------------------------------------------------------------
