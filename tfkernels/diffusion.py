@@ -543,7 +543,8 @@ def _check_inputs(x0, t, schedule, noise, seed, offsets) -> None:
     else:
         check_index_tensor("t", t, "[N]")
     if t.ndim != 1:
-        raise ValueError(f"t: expected an int tensor [N], one timestep per image, got shape {tuple(t.shape)}")
+        raise ValueError(f"t: expected an int tensor [N] (float32 times for a flow schedule), one timestep per image, "
+                         f"got shape {tuple(t.shape)}")
     if offsets is None:
         _check_index("t", t, x0.shape[0], x0.device, "N = x0.shape[0]")
     else:
