@@ -79,6 +79,19 @@ def _replace_tensor(path, name, tensor):
 WEIGHT = "norm.weight"  # [dim]
 
 
+def test_a_checkpoint_older_than_the_flow_fields_loads_with_their_defaults(tmp_path):
+    """config.json files written before the flow-matching fields existed lack them: they are DDPM models,
+    which those fields do not affect, and load as before; any other missing field still fails."""
+    path = tmp_path
+    tc.Transfusion(tiny_config()).save(path)
+    values = json.loads((path / "config.json").read_text())
+    assert set(checkpoint.ADDED_FIELDS) <= set(values)
+    old = {k: v for k, v in values.items() if k not in checkpoint.ADDED_FIELDS}
+    (path / "config.json").write_text(json.dumps(old))
+    assert checkpoint.read_model_config(path) == tc.TransfusionConfig(**values)
+    tc.Transfusion.load(path)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _edit_config(p, norm_eps="1e-5"),
      r"config.json: TransfusionConfig.norm_eps: expected a finite float > 0, got '1e-5'"),
