@@ -6,6 +6,12 @@ the cached prefix (optional classifier-free guidance), writes the clean image in
 EOI, and returns to LM mode. ``Transfusion.generate`` and ``Transfusion.new_cache`` are thin
 methods calling this module.
 
+CM3Leon's decoding in LM mode: classifier-free guidance on logits (``guided_logits``) and
+contrastive top-k decoding (``contrastive_logits``) both read a second, unconditional (or weaker)
+row, ``BOS`` alone by default, that rides in the same cache batch as the prompt and receives the
+same continuation; retrieved documents can precede the prompt as they do in training
+(``Packer(retrieval_mask="visible")``).
+
 Two families of samplers, by the model's diffusion mode:
 
 - integer steps (DDPM kinds, ``rectified_flow``): ``denoise_step``, DDPM's ancestral step or
@@ -78,6 +84,16 @@ class KVCache:
     def commit(self, n: int) -> None:
         self.length += n
 
+    def row(self, index: int) -> KVCache:
+        """A copy of row ``index`` alone (its committed keys and values, without its left padding)."""
+        start = int(self.row_start[index])
+        single = KVCache.__new__(KVCache)
+        single.length = self.length - start
+        single.row_start = self.row_start.new_zeros(1)
+        single.keys = [k[index:index + 1, start:self.length].clone() for k in self.keys]
+        single.values = [v[index:index + 1, start:self.length].clone() for v in self.values]
+        return single
+
     @staticmethod
     def stack(caches: Sequence[KVCache]) -> KVCache:
         """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
@@ -114,6 +130,31 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k, top_p, generat
         logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on next-token logits (CM3Leon, after Gafni et al.'s Make-A-Scene):
+    ``l_u + w * (l_c - l_u)`` for ``w = scale``, written ``l_c + (w - 1) * (l_c - l_u)`` so that
+    ``w = 1`` gives the conditional logits exactly. Any shape; float32 out."""
+    conditional, unconditional = conditional.float(), unconditional.float()
+    return conditional + (scale - 1.0) * (conditional - unconditional)
+
+
+def contrastive_logits(conditional: torch.Tensor, unconditional: torch.Tensor, alpha: float, k: int = 1):
+    """Contrastive top-k decoding scores (CM3Leon's CD-K; Li et al.'s contrastive decoding at ``k = 1``).
+
+    From the conditional ("expert") and unconditional or weaker ("amateur") logits ``[V]``: a
+    token is plausible when its conditional probability is at least ``alpha`` times the ``k``-th
+    largest conditional probability (CD's adaptive plausibility constraint takes the largest;
+    CD-K's ``k``-th largest keeps more candidates when the top token is very likely). A plausible
+    token scores ``log p_c - log p_u``, any other ``-inf``: float32 ``[V]``, to be maximised
+    (greedy) or sampled from as logits. Tokens with ``-inf`` logits are never plausible.
+    """
+    log_c = conditional.float().log_softmax(dim=-1)
+    log_u = unconditional.float().log_softmax(dim=-1)
+    threshold = math.log(alpha) + torch.topk(log_c, k).values[-1]  # p_c >= alpha * kth-largest p_c, in logs
+    plausible = (log_c >= threshold) & (log_c > float("-inf"))
+    return torch.where(plausible, log_c - log_u, float("-inf"))
 
 
 def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -> torch.Tensor:
@@ -258,6 +299,11 @@ def generate(
     seed: int | None = None,
     timestep_spacing: str = "even",
     shift: float | None = None,
+    text_cfg_scale: float | None = None,
+    contrastive_alpha: float | None = None,
+    contrastive_k: int = 1,
+    unconditional_prompt=None,
+    retrieved=None,
 ) -> list:
     """Continue a mixed-modal prompt: text in LM mode, images in diffusion mode.
 
@@ -287,6 +333,25 @@ def generate(
             diffusers' ``"linspace"``, ``"leading"``, ``"trailing"``.
         shift: euler/heun only: the time shift of the grid (``flow_times``); ``None``: the
             model's ``config.flow_shift``, the shift it was trained with.
+        text_cfg_scale: classifier-free guidance on the text logits, scale ``w``: tokens are drawn
+            from ``l_u + w * (l_c - l_u)`` (``guided_logits``; ``w = 1`` is plain sampling), with
+            ``l_u`` the logits of ``unconditional_prompt`` plus the same continuation, run as a
+            second row of the cache batch (its own keys and values). Then temperature, top-k and
+            top-p act on the guided logits. For captioning and text generation.
+        contrastive_alpha: contrastive top-k decoding (``contrastive_logits``) with plausibility
+            threshold ``alpha`` in ``(0, 1]``: tokens are ranked by ``log p_c - log p_u`` among
+            those with ``p_c >= alpha * (contrastive_k-th largest p_c)``; greedy at temperature 0,
+            else sampled from those scores as logits. The unconditional row is
+            ``text_cfg_scale``'s; the two options do not combine.
+        contrastive_k: which largest conditional probability the threshold scales (CD-K's
+            ``k``; 1 is Li et al.'s contrastive decoding); only with ``contrastive_alpha``.
+        unconditional_prompt: the unconditional (or weaker) prompt of ``text_cfg_scale`` and
+            ``contrastive_alpha``, a document like ``prompt`` (e.g. the prompt without its image,
+            or without the retrieved documents); ``None``: the empty prompt, ``BOS`` alone. Image
+            guidance (``cfg_scale``) keeps its own ``BOS, BOI`` prefix.
+        retrieved: documents to read before the prompt, as ``Packer(retrieval_mask="visible")``
+            lays them out in training (each whole, with BOS and EOS, then the prompt; one causal
+            span): retrieval-augmented generation. ``None``: none.
 
     Returns:
         The generated continuation as a list of texts (lists of token ids, without the
@@ -304,19 +369,37 @@ def generate(
         max_new_tokens, temperature, top_k, top_p, force_image, image_steps, cfg_scale, clip_x0, seed, config
     )
     sampler, shift = _check_sampler_args(sampler, timestep_spacing, shift, config)
+    text_cfg_scale, contrastive_alpha = _check_text_guidance_args(
+        text_cfg_scale, contrastive_alpha, contrastive_k, unconditional_prompt, config
+    )
     image_hw = _image_hw(image_size if image_size is not None else config.image_size, config.patch_size)
     generator = torch.Generator(device=model.device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    segments = document_segments(prompt, config, add_eos=False, name="prompt")
-    if force_image:
-        segments[-1] = torch.cat([segments[-1], torch.tensor([config.boi_id])])
+    segments = _retrieved_segments(retrieved, config) + document_segments(prompt, config, add_eos=False,
+                                                                           name="prompt")
+    unconditional_segments = None
+    if text_cfg_scale is not None or contrastive_alpha is not None:
+        unconditional_segments = document_segments([] if unconditional_prompt is None else unconditional_prompt,
+                                                   config, add_eos=False, name="unconditional_prompt")
+    if force_image:  # the continuation, forced BOI included, follows both prompts
+        for runs in [segments] + ([unconditional_segments] if unconditional_segments else []):
+            runs[-1] = torch.cat([runs[-1], torch.tensor([config.boi_id])])
     cache = model.new_cache()
-    logits = prefill(model, cache, segments)
+    logits = prefill(model, cache, segments)[None]  # [B, V]: row 0 conditional, row 1 unconditional
+    if unconditional_segments is not None:
+        unconditional = model.new_cache()
+        logits = torch.stack([logits[0], prefill(model, unconditional, unconditional_segments)])
+        cache = KVCache.stack([cache, unconditional])
     last_token = int(segments[-1][-1])
     never_sampled = torch.tensor([config.bos_id, config.eoi_id], device=model.device)
+
+    def extend(token: int) -> torch.Tensor:  # the token after every row; their next-token logits [B, V]
+        tokens = torch.full((cache.batch_size, 1), token, device=model.device)
+        return model.extend_text(cache, tokens)[:, -1]
+
     outputs, text, sampled = [], [], 0
     while True:
         if last_token == config.boi_id:
@@ -326,19 +409,24 @@ def generate(
             outputs.append(generate_image(model, cache, image_hw, steps=image_steps, sampler=sampler,
                                           cfg_scale=cfg_scale, clip_x0=clip_x0, generator=generator,
                                           timestep_spacing=timestep_spacing, shift=shift))
-            logits = model.extend_text(cache, torch.tensor([[config.eoi_id]], device=model.device))[0, -1]
+            logits = extend(config.eoi_id)
             last_token = config.eoi_id
             continue
         if sampled == max_new_tokens:
             break
-        logits[never_sampled] = float("-inf")
-        last_token = sample_token(logits, temperature, top_k, top_p, generator)
+        if contrastive_alpha is not None:
+            scores = contrastive_logits(*logits.index_fill(1, never_sampled, float("-inf")), contrastive_alpha,
+                                        contrastive_k)
+        else:
+            scores = logits[0] if text_cfg_scale is None else guided_logits(logits[0], logits[1], text_cfg_scale)
+            scores = scores.index_fill(0, never_sampled, float("-inf"))
+        last_token = sample_token(scores, temperature, top_k, top_p, generator)
         sampled += 1
         if last_token == config.eos_id:
             break
         if last_token != config.boi_id:
             text.append(last_token)
-        logits = model.extend_text(cache, torch.tensor([[last_token]], device=model.device))[0, -1]
+        logits = extend(last_token)
     if text:
         outputs.append(text)
     return outputs
@@ -347,6 +435,9 @@ def generate(
 def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, sampler, cfg_scale, clip_x0,
                    generator, timestep_spacing="even", shift=1.0) -> torch.Tensor:
     """Denoise one image after the cache (which ends with BOI), then commit it clean.
+
+    The image is conditioned on row 0 of the cache and committed into every row (the other rows,
+    text guidance's unconditional one, receive the same continuation).
 
     ``sampler``: ``"ddpm"`` or ``"ddim"`` (on ``diffusion_timesteps(T, steps, timestep_spacing)``) for
     a model of integer steps, ``"euler"`` or ``"heun"`` (``integrate_flow`` with ``shift``) for a
@@ -357,11 +448,12 @@ def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, sampl
     config = model.config
     grid = (image_hw[0] // config.patch_size, image_hw[1] // config.patch_size)
     n = grid[0] * grid[1]
-    rows = cache
+    conditional = cache if cache.batch_size == 1 else cache.row(0)
+    rows = conditional
     if cfg_scale is not None:
         unconditional = model.new_cache()
         model.extend_text(unconditional, torch.tensor([[config.bos_id, config.boi_id]], device=model.device))
-        rows = KVCache.stack([cache, unconditional])  # row 0 conditional, row 1 unconditional
+        rows = KVCache.stack([conditional, unconditional])  # row 0 conditional, row 1 unconditional
     time_dtype = torch.float32 if config.continuous_time else torch.int64
 
     def predict(x, t):  # the guided prediction [n, C*p*p] of the patches x at step or time t
@@ -380,8 +472,8 @@ def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, sampl
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
             x = denoise_step(x, predict(x, t), t, t_next, schedule, config.diffusion_target,
                              eta=SAMPLERS[sampler], clip_x0=clip_x0, generator=generator)
-    clean = torch.zeros(1, dtype=time_dtype, device=model.device)
-    model.extend_image(cache, x[None], clean, grid, commit=True)
+    clean = torch.zeros(cache.batch_size, dtype=time_dtype, device=model.device)
+    model.extend_image(cache, x.expand(cache.batch_size, n, -1), clean, grid, commit=True)
     return unpatchify(x, grid, config.patch_size)  # [C, H, W]
 
 
@@ -406,6 +498,16 @@ def prefill(model: Transfusion, cache: KVCache, segments) -> torch.Tensor:
         else:
             logits = model.extend_text(cache, segment.to(model.device)[None])[0, -1]
     return logits
+
+
+def _retrieved_segments(retrieved, config: TransfusionConfig) -> list:
+    """The segments of the retrieved documents read before the prompt, each whole (BOS ... EOS)."""
+    if retrieved is None:
+        return []
+    if isinstance(retrieved, (str, bytes, torch.Tensor)) or not isinstance(retrieved, Sequence):
+        raise TypeError(f"retrieved: expected None or a list of documents, got {type(retrieved).__name__}")
+    return [segment for j, document in enumerate(retrieved)
+            for segment in document_segments(document, config, name=f"retrieved[{j}]")]
 
 
 def _image_hw(image_size, patch_size: int) -> tuple[int, int]:
@@ -440,6 +542,26 @@ def _check_generate_args(max_new_tokens, temperature, top_k, top_p, force_image,
     if seed is not None:
         check_int("seed", seed, 0, 2**64 - 1)
     return temperature, top_p, cfg_scale, clip_x0
+
+
+def _check_text_guidance_args(text_cfg_scale, contrastive_alpha, contrastive_k, unconditional_prompt, config):
+    """The LM-mode guidance options, by the same rule; returns ``text_cfg_scale, contrastive_alpha`` as floats."""
+    if text_cfg_scale is not None:
+        text_cfg_scale = check_float("text_cfg_scale", text_cfg_scale, what="None or a finite float")
+    if contrastive_alpha is not None:
+        contrastive_alpha = check_float("contrastive_alpha", contrastive_alpha, 0, 1,
+                                        what="None or a float in (0, 1]")
+        if contrastive_alpha == 0:
+            raise ValueError(f"contrastive_alpha: expected None or a float in (0, 1], got {contrastive_alpha!r}")
+    check_int("contrastive_k", contrastive_k, 1, config.vocab_size - 2)  # BOS and EOI are never sampled
+    if contrastive_alpha is None and contrastive_k != 1:
+        raise ValueError(f"contrastive_k: only read with contrastive_alpha, got {contrastive_k!r}")
+    if contrastive_alpha is not None and text_cfg_scale is not None:
+        raise ValueError("text_cfg_scale: expected None with contrastive_alpha (contrastive decoding ranks tokens "
+                         f"by the conditional and unconditional distributions themselves), got {text_cfg_scale!r}")
+    if unconditional_prompt is not None and text_cfg_scale is None and contrastive_alpha is None:
+        raise ValueError("unconditional_prompt: only read with text_cfg_scale or contrastive_alpha")
+    return text_cfg_scale, contrastive_alpha
 
 
 def _check_sampler_args(sampler, timestep_spacing, shift, config) -> tuple[str, float | None]:

@@ -499,3 +499,191 @@ def test_bad_sampler_arguments_are_named(model_kind, kwargs, error, message):
     model = flow_model() if model_kind == "flow" else tiny_model()
     with pytest.raises(error, match=message):
         model.generate([[1, 2]], force_image=True, max_new_tokens=0, image_steps=2, **kwargs)
+
+
+# ------------------------------------------------------------------ CM3Leon: text guidance, contrastive decoding
+def last_logits(model, document):
+    """Next-token logits ``[V]`` after a document (no EOS), from one full forward without a cache, every
+    image read clean."""
+    images = sum(isinstance(item, torch.Tensor) and item.is_floating_point() for item in document)
+    hidden, _, batch = full_forward(model, document, timesteps=[0] * images)
+    before_eos = int((batch.doc_ids[0] >= 0).sum()) - 2
+    return model.logits(hidden[before_eos])
+
+
+def record_scores(monkeypatch):
+    """The logits each step hands to ``sample_token``, recorded."""
+    seen = []
+    sample = generate.sample_token
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return sample(logits, *args)
+
+    monkeypatch.setattr(generate, "sample_token", recording)
+    return seen
+
+
+def samplable(config):
+    """bool ``[V]``: the tokens generation may draw (not BOS, not EOI)."""
+    keep = torch.ones(config.vocab_size, dtype=torch.bool)
+    keep[[config.bos_id, config.eoi_id]] = False
+    return keep
+
+
+def steps_of(out, max_new_tokens, eos):
+    """The tokens a text-only generation drew, EOS included when it stopped there."""
+    assert len(out) <= 1 and all(isinstance(x, list) for x in out), "text only"
+    tokens = out[0] if out else []
+    return tokens + ([eos] if len(tokens) < max_new_tokens else [])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_text_cfg_scale_one_equals_plain_sampling(monkeypatch, temperature):
+    """w = 1 runs the batched unconditional row and draws exactly what plain sampling draws, for
+    captioning (an image prompt) and text generation."""
+    model = tiny_model()
+    seen = record_scores(monkeypatch)
+    for prompt in ([torch.randn(3, 4, 4)], [[60, 61, 62]]):
+        kwargs = dict(max_new_tokens=8, temperature=temperature, image_steps=2, seed=4)
+        plain = model.generate(prompt, **kwargs)
+        plain_scores = torch.stack(seen)
+        seen.clear()
+        assert model.generate(prompt, text_cfg_scale=1.0, **kwargs) == plain
+        torch.testing.assert_close(torch.stack(seen), plain_scores, rtol=1e-5, atol=1e-5)
+        seen.clear()
+
+
+def test_text_cfg_mixes_the_logits_of_two_separate_forward_passes(monkeypatch):
+    """At w = 3 each step's logits are l_u + 3 (l_c - l_u), with l_c and l_u from full forwards of the
+    prompt and of the unconditional prompt, each followed by the tokens drawn so far."""
+    model = tiny_model()
+    image = torch.randn(3, 4, 4)
+    keep = samplable(model.config)
+    seen = record_scores(monkeypatch)
+    for prompt, unconditional_prompt in (([image], None), ([[70, 71], image, [72]], [[70, 71]])):
+        seen.clear()
+        out = model.generate(prompt, text_cfg_scale=3.0, unconditional_prompt=unconditional_prompt,
+                             max_new_tokens=6, temperature=1.0, image_steps=2, seed=1)
+        tokens = steps_of(out, 6, model.config.eos_id)
+        assert len(seen) == len(tokens) >= 2
+        for i, scores in enumerate(seen):
+            conditional = last_logits(model, prompt + [tokens[:i]])
+            unconditional = last_logits(model, (unconditional_prompt or []) + [tokens[:i]])
+            expected = unconditional + 3.0 * (conditional - unconditional)
+            assert (scores[~keep] == float("-inf")).all()
+            torch.testing.assert_close(scores[keep], expected[keep], rtol=1e-4, atol=1e-4)
+            assert (scores[keep] - conditional[keep]).abs().max() > 0.1, "guidance moves the logits"
+
+
+def test_text_cfg_around_a_generated_image(monkeypatch):
+    """text -> image -> text with text guidance: the image is the unguided-text run's (it is conditioned
+    on the prompt row) and is committed into both rows; the logits after it are the guided logits of full
+    forwards that read it clean, and greedy draws their argmax."""
+    model = tiny_model()
+    prompt, kwargs = [[40, 41, 42]], dict(force_image=True, temperature=0, image_steps=3, seed=0)
+    image = model.generate(prompt, max_new_tokens=0, **kwargs)[0]
+    seen = record_scores(monkeypatch)
+    out = model.generate(prompt, text_cfg_scale=2.0, max_new_tokens=4, **kwargs)
+    torch.testing.assert_close(out[0], image, rtol=1e-5, atol=1e-5)
+    assert len(out) == 2 and isinstance(out[1], list)
+    tokens = out[1] + ([model.config.eos_id] if len(out[1]) < 4 else [])
+    assert len(seen) == len(tokens)
+    keep = samplable(model.config)
+    for i, (token, scores) in enumerate(zip(tokens, seen)):
+        conditional = last_logits(model, prompt + [out[0], out[1][:i]])
+        unconditional = last_logits(model, [out[0], out[1][:i]])  # BOS, BOI, the image, EOI, the text
+        guided = (unconditional + 2.0 * (conditional - unconditional)).masked_fill(~keep, float("-inf"))
+        torch.testing.assert_close(scores, guided, rtol=1e-4, atol=1e-4)
+        assert int(guided.argmax()) == token, i
+
+
+def test_contrastive_logits_on_a_hand_computed_example():
+    p_c = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    p_u = torch.tensor([0.6, 0.1, 0.1, 0.199, 0.001])
+    l_c, l_u = p_c.log() + 2.0, p_u.log() - 1.0  # unnormalised: contrastive_logits takes logits
+    inf = float("inf")
+    # alpha = 0.1, k = 1: plausible when p_c >= 0.1 * 0.5 = 0.05, tokens 0-3; scores log(p_c / p_u).
+    scores = generate.contrastive_logits(l_c, l_u, 0.1)
+    expected = torch.tensor([math.log(0.5 / 0.6), math.log(0.3 / 0.1), 0.0, math.log(0.06 / 0.199), -inf])
+    torch.testing.assert_close(scores, expected)
+    assert int(scores.argmax()) == 1 and int(l_c.argmax()) == 0  # not the likeliest token: the most contrastive
+    # alpha = 0.05 admits token 4 (0.04 >= 0.025), whose ratio 40 wins.
+    assert int(generate.contrastive_logits(l_c, l_u, 0.05).argmax()) == 4
+    # alpha = 0.25: the top probability keeps p_c >= 0.125 (tokens 0, 1); the 2nd (k = 2) p_c >= 0.075 (0, 1, 2).
+    assert generate.contrastive_logits(l_c, l_u, 0.25).isfinite().tolist() == [True, True, False, False, False]
+    assert generate.contrastive_logits(l_c, l_u, 0.25, k=2).isfinite().tolist() == [True, True, True, False, False]
+    # alpha = 1, k = 1 keeps the top token alone: greedy decoding.
+    assert generate.contrastive_logits(l_c, l_u, 1.0).isfinite().tolist() == [True, False, False, False, False]
+    # A token whose logit is -inf (never sampled) is never plausible, nor NaN, even when k reaches it.
+    masked_c, masked_u = l_c.clone(), l_u.clone()
+    masked_c[4] = masked_u[4] = -inf
+    scores = generate.contrastive_logits(masked_c, masked_u, 0.01, k=5)
+    assert not scores.isnan().any() and scores[4] == -inf and scores[:4].isfinite().all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_contrastive_decoding_ranks_tokens_by_two_separate_forward_passes(monkeypatch, temperature):
+    """Captioning with CD-K (alpha = 0.1, k = 2): each step's scores are contrastive_logits of the
+    conditional and unconditional logits of full forwards (BOS and EOI excluded); greedy draws their argmax."""
+    model = tiny_model()
+    prompt = [torch.randn(3, 4, 4)]
+    keep = samplable(model.config)
+    seen = record_scores(monkeypatch)
+    out = model.generate(prompt, contrastive_alpha=0.1, contrastive_k=2, max_new_tokens=6,
+                         temperature=temperature, image_steps=2, seed=2)
+    tokens = steps_of(out, 6, model.config.eos_id)
+    assert len(seen) == len(tokens) >= 2
+    for i, scores in enumerate(seen):
+        conditional = last_logits(model, prompt + [tokens[:i]]).masked_fill(~keep, float("-inf"))
+        unconditional = last_logits(model, [tokens[:i]]).masked_fill(~keep, float("-inf"))
+        expected = generate.contrastive_logits(conditional, unconditional, 0.1, k=2)
+        assert torch.equal(scores.isfinite(), expected.isfinite())
+        torch.testing.assert_close(scores[expected.isfinite()], expected[expected.isfinite()], rtol=1e-4, atol=1e-4)
+        if temperature == 0:
+            assert tokens[i] == int(expected.argmax())
+    if temperature == 0:
+        assert out != model.generate(prompt, max_new_tokens=6, temperature=0), "contrastive is not greedy here"
+
+
+def test_retrieved_documents_precede_the_prompt_as_the_packer_lays_them_out(monkeypatch):
+    """generate(retrieved=...) reads the retrieved documents as Packer(retrieval_mask="visible") places
+    them: greedy tokens are the argmax of a full forward of that packed batch."""
+    model = tiny_model()
+    retrieved = [[[80, 81], torch.randn(3, 4, 4)], [[90]]]
+    prompt = [[60, 61]]
+    seen = record_scores(monkeypatch)
+    out = model.generate(prompt, retrieved=retrieved, max_new_tokens=5, temperature=0)
+    text = out[0]
+    batch = tc.Packer(model.config, 64, retrieval_mask="visible")([prompt + [text]], retrieved=[retrieved])
+    batch.timesteps.zero_()  # retrieved images are read clean
+    with torch.no_grad():
+        hidden, _ = model.predict(batch, batch.patches)
+    last_prompt = (1 + 2 + 1 + 4 + 1 + 1) + (1 + 1 + 1) + (1 + 2) - 1
+    assert model.logits(hidden[0]).argmax(-1)[last_prompt:last_prompt + len(text)].tolist() == text
+    with_retrieval = seen[0]
+    seen.clear()
+    model.generate(prompt, max_new_tokens=1, temperature=0)
+    keep = samplable(model.config)
+    assert (with_retrieval[keep] - seen[0][keep]).abs().max() > 0.1, "the retrieved documents matter"
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(text_cfg_scale="2"), TypeError, "text_cfg_scale: expected None or a finite float"),
+    (dict(text_cfg_scale=float("inf")), ValueError, "text_cfg_scale: expected None or a finite float"),
+    (dict(contrastive_alpha=0.0), ValueError, r"contrastive_alpha: expected None or a float in \(0, 1\]"),
+    (dict(contrastive_alpha=1.5), ValueError, r"contrastive_alpha: expected None or a float in \(0, 1\]"),
+    (dict(contrastive_alpha="0.1"), TypeError, "contrastive_alpha: expected None or a float"),
+    (dict(contrastive_alpha=0.1, contrastive_k=0), ValueError, r"contrastive_k: expected an int in \[1, 258\]"),
+    (dict(contrastive_alpha=0.1, contrastive_k=2.0), TypeError, "contrastive_k: expected an int"),
+    (dict(contrastive_k=3), ValueError, "contrastive_k: only read with contrastive_alpha, got 3"),
+    (dict(contrastive_alpha=0.1, text_cfg_scale=2.0), ValueError, "text_cfg_scale: expected None with contrastive"),
+    (dict(unconditional_prompt=[[1]]), ValueError, "unconditional_prompt: only read with text_cfg_scale or"),
+    (dict(text_cfg_scale=2.0, unconditional_prompt=[[1, 300]]), ValueError,
+     r"unconditional_prompt\[0\]: token ids must lie in"),
+    (dict(retrieved="abc"), TypeError, "retrieved: expected None or a list of documents, got str"),
+    (dict(retrieved=[[torch.randn(1, 4, 4)]]), ValueError, r"retrieved\[0\]\[0\]: expected an image \[3, H, W\]"),
+])
+def test_bad_text_guidance_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tiny_model().generate([[1, 2]], max_new_tokens=1, **kwargs)
