@@ -60,6 +60,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._triton_math import tanh
+
 __all__ = ["attention"]
 
 MAX_HEAD_DIM = 256
@@ -78,19 +80,6 @@ if HAS_TRITON:
     def _clamp_bound(bound, num_cols):
         """An interval bound clamped into ``[0, num_cols]``."""
         return tl.minimum(tl.maximum(bound, 0), num_cols)
-
-    @triton.jit
-    def _tanh(x):
-        """float32 tanh (libdevice's has no interpreter implementation): odd, +-1 at +-inf, NaN for NaN,
-        within ~2 ulp. ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` loses ``1 - e`` to cancellation
-        near 0 (an absolute error of ~1e-7, which a soft cap multiplies), so ``|x| < 0.3`` takes the
-        Taylor series to x^11 (next term < 1e-9)."""
-        e = tl.math.exp2(tl.abs(x) * (-2.0 * _LOG2E_C))
-        t = (1.0 - e) / (1.0 + e)
-        x2 = x * x
-        series = x + x * x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
-            -1382.0 / 155925)))))
-        return tl.where(tl.abs(x) < 0.3, series, tl.where(x < 0, -t, t))
 
     @triton.jit
     def _nonfinite_rows(x, AXIS: tl.constexpr):
@@ -211,7 +200,7 @@ if HAS_TRITON:
                 v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
             if SOFTCAP:
-                s = _tanh(s) * softcap_log2
+                s = tanh(s) * softcap_log2
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
@@ -383,7 +372,7 @@ if HAS_TRITON:
                 vt = tl.load(vt_ptrs, mask=d_valid[:, None], other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if SOFTCAP:
-                capped = _tanh(s)
+                capped = tanh(s)
                 s = capped * softcap_log2
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
@@ -521,7 +510,7 @@ if HAS_TRITON:
                 delta = tl.load(DELTA_m + offs_m)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
             if SOFTCAP:
-                capped = _tanh(st)
+                capped = tanh(st)
                 st = capped * softcap_log2
             pt = tl.math.exp2(st - lse2[None, :])
             if MASKED:

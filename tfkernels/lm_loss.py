@@ -67,6 +67,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._triton_math import tanh
+
 __all__ = ["linear_cross_entropy"]
 
 # Vocabulary slice per step of a row program: 4096 fp32 values = 16 per thread at 8 warps.
@@ -80,24 +82,6 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 # Triton kernel
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    # Below |u| = 1/4, _tanh uses its Taylor polynomial (terms to u¹¹; the next is under float32's half
-    # ulp there), where 1 - exp(-2|u|) would lose up to 2 bits to cancellation.
-    _TANH_SMALL = tl.constexpr(0.25)
-
-    @triton.jit
-    def _tanh(u):
-        """float32 tanh within about an ulp. Triton's only tanh is libdevice's, which its interpreter
-        lacks: a Taylor polynomial for small |u|, else (1 - t) / (1 + t) with t = exp(-2|u|) (-> ±1, no
-        overflow, at any |u|)."""
-        a = tl.abs(u)
-        t = tl.exp(-2.0 * a)
-        large = (1.0 - t) / (1.0 + t)
-        u2 = a * a
-        small = a * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333 + u2 * (
-            -0.05396825396825397 + u2 * (0.021869488536155203 + u2 * -0.008863235529902197)))))
-        magnitude = tl.where(a < _TANH_SMALL, small, large)
-        return tl.where(u < 0, -magnitude, magnitude)
-
     @triton.jit
     def _cross_entropy_rows_kernel(
         logits_ptr, stride_row,  # [n, V] logits of a chunk (bias included); overwritten by dL/dlogits (COMPUTE_GRAD)
@@ -137,7 +121,7 @@ if HAS_TRITON:
             in_vocab = v0 + cols < vocab_size
             if HAS_SOFTCAP:  # capped columns past V would be -c, not -inf: masked after the cap
                 x = tl.load(row_ptr + v0 + cols, mask=in_vocab, other=0.0).to(tl.float32)
-                x = tl.where(in_vocab, softcap * _tanh(x / softcap), -float("inf"))
+                x = tl.where(in_vocab, softcap * tanh(x / softcap), -float("inf"))
             else:
                 x = tl.load(row_ptr + v0 + cols, mask=in_vocab, other=-float("inf")).to(tl.float32)
             new_max = tl.maximum(running_max, tl.max(x, axis=0))
@@ -179,7 +163,7 @@ if HAS_TRITON:
                 in_vocab = v0 + cols < vocab_size
                 x = tl.load(row_ptr + v0 + cols, mask=in_vocab, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
-                    x = softcap * _tanh(x / softcap)
+                    x = softcap * tanh(x / softcap)
                 grad = softmax_scale * tl.exp(x - lse) - tl.where(v0 + cols == target, target_grad, 0.0)
                 if HAS_SMOOTHING:
                     if HAS_CLASS_WEIGHT:
