@@ -474,15 +474,20 @@ if DEVICE == "cuda":
     BAD_INPUTS.append((dict(t=torch.tensor([1, 2, 3])), ValueError, "t: expected device cuda"))
 
 
-@pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
-def test_bad_inputs_raise_before_launch(overrides, error, message, path, monkeypatch):
-    def no_launch(*args, **kwargs):
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Every kernel launcher and reference op of the diffusion module fails the test if called."""
+    def launch(*args, **kwargs):
         raise AssertionError("a kernel or the reference ran on bad input")
 
     for name in ("_launch_add_noise", "_launch_mse_fwd", "_launch_mse_bwd"):
-        monkeypatch.setattr(diffusion_module, name, no_launch)
+        monkeypatch.setattr(diffusion_module, name, launch)
     for name in ("add_noise", "diffusion_loss"):
-        monkeypatch.setattr(diffusion_module.reference, name, no_launch)
+        monkeypatch.setattr(diffusion_module.reference, name, launch)
+
+
+@pytest.mark.parametrize("overrides, error, message", BAD_INPUTS)
+def test_bad_inputs_raise_before_launch(overrides, error, message, path, no_launch):
     with pytest.raises(error, match=message):
         tk.diffusion_loss(**_bad_args(**overrides))
 
@@ -497,12 +502,7 @@ def test_bad_inputs_raise_before_launch(overrides, error, message, path, monkeyp
     (dict(noise=torch.randn(10, 4, device=DEVICE).to(torch.complex64)), TypeError, "noise: expected float16"),
     (dict(x0=torch.randn(10, 4, device=DEVICE).int()), TypeError, "x0: expected float16"),
 ])
-def test_add_noise_bad_inputs_raise_before_launch(overrides, error, message, path, monkeypatch):
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a kernel or the reference ran on bad input")
-
-    monkeypatch.setattr(diffusion_module, "_launch_add_noise", no_launch)
-    monkeypatch.setattr(diffusion_module.reference, "add_noise", no_launch)
+def test_add_noise_bad_inputs_raise_before_launch(overrides, error, message, path, no_launch):
     args = _bad_args(**overrides)
     with pytest.raises(error, match=message):
         tk.add_noise(args["x0"], args["t"], args["schedule"], noise=args["noise"], seed=args["seed"],
@@ -724,14 +724,7 @@ BAD_FLOAT_TIMES = [
 
 
 @pytest.mark.parametrize("overrides, error, message", BAD_FLOAT_TIMES)
-def test_bad_float_times_raise_before_launch(overrides, error, message, path, monkeypatch):
-    def no_launch(*args, **kwargs):
-        raise AssertionError("a kernel or the reference ran on bad input")
-
-    for name in ("_launch_add_noise", "_launch_mse_fwd", "_launch_mse_bwd"):
-        monkeypatch.setattr(diffusion_module, name, no_launch)
-    for name in ("add_noise", "diffusion_loss"):
-        monkeypatch.setattr(diffusion_module.reference, name, no_launch)
+def test_bad_float_times_raise_before_launch(overrides, error, message, path, no_launch):
     args = _bad_args(**({"schedule": FLOW} | overrides))
     with pytest.raises(error, match=message):
         tk.diffusion_loss(**args)
