@@ -211,10 +211,11 @@ def stage_correctness(ctx: Context) -> int:
 # Cost model, in seconds on an H100/H200, guessed until a real run's stages.json calibrates it.
 STARTUP_S = 8.0  # a fresh stage process: python, torch, the CUDA context
 CASE_S = 1.5  # a timed case: input sets, one warm call each, memory, do_bench (>= 125 ms)
-TRITON_COMPILE_S = {"attention": 8.0}  # tfkernels' kernels of a suite, forward or backward, first call
+TRITON_COMPILE_S = {"attention": 8.0, "hf": 8.0}  # tfkernels' kernels of a suite, forward or backward, first call
 TRITON_COMPILE_OTHER_S = 3.0  # the memory-bound kernels (diffusion, LM-loss rows)
 COMPILE_S = {"forward": 20.0, "backward": 30.0}  # a torch.compile peer, per shape: forward, then backward graphs
 E2E_CASE_S = 15.0  # model build (370M) and ~25 training steps
+HF_CASE_S = 6.0  # the hf suite: a 159M transformers model's build and ~15 training steps
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,8 @@ BENCH_STAGES = {
     "attention_more": BenchStage(("attention",), ("W2_long_packed", "W4_full", "W5_image_vs_cache", "W5_decode"),
                                  ATTENTION_FIRST, ATTENTION_LAST),
     "losses": BenchStage(("lm_loss", "diffusion", "adaln"), None, ("tfkernels", "eager"), ("compiled_eager",)),
-    "e2e": BenchStage(("e2e",), None, ("tfkernels", "sdpa_dense_eager_losses"), ("flex_eager_losses",)),
+    "e2e": BenchStage(("e2e", "hf"), None, ("tfkernels", "sdpa_dense_eager_losses", "sdpa"),
+                      ("flex_eager_losses", "flex_attention")),
 }
 
 
@@ -299,7 +301,7 @@ class CostModel:
         self.compiled: set = set()
 
     def estimate(self, workload: Workload, implementation: Implementation, mode: str) -> float:
-        seconds = E2E_CASE_S if workload.suite == "e2e" else CASE_S
+        seconds = {"e2e": E2E_CASE_S, "hf": HF_CASE_S}.get(workload.suite, CASE_S)
         passes = ["forward"] + (["backward"] if mode in ("backward", "forward_backward", "train_step") else [])
         # (tfkernels' backend label would ask CUDA which backend runs: ours never compiles with torch.compile)
         if not implementation.ours and "compile" in implementation.backend_on(torch.device("cuda")):

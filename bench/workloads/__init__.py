@@ -1,6 +1,6 @@
 """The benchmark suites: each module's ``workloads(quick, device)`` lists its fixed workloads."""
 
-from . import adaln, attention, diffusion, e2e, lm_loss
+from . import adaln, attention, diffusion, e2e, hf, lm_loss
 
 SUITES = {
     "attention": attention.workloads,
@@ -8,4 +8,5 @@ SUITES = {
     "lm_loss": lm_loss.workloads,
     "e2e": e2e.workloads,
     "adaln": adaln.workloads,
+    "hf": hf.workloads,
 }
