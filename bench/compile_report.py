@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .harness import git_commit
 
-OPS = ("attention", "diffusion", "lm_loss")
+OPS = ("attention", "diffusion", "lm_loss", "adaln")
 DTYPES = ("bf16", "fp16", "fp32")
 # fp32 is opt-in (--dtypes bf16,fp16,fp32): its attention kernels run FMA dots and take 10-130 s each
 # to compile (1-5 s for bf16/fp16), measured on a 2-core CPU.
@@ -68,11 +68,11 @@ SEQ_LEN, BATCH, HEADS_Q, GQA_GROUP = 1024, 2, 8, 4
 class Case:
     """One call of a public op (forward and backward) whose launches are captured."""
 
-    op: str  # attention | diffusion | lm_loss
+    op: str  # attention | diffusion | lm_loss | adaln
     dtype: str  # bf16 | fp16 | fp32
     head_dim: int | None = None  # attention
     gqa: bool = False  # attention: Hkv = Hq / 4
-    variant: str = ""  # diffusion, lm_loss: which arguments (see VARIANTS)
+    variant: str = ""  # diffusion, lm_loss, adaln: which arguments (see VARIANTS)
 
     def label(self) -> str:
         parts = [self.op, self.dtype]
@@ -82,10 +82,12 @@ class Case:
 
 
 # diffusion: (add_noise and diffusion_loss arguments); lm_loss: the vocabulary size (50257 is not a
-# multiple of 8: the row loads cannot be vectorised).
+# multiple of 8: the row loads cannot be vectorised); adaln: the channels (PixArt-alpha's 1152, and
+# the op's largest) and the form (per-sample modulation; the gated residual add with per-token rows).
 VARIANTS = {
     "diffusion": ("noise eps", "seeded packed v"),
     "lm_loss": ("V=65536", "V=50257"),
+    "adaln": ("C=1152", "C=1152 residual", "C=8192", "C=8192 residual"),
 }
 
 
@@ -250,7 +252,26 @@ def _call_lm_loss(case: Case) -> None:
     tk.linear_cross_entropy(hidden, weight, target).backward()
 
 
-CALLS = {"attention": _call_attention, "diffusion": _call_diffusion, "lm_loss": _call_lm_loss}
+def _call_adaln(case: Case) -> None:
+    import torch
+
+    import tfkernels as tk
+
+    dtype = _torch_dtype(case.dtype)
+    channels = int(case.variant.split()[0].removeprefix("C="))
+    batch, tokens = 2, 64
+    x = torch.randn(batch, tokens, channels).to(dtype).requires_grad_()
+    if case.variant.endswith("residual"):  # a DiT block's gated residual add, then the next modulation
+        shift, scale, gate = (torch.randn(batch, tokens, channels).to(dtype).requires_grad_() for _ in range(3))
+        residual = torch.randn(batch, tokens, channels).to(dtype).requires_grad_()
+        y, h = tk.adaln_modulate(x, shift, scale, gate=gate, residual=residual)
+        (y.float().sum() + h.float().sum()).backward()
+    else:
+        shift, scale = (torch.randn(batch, channels).to(dtype).requires_grad_() for _ in range(2))
+        tk.adaln_modulate(x, shift, scale).float().sum().backward()
+
+
+CALLS = {"attention": _call_attention, "diffusion": _call_diffusion, "lm_loss": _call_lm_loss, "adaln": _call_adaln}
 
 
 def kernel_label(function_name: str) -> str:
@@ -567,8 +588,9 @@ def parse_args(argv):
                                                  "machine at the launchers' real configs; print and write "
                                                  "registers, spills, shared memory and SASS counts.")
     parser.add_argument("--kernels", type=_list(str), default=list(OPS),
-                        help="ops (attention, diffusion, lm_loss) and/or kernel labels (attn_fwd, attn_bwd_delta, "
-                             "attn_bwd_dkdv, attn_bwd_dq, add_noise, mse_fwd, mse_bwd, cross_entropy_rows); "
+                        help="ops (attention, diffusion, lm_loss, adaln) and/or kernel labels (attn_fwd, "
+                             "attn_bwd_delta, attn_bwd_dkdv, attn_bwd_dq, add_noise, mse_fwd, mse_bwd, "
+                             "cross_entropy_rows, adaln_fwd, adaln_bwd); "
                              "comma-separated (default: every op)")
     parser.add_argument("--dtypes", type=_list(str, DTYPES), default=list(DEFAULT_DTYPES),
                         help="comma-separated, from bf16,fp16,fp32 (default: bf16,fp16; fp32 attention kernels "
@@ -592,7 +614,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ops = [k for k in args.kernels if k in OPS] or [
         op for op, prefixes in (("attention", ("attn",)), ("diffusion", ("add_noise", "mse")),
-                                ("lm_loss", ("cross_entropy",)))
+                                ("lm_loss", ("cross_entropy",)), ("adaln", ("adaln",)))
         if any(k.startswith(prefixes) for k in args.kernels)]
     selected = cases(ops, args.dtypes, args.head_dims, args.gqa)
     if "fp32" in args.dtypes and "attention" in ops:

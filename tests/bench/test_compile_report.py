@@ -58,7 +58,7 @@ def test_default_sweep():
     assert {(c.dtype, c.head_dim, c.gqa) for c in attention} == {
         (dtype, d, gqa) for dtype in ("bf16", "fp16") for d in (32, 64, 80, 96, 128, 192, 256) for gqa in (False, True)}
     assert {(c.op, c.dtype, c.variant) for c in cases if c.op != "attention"} == {
-        (op, dtype, variant) for op in ("diffusion", "lm_loss") for dtype in ("bf16", "fp16")
+        (op, dtype, variant) for op in ("diffusion", "lm_loss", "adaln") for dtype in ("bf16", "fp16")
         for variant in cr.VARIANTS[op]}
     assert len(cr.cases(dtypes=["fp32"], ops=["attention"], head_dims=[64], gqa=[True])) == 1
 
