@@ -1,4 +1,4 @@
-"""``python -m bench [--suite attention|diffusion|lm_loss|e2e|all] [--quick] [--out PATH]``.
+"""``python -m bench [--suite attention|diffusion|lm_loss|e2e|adaln|hf|all] [--quick] [--out PATH]``.
 
 Runs the suites' workloads with every implementation in every mode and writes one CSV row per
 (workload, implementation, mode). Full-size workloads need a CUDA GPU; ``--quick`` runs small

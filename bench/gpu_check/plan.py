@@ -53,10 +53,12 @@ STAGES = (
                             "(flash, cuDNN, dense mask): forward, forward+backward; tfkernels also backward",
           (BENCH,)),
     Stage("attention_more", 75, "W2, W4, W5, the same modes", (BENCH,)),
-    Stage("losses", 65, "LM loss (time, peak memory vs eager, compiled eager, torch's F.linear_cross_entropy) and "
-                        "diffusion (GB/s vs device copy)", (BENCH,)),
-    Stage("e2e", 95, "end-to-end training step (370M model) vs compiled Flex + eager losses and SDPA dense mask",
+    Stage("losses", 65, "LM loss (time, peak memory vs eager, compiled eager, torch's F.linear_cross_entropy), "
+                        "diffusion (GB/s vs device copy) and adaLN modulation (GB/s vs eager, compiled eager)",
           (BENCH,)),
+    Stage("e2e", 95, "end-to-end training step (370M model) vs compiled Flex + eager losses and SDPA dense mask; "
+                     "then a 159M transformers Gemma3 step on W1 per attn_implementation (tfkernels, sdpa, "
+                     "flash_attention_2, flex_attention) where transformers is installed", (BENCH,)),
     Stage("compile_report", 15, "bench.compile_report (attention, bf16, D = 128) with this machine's Triton and "
                                 "ptxas, if the module exists", (COMPILE_REPORT,)),
     Stage("tests_gpu", 25, "tests/tfkernels on the GPU: the GPU-only tests first, then the rest while time is left",
