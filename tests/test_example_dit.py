@@ -128,7 +128,7 @@ def test_training_makes_the_loss_fall_and_uses_the_captions(dit, reference_path,
 def test_readme_pixart_snippet_runs(path):
     """The README's PixArt-alpha block snippet runs as written, on both paths."""
     readme = (EXAMPLE.parent.parent / "README.md").read_text()
-    section = readme.split("\n## PixArt-alpha: DiT blocks\n")[1].split("\n## ")[0]
+    section = readme.split("\n### PixArt-alpha: DiT blocks\n")[1].split("\n## ")[0]
     code = section.split("```python\n")[1].split("```")[0]
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
