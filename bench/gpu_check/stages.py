@@ -32,6 +32,7 @@ from .. import harness
 from ..harness import OURS, Environment, Implementation, Settings, Workload
 from ..workloads import SUITES
 from ..workloads import attention as attention_suite
+from ..workloads import hf as hf_suite
 from . import correctness, plan
 from .runner import ROOT, update_stage_record, write_json
 
@@ -94,6 +95,9 @@ def optional_peers() -> dict:
         "torch F.linear_cross_entropy": "available" if hasattr(torch.nn.functional, "linear_cross_entropy")
         else f"not in torch {torch.__version__}",
         "liger_kernel": "available" if importlib.util.find_spec("liger_kernel") else "not installed",
+        "transformers (the hf suite)": "available" if hf_suite.has_transformers() else hf_suite.MISSING_TRANSFORMERS,
+        "flash_attn (hf's flash_attention_2)": "available" if importlib.util.find_spec("flash_attn")
+        else "not installed",
     }
 
 
