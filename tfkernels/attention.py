@@ -1036,8 +1036,9 @@ def attention(
         q, k, v = autocast_cast(dtype, q, k, v)
         with autocast_off(q):
             return attention(q, k, v, mask, scale, return_lse, deterministic, causal=causal, softcap=softcap)
-    if mask is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 4:
-        mask = _default_mask(causal, q, k)
+    if mask is None:
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.ndim == k.ndim == 4:
+            mask = _default_mask(causal, q, k)  # else _check_inputs names the bad q or k
     elif causal is not False:
         raise ValueError("causal: expected False with a mask (the mask says which keys each query sees); "
                          "pass mask=None, causal=True for the causal mask")

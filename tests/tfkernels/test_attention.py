@@ -231,6 +231,8 @@ def test_causal_shortcut_equals_the_causal_mask():
         tk.attention(q, k, v, tk.IntervalMask.causal(2, seq_q, seq_k), causal=True)
     with pytest.raises(TypeError, match=r"causal: expected a bool, got 1"):
         tk.attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match=r"q: expected a torch.Tensor, got list"):
+        tk.attention([1.0], k, v, causal=True)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
