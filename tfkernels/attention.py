@@ -20,7 +20,10 @@ The backward pass is FlashAttention-2 style, in three kernels:
 * dK/dV: one program per (kv head, key tile) walks the query tiles that see the key tile. The
   monotone mask gives each key a contiguous query interval ``[q_start[k], q_end[k])``
   (``IntervalMask.key_intervals``), so the same interior/edge split applies on the key side.
-  The ``Hq / Hkv`` query heads of a GQA group are summed inside the program, in a fixed order;
+  The ``Hq / Hkv`` query heads of a GQA group are summed inside the program, in a fixed order:
+  each walk steps through (query tile, group member) pairs in one loop, so GQA compiles to the
+  loop nest of no GQA (a loop over the group around the walks kept their pipelines' state live
+  and spilled);
 * dQ: one program per (query head, query tile), the forward's key-tile walk again.
 
 dQ has its own pass instead of fp32 atomics from the dK/dV pass: it recomputes ``QK^T`` and
@@ -28,6 +31,12 @@ dQ has its own pass instead of fp32 atomics from the dK/dV pass: it recomputes `
 atomics, and is bitwise deterministic; the atomic variant is left to the performance work, to be
 kept only if it measures faster. Programs are launched heaviest tile first: the number of key
 tiles each query tile visits (and vice versa) is known exactly from the mask.
+
+Each pass has its own tile shape, warps and stages (``_block_sizes``), chosen with the static
+compile report (``python -m bench.compile_report``) as the spill-free wgmma configs on sm_90a.
+A mask of batch size 1 is read with a zero batch stride (one layout for the batch, no copy).
+Soft-capping (``SOFTCAP``, a constexpr: the uncapped kernels are unchanged) applies
+``c * tanh(s / c)`` to each score and multiplies dS by ``1 - tanh^2`` in both backward passes.
 
 Softmax uses ``exp2`` with ``log2(e)`` folded into the score scale; accumulation is fp32; the
 saved LSE is in natural-log units ``[B, Hq, Sq]``. Rows that see no key give 0 and LSE = -inf,
