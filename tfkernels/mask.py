@@ -517,7 +517,10 @@ class IntervalMask:
     def from_position_ids(cls, position_ids: torch.Tensor, *, causal: bool = True, image_ids=None):
         """Hugging Face-style packed rows: a document starts at each token whose position id is the smallest
         in ``position_ids`` (0 for most models; RoBERTa-like models start at ``padding_idx + 1``), as
-        transformers' packed flash-attention path reads them, and at the start of every row.
+        transformers' packed flash-attention path reads them, and at the start of every row. (Its mask
+        path, ``find_packed_sequence_indices``, splits wherever consecutive ids do not step by +1
+        instead; the two agree on rows whose documents count up from the smallest id, as
+        ``DataCollatorWithFlattening`` writes them. ``tfkernels.integrations.hf`` follows the mask path.)
 
         Vectorised, no host sync (usable inside ``torch.compile``). Documents are causal within
         themselves (``causal=False``: bidirectional, a packed encoder) and blind to each other.
