@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         # numpy: Triton's interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) needs it.
+        # Triton 3.6's interpreter needs numpy < 2.4 (tfkernels raises saying so); a fresh install gets a newer
+        # Triton, whose interpreter does not.
         # Pillow, matplotlib, diffusers: the suite also tests the train, bench and vae extras' code.
         # ruff: scripts/test.sh lints the tree before the tests.
         # transformers: tests/tfkernels/integrations/test_hf.py (the hf extra; transformers pulls no torch build).

@@ -35,3 +35,18 @@ def test_the_ops_follow_it(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_runs_the_kernels():
     assert tk.backend("cuda") == ("triton" if _dispatch.HAS_TRITON else "reference")
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, works", [
+    ("3.6.0", "2.4.6", False), ("3.6.0", "2.3.5", True), ("3.9.0", "2.4.6", True), ("3.7.1", "2.4.0", True),
+    ("3.6.0", "3.0.0rc1", False), ("3.10.0+git1234", "2.4.0", True),
+])
+def test_the_interpreter_floor_is_a_clear_error(triton_version, numpy_version, works):
+    """Triton 3.6's interpreter with numpy >= 2.4 fails deep inside a kernel (checked by hand with both
+    versions installed); tfkernels says why before any launch instead."""
+    if works:
+        _dispatch.check_interpreter(triton_version, numpy_version)
+    else:
+        with pytest.raises(RuntimeError, match=rf"Triton {triton_version}'s interpreter cannot run tfkernels' kernels "
+                                               rf"with numpy {numpy_version} \(it needs numpy < 2.4\)"):
+            _dispatch.check_interpreter(triton_version, numpy_version)
