@@ -234,7 +234,9 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _per_token(conditioning: torch.Tensor, tokens: int) -> bool:
-    return conditioning.ndim == 3 and conditioning.shape[1] == tokens and tokens > 1
+    """``[B, T, C]`` conditioning with ``T != 1`` (``T = 0`` included: its gradient keeps that shape);
+    at ``T = 1`` it is the same as a per-sample ``[B, 1, C]`` row."""
+    return conditioning.ndim == 3 and conditioning.shape[1] == tokens != 1
 
 
 def _launch_fwd(x, shift, scale, gate, residual, eps, rms):

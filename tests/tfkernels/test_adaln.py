@@ -180,9 +180,11 @@ def test_eps_zero_and_padding_rows_of_a_tile_stay_finite():
     assert_matches_eager(inputs, eps=0.0)
 
 
-def test_no_tokens(path):
+@pytest.mark.parametrize("per_token", [False, True])
+def test_no_tokens(path, per_token):
+    """Empty batches and empty rows, with per-sample and per-token ([B, 0, C]) conditioning."""
     for batch, tokens in ((0, 4), (2, 0)):
-        inputs = _inputs(batch, tokens, 8, torch.float32, per_token=False, residual=True, gate=True, seed=13)
+        inputs = _inputs(batch, tokens, 8, torch.float32, per_token=per_token, residual=True, gate=True, seed=13)
         leaves = {n: t.requires_grad_() for n, t in inputs.items()}
         y, h = tk.adaln_modulate(**leaves)
         assert y.shape == h.shape == (batch, tokens, 8)
