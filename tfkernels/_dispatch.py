@@ -50,7 +50,10 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return True
-    return x.device.type == "cpu" and triton_interpret() and _interpreter_checked()
+    if x.device.type != "cpu" or not triton_interpret():
+        return False
+    # Checked in eager mode (once); dynamo would trace through the cache wrapper.
+    return torch.compiler.is_compiling() or _interpreter_checked()
 
 
 def backend(device: torch.device | str) -> str:
