@@ -169,12 +169,23 @@ class NoiseSchedule:
         rescales the betas to a zero terminal SNR, Lin et al. 2024, as diffusers does), with
         diffusers' defaults in brackets. ``prediction_type`` and ``timestep_spacing`` are not part of
         the schedule: pass them on as ``target=`` (diffusers' names are accepted) and to the sampler.
-        ``trained_betas`` and other beta schedules raise ``ValueError``.
+        ``trained_betas``, other beta schedules and flow-matching schedulers (``FlowMatch*``, whose config
+        has a ``shift`` and no ``beta_schedule``: use ``rectified_flow()`` and ``sample_timesteps(...,
+        shift=)``) raise ``ValueError``.
         """
         config = getattr(scheduler_config, "config", scheduler_config)
         if not isinstance(config, Mapping):
             raise TypeError(f"scheduler_config: expected a diffusers scheduler or its config (a dict), "
                             f"got {type(scheduler_config).__name__}")
+        # A json config names its class; a scheduler object is its class.
+        class_name = config.get("_class_name") or ("" if scheduler_config is config else
+                                                   type(scheduler_config).__name__)
+        if "FlowMatch" in str(class_name) or ("shift" in config and "beta_schedule" not in config):
+            # Without this the missing beta_schedule would default to diffusers' "linear": a DDPM table.
+            named = f" ({class_name})" if class_name else ""
+            raise ValueError(f"scheduler_config: a flow-matching scheduler{named} has no beta table: use "
+                             f"NoiseSchedule.rectified_flow() with float32 times (sample_timesteps(n, "
+                             f"distribution=..., shift={config.get('shift', 1.0)!r}))")
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler_config: trained_betas: expected None (build NoiseSchedule(kind, signal_scale, "
                              "noise_scale, alphas_cumprod) from trained betas), got a table")

@@ -307,6 +307,26 @@ def test_from_diffusers_bad_configs_are_named(config, error, message):
         NoiseSchedule.from_diffusers(config)
 
 
+@pytest.mark.parametrize("source", [
+    dict(_class_name="FlowMatchEulerDiscreteScheduler", _diffusers_version="0.30.0", num_train_timesteps=1000,
+         shift=3.0),  # SD3's scheduler_config.json
+    dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),  # a FlowMatch config without its name
+])
+def test_from_diffusers_refuses_flow_matching_configs(source):
+    """A FlowMatch scheduler's config has no beta_schedule: it must not become diffusers' default linear DDPM
+    table (a silently wrong schedule), but name rectified_flow."""
+    with pytest.raises(ValueError, match=r"scheduler_config: a flow-matching scheduler.* NoiseSchedule.rectified_flow\(\)"):
+        NoiseSchedule.from_diffusers(source)
+
+
+def test_from_diffusers_refuses_a_flow_matching_scheduler():
+    diffusers = pytest.importorskip("diffusers")  # in the test extra
+    for scheduler in (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), diffusers.FlowMatchHeunDiscreteScheduler()):
+        for source in (scheduler, scheduler.config):
+            with pytest.raises(ValueError, match="flow-matching scheduler"):
+                NoiseSchedule.from_diffusers(source)
+
+
 def test_from_diffusers_needs_a_config():
     with pytest.raises(TypeError, match="scheduler_config: expected a diffusers scheduler or its config .a dict., got str"):
         NoiseSchedule.from_diffusers("scheduler_config.json")
