@@ -182,10 +182,11 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
     if spacing == "leading":
         return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_timesteps // steps))
     # numpy's arange(T, 0, -T / steps), as diffusers calls it: numpy fills T + i * (a[1] - a[0]), whose
-    # rounding differs from T - i * T / steps at ties (999 steps of 50: 499.4999... vs 499.5).
+    # rounding differs from T - i * T / steps at ties (999 steps of 50: 499.4999... vs 499.5). Its first
+    # `steps` values only: for many step counts (430 of 1000 at T = 1000, e.g. 61) rounding makes numpy's
+    # length ceil(T / (T / steps)) one more, and the extra value, -1, is no timestep.
     step = -num_timesteps / steps
-    count = math.ceil((0 - num_timesteps) / step)
-    values = num_timesteps + torch.arange(count, dtype=torch.float64) * ((num_timesteps + step) - num_timesteps)
+    values = num_timesteps + torch.arange(steps, dtype=torch.float64) * ((num_timesteps + step) - num_timesteps)
     return values.round().to(torch.int64) - 1
 
 

@@ -340,8 +340,26 @@ def test_spacings_equal_diffusers_ddim_scheduler(spacing):
         for steps in sorted({1, 2, 3, 7, 10, 15, 25, 50, 250, 333, 999, 1000} & set(range(1, num_timesteps + 1))):
             scheduler = diffusers.DDIMScheduler(num_train_timesteps=num_timesteps, timestep_spacing=spacing)
             scheduler.set_timesteps(steps)
-            assert diffusion_timesteps(num_timesteps, steps, spacing).tolist() == scheduler.timesteps.tolist(), \
+            expected = scheduler.timesteps.tolist()
+            assert diffusion_timesteps(num_timesteps, steps, spacing).tolist() == expected[:steps], \
                 (num_timesteps, steps)
+            # diffusers' trailing spacing has one value too many for some step counts: numpy's -1, no timestep.
+            assert expected[steps:] in ([], [-1]), (num_timesteps, steps, expected[steps:])
+
+
+@pytest.mark.parametrize("spacing", ["even", "linspace", "leading", "trailing"])
+def test_every_spacing_gives_steps_distinct_timesteps_of_the_training_steps(spacing):
+    """For every step count: exactly ``steps`` distinct, decreasing timesteps in ``[0, T)``. numpy's
+    ``arange(T, 0, -T / steps)``, which diffusers' trailing spacing calls, has one element too many
+    for 430 of the 1000 step counts of T = 1000 (61, 103, ...), the extra one -1."""
+    for num_timesteps in (1000, 999, 7):
+        for steps in range(1, num_timesteps + 1):
+            timesteps = diffusion_timesteps(num_timesteps, steps, spacing)
+            assert timesteps.shape == (steps,), (num_timesteps, steps)
+            assert timesteps.min() >= 0 and timesteps.max() < num_timesteps, (num_timesteps, steps)
+            assert (timesteps[1:] < timesteps[:-1]).all(), (num_timesteps, steps)
+    if spacing == "trailing":  # diffusers' first 61 values, without its -1
+        assert diffusion_timesteps(1000, 61, spacing)[-4:].tolist() == [65, 48, 32, 15]
 
 
 def test_generate_takes_a_timestep_spacing():
