@@ -44,6 +44,8 @@ class AttentionCheck:
     dim: int
     mask: str  # packed | irregular | causal | image_decode
     seed: int
+    softcap: float | None = None  # tk.attention(softcap=): the soft-capped kernels
+
 
     def tiny(self) -> AttentionCheck:
         """The same check at a CPU size: sequences of at most 96, at most 2 heads (the kv heads
@@ -57,7 +59,7 @@ class AttentionCheck:
 
     def shape(self) -> str:
         return (f"B={self.batch} Sq={self.seq_q} Sk={self.seq_k} Hq={self.heads_q} Hkv={self.heads_kv} "
-                f"D={self.dim} {self.mask}")
+                f"D={self.dim} {self.mask}" + (f" softcap={self.softcap}" if self.softcap else ""))
 
     def build_mask(self, device) -> tk.IntervalMask:
         rng = random.Random(self.seed)
@@ -95,6 +97,7 @@ def attention_checks() -> list[AttentionCheck]:
         AttentionCheck("attn_causal", fp16, 1, 4096, 4096, 8, 8, 128, "causal", 10),
         AttentionCheck("attn_d64", fp16, 2, 4096, 4096, 8, 4, 64, "packed", 11),
         AttentionCheck("attn_decode_1", fp16, 2, 1, 8192, 16, 4, 128, "causal", 12),
+        AttentionCheck("attn_softcap", bf16, 1, 4096, 4096, 8, 2, 128, "packed", 13, softcap=2.0),
     ]
 
 
@@ -142,9 +145,10 @@ def run_attention_check(check: AttentionCheck, device) -> list[dict]:
         loss = (out.double() * d_out.double()).sum()
         return (out, lse, *torch.autograd.grad(loss, inputs))
 
-    ours = run(lambda a, b, c: tk.attention(a, b, c, mask, return_lse=True), q, k, v)
-    ref = run(lambda a, b, c: reference.attention(a, b, c, mask), q.double(), k.double(), v.double())
-    lowp = run(lambda a, b, c: reference.attention(a, b, c, mask, upcast=False), q, k, v)
+    cap = check.softcap
+    ours = run(lambda a, b, c: tk.attention(a, b, c, mask, return_lse=True, softcap=cap), q, k, v)
+    ref = run(lambda a, b, c: reference.attention(a, b, c, mask, softcap=cap), q.double(), k.double(), v.double())
+    lowp = run(lambda a, b, c: reference.attention(a, b, c, mask, upcast=False, softcap=cap), q, k, v)
     grad_scale = max(r.abs().max().item() if r.numel() else 0.0 for r in ref[2:])
     rows, shape = [], check.shape()
     for name, a, r, low in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, lowp):
@@ -287,7 +291,7 @@ def checks(tiny: bool) -> list[Check]:
     result = []
     for check in attention_checks():
         check = check.tiny() if tiny else check
-        result.append(Check(check.name, check.dtype, CHECK_S, ("attention", check.dtype, check.dim),
+        result.append(Check(check.name, check.dtype, CHECK_S, ("attention", check.dtype, check.dim, check.softcap),
                             lambda device, c=check: run_attention_check(c, device), check.shape()))
     others = []
     for dtype in (torch.bfloat16, torch.float16):
