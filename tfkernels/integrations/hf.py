@@ -189,6 +189,8 @@ def _evaluate(fn, rows: _Rows, shift_invariant: bool = False) -> tuple[torch.Ten
     if kind == "causal_mask_function":  # kv_idx <= q_idx
         return rows.interval(0, q_key + 1)
     if kind == "bidirectional_mask_function":  # q_idx >= 0
+        if shift_invariant:  # under a remap q_idx is the query's position, which may be negative
+            raise _NotStructural
         return rows.interval(0, seq_len_k)
     if kind == "sliding_window_overlay":  # kv_idx > q_idx - window
         return rows.interval(q_key - captured["sliding_window"] + 1, seq_len_k)

@@ -326,6 +326,22 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
 
 
 @needs_transformers
+def test_bidirectional_under_a_position_remap_reads_the_positions():
+    """bidirectional_mask_function is ``q_idx >= 0``: under remap_positions_for_packed_sequence it reads the
+    query's position, which is not a function of ``q_idx - kv_idx`` (a negative position sees nothing)."""
+    positions = torch.tensor([[-1, 0, 1, 0, 1, 2]], device=DEVICE)
+    documents = mu.find_packed_sequence_indices(positions)
+    inner = mu.or_masks(mu.causal_mask_function, mu.bidirectional_mask_function)
+    mask_function = mu.and_masks(mu.remap_positions_for_packed_sequence(inner, positions),
+                                 mu.packed_sequence_mask_function(documents))
+    call = dict(batch_size=1, q_length=6, kv_length=6, mask_function=mask_function, device=torch.device(DEVICE))
+    dense = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
+    # Query 0, at position -1, sees key 0 only (causal), query 1 its whole document (bidirectional).
+    assert dense[0, 0].tolist() == [True] + [False] * 5 and dense[0, 1].tolist() == [True] * 3 + [False] * 3
+    assert torch.equal(hf.interval_mask(**call).to_dense(), dense)
+
+
+@needs_transformers
 def test_the_mask_builder_evaluates_in_bounded_chunks(monkeypatch):
     """The evaluated path materialises a chunk of query rows at a time, with the same result, and names the
     row of a hole found in a later chunk with its absolute query index."""
