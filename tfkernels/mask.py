@@ -420,7 +420,8 @@ class IntervalMask:
         num_docs = cu_q.shape[0] - 1
         rows = torch.arange(seq_len_q, device=cu_q.device)
         if num_docs == 0:  # no documents: every row is padding
-            return IntervalMask(*(torch.zeros(1, seq_len_q, dtype=torch.int32, device=cu_q.device),) * 2, seq_len_k)
+            empty = torch.zeros(1, seq_len_q, dtype=torch.int32, device=cu_q.device)
+            return IntervalMask(empty, empty.clone(), seq_len_k)
         # The document of each query row: the last one starting at or before it (skips empty documents).
         doc = (torch.searchsorted(cu_q, rows, right=True) - 1).clamp(max=num_docs - 1)
         q_begin, key_begin, key_end = cu_q[doc], cu_k[doc], cu_k[doc + 1]

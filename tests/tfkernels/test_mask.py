@@ -595,6 +595,15 @@ def test_from_cu_seqlens_self_attention_is_the_packed_document_mask():
     assert mask.seq_len_k == 20 and torch.equal(mask.to_dense(), expected.to_dense()[:, :, :20])
 
 
+def test_from_cu_seqlens_without_documents_has_two_separate_bound_tensors():
+    """Every row is padding; kv_start and kv_end are two tensors, so writing one in place (as masks are
+    edited, e.g. by a cached decoding loop) leaves the other as it was."""
+    mask = tk.IntervalMask.from_cu_seqlens([0], seq_len_q=3, seq_len_k=4)
+    assert mask.kv_start.tolist() == mask.kv_end.tolist() == [[0, 0, 0]]
+    mask.kv_end.fill_(4)
+    assert mask.kv_start.tolist() == [[0, 0, 0]]
+
+
 @SETTINGS
 @given(st.integers(1, 4), st.integers(0, 10), st.integers(0, 12), window_sizes, st.booleans(), st.data())
 def test_from_cache_seqlens_matches_brute_force(batch, seq_q, seq_k, window_size, causal, data):
