@@ -360,7 +360,10 @@ class NoiseSchedule:
         cap = flow_time_cdf(upper, distribution, mean, std, shift)
         # The quantile of the cap's CDF can exceed the cap by a float64 rounding: clamped back.
         t = torch.minimum(flow_time_quantile(u * cap, distribution, mean, std, shift), upper)
-        return t.to(torch.float32)
+        # Rounding to float32 can lift a time just under a cap that float32 cannot hold (0.2) above it:
+        # such a time takes the float32 value below instead.
+        rounded = t.to(torch.float32)
+        return torch.where(rounded.double() > upper, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
 
     def __repr__(self) -> str:
         return f"NoiseSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps}, device={self.device})"

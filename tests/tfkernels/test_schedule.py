@@ -437,6 +437,15 @@ def test_per_image_caps_draw_from_the_truncated_distribution():
     assert torch.equal(FLOW.sample_timesteps(3, t_max=0.0, distribution="uniform"), torch.zeros(3))
 
 
+@pytest.mark.parametrize("t_max", [0.2, torch.tensor([0.2, 0.3], dtype=torch.float64)])
+def test_float32_rounding_never_lifts_a_time_above_its_cap(t_max, monkeypatch):
+    """A float64 draw just under a cap that float32 cannot hold (0.2) must not round up past it."""
+    monkeypatch.setattr(torch, "rand", lambda n, **kwargs: torch.full((n,), 1 - 2.0**-40, dtype=torch.float64))
+    t = FLOW.sample_timesteps(2, t_max=t_max, distribution="uniform")
+    caps = torch.as_tensor(t_max, dtype=torch.float64)
+    assert (t.double() <= caps).all() and (t.double() > caps - 1e-7).all(), (t.tolist(), caps)
+
+
 def test_sampled_times_are_seeded_and_the_shift_maps_them():
     def draw(seed, **kwargs):
         return FLOW.sample_timesteps(64, generator=torch.Generator().manual_seed(seed), distribution="logit_normal",
