@@ -380,6 +380,20 @@ def test_damaged_train_state_is_one_named_error(tmp_path, capsys, edit, message)
     assert [r["step"] for r in metrics(tmp_path)] == [1]  # nothing was touched
 
 
+def test_a_checkpoint_from_before_the_flow_options_resumes_as_the_cosine_run_it_was(tmp_path, capsys):
+    """A train_state.json written before --noise-schedule and the --flow-* options existed lacks them; that
+    run trained with the cosine schedule and the flow fields at their defaults, which is what it resumes
+    as (as its config.json loads: checkpoint.ADDED_FIELDS). Asked for a flow run, it still refuses."""
+    argv = tiny_argv(tmp_path, "--steps", "2")
+    whole = train.main(tiny_argv(tmp_path / "whole", "--steps", "2"))
+    train.main(argv + ["--stop-at", "1"])
+    _edit_state(tmp_path, lambda s: [s["args"].pop(name) for name in ("noise_schedule", *tc.config.FLOW_DEFAULTS)])
+    rest = train.main(argv + ["--resume"])
+    assert [r["step"] for r in rest] == [2] and losses(metrics(tmp_path)) == losses(whole)
+    assert re.search(r"was trained with other options \(.*--noise-schedule: checkpoint 'cosine', now 'flow'\)",
+                     cli_error(argv + ["--stop-at", "2", "--noise-schedule", "flow", "--resume"], capsys))
+
+
 def test_damaged_checkpoint_files_are_named_and_never_mean_step_0(tmp_path, capsys):
     argv = tiny_argv(tmp_path, "--steps", "3")
     train.main(argv + ["--stop-at", "1"])
