@@ -642,8 +642,12 @@ def test_kernel_equals_reference_for_float_times(small_blocks):
     gen = torch.Generator().manual_seed(35)
     shape, offsets, t = _float_layout("packed", gen)
     x0, noise, pred = (_random(shape, torch.float32, gen) for _ in range(3))
-    torch.testing.assert_close(tk.add_noise(x0, t, FLOW, noise=noise, offsets=offsets),
-                               reference.add_noise(x0, t, FLOW, noise=noise, offsets=offsets), rtol=0, atol=2e-7)
+    expected = reference.add_noise(x0, t, FLOW, noise=noise, offsets=offsets)
+    # Float32 rounding at the largest value: a compiled kernel may fuse a * x0 + b * noise into an FMA,
+    # whose correctly rounded result can be an ulp from eager's three roundings; the tolerance admits it.
+    atol = 2 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(_flow_formula(x0, noise, t, offsets).float(), expected, rtol=0, atol=atol)
+    torch.testing.assert_close(tk.add_noise(x0, t, FLOW, noise=noise, offsets=offsets), expected, rtol=0, atol=atol)
     for target in TARGETS:
         torch.testing.assert_close(
             tk.diffusion_loss(pred, x0, t, FLOW, target=target, noise=noise, offsets=offsets, reduction="none"),
