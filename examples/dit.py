@@ -101,7 +101,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Predicts the noise of ``x_t [B, 3, S, S]`` at steps ``t [B]`` given caption word ids ``[B, L]``."""
+    """Predicts ``v`` (``TARGET``) for ``x_t [B, 3, S, S]`` at steps ``t [B]`` given caption word ids ``[B, L]``."""
 
     def __init__(self, image_size: int = 16, patch_size: int = 4, dim: int = 64, depth: int = 2, heads: int = 4,
                  caption_len: int = CAPTION_LEN):

@@ -203,11 +203,13 @@ def continuous_times(steps: torch.Tensor, seed: int, config: TransfusionConfig) 
     seed). So ``t`` follows the config's distribution and shift exactly, and a cap keeps the same
     share of it: the paper's ``t <= 500`` of 1000 becomes ``t`` at most the 0.501 quantile, ``t <=
     0.501`` for uniform times, about ``0.5`` for logit-normal(0, 1), and noisier under a shift > 1
-    (``s * 0.5 / (1 + (s - 1) * 0.5)``). Drawn on the CPU in float64, returned on ``steps``' device.
+    (``s * 0.5 / (1 + (s - 1) * 0.5)``). ``u`` is drawn on the CPU (the same values on every device)
+    and copied to ``steps``' device, where the rest is computed in float64: no device-to-host copy, so
+    no host sync in the training step.
     """
     generator = torch.Generator().manual_seed(seed)
-    u = torch.rand(steps.shape[0], generator=generator, dtype=torch.float64)
-    quantile = (steps.detach().to("cpu", torch.float64) + u) / config.num_timesteps
+    u = torch.rand(steps.shape[0], generator=generator, dtype=torch.float64).to(steps.device)
+    quantile = (steps.detach().to(torch.float64) + u) / config.num_timesteps
     t = flow_time_quantile(quantile.clamp(0, 1), config.flow_time_distribution, config.flow_time_mean,
                            config.flow_time_std, config.flow_shift)
-    return t.to(steps.device, torch.float32)
+    return t.to(torch.float32)
