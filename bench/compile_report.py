@@ -144,7 +144,9 @@ def launches_as_on_gpu(record: Callable):
 
     1. ``TRITON_INTERPRET=1`` in the environment: tfkernels' public dispatch (read at each call)
        sends CPU tensors to its launchers. The kernels themselves were created with the variable
-       unset, so they are ``JITFunction``s, not the interpreter's functions.
+       unset, so they are ``JITFunction``s, not the interpreter's functions; nothing is interpreted,
+       so the dispatch's check of the interpreter's version floor
+       (``tfkernels._dispatch._interpreter_checked``) is answered yes.
     2. ``triton.runtime.jit.JITFunction.run`` (what ``kernel[grid](...)`` calls) records
        ``(kernel, args, kwargs)`` through ``record`` and launches nothing.
     3. ``tfkernels.attention._block_sizes(head_dim, dtype, device)``, the attention launchers' choice
@@ -161,6 +163,7 @@ def launches_as_on_gpu(record: Callable):
 
     # The module (tfkernels.attention as an attribute is the function the package exports).
     attention = importlib.import_module("tfkernels.attention")
+    dispatch = importlib.import_module("tfkernels._dispatch")
 
     if not isinstance(getattr(attention, "_attn_fwd_kernel", None), JITFunction):
         raise AdapterError("tfkernels.attention's kernels are not JITFunctions: tfkernels was imported under "
@@ -180,12 +183,15 @@ def launches_as_on_gpu(record: Callable):
         record(self, args, kwargs)
 
     saved_env, saved_run = os.environ.get("TRITON_INTERPRET"), JITFunction.run
+    interpreter_checked = dispatch._interpreter_checked
     os.environ["TRITON_INTERPRET"] = "1"
     JITFunction.run = run
     attention._block_sizes = block_sizes_on_gpu
+    dispatch._interpreter_checked = lambda: True
     try:
         yield asked
     finally:
+        dispatch._interpreter_checked = interpreter_checked
         attention._block_sizes = block_sizes
         JITFunction.run = saved_run
         if saved_env is None:
