@@ -455,6 +455,9 @@ def _check_inputs(hidden, weight, target, ignore_index, reduction, z_loss, bias,
         if class_weight.shape != (vocab_size,):
             raise ValueError(f"class_weight: expected shape [{vocab_size}] (one per class), got "
                              f"{tuple(class_weight.shape)}")
+        if class_weight.requires_grad and torch.is_grad_enabled():
+            # As F.cross_entropy: the kernel has no gradient for it, and the reference must not have one either.
+            raise ValueError("class_weight: not differentiated; pass class_weight.detach() (it requires grad)")
     for name, x in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name}: expected device {hidden.device} (as hidden), got {x.device}")

@@ -272,6 +272,8 @@ BAD_INPUTS = [
     (dict(class_weight=torch.ones(10, dtype=torch.long, device=DEVICE)), TypeError,
      r"class_weight: expected a float tensor \[10\], got torch.int64"),
     (dict(class_weight=torch.ones(1, 10, device=DEVICE)), ValueError, r"class_weight: expected shape \[10\]"),
+    (dict(class_weight=torch.ones(10, device=DEVICE, requires_grad=True)), ValueError,
+     r"class_weight: not differentiated; pass class_weight.detach\(\)"),
     (dict(label_smoothing=1.5), ValueError, r"label_smoothing: expected a finite float in \[0, 1\], got 1.5"),
     (dict(label_smoothing=None), TypeError, r"label_smoothing: expected a finite float in \[0, 1\]"),
     (dict(softcap=-1.0), ValueError, r"softcap: expected None or a finite float >= 0 \(0: off\), got -1.0"),
