@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import plan, runner, summary
+from . import plan, runner, summary, wheels
+
+wheels.append_carried()  # before any stage imports an optional peer (transformers)
 
 
 def parse_args(argv):

@@ -446,3 +446,40 @@ def test_an_error_in_tfkernels_fails_its_workload_only_and_keeps_its_rows(tmp_pa
                                                                     ("good", "tfkernels_seeded")]
     record = json.loads((tmp_path / plan.STAGES_JSON).read_text())["stages"]["attention"]
     assert record["failures"] == ["bad: RuntimeError: kernel failed"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Carried wheels (scripts/gpu_wheels.sh -> .gpu_wheels -> bench.gpu_check.wheels)
+# ----------------------------------------------------------------------------------------------
+def test_carried_wheels_are_unpacked_and_appended_after_site_packages(tmp_path, monkeypatch, capsys):
+    import zipfile
+
+    from bench.gpu_check import wheels
+
+    carried = tmp_path / "wheels"
+    carried.mkdir()
+    with zipfile.ZipFile(carried / "tfk_carried_probe-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("tfk_carried_probe/__init__.py", "VALUE = 42\n")
+        wheel.writestr("tfk_carried_probe-1.0.dist-info/METADATA", "Name: tfk_carried_probe\nVersion: 1.0\n")
+    assert wheels.main([str(carried)]) == 0
+    target = capsys.readouterr().out.strip()
+    assert target and (Path(target) / "tfk_carried_probe" / "__init__.py").is_file()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("TFKERNELS_CARRIED_PATH", target)
+    assert wheels.append_carried() == target and sys.path[-1] == target  # last: the machine's packages win
+    assert wheels.append_carried() == target and sys.path.count(target) == 1
+    monkeypatch.delitem(sys.modules, "tfk_carried_probe", raising=False)
+    import tfk_carried_probe
+
+    assert tfk_carried_probe.VALUE == 42
+
+
+def test_no_carried_wheels_prints_nothing(tmp_path, monkeypatch, capsys):
+    from bench.gpu_check import wheels
+
+    assert wheels.main([str(tmp_path / "absent")]) == 0
+    assert wheels.main([str(tmp_path)]) == 0  # a folder without wheels
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("TFKERNELS_CARRIED_PATH", "")
+    assert wheels.append_carried() is None
+    assert wheels.main([]) == 2
