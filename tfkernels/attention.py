@@ -966,10 +966,9 @@ def _shared_mask(causal: bool, seq_len_q: int, seq_len_k: int, device: torch.dev
 def _default_mask(causal, q: torch.Tensor, k: torch.Tensor) -> IntervalMask:
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
-    if torch.compiler.is_compiling():  # built in the graph, not looked up in a Python cache
-        build = IntervalMask.causal if causal else IntervalMask.full
-        return build(1, q.shape[1], k.shape[1], device=q.device)
-    return _shared_mask(causal, q.shape[1], k.shape[1], q.device)
+    # While torch.compile traces: built in the graph, not looked up in a Python cache.
+    build = _shared_mask.__wrapped__ if torch.compiler.is_compiling() else _shared_mask
+    return build(causal, q.shape[1], k.shape[1], q.device)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
