@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import csv
+import math
 import multiprocessing
 import os
 import re
@@ -55,6 +55,7 @@ CSV_COLUMNS = (
     "block_m", "block_n", "num_warps", "num_stages",
     "registers", "spill_bytes", "ldl", "stl", "shared_bytes", "instructions",
     "hgmma", "hmma", "utcmma", "ldgsts", "utmaldg", "ublkcp",
+    "loop_instructions", "mma_redundancy", "ex2_per_score", "instr_per_64x64",
     "compile_s", "triton", "commit", "status",
 )
 # The small shape the ops run at (see the module docstring).
@@ -135,69 +136,16 @@ class Job:
 # Capturing launches (runs in a worker process: tfkernels imported with TRITON_INTERPRET=0)
 # ----------------------------------------------------------------------------------------------
 class AdapterError(RuntimeError):
-    """tfkernels or Triton changed under the adapter: the report cannot capture launches faithfully."""
+    """The report cannot capture or compile a launch faithfully (e.g. the kernels are the interpreter's)."""
 
 
-@contextlib.contextmanager
-def launches_as_on_gpu(record: Callable):
-    """The one place that reaches into tfkernels' and Triton's internals. Inside it:
+@dataclass(frozen=True)
+class KernelRef:
+    """A Triton function passed to a kernel as an argument (a constexpr), by module and name: a
+    launch's arguments travel to the compiling process, and a JITFunction does not pickle."""
 
-    1. ``TRITON_INTERPRET=1`` in the environment: tfkernels' public dispatch (read at each call)
-       sends CPU tensors to its launchers. The kernels themselves were created with the variable
-       unset, so they are ``JITFunction``s, not the interpreter's functions; nothing is interpreted,
-       so the dispatch's check of the interpreter's version floor
-       (``tfkernels._dispatch._interpreter_checked``) is answered yes.
-    2. ``triton.runtime.jit.JITFunction.run`` (what ``kernel[grid](...)`` calls) records
-       ``(kernel, args, kwargs)`` through ``record`` and launches nothing.
-    3. ``tfkernels.attention._block_sizes(head_dim, dtype, device)``, the attention launchers' choice
-       of tile sizes, warps and stages, answers for a CUDA device (on the CPU it gives the
-       interpreter's small tiles). Diffusion and LM-loss launch settings do not depend on the device.
-
-    If a name is gone or the launchers stop asking ``_block_sizes``, this raises ``AdapterError``
-    saying so, instead of reporting the interpreter's configs.
-    """
-    import importlib
-
-    import torch
-    from triton.runtime.jit import JITFunction
-
-    # The module (tfkernels.attention as an attribute is the function the package exports).
-    attention = importlib.import_module("tfkernels.attention")
-    dispatch = importlib.import_module("tfkernels._dispatch")
-
-    if not isinstance(getattr(attention, "_attn_fwd_kernel", None), JITFunction):
-        raise AdapterError("tfkernels.attention's kernels are not JITFunctions: tfkernels was imported under "
-                           "TRITON_INTERPRET=1 (compile in a worker process: see compile_jobs)")
-    block_sizes = getattr(attention, "_block_sizes", None)
-    if block_sizes is None:
-        raise AdapterError("tfkernels.attention._block_sizes is gone: update bench.compile_report."
-                           "launches_as_on_gpu to the launchers' new way of choosing tile sizes")
-    asked = []
-
-    def block_sizes_on_gpu(head_dim, dtype, device):
-        cfg = block_sizes(head_dim, dtype, torch.device("cuda"))
-        asked.append(cfg)
-        return cfg
-
-    def run(self, *args, grid, warmup, **kwargs):
-        record(self, args, kwargs)
-
-    saved_env, saved_run = os.environ.get("TRITON_INTERPRET"), JITFunction.run
-    interpreter_checked = dispatch._interpreter_checked
-    os.environ["TRITON_INTERPRET"] = "1"
-    JITFunction.run = run
-    attention._block_sizes = block_sizes_on_gpu
-    dispatch._interpreter_checked = lambda: True
-    try:
-        yield asked
-    finally:
-        dispatch._interpreter_checked = interpreter_checked
-        attention._block_sizes = block_sizes
-        JITFunction.run = saved_run
-        if saved_env is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    module: str
+    name: str
 
 
 def _torch_dtype(name: str):
@@ -281,37 +229,52 @@ CALLS = {"attention": _call_attention, "diffusion": _call_diffusion, "lm_loss": 
 
 
 def kernel_label(function_name: str) -> str:
-    """``_attn_bwd_dq_kernel`` -> ``attn_bwd_dq``."""
-    return function_name.strip("_").removesuffix("_kernel")
+    """``_attn_bwd_dq_kernel`` -> ``attn_bwd_dq``; ``_attn_bwd_dq_program`` (a program of the attention
+    kernel) -> ``attn_bwd_dq``."""
+    return function_name.strip("_").removesuffix("_kernel").removesuffix("_program")
 
 
 def _as_arg(value):
+    """A launch argument as it travels to the compiling process."""
     import torch
+    from triton.runtime.jit import JITFunction
 
     if isinstance(value, torch.Tensor):
         return TensorArg(str(value.dtype).removeprefix("torch."), value.data_ptr())
+    if isinstance(value, JITFunction):
+        return KernelRef(value.fn.__module__, value.fn.__name__)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # a tuple argument; a NamedTuple is a constexpr
+        return tuple(map(_as_arg, value))
     return value
 
 
+def _job_label(kernel: str, args: tuple, kwargs: dict) -> str:
+    """A kernel's label, or for a kernel that takes its program as an argument (the attention
+    kernel), the program's."""
+    program = next((a for a in (*args, *kwargs.values()) if isinstance(a, KernelRef)), None)
+    return kernel_label(program.name if program is not None else kernel)
+
+
 def capture(case: Case, arch: int) -> list[Job]:
-    """The launches one case's op calls make, in order, one ``Job`` per distinct launch."""
-    launches = []
+    """The launches one case's op calls make on ``arch``, in order, one ``Job`` per distinct launch
+    (``tfkernels.launch.record_launches``: nothing runs)."""
+    from tfkernels.launch import record_launches
 
-    def record(kernel, args, kwargs):
-        launches.append((kernel, tuple(map(_as_arg, args)), {k: _as_arg(v) for k, v in kwargs.items()}))
-
-    with launches_as_on_gpu(record) as asked:
-        CALLS[case.op](case)
+    try:
+        with record_launches(f"sm_{arch}") as launches:
+            CALLS[case.op](case)
+    except RuntimeError as error:
+        if "TRITON_INTERPRET=1" in str(error):
+            raise AdapterError(f"{error} (compile in a worker process: see compile_jobs)") from error
+        raise
     if not launches:
-        raise AdapterError(f"{case.label()}: no kernel launch captured (does the op still launch Triton kernels "
-                           f"through kernel[grid](...)?)")
-    if case.op == "attention" and not asked:
-        raise AdapterError("the attention launchers no longer ask tfkernels.attention._block_sizes for their "
-                           "config: update bench.compile_report.launches_as_on_gpu")
+        raise AdapterError(f"{case.label()}: the op launched no Triton kernel")
     jobs, seen = [], set()
-    for kernel, args, kwargs in launches:
-        job = Job(case, kernel_label(kernel.fn.__name__), kernel.fn.__module__, kernel.fn.__name__, args, kwargs,
-                  arch)
+    for launch in launches:
+        args = tuple(map(_as_arg, launch.args))
+        kwargs = {k: _as_arg(v) for k, v in launch.kwargs.items()}
+        job = Job(case, _job_label(launch.kernel.fn.__name__, args, kwargs), launch.kernel.fn.__module__,
+                  launch.kernel.fn.__name__, args, kwargs, arch)
         job.key, job.config = _specialisation(job)
         if job.key not in seen:
             seen.add(job.key)
@@ -326,15 +289,24 @@ def capture_cases(cases: Sequence[Case], arch: int) -> list[Job]:
 # ----------------------------------------------------------------------------------------------
 # Compiling one launch (worker process)
 # ----------------------------------------------------------------------------------------------
-def _kernel(job: Job):
+def _jit_function(module: str, name: str):
     import importlib
 
     from triton.runtime.jit import JITFunction
 
-    kernel = getattr(importlib.import_module(job.module), job.name, None)
-    if not isinstance(kernel, JITFunction):
-        raise AdapterError(f"{job.module}.{job.name} is not a JITFunction (imported under TRITON_INTERPRET=1?)")
-    return kernel
+    function = getattr(importlib.import_module(module), name, None)
+    if not isinstance(function, JITFunction):
+        raise AdapterError(f"{module}.{name} is not a JITFunction (imported under TRITON_INTERPRET=1?)")
+    return function
+
+
+def _resolved(value):
+    """A launch argument back as the kernel takes it (``KernelRef`` -> the JITFunction)."""
+    if isinstance(value, KernelRef):
+        return _jit_function(value.module, value.name)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(map(_resolved, value))
+    return value
 
 
 def _bind(job: Job):
@@ -346,17 +318,17 @@ def _bind(job: Job):
     from triton.compiler import make_backend
     from triton.runtime import jit
 
-    kernel = _kernel(job)
+    kernel = _jit_function(job.module, job.name)
     target = GPUTarget("cuda", job.arch, 32)
     backend = make_backend(target)
-    kwargs = dict(job.kwargs)
+    kwargs = {k: _resolved(v) for k, v in job.kwargs.items()}
     # As JITFunction.run does, for the knobs this Triton version has.
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
     for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if hasattr(knobs.compilation, knob):
             kwargs[knob] = getattr(knobs.compilation, knob)
     binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound_args, specialization, options = binder(*job.args, **kwargs)
+    bound_args, specialization, options = binder(*map(_resolved, job.args), **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     return kernel, target, signature, constexprs, attrs, options
 
@@ -366,8 +338,13 @@ def _specialisation(job: Job) -> tuple[str, dict]:
     _, _, signature, constexprs, attrs, options = _bind(job)
     names = list(signature)  # constexprs are keyed by argument paths: (index,) for a top-level argument
     constants = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
-    # Every constexpr but the head dim (a column of its own), then warps and stages.
-    config = {k: v for k, v in constants.items() if k not in ("HEAD_DIM", "BLOCK_D")}
+    config = {}
+    for name, value in constants.items():
+        if hasattr(value, "_fields"):  # a NamedTuple of constexprs (the attention kernel's META): its fields
+            config.update(value._asdict())
+        elif not hasattr(value, "fn"):  # a Triton function (the attention kernel's PROGRAM) is the label
+            config[name] = value
+    # Every constexpr (the head dim is a column of its own in the rows), then warps and stages.
     config.update(num_warps=options.num_warps, num_stages=options.num_stages)
     key = repr((job.module, job.name, job.arch, sorted(signature.items()), sorted(constexprs.items(), key=repr),
                 sorted(attrs.items(), key=repr), sorted(options.__dict__.items(), key=repr)))
@@ -389,17 +366,86 @@ def cuobjdump() -> str:
     return found
 
 
-_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*([^;]*);")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # first component: HGMMA
+    modifiers: str  # the rest: .64x128x16.F32.BF16
+    operands: str
+
+
+def parse_sass(sass: str) -> list[Instruction]:
+    """The instructions of ``cuobjdump --dump-sass`` output, in address order."""
+    return [Instruction(int(m.group(1), 16), m.group(2), m.group(3), m.group(4).strip())
+            for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
 
 
 def sass_counts(sass: str) -> dict:
     """Instruction count and the counts of ``SASS_COUNTS`` opcodes, plus ``utcmma`` (Blackwell's
     tcgen05 mma: UTCHMMA, UTCQMMA, ...)."""
-    opcodes = [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+    opcodes = [i.opcode for i in parse_sass(sass)]
     counts = {column: sum(op == opcode for op in opcodes) for column, opcode in SASS_COUNTS.items()}
     counts["utcmma"] = sum(op.startswith("UTC") and "MMA" in op for op in opcodes)
     counts["instructions"] = len(opcodes)
     return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Useful work per tile (the attention walks)
+# ----------------------------------------------------------------------------------------------
+# The GEMMs of one tile step, each BLOCK_M x BLOCK_N x BLOCK_D: forward S = QK^T, O += PV; dK/dV S, dP = dO V^T,
+# dV += P^T dO, dK += dS^T Q; dQ S, dP, dQ += dS K.
+GEMMS_PER_STEP = {"attn_fwd": 2, "attn_bwd_dkdv": 4, "attn_bwd_dq": 3}
+_HGMMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)\.")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def hgmma_loops(instructions: Sequence[Instruction]) -> list[list[Instruction]]:
+    """The innermost loops that issue wgmma. A loop is the address range from a backward branch's
+    target to the branch (``BRA`` to a lower address: how every loop closes in SASS); it issues wgmma
+    if an HGMMA lies in the range; innermost: no other such loop lies strictly inside it."""
+    ranges = []
+    for instruction in instructions:
+        target = _BRANCH_TARGET.search(instruction.operands) if instruction.opcode == "BRA" else None
+        if target is not None and int(target.group(1), 16) <= instruction.address:
+            lo, hi = int(target.group(1), 16), instruction.address
+            if any(i.opcode == "HGMMA" and lo <= i.address <= hi for i in instructions):
+                ranges.append((lo, hi))
+    innermost = [r for r in set(ranges)
+                 if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    return [[i for i in instructions if lo <= i.address <= hi] for lo, hi in sorted(innermost)]
+
+
+def useful_work(kernel: str, sass: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> dict:
+    """Per tile step of an attention walk, from its SASS: the interior loop (of the innermost wgmma
+    loops, the one with the fewest instructions: the edge tiles' loops add the element mask to the
+    same work), and in it
+
+    - ``mma_redundancy``: the MACs its HGMMAs issue (M x N x K of each, times the ``num_warps / 4``
+      warpgroups that each issue the loop's instructions) over the MACs the step needs,
+      ``GEMMS_PER_STEP[kernel] * BLOCK_M * BLOCK_N * BLOCK_D``. Above 1 when warpgroups compute the
+      same product (a 64-row GEMM on two warpgroups);
+    - ``ex2_per_score``: MUFU.EX2 per warp x 32 lanes x warps over the step's BLOCK_M x BLOCK_N scores
+      (the forward's per-row rescale adds BLOCK_M);
+    - ``instr_per_64x64``: the loop's instructions x warps, per 64 x 64 (query, key) pairs.
+
+    Empty for a kernel without a wgmma loop."""
+    loops = hgmma_loops(parse_sass(sass))
+    if not loops:
+        return {"loop_instructions": None, "mma_redundancy": None, "ex2_per_score": None, "instr_per_64x64": None}
+    loop = min(loops, key=len)
+    warpgroups = num_warps / 4
+    issued = sum(math.prod(map(int, _HGMMA_SHAPE.search(i.modifiers).groups()))
+                 for i in loop if i.opcode == "HGMMA") * warpgroups
+    needed = GEMMS_PER_STEP[kernel] * block_m * block_n * block_d
+    scores = block_m * block_n
+    ex2 = sum(i.opcode == "MUFU" and i.modifiers.startswith(".EX2") for i in loop)
+    return {"loop_instructions": len(loop), "mma_redundancy": round(issued / needed, 3),
+            "ex2_per_score": round(ex2 * 32 * num_warps / scores, 3),
+            "instr_per_64x64": round(len(loop) * num_warps * 4096 / scores)}
 
 
 def resource_usage(text: str) -> dict:
@@ -436,12 +482,17 @@ def compile_job(job: Job, keep: Path | None = None) -> dict:
     usage = resource_usage(usage)
     metrics = {"registers": usage["registers"], "spill_bytes": usage["spill_bytes"],
                "shared_bytes": usage["static_shared"] + compiled.metadata.shared, **sass_counts(sass)}
+    config = job.config
+    if job.kernel in GEMMS_PER_STEP:
+        metrics.update(useful_work(job.kernel, sass, config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"],
+                                   config["num_warps"]))
     return {**metrics, "compile_s": round(seconds, 2), "status": "ok"}
 
 
 def _slug(job: Job) -> str:
     case = job.case
-    parts = [job.kernel, ARCH_NAMES.get(job.arch, str(job.arch)), case.dtype]
+    parts = [job.kernel + ("_rerun" if job.config.get("RERUN") else ""), ARCH_NAMES.get(job.arch, str(job.arch)),
+             case.dtype]
     if case.head_dim is not None:
         parts.append(f"d{case.head_dim}" + ("_gqa" if case.gqa else ""))
     if case.variant:
@@ -511,7 +562,8 @@ def run(cases: Sequence[Case], archs: Sequence[int] = (90,), jobs: int = 2, cach
 def _row(job: Job, metrics: dict, triton_version: str, head: str) -> dict:
     case = job.case
     config = job.config
-    config_text = " ".join(f"{k}={v}" for k, v in config.items() if k not in ("num_warps", "num_stages")) + \
+    config_text = " ".join(f"{k}={v}" for k, v in config.items()
+                           if k not in ("num_warps", "num_stages", "HEAD_DIM", "BLOCK_D")) + \
         f" w{config.get('num_warps')} s{config.get('num_stages')}"
     row = {column: None for column in CSV_COLUMNS}
     row.update(kernel=job.kernel, op=case.op, variant=case.variant, arch=ARCH_NAMES.get(job.arch, str(job.arch)),
@@ -528,9 +580,11 @@ def _row(job: Job, metrics: dict, triton_version: str, head: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 _TABLE = (("kernel", 18), ("arch", 7), ("dtype", 5), ("head_dim", 4), ("gqa", 4), ("registers", 4),
           ("spill_bytes", 6), ("shared_bytes", 7), ("hgmma", 5), ("hmma", 5), ("ldgsts", 6), ("utmaldg", 4),
-          ("compile_s", 6), ("status", 3), ("config", 0))
+          ("mma_redundancy", 5), ("ex2_per_score", 5), ("instr_per_64x64", 6), ("compile_s", 6), ("status", 3),
+          ("config", 0))
 _HEADERS = {"head_dim": "D", "registers": "REG", "spill_bytes": "SPILL", "shared_bytes": "SHARED", "hgmma": "HGMMA",
-            "hmma": "HMMA", "ldgsts": "LDGSTS", "utmaldg": "TMA", "compile_s": "secs"}
+            "hmma": "HMMA", "ldgsts": "LDGSTS", "utmaldg": "TMA", "mma_redundancy": "MMAx",
+            "ex2_per_score": "EX2/S", "instr_per_64x64": "I/64²", "compile_s": "secs"}
 
 
 def _cell(value) -> str:

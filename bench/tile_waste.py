@@ -8,8 +8,8 @@ than the mask lets through. This module counts them exactly, from the mask alone
   to its last row's end (the bounds clamped to ``[0, num_cols]``), in three segments (edge,
   interior, edge). The forward and dQ passes walk query tiles over key tiles with the mask's
   ``[kv_start, kv_end)``; the dK/dV pass walks key tiles over query tiles with
-  ``key_intervals()``. The tile sizes are the launchers' defaults for a CUDA device
-  (``default_tiles``).
+  ``key_intervals()``. The tile sizes are the launchers' defaults on sm_90
+  (``tfkernels.attention.launch_configs``).
 - **a FlexAttention block mask** of the same layout (``flex_blocks``): every ``block x block``
   block in which at least one pair is visible is computed (partial and full blocks alike), as
   ``mask.to_flex_block_mask(block)`` would give, counted without building it.
@@ -20,11 +20,12 @@ than the mask lets through. This module counts them exactly, from the mask alone
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import NamedTuple
 
 import torch
+
+from tfkernels.attention import launch_configs
 
 FLEX_BLOCK = 128
 
@@ -108,17 +109,6 @@ def flex_blocks(mask, block: int = FLEX_BLOCK) -> FlexBlocks:
     return FlexBlocks(block, int(touched.sum()), int(full.sum()))
 
 
-def default_tiles(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The attention launchers' default tile sizes and launch settings on a CUDA device (``fwd_m``,
-    ``fwd_n``, ``dkdv_m``, ``dkdv_n``, ``dq_m``, ``dq_n``, ...), read from
-    ``tfkernels.attention._block_sizes``."""
-    attention = importlib.import_module("tfkernels.attention")
-    block_sizes = getattr(attention, "_block_sizes", None)
-    if block_sizes is None:
-        raise RuntimeError("tfkernels.attention._block_sizes is gone: update bench.tile_waste.default_tiles")
-    return block_sizes(head_dim, dtype, torch.device("cuda"))
-
-
 class TileWaste(NamedTuple):
     visible: int
     forward: Walk  # query tiles over key tiles
@@ -162,15 +152,15 @@ def _ratio(pairs: int, visible: int) -> float | None:
 
 
 def tile_waste(mask, head_dim: int, dtype: torch.dtype = torch.bfloat16, flex_block: int = FLEX_BLOCK) -> TileWaste:
-    """Visible pairs and the computed pairs of tfkernels' three passes at their default CUDA tiles
+    """Visible pairs and the computed pairs of tfkernels' three passes at their default sm_90 tiles
     for ``head_dim`` and ``dtype``, and of a FlexAttention block mask; per head, over the batch."""
-    tiles = default_tiles(head_dim, dtype)
+    configs = launch_configs(head_dim, dtype, "sm_90")
     q_start, q_end = mask.key_intervals()
     return TileWaste(
         visible=mask.visible_pairs(),
-        forward=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, tiles["fwd_m"], tiles["fwd_n"]),
-        dq=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, tiles["dq_m"], tiles["dq_n"]),
-        dkdv=tile_walk(q_start, q_end, mask.kv_start.shape[1], tiles["dkdv_n"], tiles["dkdv_m"]),
+        forward=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, configs.forward.block_m, configs.forward.block_n),
+        dq=tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, configs.dq.block_m, configs.dq.block_n),
+        dkdv=tile_walk(q_start, q_end, mask.kv_start.shape[1], configs.dkdv.block_n, configs.dkdv.block_m),
         flex=flex_blocks(mask, flex_block),
     )
 

@@ -1,4 +1,4 @@
-"""Which implementation a call runs: Triton kernels or the eager reference (DESIGN §3, Dispatch).
+"""Which implementation a call runs: Triton kernels or the eager reference (docs/design.md#dispatch).
 
 CUDA tensors run the Triton kernels. CPU tensors run the reference, except under
 ``TRITON_INTERPRET=1``, where Triton's interpreter runs the kernels themselves on the CPU: this is
@@ -12,6 +12,8 @@ import importlib.util
 import os
 
 import torch
+
+from .launch import recording
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -48,7 +50,7 @@ def use_triton(x: torch.Tensor) -> bool:
     """True when ops on ``x`` should launch the Triton kernels."""
     if not HAS_TRITON:
         return False
-    if x.device.type == "cuda":
+    if x.device.type == "cuda" or recording():  # recording: launches are collected, nothing runs
         return True
     if x.device.type != "cpu" or not triton_interpret():
         return False

@@ -44,6 +44,7 @@ from . import reference
 from ._checks import autocast_dtype, autocast_off, check_choice, check_float, check_float_tensor
 from ._dispatch import HAS_TRITON, use_triton
 from .attention import _on_device
+from .launch import launch
 from .reference.adaln import NORMS
 
 if HAS_TRITON:
@@ -251,7 +252,7 @@ def _launch_fwd(x, shift, scale, gate, residual, eps, rms):
     # Dummy pointers for the tensors a variant never reads.
     residual_arg = x if residual is None else residual
     gate_arg = scale if gate is None else gate
-    _adaln_fwd_kernel[(batch, cfg["chunks"])](
+    launch(_adaln_fwd_kernel, (batch, cfg["chunks"]),
         x, residual_arg, shift, scale, gate_arg, y, y if h is None else h,
         tokens, channels, cfg["rows_per_program"], eps,
         *_strides(x), *_strides(residual_arg), *_strides(shift), *_strides(scale), *_strides(gate_arg),
@@ -282,7 +283,7 @@ def _launch_bwd(dy, dh, normed, x, scale, gate, eps, rms, residual_mode, x_dtype
     dy = dy.contiguous()
     x_arg = normed if x is None else x
     gate_arg = scale if gate is None else gate
-    _adaln_bwd_kernel[(batch, cfg["chunks"])](
+    launch(_adaln_bwd_kernel, (batch, cfg["chunks"]),
         dy, dy if dh is None else dh.contiguous(), normed, x_arg, scale, gate_arg,
         dx, dx if dresidual is None else dresidual, grads[0], grads[1], grads[1] if grads[2] is None else grads[2],
         tokens, channels, cfg["rows_per_program"], cfg["chunks"], eps,

@@ -1,4 +1,4 @@
-"""Flash attention under an ``IntervalMask`` (DESIGN §2-3).
+"""Flash attention under an ``IntervalMask`` (docs/design.md#attention-kernels).
 
 Design
 ------
@@ -32,7 +32,7 @@ atomics, and is bitwise deterministic; the atomic variant is left to the perform
 kept only if it measures faster. Programs are launched heaviest tile first: the number of key
 tiles each query tile visits (and vice versa) is known exactly from the mask.
 
-Each pass has its own tile shape, warps and stages (``_block_sizes``), chosen with the static
+Each pass has its own tile shape, warps and stages (``LAUNCH_RULES``, ``launch_configs``), chosen with the static
 compile report (``python -m bench.compile_report``) as the spill-free wgmma configs on sm_90a.
 A mask of batch size 1 is read with a zero batch stride (one layout for the batch, no copy).
 Soft-capping (``SOFTCAP``, a constexpr: the uncapped kernels are unchanged) applies
@@ -49,20 +49,24 @@ Robustness, at no cost to the tile walk:
   memory outside its tensors or visit more tiles than a valid mask of the same shape;
 * non-finite values: a hidden pair has P = 0 exactly, so the walk is exact unless its result is
   not finite; each work item flags that case and a rerun pass recomputes the flagged items with
-  selects and sanitised operands (``_attn_fwd_kernel``), giving ``reference.attention``'s rules.
+  selects and sanitised operands (``_attn_kernel``), giving ``reference.attention``'s rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 from ._checks import autocast_cast, autocast_dtype, autocast_off, check_float, check_float_tensor
 from ._dispatch import HAS_TRITON, use_triton
+from .launch import arch_of, launch
 from .mask import IntervalMask
 
 if HAS_TRITON:
@@ -71,11 +75,134 @@ if HAS_TRITON:
 
     from ._triton_math import tanh
 
-__all__ = ["attention"]
+__all__ = ["LAUNCH_RULES", "LaunchConfig", "LaunchRule", "PassConfigs", "attention", "launch_configs",
+           "use_launch_configs"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one pass is launched: its tile (``block_m`` query rows by ``block_n`` keys), warps and
+    software-pipeline stages. The forward and dQ give each program ``block_m`` query rows and step
+    through keys ``block_n`` at a time; dK/dV gives each program ``block_n`` keys and steps through
+    queries ``block_m`` at a time."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {value!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: expected 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"num_stages: expected an int >= 1, got {self.num_stages!r}")
+
+
+@dataclass(frozen=True)
+class PassConfigs:
+    """The launch configuration of each pass of one attention call."""
+
+    forward: LaunchConfig
+    dkdv: LaunchConfig
+    dq: LaunchConfig
+
+
+@dataclass(frozen=True)
+class LaunchRule:
+    """A row of ``LAUNCH_RULES``: the configs for ``arch`` (``"interpreter"``, or ``"gpu"`` for every
+    CUDA architecture), the ``dtypes`` and head dims up to ``max_head_dim``, and why they were chosen."""
+
+    arch: str
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int
+    configs: PassConfigs
+    reason: str
+
+
+_16BIT = (torch.float16, torch.bfloat16)
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The first row that matches (arch, dtype, head dim) gives the configs. GPU rows were chosen with the
+# static sm_90a compile report (``python -m bench.compile_report``: registers, spills, shared memory,
+# wgmma, useful work per tile), as the configs that compile to wgmma with no spill in either launch
+# (the walk and the rerun), with and without GQA; they serve every CUDA architecture.
+LAUNCH_RULES: tuple[LaunchRule, ...] = (
+    LaunchRule("interpreter", _ALL_DTYPES, MAX_HEAD_DIM, PassConfigs(
+        forward=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(32, 64, 4, 1), dq=LaunchConfig(32, 64, 4, 1)),
+        "small tiles, so short test sequences cross many tile borders; query and key tiles differ so that no "
+        "code path assumes they match"),
+    LaunchRule("gpu", _ALL_DTYPES, 64, PassConfigs(
+        forward=LaunchConfig(128, 64, 4, 3), dkdv=LaunchConfig(64, 128, 8, 3), dq=LaunchConfig(64, 128, 8, 3)),
+        "dK/dV and dQ need 8 warps: at 4, dK/dV spills about 1 KB even as a bare textbook loop"),
+    LaunchRule("gpu", (torch.float32,), MAX_HEAD_DIM, PassConfigs(
+        forward=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(32, 32, 4, 1), dq=LaunchConfig(32, 32, 4, 1)),
+        "4-byte operands: small tiles so that the K/V/Q/dO stages fit in shared memory"),
+    LaunchRule("gpu", _16BIT, 128, PassConfigs(
+        forward=LaunchConfig(128, 64, 8, 3), dkdv=LaunchConfig(32, 64, 8, 3), dq=LaunchConfig(64, 64, 8, 3)),
+        "dK/dV holds dK, dV, K and V for its key tile: 64 keys with 32-query steps is spill-free; dQ at 64 x 64 "
+        "needs 132 KB of shared memory"),
+    LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
+        forward=LaunchConfig(64, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(64, 32, 8, 3)),
+        "dQ needs 64 query rows for wgmma (one warpgroup's M); dK/dV holds 64 x 256 fp32 dK and dV"),
+)
+
+
+def launch_configs(head_dim: int, dtype: torch.dtype, arch: str) -> PassConfigs:
+    """The default launch configs of an attention call: the first ``LAUNCH_RULES`` row for ``arch``
+    (``"interpreter"`` or a GPU architecture such as ``"sm_90"``), ``dtype`` and ``head_dim``."""
+    kind = "interpreter" if arch == "interpreter" else "gpu"
+    for rule in LAUNCH_RULES:
+        if rule.arch == kind and dtype in rule.dtypes and head_dim <= rule.max_head_dim:
+            return rule.configs
+    raise ValueError(f"no launch config for head dim {head_dim}, {dtype} on {arch}")
+
+
+_CONFIG_OVERRIDE: contextvars.ContextVar[PassConfigs | None] = contextvars.ContextVar("attention_configs",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def use_launch_configs(configs: PassConfigs):
+    """Launch the attention calls inside with ``configs`` instead of the defaults (benchmarks of
+    candidate configs; eager mode)."""
+    if not isinstance(configs, PassConfigs):
+        raise TypeError(f"configs: expected a PassConfigs, got {type(configs).__name__}")
+    token = _CONFIG_OVERRIDE.set(configs)
+    try:
+        yield configs
+    finally:
+        _CONFIG_OVERRIDE.reset(token)
+
+
+def _configs_for(q: torch.Tensor) -> PassConfigs:
+    override = _CONFIG_OVERRIDE.get()
+    return override if override is not None else launch_configs(q.shape[-1], q.dtype, arch_of(q.device))
+
+
+class KernelMeta(NamedTuple):
+    """The attention kernels' compile-time settings besides the tile shape: one ``tl.constexpr``."""
+
+    HEAD_DIM: int
+    BLOCK_D: int  # HEAD_DIM rounded up to a power of two (tl.arange needs one), at least 16
+    DOT_PRECISION: str  # "ieee" for fp32 inputs (tf32 would lose ~3 digits); 16-bit inputs ignore it
+    SOFTCAP: bool  # scores soft-capped, cap * tanh(score / cap); False compiles without it
+
+
+def _kernel_meta(q: torch.Tensor, softcap: float) -> KernelMeta:
+    dim = q.shape[-1]
+    return KernelMeta(dim, max(16, triton.next_power_of_2(dim)), "ieee" if q.dtype == torch.float32 else "tf32",
+                      bool(softcap))
+
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -136,15 +263,22 @@ if HAS_TRITON:
         return tile_lo, inner_tile_lo, inner_tile_hi, tile_hi
 
     @triton.jit
-    def _rows_ptrs(T, batch, head, rows, stride_b, stride_s, stride_h, offs_d):
-        """``[len(rows), BLOCK_D]`` pointers to ``T[batch, rows, head, :]`` of a ``[B, S, H, D]`` tensor
-        (unit stride along D)."""
-        return T + batch * stride_b + head * stride_h + rows[:, None] * stride_s + offs_d[None, :]
+    def _head_rows(T, batch, head):
+        """A ``[B, S, H, D]`` operand ``T = (pointer, stride_b, stride_s, stride_h)`` (unit stride along
+        D): the pointer to ``T[batch, 0, head, 0]`` and the stride between rows."""
+        ptr, stride_b, stride_s, stride_h = T
+        return ptr + batch * stride_b + head * stride_h, stride_s
+
+    @triton.jit
+    def _rows_ptrs(T, batch, head, rows, offs_d):
+        """``[len(rows), BLOCK_D]`` pointers to ``T[batch, rows, head, :]`` (``T`` as in ``_head_rows``)."""
+        base, stride_s = _head_rows(T, batch, head)
+        return base + rows[:, None] * stride_s + offs_d[None, :]
 
     @triton.jit
     def _tile_setup(
         pid, BOUND_START, BOUND_END, TILE_ORDER, num_rows, num_cols, num_heads, num_tiles, stride_mask_b,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        META: tl.constexpr,
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
     ):
@@ -163,8 +297,8 @@ if HAS_TRITON:
         # int64 rows: row * stride may pass 2^31 at long sequences or in packed qkv buffers.
         offs = (tile * ROWS).to(tl.int64) + tl.arange(0, ROWS)
         row_valid = offs < num_rows
-        offs_d = tl.arange(0, BLOCK_D)
-        d_valid = offs_d < HEAD_DIM
+        offs_d = tl.arange(0, META.BLOCK_D)
+        d_valid = offs_d < META.HEAD_DIM
         bounds_row = batch * stride_mask_b  # 0: one mask row serves every batch row
         # Clamped like the tile ranges: the element mask then keeps every column < num_cols, so
         # columns past the end (loaded as zeros) are never "phantom" visible keys.
@@ -177,15 +311,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _fwd_key_tiles(
-        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end,
-        tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end, tile_lo, tile_hi, seq_len_k, qk_scale,
+        softcap_log2, offs_d, d_valid,
+        META: tl.constexpr,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,  # edge tile: apply the element mask and the key bound
-        EVEN_D: tl.constexpr,  # HEAD_DIM == BLOCK_D: no head-dim mask on loads
-        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose ~3 digits)
-        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_fwd_kernel
-        SOFTCAP: tl.constexpr,  # scores capped: see _attn_fwd_kernel
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_kernel
     ):
+        EVEN_D: tl.constexpr = META.HEAD_DIM == META.BLOCK_D  # no head-dim mask on loads
         for tile in range(tile_lo, tile_hi):
             if MASKED:  # int32 keys for the mask compares (fewer registers than int64), int64 for addresses
                 cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,8 +340,8 @@ if HAS_TRITON:
             if SAFE:  # P @ V below would turn 0 * NaN at a hidden key into NaN: zero V, remember where
                 v_bad = _nonfinite_rows(v, 1)  # [BLOCK_N]
                 v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            if SOFTCAP:
+            s = tl.dot(q, kt, input_precision=META.DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            if META.SOFTCAP:
                 s = tanh(s) * softcap_log2
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
@@ -225,103 +358,47 @@ if HAS_TRITON:
             acc = acc * alpha[:, None]
             if SAFE:  # a visible key whose V held a NaN or an infinity makes the row NaN
                 p = tl.where(visible & (v_bad[None, :] != 0), float("nan"), p)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=META.DOT_PRECISION)
             m_i = m_new
         return acc, m_i, l_i
 
     @triton.jit
-    def _attn_fwd_program(
-        pid, Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale,
-        softcap_log2, stride_mask_b,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
-    ):
+    def _attn_fwd_program(pid, ARGS, META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SAFE: tl.constexpr):
         """Work item ``pid``: one (batch, query head, query tile). Stores its out and LSE rows and returns
-        whether out holds a non-finite value (see ``_attn_fwd_kernel``)."""
-        batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, HEAD_DIM,
-            BLOCK_D, BLOCK_M, BLOCK_N,
+        whether out holds a non-finite value (see ``_attn_kernel``)."""
+        (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
+         qk_scale, softcap_log2, stride_mask_b) = ARGS
+        batch, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, META,
+            BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
-        q_ptrs = _rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d)
-        q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-        K_head = K + batch64 * stride_kb + kv_head * stride_kh
-        V_head = V + batch64 * stride_vb + kv_head * stride_vh
-
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        q = tl.load(_rows_ptrs(Q, batch, head, offs_m, offs_d), mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        K_head, stride_ks = _head_rows(K, batch, kv_head)
+        V_head, stride_vs = _head_rows(V, batch, kv_head)
+        acc = tl.zeros([BLOCK_M, META.BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
-            acc, m_i, l_i = _fwd_key_tiles(
-                acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, BLOCK_N, True, EVEN_D,
-                DOT_PRECISION, True, SOFTCAP,
-            )
+            acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+                                           tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                                           META, BLOCK_N, True, True)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
-                acc, m_i, l_i = _fwd_key_tiles(
-                    acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                    tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
-                    BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False, SOFTCAP,
-                )
+                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start,
+                                               kv_end, tiles[segment], tiles[segment + 1], seq_len_k, qk_scale,
+                                               softcap_log2, offs_d, d_valid, META, BLOCK_N, segment != 1, False)
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
         out = acc / l_div[:, None]
         if SAFE:  # an output row with any non-finite entry is NaN throughout
             out = tl.where(_nonfinite_rows(out, 1)[:, None] != 0, float("nan"), out)
         lse = tl.where(sees_nothing, float("-inf"), (m_i + tl.math.log2(l_div)) * _LN2_C)
-        o_ptrs = _rows_ptrs(O, batch64, head, offs_m, stride_ob, stride_os, stride_oh, offs_d)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
-        lse_row = (batch64 * num_heads_q + head) * seq_len_q
-        tl.store(LSE + lse_row + offs_m, lse, mask=row_valid)
+        o_ptrs = _rows_ptrs(O, batch, head, offs_m, offs_d)
+        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(LSE + (batch * num_heads_q + head) * seq_len_q + offs_m, lse, mask=row_valid)
         return _any_nonfinite(out, row_valid)
-
-    @triton.jit
-    def _attn_fwd_kernel(
-        Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
-        qk_scale,  # score = q.k * qk_scale in log2 units; with SOFTCAP, tanh's argument (scale / cap)
-        softcap_log2,  # with SOFTCAP: the cap in log2 units, cap * log2(e)
-        stride_mask_b,  # KV_START/KV_END batch stride: Sq, or 0 when one mask row serves every batch row
-        NONFINITE,  # int8 [num_work]: the work item's result held a NaN or an infinity
-        num_work,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange needs one)
-        BLOCK_M: tl.constexpr,  # query rows per program; fixed by the launcher (tile order uses it)
-        BLOCK_N: tl.constexpr,  # keys per inner step; autotuned
-        DOT_PRECISION: tl.constexpr,
-        RERUN: tl.constexpr,  # False: the walk, one work item per program; True: the rerun pass
-        SOFTCAP: tl.constexpr,  # scores soft-capped, cap * tanh(score / cap); False costs nothing
-    ):
-        """Non-finite isolation. Hidden pairs get P = 0 exactly, so P @ V adds 0 * v = 0 for them unless
-        v is NaN or infinite: the walk is exact whenever its result is finite, and each work item
-        records whether it is. The rerun pass (a second launch, one program per SM, each reading its
-        share of the flags and exiting at once when none is set) recomputes the flagged items with
-        every tile masked, V's non-finite entries zeroed and NaN put back for exactly the rows that
-        see one; an output row with any non-finite entry is then NaN throughout
-        (``reference.attention`` computes the same). A separate launch keeps the rerun's registers
-        out of the walk's allocation; its inner tile may be narrower (``_rerun_config``)."""
-        args = (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
-                stride_kh, stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh, seq_len_q, seq_len_k,
-                num_heads_q, num_q_tiles, q_per_kv, qk_scale, softcap_log2, stride_mask_b)
-        if RERUN:
-            first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
-            if flagged:
-                for pid in range(first, last):
-                    if tl.load(NONFINITE + pid) != 0:
-                        _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True, SOFTCAP)
-        else:
-            pid = tl.program_id(0)
-            nonfinite = _attn_fwd_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
-                                          SOFTCAP)
-            tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
     def _attn_bwd_delta_kernel(
@@ -343,9 +420,9 @@ if HAS_TRITON:
         offs_m = (q_tile * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         valid = (offs_m < seq_len_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(_rows_ptrs(O, batch, head, offs_m, stride_ob, stride_os, stride_oh, offs_d),
+        o = tl.load(_rows_ptrs((O, stride_ob, stride_os, stride_oh), batch, head, offs_m, offs_d),
                     mask=valid, other=0.0).to(tl.float32)
-        do = tl.load(_rows_ptrs(DO, batch, head, offs_m, stride_dob, stride_dos, stride_doh, offs_d),
+        do = tl.load(_rows_ptrs((DO, stride_dob, stride_dos, stride_doh), batch, head, offs_m, offs_d),
                      mask=valid, other=0.0).to(tl.float32)
         delta = tl.sum(o * do, 1)
         row = bh.to(tl.int64) * seq_len_q + offs_m
@@ -355,12 +432,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_key_tiles(
-        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end,
-        tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
-        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dq_kernel
-        SOFTCAP: tl.constexpr,
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end, tile_lo, tile_hi, seq_len_k, qk_scale,
+        softcap_log2, offs_d, d_valid,
+        META: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dq_program
     ):
+        EVEN_D: tl.constexpr = META.HEAD_DIM == META.BLOCK_D
         for tile in range(tile_lo, tile_hi):
             if MASKED:  # int32 keys for the mask compares, int64 for addresses (as in _fwd_key_tiles)
                 cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -379,17 +456,17 @@ if HAS_TRITON:
             else:
                 kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
                 vt = tl.load(vt_ptrs, mask=d_valid[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-            if SOFTCAP:
+            s = tl.dot(q, kt, input_precision=META.DOT_PRECISION) * qk_scale
+            if META.SOFTCAP:
                 capped = tanh(s)
                 s = capped * softcap_log2
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 p = tl.where(visible, p, 0.0)
-            dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, vt, input_precision=META.DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            if SOFTCAP:  # d(cap * tanh(x)) / d(cap * x) = 1 - tanh(x)^2
+            if META.SOFTCAP:  # d(cap * tanh(x)) / d(cap * x) = 1 - tanh(x)^2
                 ds = ds * (1.0 - capped * capped)
             if SAFE:
                 # Select, not multiply: dp is NaN at a hidden key whose V is. dS @ K contracts over
@@ -397,93 +474,53 @@ if HAS_TRITON:
                 ds = tl.where(visible, ds, 0.0)
                 ds = tl.where(visible & (_nonfinite_rows(kt, 0)[None, :] != 0), float("nan"), ds)
                 kt = tl.where(tl.abs(kt.to(tl.float32)) < float("inf"), kt, 0.0)
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=META.DOT_PRECISION)
         return dq
 
     @triton.jit
-    def _attn_bwd_dq_program(
-        pid, Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
-    ):
+    def _attn_bwd_dq_program(pid, ARGS, META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SAFE: tl.constexpr):
         """Work item ``pid``: one (batch, query head, query tile) of dQ; returns whether it holds a
-        non-finite value (see ``_attn_bwd_dq_kernel``)."""
-        batch64, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
-            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, HEAD_DIM,
-            BLOCK_D, BLOCK_M, BLOCK_N,
+        non-finite value. Non-finite isolation as in the forward: the rerun recomputes a flagged item
+        with selects for dS (dP is NaN at a hidden key whose V is) and, for ``dS @ K``, K's non-finite
+        entries zeroed and NaN put back for exactly the rows that see one."""
+        (Q, K, V, DO, DQ, LSE, DELTA, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles,
+         q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b) = ARGS
+        batch, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
+            pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, META,
+            BLOCK_M, BLOCK_N,
         )
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(_rows_ptrs(Q, batch64, head, offs_m, stride_qb, stride_qs, stride_qh, offs_d),
-                    mask=io_mask, other=0.0)
-        do = tl.load(_rows_ptrs(DO, batch64, head, offs_m, stride_dob, stride_dos, stride_doh, offs_d),
-                     mask=io_mask, other=0.0)
-        stats_row = (batch64 * num_heads_q + head) * seq_len_q
+        q = tl.load(_rows_ptrs(Q, batch, head, offs_m, offs_d), mask=io_mask, other=0.0)
+        do = tl.load(_rows_ptrs(DO, batch, head, offs_m, offs_d), mask=io_mask, other=0.0)
+        stats_row = (batch * num_heads_q + head) * seq_len_q
         lse2 = tl.load(LSE + stats_row + offs_m, mask=row_valid, other=0.0) * _LOG2E_C
         delta = tl.load(DELTA + stats_row + offs_m, mask=row_valid, other=0.0)
-        K_head = K + batch64 * stride_kb + kv_head * stride_kh
-        V_head = V + batch64 * stride_vb + kv_head * stride_vh
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        K_head, stride_ks = _head_rows(K, batch, kv_head)
+        V_head, stride_vs = _head_rows(V, batch, kv_head)
+        dq = tl.zeros([BLOCK_M, META.BLOCK_D], dtype=tl.float32)
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
             dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                               tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
-                               BLOCK_N, True, EVEN_D, DOT_PRECISION, True, SOFTCAP)
+                               tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
+                               True, True)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
                                    tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d,
-                                   d_valid, BLOCK_N, segment != 1, EVEN_D, DOT_PRECISION, False, SOFTCAP)
-        dq_ptrs = _rows_ptrs(DQ, batch64, head, offs_m, stride_dqb, stride_dqs, stride_dqh, offs_d)
-        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+                                   d_valid, META, BLOCK_N, segment != 1, False)
+        dq_ptrs = _rows_ptrs(DQ, batch, head, offs_m, offs_d)
+        tl.store(dq_ptrs, (dq * scale).to(dq_ptrs.dtype.element_ty), mask=io_mask)
         return _any_nonfinite(dq, row_valid)
-
-    @triton.jit
-    def _attn_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_dqb, stride_dqs, stride_dqh,
-        seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b,
-        NONFINITE, num_work,  # as in _attn_fwd_kernel
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        RERUN: tl.constexpr,
-        SOFTCAP: tl.constexpr,  # as in _attn_fwd_kernel
-    ):
-        """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
-        selects for dS (dP is NaN at a hidden key whose V is) and, for ``dS @ K``, K's non-finite
-        entries zeroed and NaN put back for exactly the rows that see one."""
-        args = (Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                stride_dqb, stride_dqs, stride_dqh, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
-                qk_scale, scale, softcap_log2, stride_mask_b)
-        if RERUN:
-            first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
-            if flagged:
-                for pid in range(first, last):
-                    if tl.load(NONFINITE + pid) != 0:
-                        _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True,
-                                             SOFTCAP)
-        else:
-            pid = tl.program_id(0)
-            nonfinite = _attn_bwd_dq_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, False,
-                                             SOFTCAP)
-            tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
     @triton.jit
     def _dkdv_query_tiles(
         dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end,
         tile_lo, tile_hi, seq_len_q, q_per_kv, qk_scale, softcap_log2, offs_d, d_valid,
-        BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dkdv_kernel
-        SOFTCAP: tl.constexpr,
+        META: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+        SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dkdv_program
     ):
+        EVEN_D: tl.constexpr = META.HEAD_DIM == META.BLOCK_D
         # One flat loop over (query tile, group member): the GQA group's heads run inside each tile
         # step, so the loop nest and its live state are the same as without GQA (a loop over the group
         # around the three tile walks keeps three pipelines' state live across it and spills).
@@ -517,8 +554,8 @@ if HAS_TRITON:
                     do = tl.load(do_ptrs, mask=d_valid[None, :], other=0.0)
                 lse2 = tl.load(LSE_m + offs_m) * _LOG2E_C
                 delta = tl.load(DELTA_m + offs_m)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-            if SOFTCAP:
+            st = tl.dot(k, tl.trans(q), input_precision=META.DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if META.SOFTCAP:
                 capped = tanh(st)
                 st = capped * softcap_log2
             pt = tl.math.exp2(st - lse2[None, :])
@@ -531,123 +568,111 @@ if HAS_TRITON:
                 # entries of dO and Q zeroed, and NaN for exactly the keys that see such a query.
                 pt_dv = tl.where(visible & (_nonfinite_rows(do, 1)[None, :] != 0), float("nan"), pt)
                 do_dv = tl.where(tl.abs(do.to(tl.float32)) < float("inf"), do, 0.0)
-                dv = tl.dot(pt_dv.to(do.dtype), do_dv, dv, input_precision=DOT_PRECISION)
+                dv = tl.dot(pt_dv.to(do.dtype), do_dv, dv, input_precision=META.DOT_PRECISION)
             else:
-                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=META.DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=META.DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
-            if SOFTCAP:  # as in _dq_key_tiles
+            if META.SOFTCAP:  # as in _dq_key_tiles
                 dst = dst * (1.0 - capped * capped)
             if SAFE:  # select, not multiply: dpt is NaN at a hidden query where v or dO is
                 dst = tl.where(visible, dst, 0.0)
                 dst = tl.where(visible & (_nonfinite_rows(q, 1)[None, :] != 0), float("nan"), dst)
                 q = tl.where(tl.abs(q.to(tl.float32)) < float("inf"), q, 0.0)
-            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=META.DOT_PRECISION)
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv_program(
-        pid, Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
-        stride_mask_b,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SAFE: tl.constexpr, SOFTCAP: tl.constexpr,
-    ):
+    def _attn_bwd_dkdv_program(pid, ARGS, META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           SAFE: tl.constexpr):
         """Work item ``pid``: one (batch, kv head, key tile) of dK and dV; returns whether they hold a
-        non-finite value (see ``_attn_bwd_dkdv_kernel``)."""
-        batch64, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
-            pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, stride_mask_b, HEAD_DIM,
-            BLOCK_D, BLOCK_N, BLOCK_M,
+        non-finite value. Non-finite isolation as in the forward: the rerun recomputes a flagged item
+        with selects for dS (dP is NaN at a hidden query where v or dO is) and, for ``P^T @ dO`` and
+        ``dS^T @ Q``, the non-finite entries of dO and Q zeroed and NaN put back for exactly the keys
+        that see such a query."""
+        (Q, K, V, DO, DK, DV, LSE, DELTA, Q_START, Q_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q,
+         num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b) = ARGS
+        batch, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
+            pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, stride_mask_b, META,
+            BLOCK_N, BLOCK_M,
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(_rows_ptrs(K, batch64, kv_head, offs_n, stride_kb, stride_ks, stride_kh, offs_d),
-                    mask=io_mask, other=0.0)
-        v = tl.load(_rows_ptrs(V, batch64, kv_head, offs_n, stride_vb, stride_vs, stride_vh, offs_d),
-                    mask=io_mask, other=0.0)
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        k = tl.load(_rows_ptrs(K, batch, kv_head, offs_n, offs_d), mask=io_mask, other=0.0)
+        v = tl.load(_rows_ptrs(V, batch, kv_head, offs_n, offs_d), mask=io_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, META.BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, META.BLOCK_D], dtype=tl.float32)
         # The group's first query head; _dkdv_query_tiles steps through its q_per_kv heads.
         head = kv_head * q_per_kv
-        Q_group = Q + batch64 * stride_qb + head * stride_qh
-        DO_group = DO + batch64 * stride_dob + head * stride_doh
-        stats_row = (batch64 * num_heads_q + head) * seq_len_q
+        Q_group, stride_qs = _head_rows(Q, batch, head)
+        DO_group, stride_dos = _head_rows(DO, batch, head)
+        stride_qh = Q[3]
+        stride_doh = DO[3]
+        stats_row = (batch * num_heads_q + head) * seq_len_q
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
             dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_group, DO_group, LSE + stats_row, DELTA + stats_row,
                                        stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end, tiles[0],
-                                       tiles[3], seq_len_q, q_per_kv, qk_scale, softcap_log2, offs_d, d_valid,
-                                       BLOCK_M, True, EVEN_D, DOT_PRECISION, True, SOFTCAP)
+                                       tiles[3], seq_len_q, q_per_kv, qk_scale, softcap_log2, offs_d, d_valid, META,
+                                       BLOCK_M, True, True)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 dk, dv = _dkdv_query_tiles(dk, dv, k, v, Q_group, DO_group, LSE + stats_row, DELTA + stats_row,
                                            stride_qs, stride_qh, stride_dos, stride_doh, q_start, q_end,
                                            tiles[segment], tiles[segment + 1], seq_len_q, q_per_kv, qk_scale,
-                                           softcap_log2, offs_d, d_valid, BLOCK_M, segment != 1, EVEN_D,
-                                           DOT_PRECISION, False, SOFTCAP)
-        dk_ptrs = _rows_ptrs(DK, batch64, kv_head, offs_n, stride_dkb, stride_dks, stride_dkh, offs_d)
-        dv_ptrs = _rows_ptrs(DV, batch64, kv_head, offs_n, stride_dvb, stride_dvs, stride_dvh, offs_d)
-        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=io_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=io_mask)
+                                           softcap_log2, offs_d, d_valid, META, BLOCK_M, segment != 1, False)
+        dk_ptrs = _rows_ptrs(DK, batch, kv_head, offs_n, offs_d)
+        dv_ptrs = _rows_ptrs(DV, batch, kv_head, offs_n, offs_d)
+        tl.store(dk_ptrs, (dk * scale).to(dk_ptrs.dtype.element_ty), mask=io_mask)
+        tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=io_mask)
         return _any_nonfinite(dk, key_valid) | _any_nonfinite(dv, key_valid)
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_dob, stride_dos, stride_doh,
-        stride_dkb, stride_dks, stride_dkh,
-        stride_dvb, stride_dvs, stride_dvh,
-        seq_len_q, seq_len_k, num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
-        stride_mask_b,  # Q_START/Q_END batch stride: Sk, or 0 when one mask row serves every batch row
-        NONFINITE, num_work,  # as in _attn_fwd_kernel
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr,  # query rows per inner step
-        BLOCK_N: tl.constexpr,  # keys per program; fixed by the launcher (tile order uses it)
-        DOT_PRECISION: tl.constexpr,
-        RERUN: tl.constexpr,
-        SOFTCAP: tl.constexpr,  # as in _attn_fwd_kernel
+    def _attn_kernel(
+        PROGRAM: tl.constexpr,  # the work item: _attn_fwd_program, _attn_bwd_dkdv_program or _attn_bwd_dq_program
+        ARGS,  # the program's operands, sizes and scales as one tuple (see _fwd_launches, _bwd_launches)
+        NONFINITE,  # int8 [num_work]: the work item's result held a NaN or an infinity
+        num_work,
+        META: tl.constexpr,  # KernelMeta
+        BLOCK_M: tl.constexpr,  # query rows per tile
+        BLOCK_N: tl.constexpr,  # keys per tile
+        RERUN: tl.constexpr,  # False: the walk, one work item per program; True: the rerun pass
     ):
-        """Non-finite isolation as in ``_attn_fwd_kernel``: the rerun recomputes a flagged item with
-        selects for dS (dP is NaN at a hidden query where v or dO is) and, for ``P^T @ dO`` and
-        ``dS^T @ Q``, the non-finite entries of dO and Q zeroed and NaN put back for exactly the keys
-        that see such a query."""
-        args = (Q, K, V, DO, LSE, DELTA, DK, DV, Q_START, Q_END, TILE_ORDER, stride_qb, stride_qs, stride_qh,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, seq_len_q, seq_len_k,
-                num_heads_q, num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2,
-                stride_mask_b)
+        """The three attention passes' launches. Non-finite isolation: hidden pairs get P = 0 exactly,
+        so P @ V adds 0 * v = 0 for them unless v is NaN or infinite: the walk is exact whenever its
+        result is finite, and each work item records whether it is. The rerun pass (a second launch,
+        one program per SM, each reading its share of the flags and exiting at once when none is set)
+        recomputes the flagged items with every tile masked, the non-finite operands zeroed and NaN put
+        back for exactly the rows that see one (``reference.attention`` computes the same). A separate
+        launch keeps the rerun's registers out of the walk's allocation; its inner tile may be
+        narrower (``_rerun_config``)."""
         if RERUN:
             first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
             if flagged:
                 for pid in range(first, last):
                     if tl.load(NONFINITE + pid) != 0:
-                        _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, True,
-                                               SOFTCAP)
+                        PROGRAM(pid, ARGS, META, BLOCK_M, BLOCK_N, True)
         else:
             pid = tl.program_id(0)
-            nonfinite = _attn_bwd_dkdv_program(pid, *args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
-                                               False, SOFTCAP)
+            nonfinite = PROGRAM(pid, ARGS, META, BLOCK_M, BLOCK_N, False)
             tl.store(NONFINITE + pid, nonfinite.to(tl.int8))
 
-
-    def _tuning_space(free_block: str) -> list:
-        """Configs over the one tile size the launcher does not fix, warps and pipeline depth."""
+    def _tuning_space(inner_block: str) -> list:
+        """Configs over the tile size the program steps through (the launcher fixes the other one from
+        ``launch_configs``: the heaviest-first order is computed from it), warps and pipeline depth."""
         return [
-            triton.Config({free_block: block}, num_warps=warps, num_stages=stages)
+            triton.Config({inner_block: block}, num_warps=warps, num_stages=stages)
             for block in (32, 64, 128)
             for warps in (4, 8)
             for stages in (2, 3, 4)
         ]
 
-    # Keyed on the head dim (and, implicitly, the dtypes), never on sequence lengths: a training
-    # run with a new layout or length every step tunes once per (D, dtype).
-    _attn_fwd_tuned = triton.autotune(_tuning_space("BLOCK_N"), key=["HEAD_DIM"])(_attn_fwd_kernel)
-    _attn_bwd_dq_tuned = triton.autotune(_tuning_space("BLOCK_N"), key=["HEAD_DIM"])(_attn_bwd_dq_kernel)
-    _attn_bwd_dkdv_tuned = triton.autotune(_tuning_space("BLOCK_M"), key=["HEAD_DIM"])(_attn_bwd_dkdv_kernel)
+    # The autotuner (TFKERNELS_AUTOTUNE=1) of each pass, keyed on the kernel settings (head dim, dtype,
+    # softcap), never on sequence lengths: a training run with a new layout or length every step tunes
+    # once per (D, dtype). Each pass fixes the tile the heaviest-first order is computed from.
+    _TUNED = {
+        program: triton.autotune(_tuning_space(inner), key=["META"])(_attn_kernel)
+        for program, inner in ((_attn_fwd_program, "BLOCK_N"), (_attn_bwd_dq_program, "BLOCK_N"),
+                               (_attn_bwd_dkdv_program, "BLOCK_M"))
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,71 +680,41 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 def _autotune(device: torch.device) -> bool:
     """``TFKERNELS_AUTOTUNE=1`` on a GPU: benchmark the tuning space on the first call per
-    (head dim, dtype) instead of using the default config (18 configs per kernel: expect a minute)."""
+    (head dim, dtype) instead of using the default config (18 configs per pass: expect a minute)."""
     return device.type == "cuda" and os.environ.get("TFKERNELS_AUTOTUNE", "0") == "1"
 
 
 def _rerun_programs(device: torch.device) -> int:
-    """Programs of a rerun pass (see ``_attn_fwd_kernel``): one per SM; a few in the interpreter."""
+    """Programs of a rerun pass (see ``_attn_kernel``): one per SM; a few in the interpreter."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 3
 
 
-def _launch(kernel, tuned_kernel, grid, args, fixed: dict, free: dict, device):
-    """Launch the walk, one program per work item, with the default ``free`` settings or the
-    autotuner's pick; then the rerun pass over the items whose result was not finite (a few
-    programs that exit at once when there is none; see ``_attn_fwd_kernel``)."""
-    num_work = grid[0]
+def _rerun_config(config: LaunchConfig, inner: str) -> LaunchConfig:
+    """The rerun pass's config: the walk's, with the inner tile (``"block_m"`` or ``"block_n"``, the
+    one the program steps through) at most 32 wide: the rerun is rare, and its sanitised operands need
+    registers."""
+    return replace(config, **{inner: min(getattr(config, inner), 32)})
+
+
+def _launch_pass(program, args: tuple, num_work: int, meta: KernelMeta, config: LaunchConfig, inner: str,
+                 device: torch.device) -> None:
+    """Launch a pass's walk, one program per work item, with ``config`` (or the autotuner's pick for
+    the ``inner`` tile, warps and stages); then its rerun pass over the items whose result was not
+    finite (a few programs that exit at once when there is none; see ``_attn_kernel``)."""
     nonfinite = torch.empty(num_work, device=device, dtype=torch.int8)  # every item writes its flag
-    args = (*args, nonfinite, num_work)
+    head = (program, args, nonfinite, num_work)
     if _autotune(device):
-        tuned_kernel[grid](*args, **fixed, RERUN=False)
+        outer = "BLOCK_N" if inner == "block_m" else "BLOCK_M"
+        launch(_TUNED[program], (num_work,), *head, META=meta, RERUN=False,
+               **{outer: getattr(config, outer.lower())})
     else:
-        kernel[grid](*args, **fixed, **free, RERUN=False)
-    kernel[(min(num_work, _rerun_programs(device)),)](*args, **fixed, **_rerun_config(free), RERUN=True)
-
-
-def _rerun_config(free: dict) -> dict:
-    """The rerun pass's free settings: the walk's, with the inner tile (the one ``BLOCK_*`` the launcher
-    does not fix) at most 32 wide: the rerun is rare, and its sanitised operands need registers."""
-    return {key: min(value, 32) if key.startswith("BLOCK_") else value for key, value in free.items()}
-
-
-def _block_sizes(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Default tile shapes and launch settings of each pass: ``fwd_*`` (forward), ``dkdv_*`` (dK/dV)
-    and ``dq_*`` (dQ); ``*_m`` query rows and ``*_n`` keys per tile, ``*_warps``, ``*_stages``. The
-    query tile of the forward/dQ and the key tile of dK/dV are fixed here because the heaviest-first
-    tile order is computed from them; ``TFKERNELS_AUTOTUNE=1`` searches the other settings.
-
-    Chosen with ``python -m bench.compile_report`` (sm_90a, bf16/fp16, triton 3.6 and 3.9; the
-    sweep is in bench/README.md): among the configs that compile to wgmma with no register spill
-    in either launch (the walk and the rerun), with and without GQA, the one nearest the usual
-    FlashAttention-2 starting points, key tiles of 64 where that is free (less tile waste on this
-    mask). Not yet timed on a GPU.
-    """
-    if device.type != "cuda":
-        # Interpreter: tiles small enough that short test sequences cross many tile borders,
-        # with different query and key tile sizes so that no code path assumes they match.
-        return dict(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=1, dkdv_m=32, dkdv_n=64, dkdv_warps=4,
-                    dkdv_stages=1, dq_m=32, dq_n=64, dq_warps=4, dq_stages=1)
-    if dtype == torch.float32 and head_dim > 64:
-        # 4-byte operands: halve the tiles so K/V/Q/dO stages fit in shared memory.
-        return dict(fwd_m=64, fwd_n=32, fwd_warps=4, fwd_stages=1, dkdv_m=32, dkdv_n=32, dkdv_warps=4,
-                    dkdv_stages=1, dq_m=32, dq_n=32, dq_warps=4, dq_stages=1)
-    if head_dim <= 64:
-        # dK/dV and dQ need 8 warps here: at 4, dK/dV spills ~1 KB even as a bare textbook loop.
-        return dict(fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3, dkdv_m=64, dkdv_n=128, dkdv_warps=8,
-                    dkdv_stages=3, dq_m=64, dq_n=128, dq_warps=8, dq_stages=3)
-    if head_dim <= 128:
-        # dK/dV holds dK, dV, K and V for its key tile: 64 keys with 32-query steps is the spill-free
-        # shape; dQ at 64 x 64 also halves the shared memory of 64 x 128 (132 KB, was 225 KB).
-        return dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3, dkdv_m=32, dkdv_n=64, dkdv_warps=8,
-                    dkdv_stages=3, dq_m=64, dq_n=64, dq_warps=8, dq_stages=3)
-    # D > 128: dQ needs 64 query rows for wgmma (one warpgroup's M); dK/dV at D = 256 holds 64 x 256
-    # fp32 dK and dV (128 registers a thread at 8 warps): it still spills, the least at these tiles.
-    return dict(fwd_m=64, fwd_n=32, fwd_warps=8, fwd_stages=2, dkdv_m=32, dkdv_n=64, dkdv_warps=8,
-                dkdv_stages=2, dq_m=64, dq_n=32, dq_warps=8, dq_stages=3)
+        launch(_attn_kernel, (num_work,), *head, META=meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+               RERUN=False, num_warps=config.num_warps, num_stages=config.num_stages)
+    rerun = _rerun_config(config, inner)
+    launch(_attn_kernel, (min(num_work, _rerun_programs(device)),), *head, META=meta, BLOCK_M=rerun.block_m,
+           BLOCK_N=rerun.block_n, RERUN=True, num_warps=rerun.num_warps, num_stages=rerun.num_stages)
 
 
 def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per_tile: int,
@@ -745,11 +740,13 @@ def _mask_batch_stride(bounds: torch.Tensor, batch: int) -> int:
     return 0 if bounds.shape[0] == 1 and batch > 1 else bounds.shape[1]
 
 
+def _operand(t: torch.Tensor) -> tuple:
+    """A ``[B, S, H, D]`` tensor (unit stride along D) as the kernels take it: ``(t, stride_b, stride_s,
+    stride_h)``."""
+    return t, t.stride(0), t.stride(1), t.stride(2)
+
+
 _DELTA_ROWS = 64  # rows per program of the memory-bound delta pass
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
@@ -767,22 +764,13 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap):
     lse = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    cfg = _block_sizes(dim, q.dtype, q.device)
-    order = _heaviest_first(kv_start, kv_end, cfg["fwd_m"], cfg["fwd_n"], seq_k, batch)
-    num_q_tiles = triton.cdiv(seq_q, cfg["fwd_m"])
-    args = (
-        q, k, v, out, lse, kv_start, kv_end, order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        seq_q, seq_k, heads_q, num_q_tiles, heads_q // heads_kv, *_score_scales(scale, softcap),
-        _mask_batch_stride(kv_start, batch),
-    )
-    fixed = dict(HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=cfg["fwd_m"],
-                 DOT_PRECISION=_dot_precision(q.dtype), SOFTCAP=bool(softcap))
-    free = dict(BLOCK_N=cfg["fwd_n"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, (heads_q * order.numel(),), args, fixed, free, q.device)
+    config = _configs_for(q).forward
+    order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
+    args = (_operand(q), _operand(k), _operand(v), _operand(out), lse, kv_start, kv_end, order, seq_q, seq_k,
+            heads_q, triton.cdiv(seq_q, config.block_m), heads_q // heads_kv, *_score_scales(scale, softcap),
+            _mask_batch_stride(kv_start, batch))
+    _launch_pass(_attn_fwd_program, args, heads_q * order.numel(), _kernel_meta(q, softcap), config, "block_n",
+                 q.device)
     return out, lse
 
 
@@ -799,50 +787,30 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = _block_sizes(dim, q.dtype, q.device)
-    block_d = max(16, triton.next_power_of_2(dim))
-    precision = _dot_precision(q.dtype)
+    configs = _configs_for(q)
+    meta = _kernel_meta(q, softcap)
     q_per_kv = heads_q // heads_kv
     qk_scale, softcap_log2 = _score_scales(scale, softcap)
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(seq_q, _DELTA_ROWS) * batch * heads_q,)](
-        out, do, dlse, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        seq_q, heads_q,
-        HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=_DELTA_ROWS,
-    )
+    launch(_attn_bwd_delta_kernel, (triton.cdiv(seq_q, _DELTA_ROWS) * batch * heads_q,),
+           out, do, dlse, delta,
+           out.stride(0), out.stride(1), out.stride(2),
+           do.stride(0), do.stride(1), do.stride(2),
+           seq_q, heads_q,
+           HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=meta.BLOCK_D, BLOCK_M=_DELTA_ROWS)
     q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
-    key_order = _heaviest_first(q_start, q_end, cfg["dkdv_n"], cfg["dkdv_m"], seq_q, batch)
-    args = (
-        q, k, v, do, lse, delta, dk, dv, q_start, q_end, key_order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, cfg["dkdv_n"]), q_per_kv, qk_scale, scale,
-        softcap_log2, _mask_batch_stride(q_start, batch),
-    )
-    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_N=cfg["dkdv_n"], DOT_PRECISION=precision, SOFTCAP=bool(softcap))
-    free = dict(BLOCK_M=cfg["dkdv_m"], num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"])
-    _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, (heads_kv * key_order.numel(),), args, fixed, free,
-            q.device)
-    query_order = _heaviest_first(kv_start, kv_end, cfg["dq_m"], cfg["dq_n"], seq_k, batch)
-    args = (
-        q, k, v, do, lse, delta, dq, kv_start, kv_end, query_order,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        seq_q, seq_k, heads_q, triton.cdiv(seq_q, cfg["dq_m"]), q_per_kv, qk_scale, scale, softcap_log2,
-        _mask_batch_stride(kv_start, batch),
-    )
-    fixed = dict(HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=cfg["dq_m"], DOT_PRECISION=precision, SOFTCAP=bool(softcap))
-    free = dict(BLOCK_N=cfg["dq_n"], num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
-    _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, (heads_q * query_order.numel(),), args, fixed, free, q.device)
+    config = configs.dkdv
+    key_order = _heaviest_first(q_start, q_end, config.block_n, config.block_m, seq_q, batch)
+    args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dk), _operand(dv), lse, delta, q_start,
+            q_end, key_order, seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, config.block_n), q_per_kv,
+            qk_scale, scale, softcap_log2, _mask_batch_stride(q_start, batch))
+    _launch_pass(_attn_bwd_dkdv_program, args, heads_kv * key_order.numel(), meta, config, "block_m", q.device)
+    config = configs.dq
+    query_order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
+    args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dq), lse, delta, kv_start, kv_end,
+            query_order, seq_q, seq_k, heads_q, triton.cdiv(seq_q, config.block_m), q_per_kv, qk_scale, scale,
+            softcap_log2, _mask_batch_stride(kv_start, batch))
+    _launch_pass(_attn_bwd_dq_program, args, heads_q * query_order.numel(), meta, config, "block_n", q.device)
     return dq, dk, dv
 
 

@@ -42,6 +42,7 @@ from . import reference
 from ._checks import autocast_dtype, autocast_off, check_choice, check_float_tensor, check_index_tensor, is_int
 from ._dispatch import HAS_TRITON, use_triton
 from ._philox import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, UNIFORM_BITS
+from .launch import launch
 from .reference.diffusion import REDUCTIONS
 from .schedule import TARGETS, NoiseSchedule, check_target, target_coefficients
 
@@ -268,7 +269,7 @@ def _launch_add_noise(x, t, signal, noise_scale, noise, offsets, seed):
     mode = _NOISE_SEEDED if seed is not None else _NOISE_TENSOR if noise is not None else _NOISE_NONE
     noise = x if noise is None else noise.contiguous()  # a dummy pointer when no tensor is read
     grid = _grid(x, num_images)
-    _add_noise_kernel[grid](
+    launch(_add_noise_kernel, grid,
         x, noise, out, t, offsets_arg, signal, noise_scale, signal.shape[0], row_elems, grid[1],
         *_seed_words(seed), NOISE=mode, PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK,
         num_warps=_NUM_WARPS,
@@ -286,7 +287,7 @@ def _launch_mse_fwd(pred, x0, t, signal, noise_scale, noise, offsets, seed, targ
     grid = _grid(x0, num_images)
     partial = torch.empty(grid, dtype=torch.float32, device=pred.device)
     noise = x0 if noise is None else noise.contiguous()
-    _mse_fwd_kernel[grid](
+    launch(_mse_fwd_kernel, grid,
         pred, x0, noise, partial, t, offsets_arg, signal, noise_scale, signal.shape[0], row_elems,
         grid[1], *_seed_words(seed), TARGET=TARGETS.index(target), SEEDED=seed is not None,
         PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
@@ -304,7 +305,7 @@ def _launch_mse_bwd(grad_mse, pred, x0, t, signal, noise_scale, noise, offsets, 
     offsets_arg, row_elems, packed = _layout(x0, t, offsets)
     grid = _grid(x0, num_images)
     noise = x0 if noise is None else noise.contiguous()
-    _mse_bwd_kernel[grid](
+    launch(_mse_bwd_kernel, grid,
         grad_mse.float().contiguous(), pred, x0, noise, grad_pred, t, offsets_arg, signal, noise_scale,
         signal.shape[0], row_elems, grid[1], *_seed_words(seed), TARGET=TARGETS.index(target),
         SEEDED=seed is not None, PACKED=packed, CONTINUOUS=t.dtype.is_floating_point, BLOCK=_BLOCK,

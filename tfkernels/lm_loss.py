@@ -61,6 +61,7 @@ from ._checks import (
     check_int,
 )
 from ._dispatch import HAS_TRITON, use_triton
+from .launch import launch
 from .reference.lm_loss import REDUCTIONS
 
 if HAS_TRITON:
@@ -241,7 +242,7 @@ def _launch_chunks(hidden, weight, bias, target, class_weight, options, grad_sca
         # [n, V]; becomes dL/dlogits below
         logits = torch.mm(hidden_chunk, weight.t()) if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
         unused = ce_rows  # stands for the pointers of options that are off (never read or written)
-        _cross_entropy_rows_kernel[(r1 - r0,)](
+        launch(_cross_entropy_rows_kernel, (r1 - r0,),
             logits, logits.stride(0), target[r0:r1], ce_rows[r0:r1], z_rows[r0:r1] if has_z_loss else unused,
             class_weight if has_class_weight else unused, unused if weight_total is None else weight_total,
             grad_scale[r0:r1] if scale_per_row else grad_scale,

@@ -77,7 +77,49 @@ def test_command_line_defaults_and_choices():
 
 def test_kernel_label():
     assert cr.kernel_label("_attn_bwd_dq_kernel") == "attn_bwd_dq"
+    assert cr.kernel_label("_attn_bwd_dq_program") == "attn_bwd_dq"
     assert cr.kernel_label("_cross_entropy_rows_kernel") == "cross_entropy_rows"
+
+
+# One walk's SASS, shortened: a prologue, a loop of 2 HGMMA (64x64x16 and 64x128x16) and 3 EX2 that is
+# closed by a backward branch, an outer loop around it, and a second (masked) copy with more instructions.
+LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0020*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*0040*/                   MUFU.EX2 R3, R3 ;
+        /*0050*/                   MUFU.EX2 R4, R4 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, R120, gdesc[UR8].tnspB, R24 ;
+        /*0070*/                   MUFU.EX2 R5, R5 ;
+        /*0080*/               @P2 BRA 0x30 ;
+        /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT ;
+        /*00a0*/                   FSEL R6, R6, -INF, P0 ;
+        /*00b0*/                   FSEL R8, R8, -INF, P1 ;
+        /*00c0*/                   MUFU.EX2 R7, R7 ;
+        /*00d0*/                   MUFU.EX2 R8, R8 ;
+        /*00e0*/                   HGMMA.64x128x16.F32.BF16 R24, R120, gdesc[UR8].tnspB, R24 ;
+        /*00f0*/               @P3 BRA 0x90 ;
+        /*0100*/               @P4 BRA 0x20 ;
+        /*0110*/                   BRA 0x120 ;
+        /*0120*/                   EXIT ;
+"""
+
+
+def test_hgmma_loops_are_the_innermost_backward_branches_with_wgmma():
+    loops = cr.hgmma_loops(cr.parse_sass(LOOPS))
+    assert [(loop[0].address, loop[-1].address) for loop in loops] == [(0x30, 0x80), (0x90, 0xf0)]
+
+
+def test_useful_work_of_the_interior_loop():
+    # The interior loop (0x30-0x80, 6 instructions): per warpgroup 64*64*16 + 64*128*16 MACs; with 8 warps
+    # (2 warpgroups), a 128 x 64 forward step needs 2 * 128 * 64 * 16 at D = 16.
+    work = cr.useful_work("attn_fwd", LOOPS, block_m=128, block_n=64, block_d=16, num_warps=8)
+    issued = (64 * 64 * 16 + 64 * 128 * 16) * 2
+    assert work == {"loop_instructions": 6, "mma_redundancy": round(issued / (2 * 128 * 64 * 16), 3),
+                    "ex2_per_score": round(3 * 32 * 8 / (128 * 64), 3), "instr_per_64x64": 6 * 8 * 4096 // (128 * 64)}
+    # A kernel without a wgmma loop has no figures.
+    assert set(cr.useful_work("attn_fwd", SASS, 64, 64, 64, 4).values()) == {None}
 
 
 @needs_triton
@@ -88,7 +130,7 @@ def test_capture_refuses_interpreted_kernels(monkeypatch):
 
     import tfkernels  # noqa: F401
 
-    if isinstance(sys.modules["tfkernels.attention"]._attn_fwd_kernel, JITFunction):
+    if isinstance(sys.modules["tfkernels.attention"]._attn_kernel, JITFunction):
         pytest.skip("tfkernels was imported without TRITON_INTERPRET=1 here")
     with pytest.raises(cr.AdapterError, match="TRITON_INTERPRET=1"):
         cr.capture(cr.Case("attention", "bf16", 64), 90)

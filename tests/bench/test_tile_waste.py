@@ -9,8 +9,9 @@ import torch
 
 import tfkernels as tk
 from bench.harness import TILE_WASTE_COLUMNS
-from bench.tile_waste import default_tiles, flex_blocks, tile_walk, tile_waste
+from bench.tile_waste import flex_blocks, tile_walk, tile_waste
 from bench.workloads.attention import shapes
+from tfkernels.attention import launch_configs
 from tfkernels.testing import packed_transfusion_layout, random_layout
 
 
@@ -117,9 +118,14 @@ def test_causal_wastes_the_diagonal_tiles_only():
     assert waste.flex.blocks == 64 * 65 // 2
 
 
-def test_default_tiles_are_the_launchers():
-    assert default_tiles(128) == dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3, dkdv_m=32, dkdv_n=64,
-                                      dkdv_warps=8, dkdv_stages=3, dq_m=64, dq_n=64, dq_warps=8, dq_stages=3)
+def test_counts_use_the_launchers_sm90_tiles():
+    mask = tk.IntervalMask.causal(1, 1000)
+    configs = launch_configs(96, torch.bfloat16, "sm_90")
+    waste = tile_waste(mask, 96)
+    q_start, q_end = mask.key_intervals()
+    assert waste.forward == tile_walk(mask.kv_start, mask.kv_end, 1000, configs.forward.block_m, configs.forward.block_n)
+    assert waste.dq == tile_walk(mask.kv_start, mask.kv_end, 1000, configs.dq.block_m, configs.dq.block_n)
+    assert waste.dkdv == tile_walk(q_start, q_end, 1000, configs.dkdv.block_n, configs.dkdv.block_m)
 
 
 def test_quick_csv_has_the_tile_waste_of_each_attention_workload(quick_run, quick_rows):
