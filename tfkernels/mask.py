@@ -100,8 +100,8 @@ class IntervalMask:
         kv_end: int32 ``[B, Sq]``, one past the last visible key.
         seq_len_k: number of keys ``Sk``.
 
-    Build one with a constructor (``causal``, ``full``, ``prefix_lm``, ``sliding_window``,
-    ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``window``, ``from_cu_seqlens``,
+    Build one with a constructor (``window`` and its cases ``causal``, ``full`` and ``sliding_window``;
+    ``prefix_lm``, ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``from_cu_seqlens``,
     ``from_cache_seqlens``, ``from_key_lengths``, ``block_diagonal``, ``from_position_ids``,
     ``from_dense``) or directly from two tensors; ``validate()`` checks the contract and every public
     op calls it before any kernel launch.
@@ -149,19 +149,39 @@ class IntervalMask:
         return IntervalMask(start, end, seq_len_k)
 
     @classmethod
+    def window(
+        cls,
+        window_size,
+        batch_size: int,
+        seq_len_q: int,
+        seq_len_k: int | None = None,
+        *,
+        causal: bool = False,
+        device=None,
+    ):
+        """FlashAttention's ``window_size=(left, right)``: the query at position ``p = i + Sk - Sq`` sees
+        keys ``p - left`` to ``p + right`` inclusive (clipped to ``[0, Sk)``), ``-1`` meaning unbounded on
+        that side. ``causal=True`` sets ``right = 0``, as FlashAttention does. ``(-1, -1)`` is ``full``,
+        ``(-1, 0)`` is ``causal`` and ``(w - 1, 0)`` is ``sliding_window(w)``.
+        """
+        left, right = _check_window_size(window_size, causal)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
+        pos = _positions(seq_len_q, seq_len_k, device)
+        start, end = _window_bounds(pos, torch.zeros_like(pos), torch.full_like(pos, seq_len_k), left, right)
+        return cls._from_bounds(start, end, batch_size, seq_len_k)
+
+    @classmethod
     def causal(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
         """Causal mask; with ``seq_len_k > seq_len_q`` the queries are the last ``seq_len_q``
-        positions (KV-cache decoding). Rows placed before key 0 (``Sq > Sk``) see nothing."""
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        end = (_positions(seq_len_q, seq_len_k, device) + 1).clamp(min=0)
-        return cls._from_bounds(torch.zeros_like(end), end, batch_size, seq_len_k)
+        positions (KV-cache decoding). Rows placed before key 0 (``Sq > Sk``) see nothing.
+        ``window((-1, 0), ...)``."""
+        return cls.window((-1, 0), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def full(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
-        """Every query sees every key (bidirectional encoder, DiT, cross-attention)."""
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        start = torch.zeros(seq_len_q, dtype=torch.int64, device=device)
-        return cls._from_bounds(start, start + seq_len_k, batch_size, seq_len_k)
+        """Every query sees every key (bidirectional encoder, DiT, cross-attention).
+        ``window((-1, -1), ...)``."""
+        return cls.window((-1, -1), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def prefix_lm(
@@ -212,14 +232,9 @@ class IntervalMask:
         device=None,
     ):
         """Causal with a window: position ``p`` sees ``[p - window + 1, p]`` (``window`` keys,
-        itself included)."""
+        itself included). ``window((window - 1, 0), ...)``."""
         check_int("window", window, 1)
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        window = min(window, max(seq_len_k, 1))  # any wider window sees the same keys (int64-safe below)
-        pos = _positions(seq_len_q, seq_len_k, device)
-        end = (pos + 1).clamp(min=0)
-        start = (pos + 1 - window).clamp(min=0).minimum(end)
-        return cls._from_bounds(start, end, batch_size, seq_len_k)
+        return cls.window((window - 1, 0), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def from_spans(
@@ -353,28 +368,6 @@ class IntervalMask:
         return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
 
     # ------------------------------------------------------------------ constructors from other libraries' masks
-    @classmethod
-    def window(
-        cls,
-        window_size,
-        batch_size: int,
-        seq_len_q: int,
-        seq_len_k: int | None = None,
-        *,
-        causal: bool = False,
-        device=None,
-    ):
-        """FlashAttention's ``window_size=(left, right)``: the query at position ``p = i + Sk - Sq`` sees
-        keys ``p - left`` to ``p + right`` inclusive (clipped to ``[0, Sk)``), ``-1`` meaning unbounded on
-        that side. ``causal=True`` sets ``right = 0``, as FlashAttention does. ``(-1, -1)`` is ``full``,
-        ``(-1, 0)`` is ``causal`` and ``(w - 1, 0)`` is ``sliding_window(w)``.
-        """
-        left, right = _check_window_size(window_size, causal)
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        pos = _positions(seq_len_q, seq_len_k, device)
-        start, end = _window_bounds(pos, torch.zeros_like(pos), torch.full_like(pos, seq_len_k), left, right)
-        return cls._from_bounds(start, end, batch_size, seq_len_k)
-
     @classmethod
     def from_cu_seqlens(
         cls,
