@@ -207,6 +207,8 @@ class IntervalMask:
             ) from error
         except (TypeError, RuntimeError) as error:  # None, str, objects
             raise TypeError(f"prefix_len: expected {expected}, got {prefix_len!r}") from error
+        if prefix.numel() == 0 and not isinstance(prefix_len, torch.Tensor):
+            prefix = prefix.long()  # an empty batch's list, which torch types float32 (it holds no values)
         if not is_int_dtype(prefix.dtype):
             raise TypeError(f"prefix_len: expected {expected}, got {prefix_len!r}")
         if prefix.ndim > 1:

@@ -334,6 +334,34 @@ def test_from_spans_names_the_argument_and_its_nesting(layout, error, message):
         segment_ids_from_layout(8, **layout)
 
 
+EMPTY_BATCH = {
+    "window": lambda: tk.IntervalMask.window((2, 1), 0, 5, 7),
+    "causal": lambda: tk.IntervalMask.causal(0, 5, 7),
+    "full": lambda: tk.IntervalMask.full(0, 5, 7),
+    "sliding_window": lambda: tk.IntervalMask.sliding_window(2, 0, 5, 7),
+    "prefix_lm, a list": lambda: tk.IntervalMask.prefix_lm([], 0, 5, 7),
+    "prefix_lm, a tensor": lambda: tk.IntervalMask.prefix_lm(torch.zeros(0, dtype=torch.long), 0, 5, 7),
+    "prefix_lm, an int": lambda: tk.IntervalMask.prefix_lm(3, 0, 5, 7),
+    "from_spans, documents": lambda: tk.IntervalMask.from_spans(5, documents=[]),
+    "from_spans, images": lambda: tk.IntervalMask.from_spans(5, images=[], documents=[]),
+    "from_segment_ids": lambda: tk.IntervalMask.from_segment_ids(torch.zeros(0, 5, dtype=torch.long)),
+    "from_cache_seqlens": lambda: tk.IntervalMask.from_cache_seqlens([], 5, 7),
+    "from_key_lengths": lambda: tk.IntervalMask.from_key_lengths(torch.zeros(0, dtype=torch.long), 5, 7),
+    "block_diagonal": lambda: tk.IntervalMask.block_diagonal([], 5),
+    "from_position_ids": lambda: tk.IntervalMask.from_position_ids(torch.zeros(0, 5, dtype=torch.long)),
+    "from_dense": lambda: tk.IntervalMask.from_dense(torch.zeros(0, 5, 7, dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("call", EMPTY_BATCH.values(), ids=EMPTY_BATCH.keys())
+def test_every_batched_constructor_takes_an_empty_batch(call):
+    """A batch of no rows is a mask of no rows (``[0, Sq]`` bounds), as an empty batch of tensors is."""
+    mask = call().validate()
+    assert mask.kv_start.shape == mask.kv_end.shape == (0, 5)
+    assert mask.kv_start.dtype == mask.kv_end.dtype == torch.int32
+    assert mask.seq_len_k in (5, 7) and mask.to_dense().shape == (0, 5, mask.seq_len_k)
+    assert mask.visible_pairs() == 0
+
 
 # ------------------------------------------------------------------------------ int32 sizes (issue 11, item 4)
 TOO_BIG = [2**31, 2**32 + 6, 2**63, 2**70]
