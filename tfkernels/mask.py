@@ -100,8 +100,8 @@ class IntervalMask:
         kv_end: int32 ``[B, Sq]``, one past the last visible key.
         seq_len_k: number of keys ``Sk``.
 
-    Build one with a constructor (``causal``, ``full``, ``prefix_lm``, ``sliding_window``,
-    ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``window``, ``from_cu_seqlens``,
+    Build one with a constructor (``window`` and its cases ``causal``, ``full`` and ``sliding_window``;
+    ``prefix_lm``, ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``from_cu_seqlens``,
     ``from_cache_seqlens``, ``from_key_lengths``, ``block_diagonal``, ``from_position_ids``,
     ``from_dense``) or directly from two tensors; ``validate()`` checks the contract and every public
     op calls it before any kernel launch.
@@ -149,19 +149,39 @@ class IntervalMask:
         return IntervalMask(start, end, seq_len_k)
 
     @classmethod
+    def window(
+        cls,
+        window_size,
+        batch_size: int,
+        seq_len_q: int,
+        seq_len_k: int | None = None,
+        *,
+        causal: bool = False,
+        device=None,
+    ):
+        """FlashAttention's ``window_size=(left, right)``: the query at position ``p = i + Sk - Sq`` sees
+        keys ``p - left`` to ``p + right`` inclusive (clipped to ``[0, Sk)``), ``-1`` meaning unbounded on
+        that side. ``causal=True`` sets ``right = 0``, as FlashAttention does. ``(-1, -1)`` is ``full``,
+        ``(-1, 0)`` is ``causal`` and ``(w - 1, 0)`` is ``sliding_window(w)``.
+        """
+        left, right = _check_window_size(window_size, causal)
+        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
+        pos = _positions(seq_len_q, seq_len_k, device)
+        start, end = _window_bounds(pos, torch.zeros_like(pos), torch.full_like(pos, seq_len_k), left, right)
+        return cls._from_bounds(start, end, batch_size, seq_len_k)
+
+    @classmethod
     def causal(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
         """Causal mask; with ``seq_len_k > seq_len_q`` the queries are the last ``seq_len_q``
-        positions (KV-cache decoding). Rows placed before key 0 (``Sq > Sk``) see nothing."""
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        end = (_positions(seq_len_q, seq_len_k, device) + 1).clamp(min=0)
-        return cls._from_bounds(torch.zeros_like(end), end, batch_size, seq_len_k)
+        positions (KV-cache decoding). Rows placed before key 0 (``Sq > Sk``) see nothing.
+        ``window((-1, 0), ...)``."""
+        return cls.window((-1, 0), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def full(cls, batch_size: int, seq_len_q: int, seq_len_k: int | None = None, *, device=None):
-        """Every query sees every key (bidirectional encoder, DiT, cross-attention)."""
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        start = torch.zeros(seq_len_q, dtype=torch.int64, device=device)
-        return cls._from_bounds(start, start + seq_len_k, batch_size, seq_len_k)
+        """Every query sees every key (bidirectional encoder, DiT, cross-attention).
+        ``window((-1, -1), ...)``."""
+        return cls.window((-1, -1), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def prefix_lm(
@@ -187,10 +207,12 @@ class IntervalMask:
             ) from error
         except (TypeError, RuntimeError) as error:  # None, str, objects
             raise TypeError(f"prefix_len: expected {expected}, got {prefix_len!r}") from error
+        if prefix.numel() == 0 and not isinstance(prefix_len, torch.Tensor):
+            prefix = prefix.long()  # an empty batch's list, which torch types float32 (it holds no values)
         if not is_int_dtype(prefix.dtype):
-            raise TypeError(f"prefix_len: expected an int or a [batch_size] int list, got {prefix_len!r}")
+            raise TypeError(f"prefix_len: expected {expected}, got {prefix_len!r}")
         if prefix.ndim > 1:
-            raise ValueError(f"prefix_len: expected an int or a [batch_size] int list, got {prefix_len!r}")
+            raise ValueError(f"prefix_len: expected {expected}, got {prefix_len!r}")
         if prefix.ndim == 1 and prefix.shape[0] != batch_size:
             raise ValueError(f"prefix_len: expected {batch_size} values (one per row), got {prefix.shape[0]}")
         if bool(((prefix < 0) | (prefix > seq_len_k)).any()):
@@ -212,14 +234,9 @@ class IntervalMask:
         device=None,
     ):
         """Causal with a window: position ``p`` sees ``[p - window + 1, p]`` (``window`` keys,
-        itself included)."""
+        itself included). ``window((window - 1, 0), ...)``."""
         check_int("window", window, 1)
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        window = min(window, max(seq_len_k, 1))  # any wider window sees the same keys (int64-safe below)
-        pos = _positions(seq_len_q, seq_len_k, device)
-        end = (pos + 1).clamp(min=0)
-        start = (pos + 1 - window).clamp(min=0).minimum(end)
-        return cls._from_bounds(start, end, batch_size, seq_len_k)
+        return cls.window((window - 1, 0), batch_size, seq_len_q, seq_len_k, device=device)
 
     @classmethod
     def from_spans(
@@ -230,7 +247,8 @@ class IntervalMask:
         *,
         device=None,
     ):
-        """Square Transfusion mask from Python lists, one entry per batch row.
+        """Square Transfusion mask from Python lists, one entry per batch row:
+        ``from_segment_ids(*segment_ids_from_layout(seq_len, images, documents))``.
 
         Args:
             seq_len: row length ``S``.
@@ -239,65 +257,7 @@ class IntervalMask:
             documents: per row, the document lengths, packed from position 0; positions past
                 the last document are padding and see nothing. ``None``: one document per row.
         """
-        _check_size("seq_len", seq_len)
-        if images is None and documents is None:
-            raise ValueError("from_spans: give images, documents or both (one list per batch row)")
-        batch_size = len(images) if images is not None else len(documents)
-        if images is not None and documents is not None and len(images) != len(documents):
-            raise ValueError(
-                f"from_spans: images has {len(images)} rows but documents has {len(documents)}"
-            )
-        starts, ends = [], []
-        for row in range(batch_size):
-            doc_lens = [seq_len] if documents is None else list(documents[row])
-            spans = [] if images is None else [tuple(s) for s in images[row]]
-            start, end = cls._row_from_spans(row, seq_len, spans, doc_lens)
-            starts.append(start)
-            ends.append(end)
-        return IntervalMask(
-            torch.tensor(starts, dtype=torch.int32, device=device).reshape(batch_size, seq_len),
-            torch.tensor(ends, dtype=torch.int32, device=device).reshape(batch_size, seq_len),
-            seq_len,
-        )
-
-    @staticmethod
-    def _row_from_spans(row: int, seq_len: int, spans, doc_lens):
-        for length in doc_lens:
-            if not is_int(length, 0):
-                error = ValueError if is_int(length) else TypeError
-                raise error(f"documents[{row}]: expected non-negative int lengths, got {doc_lens!r}")
-        if sum(doc_lens) > seq_len:
-            raise ValueError(
-                f"documents[{row}]: lengths sum to {sum(doc_lens)}, more than seq_len={seq_len}"
-            )
-        start = list(range(seq_len))  # padding default: the empty interval [p, p)
-        end = list(range(seq_len))
-        doc_of = [-1] * seq_len
-        offset = 0
-        for doc, length in enumerate(doc_lens):
-            for p in range(offset, offset + length):
-                start[p], end[p], doc_of[p] = offset, p + 1, doc
-            offset += length
-        previous_end = 0
-        for i, span in enumerate(spans):
-            if len(span) != 2:
-                raise ValueError(f"images[{row}][{i}]: expected a (start, end) pair, got {span!r}")
-            s, e = span
-            if not (is_int(s, 0) and is_int(e, 0, seq_len) and s < e):
-                raise (ValueError if is_int(s) and is_int(e) else TypeError)(
-                    f"images[{row}][{i}]: expected 0 <= start < end <= seq_len={seq_len}, got {span!r}"
-                )
-            if s < previous_end:
-                raise ValueError(
-                    f"images[{row}][{i}]: span {span!r} overlaps or precedes the previous span "
-                    f"(spans must be sorted and disjoint)"
-                )
-            if doc_of[s] < 0 or doc_of[e - 1] != doc_of[s]:
-                raise ValueError(f"images[{row}][{i}]: span {span!r} is not inside one document")
-            for p in range(s, e):
-                end[p] = e
-            previous_end = e
-        return start, end
+        return cls.from_segment_ids(*segment_ids_from_layout(seq_len, images, documents, device))
 
     @classmethod
     def from_segment_ids(cls, doc_ids: torch.Tensor, image_ids: torch.Tensor | None = None):
@@ -353,28 +313,6 @@ class IntervalMask:
         return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
 
     # ------------------------------------------------------------------ constructors from other libraries' masks
-    @classmethod
-    def window(
-        cls,
-        window_size,
-        batch_size: int,
-        seq_len_q: int,
-        seq_len_k: int | None = None,
-        *,
-        causal: bool = False,
-        device=None,
-    ):
-        """FlashAttention's ``window_size=(left, right)``: the query at position ``p = i + Sk - Sq`` sees
-        keys ``p - left`` to ``p + right`` inclusive (clipped to ``[0, Sk)``), ``-1`` meaning unbounded on
-        that side. ``causal=True`` sets ``right = 0``, as FlashAttention does. ``(-1, -1)`` is ``full``,
-        ``(-1, 0)`` is ``causal`` and ``(w - 1, 0)`` is ``sliding_window(w)``.
-        """
-        left, right = _check_window_size(window_size, causal)
-        seq_len_k = _check_shape(batch_size, seq_len_q, seq_len_k)
-        pos = _positions(seq_len_q, seq_len_k, device)
-        start, end = _window_bounds(pos, torch.zeros_like(pos), torch.full_like(pos, seq_len_k), left, right)
-        return cls._from_bounds(start, end, batch_size, seq_len_k)
-
     @classmethod
     def from_cu_seqlens(
         cls,
@@ -497,20 +435,7 @@ class IntervalMask:
                 position 0; positions past the last block are padding and see nothing.
             seq_len: row length ``S``.
         """
-        _check_size("seq_len", seq_len)
-        if not isinstance(lengths, Sequence) or isinstance(lengths, str):
-            raise TypeError(f"lengths: expected one list of block lengths per batch row, got {_describe(lengths)}")
-        doc_ids = torch.full((len(lengths), seq_len), -1, dtype=torch.int64)
-        for row, blocks in enumerate(lengths):
-            if not isinstance(blocks, Sequence) or not all(is_int(n) for n in blocks):
-                raise TypeError(f"lengths[{row}]: expected a list of int block lengths, got {blocks!r}")
-            if not all(n >= 0 for n in blocks):
-                raise ValueError(f"lengths[{row}]: expected non-negative block lengths, got {blocks!r}")
-            if sum(blocks) > seq_len:
-                raise ValueError(f"lengths[{row}]: lengths sum to {sum(blocks)}, more than seq_len={seq_len}")
-            ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks, dtype=torch.int64))
-            doc_ids[row, : ids.shape[0]] = ids
-        doc_ids = doc_ids.to(device)
+        doc_ids = _packed_ids("lengths", lengths, seq_len, "block lengths").to(device)
         # One document per block, all of it one bidirectional span (image ids must be non-zero).
         return cls.from_segment_ids(doc_ids, doc_ids + 1)
 
@@ -871,21 +796,81 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-def segment_ids_from_layout(seq_len: int, images, documents, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _is_list(value) -> bool:
+    """A list, tuple or other sequence, not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _check_rows(name: str, rows, row_form: str) -> None:
+    """``rows`` holds one list per batch row (``row_form``: what each row lists)."""
+    if not _is_list(rows):
+        raise TypeError(f"{name}: expected one {row_form} per batch row, got {_describe(rows)}")
+    for row, entries in enumerate(rows):
+        if not _is_list(entries):
+            raise TypeError(f"{name}[{row}]: expected a {row_form} (one list per batch row), got {entries!r}")
+
+
+def _packed_ids(name: str, rows, seq_len: int, lengths_noun: str = "lengths") -> torch.Tensor:
+    """int64 ``[B, S]``: at each position the index of the segment holding it, segments packed from position
+    0 with the lengths each row of ``rows`` lists; -1 past the last segment (padding)."""
+    _check_size("seq_len", seq_len)
+    row_form = f"list of non-negative int {lengths_noun}"
+    _check_rows(name, rows, row_form)
+    ids = torch.full((len(rows), seq_len), -1, dtype=torch.int64)
+    for row, lengths in enumerate(rows):
+        if not all(is_int(n, 0) for n in lengths):
+            error = ValueError if all(is_int(n) for n in lengths) else TypeError
+            raise error(f"{name}[{row}]: expected a {row_form} (one list per batch row), got {lengths!r}")
+        if sum(lengths) > seq_len:
+            raise ValueError(f"{name}[{row}]: lengths sum to {sum(lengths)}, more than seq_len={seq_len}")
+        row_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.int64))
+        ids[row, : row_ids.shape[0]] = row_ids
+    return ids
+
+
+def segment_ids_from_layout(
+    seq_len: int, images=None, documents=None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(doc_ids, image_ids)`` int64 ``[B, S]`` tensors of a layout, for ``IntervalMask.from_segment_ids``.
 
-    ``images`` and ``documents`` are per-row lists as ``IntervalMask.from_spans`` takes them, so
-    ``from_segment_ids(*segment_ids_from_layout(S, images, documents))`` equals
-    ``from_spans(S, images, documents)``. Padding gets doc id -1; image ``i`` of a row gets image id
-    ``i + 1``.
+    ``images`` and ``documents`` are per-row lists as ``IntervalMask.from_spans`` takes them (either may be
+    ``None``), and ``from_spans(S, images, documents)`` is ``from_segment_ids(*segment_ids_from_layout(S,
+    images, documents))``. Padding gets doc id -1; image ``i`` of a row gets image id ``i + 1``. A layout
+    that is not one (wrong nesting, a span out of order or across documents) raises ``TypeError`` or
+    ``ValueError`` naming the first bad entry.
     """
-    doc_ids = torch.full((len(documents), seq_len), -1, dtype=torch.int64)
-    image_ids = torch.zeros((len(documents), seq_len), dtype=torch.int64)
-    for row, (spans, lengths) in enumerate(zip(images, documents)):
-        offset = 0
-        for doc, length in enumerate(lengths):
-            doc_ids[row, offset : offset + length] = doc
-            offset += length
-        for i, (start, end) in enumerate(spans):
+    spans_form = "list of (start, end) spans"
+    if images is None and documents is None:
+        raise ValueError(f"images, documents: expected one or both (per batch row, a {spans_form} / a list of "
+                         f"document lengths), got neither")
+    if images is not None:
+        _check_rows("images", images, spans_form)
+    if documents is None:
+        documents = [[seq_len]] * len(images)
+    doc_ids = _packed_ids("documents", documents, seq_len)
+    if images is None:
+        return doc_ids.to(device), torch.zeros_like(doc_ids, device=device)
+    if len(images) != len(documents):
+        raise ValueError(f"images: expected one {spans_form} per batch row, as many rows as documents "
+                         f"({len(documents)}), got {len(images)}")
+    image_ids = torch.zeros_like(doc_ids)
+    for row, spans in enumerate(images):
+        previous_end = 0
+        for i, span in enumerate(spans):
+            if not _is_list(span) or len(span) != 2:
+                raise (ValueError if _is_list(span) else TypeError)(
+                    f"images[{row}][{i}]: expected a (start, end) pair (images holds, per batch row, a {spans_form}), "
+                    f"got {span!r}")
+            start, end = span
+            if not (is_int(start, 0) and is_int(end, 0, seq_len) and start < end):
+                raise (ValueError if is_int(start) and is_int(end) else TypeError)(
+                    f"images[{row}][{i}]: expected 0 <= start < end <= seq_len={seq_len}, got {span!r}")
+            if start < previous_end:
+                raise ValueError(f"images[{row}][{i}]: span {span!r} overlaps or precedes the previous span "
+                                 f"(spans must be sorted and disjoint)")
+            doc = int(doc_ids[row, start])
+            if doc < 0 or int(doc_ids[row, end - 1]) != doc:
+                raise ValueError(f"images[{row}][{i}]: span {span!r} is not inside one document")
             image_ids[row, start:end] = i + 1
+            previous_end = end
     return doc_ids.to(device), image_ids.to(device)

@@ -84,13 +84,16 @@ def test_from_spans_matches_brute_force(layout):
 
 @SETTINGS
 @given(layouts())
-def test_from_segment_ids_equals_from_spans(layout):
+def test_from_segment_ids_reads_runs_not_values(layout):
+    """Any id values work: documents are runs of one doc id (any negative one is padding), images runs of one
+    non-zero image id, which may recur in other documents and elsewhere in the same one."""
     seq_len, images, documents = layout
-    spans_mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents)
-    ids_mask = tk.IntervalMask.from_segment_ids(*segment_ids_from_layout(seq_len, images, documents))
-    assert torch.equal(ids_mask.kv_start, spans_mask.kv_start)
-    assert torch.equal(ids_mask.kv_end, spans_mask.kv_end)
-    assert ids_mask.seq_len_k == seq_len
+    doc_ids, image_ids = segment_ids_from_layout(seq_len, images, documents)
+    doc_ids = torch.where(doc_ids >= 0, 3 * doc_ids + 10, -7)
+    image_ids = torch.where(image_ids > 0, 2 * (image_ids % 2) - 1, 0)  # images alternate ids 1 and -1
+    mask = tk.IntervalMask.from_segment_ids(doc_ids, image_ids)
+    assert mask.seq_len_k == seq_len
+    assert torch.equal(mask.to_dense(), brute_force_transfusion(seq_len, images, documents))
 
 
 def test_segment_ids_from_layout_values():
@@ -256,7 +259,7 @@ def test_validation_against_the_inputs():
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: tk.IntervalMask.from_spans(10), ValueError, r"from_spans: give images, documents or both"),
+        (lambda: tk.IntervalMask.from_spans(10), ValueError, r"^images, documents: expected one or both"),
         (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 2)]]), ValueError,
          r"images\[0\]\[0\]: expected 0 <= start < end <= seq_len=10, got \(3, 2\)"),
         (lambda: tk.IntervalMask.from_spans(10, images=[[(3, 4.0)]]), TypeError,
@@ -270,11 +273,11 @@ def test_validation_against_the_inputs():
         (lambda: tk.IntervalMask.from_spans(10, documents=[[6, 6]]), ValueError,
          r"documents\[0\]: lengths sum to 12, more than seq_len=10"),
         (lambda: tk.IntervalMask.from_spans(10, documents=[[6, -1]]), ValueError,
-         r"documents\[0\]: expected non-negative int lengths, got \[6, -1\]"),
+         r"^documents\[0\]: expected a list of non-negative int lengths \(one list per batch row\), got \[6, -1\]$"),
         (lambda: tk.IntervalMask.from_spans(10, documents=[[6, True]]), TypeError,
-         r"documents\[0\]: expected non-negative int lengths, got \[6, True\]"),
+         r"^documents\[0\]: expected a list of non-negative int lengths \(one list per batch row\), got \[6, True\]$"),
         (lambda: tk.IntervalMask.from_spans(10, images=[[], []], documents=[[10]]), ValueError,
-         r"from_spans: images has 2 rows but documents has 1"),
+         r"^images: expected one list of \(start, end\) spans per batch row, as many rows as documents \(1\), got 2$"),
         (lambda: tk.IntervalMask.from_segment_ids(torch.zeros(4, dtype=torch.long)), ValueError,
          r"doc_ids: expected an int tensor \[B, S\]"),
         (lambda: tk.IntervalMask.from_segment_ids([[0, 0]]), TypeError,
@@ -303,6 +306,61 @@ def test_validation_against_the_inputs():
 def test_constructor_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "layout, error, message",
+    [
+        # One level of nesting missing: a row given where the list of rows is due.
+        ({"documents": [5]}, TypeError,
+         r"^documents\[0\]: expected a list of non-negative int lengths \(one list per batch row\), got 5$"),
+        ({"images": [(0, 2)]}, TypeError,
+         r"^images\[0\]\[0\]: expected a \(start, end\) pair \(images holds, per batch row, a list of \(start, end\) "
+         r"spans\), got 0$"),
+        ({"images": [[3]]}, TypeError, r"^images\[0\]\[0\]: expected a \(start, end\) pair .*, got 3$"),
+        ({"images": [[(1, 2, 3)]]}, ValueError, r"^images\[0\]\[0\]: expected a \(start, end\) pair .*, got \(1, 2, 3\)$"),
+        ({"images": [[(1, 3)], 4]}, TypeError,
+         r"^images\[1\]: expected a list of \(start, end\) spans \(one list per batch row\), got 4$"),
+        ({"images": 5}, TypeError, r"^images: expected one list of \(start, end\) spans per batch row, got int$"),
+        ({"documents": "8"}, TypeError, r"^documents: expected one list of non-negative int lengths per batch row"),
+        ({"documents": torch.tensor([[8]])}, TypeError,
+         r"^documents: expected one list of non-negative int lengths per batch row, got tensor \(1, 1\)"),
+    ],
+)
+def test_from_spans_names_the_argument_and_its_nesting(layout, error, message):
+    with pytest.raises(error, match=message):
+        tk.IntervalMask.from_spans(8, **layout)
+    with pytest.raises(error, match=message):
+        segment_ids_from_layout(8, **layout)
+
+
+EMPTY_BATCH = {
+    "window": lambda: tk.IntervalMask.window((2, 1), 0, 5, 7),
+    "causal": lambda: tk.IntervalMask.causal(0, 5, 7),
+    "full": lambda: tk.IntervalMask.full(0, 5, 7),
+    "sliding_window": lambda: tk.IntervalMask.sliding_window(2, 0, 5, 7),
+    "prefix_lm, a list": lambda: tk.IntervalMask.prefix_lm([], 0, 5, 7),
+    "prefix_lm, a tensor": lambda: tk.IntervalMask.prefix_lm(torch.zeros(0, dtype=torch.long), 0, 5, 7),
+    "prefix_lm, an int": lambda: tk.IntervalMask.prefix_lm(3, 0, 5, 7),
+    "from_spans, documents": lambda: tk.IntervalMask.from_spans(5, documents=[]),
+    "from_spans, images": lambda: tk.IntervalMask.from_spans(5, images=[], documents=[]),
+    "from_segment_ids": lambda: tk.IntervalMask.from_segment_ids(torch.zeros(0, 5, dtype=torch.long)),
+    "from_cache_seqlens": lambda: tk.IntervalMask.from_cache_seqlens([], 5, 7),
+    "from_key_lengths": lambda: tk.IntervalMask.from_key_lengths(torch.zeros(0, dtype=torch.long), 5, 7),
+    "block_diagonal": lambda: tk.IntervalMask.block_diagonal([], 5),
+    "from_position_ids": lambda: tk.IntervalMask.from_position_ids(torch.zeros(0, 5, dtype=torch.long)),
+    "from_dense": lambda: tk.IntervalMask.from_dense(torch.zeros(0, 5, 7, dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("call", EMPTY_BATCH.values(), ids=EMPTY_BATCH.keys())
+def test_every_batched_constructor_takes_an_empty_batch(call):
+    """A batch of no rows is a mask of no rows (``[0, Sq]`` bounds), as an empty batch of tensors is."""
+    mask = call().validate()
+    assert mask.kv_start.shape == mask.kv_end.shape == (0, 5)
+    assert mask.kv_start.dtype == mask.kv_end.dtype == torch.int32
+    assert mask.seq_len_k in (5, 7) and mask.to_dense().shape == (0, 5, mask.seq_len_k)
+    assert mask.visible_pairs() == 0
 
 
 # ------------------------------------------------------------------------------ int32 sizes (issue 11, item 4)
@@ -908,11 +966,11 @@ def test_kv_cache_lengths_in_attention(attention_path):
         (lambda: tk.IntervalMask.block_diagonal([[4, 5]], 8), ValueError,
          r"^lengths\[0\]: lengths sum to 9, more than seq_len=8"),
         (lambda: tk.IntervalMask.block_diagonal([[4], [2, -1]], 8), ValueError,
-         r"^lengths\[1\]: expected non-negative block lengths, got \[2, -1\]"),
+         r"^lengths\[1\]: expected a list of non-negative int block lengths \(one list per batch row\), got \[2, -1\]$"),
         (lambda: tk.IntervalMask.block_diagonal([[4, 2.0]], 8), TypeError,
-         r"^lengths\[0\]: expected a list of int block lengths, got \[4, 2.0\]"),
+         r"^lengths\[0\]: expected a list of non-negative int block lengths \(one list per batch row\), got \[4, 2.0\]$"),
         (lambda: tk.IntervalMask.block_diagonal(torch.tensor([[4]]), 8), TypeError,
-         r"^lengths: expected one list of block lengths per batch row"),
+         r"^lengths: expected one list of non-negative int block lengths per batch row, got tensor"),
         (lambda: tk.IntervalMask.from_position_ids(torch.zeros(4, dtype=torch.long)), ValueError,
          r"^position_ids: expected an int tensor \[B, S\]"),
         (lambda: tk.IntervalMask.from_position_ids(torch.zeros(1, 4)), TypeError,
