@@ -1,4 +1,5 @@
-"""Fused output projection + cross-entropy (the LM loss) without ``[N, V]`` logits (DESIGN §3).
+"""Fused output projection + cross-entropy (the LM loss) without ``[N, V]`` logits
+(docs/design.md#lm-loss).
 
 Design
 ------
