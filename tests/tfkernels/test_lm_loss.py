@@ -479,7 +479,7 @@ def test_options_under_torch_compile(reduction, path):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_options_under_autocast(reduction, path):
-    """The autocast rule (docs/design.md#autocast) with the new arguments: bias is cast like weight (nn.Linear's
+    """The autocast rule (docs/design.md#autocast) with bias and class_weight: bias is cast like weight (nn.Linear's
     operands); class_weight is not an operand of the GEMM and is read in float32. Bit for bit the op on the cast
     operands; gradients in the operands' own dtypes; anchored on eager under the same autocast against float64."""
     low = torch.bfloat16 if path == "reference" or DEVICE == "cuda" else torch.float16  # the interpreter: fp16
