@@ -1,4 +1,4 @@
-"""The README's runnable example keeps running and keeps matching the reference."""
+"""The README's first example (examples/quickstart.py) keeps running and keeps matching the reference."""
 
 import runpy
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The README's tables name files that exist, and it points at nothing outside the repository."""
+"""The README names files that exist, points at nothing outside the repository, and opens with the
+quickstart example."""
 
 import re
 from pathlib import Path
@@ -20,3 +21,13 @@ def test_every_path_the_readme_names_exists():
 
 def test_the_readme_cites_no_document_outside_the_repository():
     assert "shared/" not in README and "DESIGN" not in README
+
+
+def test_the_first_example_comes_early_and_is_the_quickstart():
+    # A newcomer meets runnable code within the first 80 lines; tests/test_examples.py runs it as
+    # examples/quickstart.py, so the README's copy must be that file's code, docstring aside.
+    opening = README.index("```python\n")
+    assert README[:opening].count("\n") < 80
+    code = README[opening + len("```python\n"):].split("```", 1)[0]
+    quickstart = (ROOT / "examples" / "quickstart.py").read_text()
+    assert code == quickstart.split('"""', 2)[2].lstrip("\n")

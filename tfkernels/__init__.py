@@ -15,6 +15,7 @@
 Every op is a plain PyTorch function with autograd, usable under ``torch.compile``. CUDA tensors
 run Triton kernels; CPU tensors run the eager reference (``tfkernels.reference``), or the Triton
 kernels in Triton's interpreter when ``TRITON_INTERPRET=1``; ``tk.backend(device)`` says which.
+The design, and the rules every op keeps: docs/design.md.
 
 Modules: ``mask`` (``IntervalMask``, segment ids), ``schedule`` (``NoiseSchedule``, the diffusion
 targets), one per op (``adaln``, ``attention``, ``diffusion``, ``lm_loss``: kernels, launchers, autograd

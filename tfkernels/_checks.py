@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops, the mask and the schedules.
+"""Argument checks shared by the public ops, the mask and the schedules (docs/design.md#argument-checks).
 
 One rule everywhere: an argument of the wrong type (a float where an int is due, a list where a
 tensor is, a tensor of the wrong dtype) raises ``TypeError``; one of the right type with a wrong
@@ -11,7 +11,7 @@ raise. A bool is never an int or a float here, although Python says it is one.
 The autocast rule of the ops is applied here too (``autocast_dtype``, ``autocast_cast``,
 ``autocast_off``): inside an op autocast is off; an op that is a matmul consumer (attention, the LM
 loss) first casts its float operands to autocast's dtype, as ``nn.Linear`` does; an elementwise op
-(the diffusion ops) takes its inputs as given and computes in float32. See the README, "Autocast".
+(the diffusion ops) takes its inputs as given and computes in float32. See docs/design.md#autocast.
 """
 
 from __future__ import annotations

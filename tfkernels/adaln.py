@@ -1,4 +1,5 @@
-"""adaLN modulation (DiT / PixArt-alpha's adaLN-single) as one Triton pass each way.
+"""adaLN modulation (DiT / PixArt-alpha's adaLN-single) as one Triton pass each way
+(docs/design.md#adaln-modulation).
 
     h = residual + gate * x          (only when residual is given; gate None means 1)
     y = norm(h) * (1 + scale) + shift,   norm = LayerNorm or RMSNorm without affine parameters

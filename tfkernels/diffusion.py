@@ -1,4 +1,5 @@
-"""Diffusion noise and loss: ``add_noise`` and ``diffusion_loss`` as single Triton passes (DESIGN §3).
+"""Diffusion noise and loss: ``add_noise`` and ``diffusion_loss`` as single Triton passes
+(docs/design.md#diffusion-ops).
 
 Design
 ------

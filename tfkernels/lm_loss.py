@@ -1,4 +1,5 @@
-"""Fused output projection + cross-entropy (the LM loss) without ``[N, V]`` logits (DESIGN §3).
+"""Fused output projection + cross-entropy (the LM loss) without ``[N, V]`` logits
+(docs/design.md#lm-loss).
 
 Design
 ------
@@ -27,8 +28,8 @@ only scales them. With ``"none"`` the per-row upstream gradients are only known 
 which recomputes the logits chunk by chunk (one GEMM more).
 
 Each option (z-loss, class weights, label smoothing, soft-cap) is a constexpr of the row kernel: off,
-its code is not compiled in, so the default loss runs the same instructions as before the options
-existed. The z-loss is written per row apart from the cross-entropy because ``"mean"`` divides the two
+its code is not compiled in, so the default loss runs the instructions of a kernel without options.
+The z-loss is written per row apart from the cross-entropy because ``"mean"`` divides the two
 by different denominators (the summed weight of the counted targets, F.cross_entropy's weighted mean,
 and the number of counted rows), and because ``return_z_loss`` reports it alone.
 

@@ -1,4 +1,4 @@
-"""The attention mask as one key interval per query row.
+"""The attention mask as one key interval per query row (docs/design.md#the-mask).
 
 Transfusion attention is causal over the sequence, bidirectional inside each image, and blind
 across packed documents. For every query row ``q`` the visible keys are one contiguous interval
@@ -16,7 +16,7 @@ sits at absolute position ``i + Sk - Sq``, so the last query is the last key's p
 Padding tokens see nothing: their interval is empty, ``[p, p)`` at their own position ``p`` (which
 keeps both bounds monotone wherever the padding sits). Their attention output is zero.
 
-Validation policy (what every op taking a mask relies on):
+Validation policy (what every op taking a mask relies on; docs/design.md#mask-validation):
 
 * In eager mode the values are checked (``validate``) on first use and again whenever ``kv_start``
   or ``kv_end`` changed since the last check: another tensor object (swapped tensors) or a changed

@@ -1,4 +1,4 @@
-"""transfusion_core: a slim Transfusion model on top of tfkernels (DESIGN §4).
+"""transfusion_core: a slim Transfusion model on top of tfkernels (docs/design.md#the-model-core).
 
 - ``TransfusionConfig`` / ``Transfusion``: the model; ``model(batch)`` gives the training loss,
   ``model.generate(prompt, ...)`` mixed-modal generation, ``save`` / ``Transfusion.load``

@@ -1,4 +1,5 @@
-"""The op seam: the attention and loss functions the model calls, swappable without patching modules.
+"""The op seam: the attention and loss functions the model calls, swappable without patching modules
+(docs/design.md#the-op-seam).
 
 The model never calls ``tfkernels`` directly for these four ops; it calls ``ops.current()``, which
 is ``ModelOps()`` (the tfkernels functions) unless a ``use(...)`` block is active. Benchmarks and

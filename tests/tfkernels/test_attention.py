@@ -439,8 +439,9 @@ def test_autotuned_configs_match_reference_on_gpu(monkeypatch):
     assert_matches_reference(q, k, v, mask)
 
 
-# ------------------------------------------------------------------------------ issue 11: robustness
-# Items 1-3 of issue 11, each on the kernel path (the interpreter here) and on the reference path.
+# ------------------------------------------------------------------------------ robustness
+# Memory safety whatever the mask holds, validation again after an edit, and non-finite isolation, each on
+# the kernel path (the interpreter here) and on the reference path (docs/design.md#mask-validation).
 # Helpers shared with the property tests at the end of the module.
 NAN_PAD = 24  # rows of padding around each of q, k, v, d_out in their buffers
 # Rows that share a work item with a non-finite value are recomputed by the rerun pass, which may use
@@ -488,8 +489,8 @@ def _assert_same(ours, ref, *, tol=2e-5, names=("out", "lse", "dq", "dk", "dv"))
 
 
 def test_in_place_edits_after_first_use_are_rejected_on_both_paths(monkeypatch):
-    """Issue 11, item 1's example: a mask that passed validation, then edited in place to hold 2**31 - 1,
-    used to crash the kernel (cdiv overflow, reads outside K/V). It is now re-validated (item 2)."""
+    """A mask that passed validation and is then edited in place to hold 2**31 - 1 (bounds whose tile
+    arithmetic would overflow) is validated again and refused before any launch, on both paths."""
     q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 40, 2, 8), torch.randn(1, 40, 2, 8)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     mask = tk.IntervalMask.full(1, 5, 40, device=DEVICE)
@@ -551,8 +552,9 @@ INT32_EDGES = [-(2**31), -(2**31) + 1, -1, 0, 1, 2**31 - 2, 2**31 - 1]
 @given(st.lists(st.one_of(st.integers(-70, 140), st.sampled_from(INT32_EDGES)), min_size=4, max_size=4),
        st.integers(1, 100), st.sampled_from([16, 32, 64]))
 def test_tile_ranges_stay_inside_the_columns_whatever_the_bounds(bounds, num_cols, block):
-    """Item 1's mechanism: the four bounds a program reads are clamped before any tile arithmetic, so the
-    three segments are consecutive and inside [0, cdiv(Sk, BLOCK)) for every int32 value (no overflow)."""
+    """How the kernels stay inside their tensors: the four bounds a program reads are clamped before any
+    tile arithmetic, so the three segments are consecutive and inside [0, cdiv(Sk, BLOCK)) for every int32
+    value (no overflow)."""
     start_first, start_last, end_first, end_last = bounds
     lo, inner_lo, inner_hi, hi = _tile_ranges_of([start_first, start_last], [end_first, end_last], num_cols, block)
     num_tiles = -(-num_cols // block)
@@ -566,7 +568,7 @@ def test_tile_ranges_stay_inside_the_columns_whatever_the_bounds(bounds, num_col
 
 @numpy_nan_warnings
 def test_kernels_read_nothing_outside_their_tensors_whatever_the_bounds():
-    """Item 1: the kernel ops themselves (below validation) with bounds no valid mask has: huge, negative,
+    """The kernel ops themselves (below validation) with bounds no valid mask has: huge, negative,
     decreasing, past Sk. Whatever they compute, they must not read outside q, k, v, d_out: with the
     padding around the views filled with NaN or with a finite value, every result is bitwise the same."""
     batch, seq_q, seq_k, heads_q, heads_kv, dim = 2, 70, 50, 2, 1, 16
@@ -576,7 +578,7 @@ def test_kernels_read_nothing_outside_their_tensors_whatever_the_bounds():
     kv_end = torch.tensor([[big, 50, 1, 2, 45, 60, big, 9, -3, 50] * 7,
                            [1, 2, 70, 2**30, 2, 6, 7, 100, 91, 30] * 7], dtype=torch.int32, device=DEVICE)
     # The rows a program reads its tile range from (first and last of each 32- and 64-row tile): the
-    # values that used to overflow cdiv (issue 11, item 1) and a range past both ends.
+    # values that overflow an unclamped cdiv, and a range past both ends.
     kv_start[:, [31, 63, 69]] = big
     kv_end[:, [0, 32, 64]] = -(2**31)
     kv_start[1, [0, 32]], kv_end[1, [31, 63]] = -(2**31), big
@@ -595,7 +597,7 @@ def test_kernels_read_nothing_outside_their_tensors_whatever_the_bounds():
 
 
 def test_keys_past_sk_are_never_phantom_keys():
-    """Item 1: with an (unvalidated) kv_end past Sk, the keys loaded as zeros past the end of K/V must not
+    """With an (unvalidated) kv_end past Sk, the keys loaded as zeros past the end of K/V must not
     count as visible keys: the rows see exactly their keys below Sk."""
     q, k, v = _qkv(1, 40, 40, 2, 2, 16, torch.float32, seed=42)
     start = torch.zeros(1, 40, dtype=torch.int32, device=DEVICE)
@@ -606,7 +608,7 @@ def test_keys_past_sk_are_never_phantom_keys():
     torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
 
 
-# Non-finite isolation (item 3). The issue's example: a NaN in V at a padding key.
+# Non-finite isolation (docs/design.md#empty-rows-and-non-finite-values). First: a NaN in V at a padding key.
 @numpy_nan_warnings
 def test_nan_at_a_padding_key_reaches_no_row_on_both_paths():
     mask = tk.IntervalMask.from_segment_ids(torch.tensor([[0] * 10 + [-1] * 6], device=DEVICE))
@@ -629,7 +631,7 @@ NONFINITE_SOURCES = ["q", "k", "v", "d_out"]
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("source", NONFINITE_SOURCES)
 def test_nonfinite_values_stay_inside_their_visible_pairs(source, value):
-    """Item 3: a non-finite value in q, k, v or d_out reaches only the outputs and gradients that depend
+    """A non-finite value in q, k, v or d_out reaches only the outputs and gradients that depend
     on it through a visible (query, key) pair. Both paths give the same NaN/inf entries and the same
     finite values; every entry the poisoned value cannot reach equals the clean run's (up to rounding)."""
     mask = tk.IntervalMask.from_spans(80, images=[[(10, 30)], [(40, 70)]], documents=[[35, 30], [75]],
@@ -665,7 +667,7 @@ def test_nonfinite_values_stay_inside_their_visible_pairs(source, value):
 
 @numpy_nan_warnings
 def test_rows_that_see_nothing_are_zero_whatever_q_k_v_hold():
-    """Item 3: padding rows give exactly 0 (lse -inf) and zero dq; keys nobody sees get zero dk and dv, on
+    """Padding rows give exactly 0 (lse -inf) and zero dq; keys nobody sees get zero dk and dv, on
     both paths, with NaN and inf everywhere in q, k, v and d_out outside the visible pairs."""
     mask = tk.IntervalMask.from_spans(48, images=[[(3, 9)]], documents=[[20]], device=DEVICE)
     gen = torch.Generator().manual_seed(45)
@@ -682,7 +684,7 @@ def test_rows_that_see_nothing_are_zero_whatever_q_k_v_hold():
 
 @numpy_nan_warnings
 def test_documents_of_a_packed_row_are_isolated():
-    """Item 3: a NaN anywhere in one document (q, k, v and d_out) leaves the other documents' outputs and
+    """A NaN anywhere in one document (q, k, v and d_out) leaves the other documents' outputs and
     gradients as without it (up to rounding), on both paths."""
     mask = tk.IntervalMask.from_spans(96, images=[[(5, 20), (50, 70)]], documents=[[40, 56]], device=DEVICE)
     gen = torch.Generator().manual_seed(46)
@@ -701,7 +703,7 @@ def test_documents_of_a_packed_row_are_isolated():
         assert torch.isnan(results[0][0, 5:40, 1]).all() and torch.isfinite(results[0][0, :, 0]).all()
 
 
-# Item 2 under torch.compile: no host sync, so both paths compute with the canonical bounds.
+# Mask validation under torch.compile: no host sync, so both paths compute with the canonical bounds.
 def _canonical_mask(kv_start, kv_end, seq_len_k):
     return tk.IntervalMask(*canonical_bounds(kv_start, kv_end, seq_len_k), seq_len_k)
 
@@ -747,7 +749,7 @@ def test_compiled_calls_compute_with_the_canonical_bounds_on_both_paths():
         _check_compiled_against_canonical(q, k, v, d_out, kv_start, kv_end)
 
 
-# ------------------------------------------------------------------------------ property test (issue 11)
+# ------------------------------------------------------------------------------ property test: random bad masks
 # Random bad masks thrown at the three kernels (forward, dK/dV, dQ: forward + backward), eagerly and
 # under torch.compile(fullgraph=True). Kept small for the interpreter: a few shapes, ~45 examples.
 PROPERTY_SHAPES = [(1, 37, 37, 2, 1, 16), (2, 20, 70, 2, 2, 8), (2, 70, 45, 1, 1, 16)]  # B, Sq, Sk, Hq, Hkv, D

@@ -1,4 +1,4 @@
-"""The autocast rule of every op (README, "Autocast"), on the kernel path and the reference path.
+"""The autocast rule of every op (docs/design.md#autocast), on the kernel path and the reference path.
 
 - Matmul consumers, ``attention`` and ``linear_cross_entropy``: under autocast their float operands
   are cast to autocast's dtype (as ``nn.Linear`` and SDPA do), then the op runs with autocast off.

@@ -235,7 +235,7 @@ def test_images_of_no_elements_are_a_named_error(shape, sizes, path):
 @pytest.mark.parametrize("target, unread", [("eps", "x0"), ("x0", "noise")])
 def test_an_input_the_target_does_not_read_cannot_poison_the_loss(target, unread, path):
     """eps reads only the noise, x0 only x0: a NaN or inf in the other input gives the same loss and
-    zero gradients on both paths (the kernels never load it; the reference used to compute 0 * nan)."""
+    zero gradients on both paths (the kernels never load it; the reference must not compute 0 * nan)."""
     gen = torch.Generator().manual_seed(16)
     x0, noise = _random((3, 5), torch.float32, gen), _random((3, 5), torch.float32, gen)
     pred = _random((3, 5), torch.float32, gen)
@@ -457,7 +457,7 @@ BAD_INPUTS = [
     (dict(reduction=None), TypeError, "reduction: expected a str"),
     (dict(weights=[1.0, 1.0, 1.0]), TypeError, "weights: expected a float tensor"),
     (dict(weights=torch.ones(3, device=DEVICE).bool()), TypeError, "weights: expected a float tensor"),
-    # Weights that are not finite, or negative, used to give a NaN or negative loss silently.
+    # Weights that are not finite, or negative, would give a NaN or negative loss silently.
     (dict(weights=torch.tensor([1.0, float("nan"), 1.0], device=DEVICE)), ValueError,
      r"weights: expected finite values >= 0, got weights\[1\] = nan"),
     (dict(weights=torch.tensor([1.0, 1.0, float("inf")], device=DEVICE)), ValueError, r"got weights\[2\] = inf"),
@@ -518,7 +518,7 @@ def test_add_noise_allows_empty_images_but_checks_offsets():
         tk.add_noise(x0, t, COSINE, seed=3, offsets=torch.tensor([0, 4, 3, 6], device=DEVICE))
 
 
-# ------------------------------------------------------------------------------ continuous time (issue 16)
+# ------------------------------------------------------------------------------ continuous time
 EDGE_TIMES = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
 # Float32 times per layout: every edge time, in batch and packed layouts.
 FLOAT_TIMES = {"one_image": [0.5], "batch": EDGE_TIMES, "packed": EDGE_TIMES + [0.25, 0.75],

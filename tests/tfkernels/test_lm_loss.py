@@ -295,7 +295,7 @@ BAD_INPUTS = [
     (dict(ignore_index=None), TypeError, "ignore_index: expected an int"),
     (dict(ignore_index=True), TypeError, "ignore_index: expected an int"),
     (dict(ignore_index=-100.0), TypeError, "ignore_index: expected an int"),
-    # Beyond int64 it used to overflow deep inside torch.
+    # Beyond int64 it would overflow deep inside torch.
     (dict(ignore_index=2**70), ValueError, r"ignore_index: expected an int in \[-9223372036854775808, 9223372036854775807\]"),
     (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index: expected an int in"),
     (dict(hidden=torch.randn(6, 4, device=DEVICE).to(torch.complex64)), TypeError, "hidden: expected float16"),
@@ -321,7 +321,7 @@ def test_bad_inputs_raise_before_launch(overrides, error, message, path, monkeyp
         tk.linear_cross_entropy(**_bad_args(**overrides))
 
 
-# ------------------------------------------------------------------------------ issue 15: the arguments porters expect
+# ------------------------------------------------------------------------------ the arguments porters expect
 def _class_weight(v, seed):
     return torch.rand(v, generator=torch.Generator().manual_seed(seed)).add(0.1).to(DEVICE)
 
@@ -479,7 +479,7 @@ def test_options_under_torch_compile(reduction, path):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_options_under_autocast(reduction, path):
-    """The autocast rule (README, "Autocast") with the new arguments: bias is cast like weight (nn.Linear's
+    """The autocast rule (docs/design.md#autocast) with bias and class_weight: bias is cast like weight (nn.Linear's
     operands); class_weight is not an operand of the GEMM and is read in float32. Bit for bit the op on the cast
     operands; gradients in the operands' own dtypes; anchored on eager under the same autocast against float64."""
     low = torch.bfloat16 if path == "reference" or DEVICE == "cuda" else torch.float16  # the interpreter: fp16

@@ -363,7 +363,7 @@ def test_every_batched_constructor_takes_an_empty_batch(call):
     assert mask.visible_pairs() == 0
 
 
-# ------------------------------------------------------------------------------ int32 sizes (issue 11, item 4)
+# ------------------------------------------------------------------------------ int32 sizes
 TOO_BIG = [2**31, 2**32 + 6, 2**63, 2**70]
 
 
@@ -386,8 +386,8 @@ TOO_BIG = [2**31, 2**32 + 6, 2**63, 2**70]
     ],
 )
 def test_sizes_past_int32_are_rejected_by_name(name, call, size):
-    """Positions are int32: causal(1, 4, 2**32 + 6) used to wrap and full(1, 3, 2**31) built a mask its own
-    validate() rejected. Every constructor now names the size that does not fit."""
+    """Positions are int32: unchecked, causal(1, 4, 2**32 + 6) would wrap and full(1, 3, 2**31) would build a
+    mask its own validate() rejects. Every constructor names the size that does not fit."""
     with pytest.raises(ValueError, match=rf"^{name}: expected an int in \[0, 2147483647\], got {size}$"):
         call(size)
 
@@ -409,7 +409,7 @@ def test_largest_int32_sizes_are_accepted_and_huge_windows_are_causal():
         assert torch.equal(wide.kv_start, causal.kv_start) and torch.equal(wide.kv_end, causal.kv_end)
 
 
-# ------------------------------------------------------------------------------ validation policy (item 2)
+# ------------------------------------------------------------------------------ validation policy
 def test_validation_names_the_first_bad_query_in_row_major_order():
     """Several violations: the first (batch row, query) is named, whichever check it fails."""
     start = torch.tensor([[0, 0, 0, 0], [0, 0, 0, -1]], dtype=torch.int32)
@@ -462,7 +462,7 @@ def test_values_are_checked_once_until_the_tensors_change(monkeypatch):
     ],
 )
 def test_values_are_rechecked_after_in_place_edits_and_swaps(edit, message):
-    """Issue 11, item 2: a mask edited in place (its version counter moves) or given other tensors after its
+    """A mask edited in place (its version counter moves) or given other tensors after its
     first check is checked again; the error names the first bad row."""
     mask = tk.IntervalMask.causal(1, 4)
     mask.validate()
@@ -571,8 +571,8 @@ def test_flex_block_mask_matches_reference_attention():
 
 
 # ------------------------------------------------------------------------------ constructors from other libraries
-# (issue 15: the masks FlashAttention, Hugging Face and SDPA users hold; issue 17: PixArt-alpha's cross-attention
-# and multi-aspect packed images). Each against a per-(query, key) definition written out in Python loops.
+# (the masks FlashAttention, Hugging Face and SDPA users hold; PixArt-alpha's cross-attention and
+# multi-aspect packed images). Each against a per-(query, key) definition written out in Python loops.
 def in_window(key, pos, left, right, causal):
     """FlashAttention's window rule: key within [pos - left, pos + right] (-1 unbounded; causal sets right = 0)."""
     right = 0 if causal else right
@@ -896,7 +896,7 @@ def test_from_dense_empty_rows_run_in_attention(attention_path):
 
 
 def test_cross_attention_with_key_lengths(attention_path):
-    """Issue 17, PixArt-alpha: image queries attend to captions padded to the longest one (GQA, Sq != Sk,
+    """PixArt-alpha: image queries attend to captions padded to the longest one (GQA, Sq != Sk,
     an empty caption)."""
     mask = tk.IntervalMask.from_key_lengths(torch.tensor([13, 5, 0]), 24, 13)
     out = check_against_dense(mask, 3, 24, 13, heads_q=4, heads_kv=1)[0]
@@ -904,8 +904,8 @@ def test_cross_attention_with_key_lengths(attention_path):
 
 
 def test_multi_aspect_images_in_one_call(attention_path):
-    """Issue 17: images of 4x3, 2x5 and 3x3 patches packed in one row (and 6x2 with padding in another), each
-    bidirectional within itself and blind to the others, in one call."""
+    """PixArt-alpha's multi-aspect batches: images of 4x3, 2x5 and 3x3 patches packed in one row (and 6x2
+    with padding in another), each bidirectional within itself and blind to the others, in one call."""
     mask = tk.IntervalMask.block_diagonal([[12, 10, 9], [12]], 32)
     check_against_dense(mask, 2, 32, 32)
 

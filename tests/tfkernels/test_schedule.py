@@ -172,7 +172,7 @@ def test_target_coefficients_and_check_target():
         check_target(None, NoiseSchedule.cosine(4))
 
 
-# ------------------------------------------------------------------------------ parameters (issue 11, item 6)
+# ------------------------------------------------------------------------------ parameters
 @pytest.mark.parametrize("call, error, message", [
     # Betas outside [0, 1] or not finite made tables above 1 or NaN; now a named error.
     (lambda: NoiseSchedule.linear(beta_start=-0.1), ValueError, r"beta_start: expected a finite float in \[0, 1\]"),
@@ -235,7 +235,7 @@ def test_raw_constructor_accepts_a_valid_schedule_s_tables():
         assert torch.equal(again.coefficients([0, 19])[1], schedule.coefficients([0, 19])[1])
 
 
-# ------------------------------------------------------------------------------ diffusers' names (issue 15)
+# ------------------------------------------------------------------------------ diffusers' names
 def test_diffusers_target_names_are_aliases():
     a, b = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
     for alias, target in TARGET_ALIASES.items():
@@ -332,7 +332,7 @@ def test_from_diffusers_needs_a_config():
         NoiseSchedule.from_diffusers("scheduler_config.json")
 
 
-# ------------------------------------------------------------------------------ continuous flow times (issue 16)
+# ------------------------------------------------------------------------------ continuous flow times
 FLOW = NoiseSchedule.rectified_flow(T)
 EDGE_TIMES = [0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]
 

@@ -395,7 +395,7 @@ def test_a_kill_at_any_point_of_the_swap_then_resume_finds_the_newest_checkpoint
 def test_two_kills_in_a_row_at_every_pair_of_points_keep_the_newest_checkpoint(tmp_path, monkeypatch):
     """Saving step 2 killed at operation n, then saving step 3 killed at operation m (with no
     recovery between: the save finishes the interrupted swap itself), for every n and m: the
-    recovery then finds the newest complete checkpoint. The issue's case: killed between the two
+    recovery then finds the newest complete checkpoint. In particular, killed between the two
     renames, the next save must not delete PATH.previous while no PATH exists."""
     switch, template, operations = _killed_runs(tmp_path, monkeypatch)
     runs = 0

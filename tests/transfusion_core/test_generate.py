@@ -319,7 +319,7 @@ def test_model_methods_delegate_to_the_generate_module():
         model.generate([[1]], steps=3)
 
 
-# ------------------------------------------------------------------ timestep spacings (issue 15)
+# ------------------------------------------------------------------ timestep spacings
 def test_our_even_spacing_and_diffusers_names():
     assert diffusion_timesteps(1000, 4, "even").tolist() == [999, 666, 333, 0]
     assert diffusion_timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
@@ -372,7 +372,7 @@ def test_generate_takes_a_timestep_spacing():
                                                                                          images["trailing"])
 
 
-# ------------------------------------------------------------------ continuous-time flow (issue 16)
+# ------------------------------------------------------------------ continuous-time flow
 def flow_model(image_encoder="linear", target="flow", **fields):
     return tiny_model(image_encoder, noise_schedule="flow", diffusion_target=target, **fields)
 

@@ -311,7 +311,7 @@ def losses(history):
 
 
 def test_two_kills_in_a_row_resume_from_the_newest_checkpoint_bit_identically(tmp_path, monkeypatch, capsys):
-    """The issue's case. Killed between the two renames of step 2's swap (checkpoint.previous =
+    """Killed between the two renames of step 2's swap (checkpoint.previous =
     step 1, checkpoint.partial = step 2, no checkpoint/), resumed, then killed again between the
     renames of step 3's: the second resume starts at step 3 with metrics 1..3, and the run ends
     as an uninterrupted one."""
@@ -474,7 +474,7 @@ def test_seq_len_too_short_for_the_embedded_captions_is_an_option_error(tmp_path
                                                           capsys)
 
 
-# ------------------------------------------------------------------------------ continuous-time flow (issue 16)
+# ------------------------------------------------------------------------------ continuous-time flow
 def test_noise_schedule_flow_option_and_its_defaults(tmp_path, capsys):
     assert train.PRESETS["tiny"]["noise_schedule"] == "cosine" and train.PRESETS["tiny"]["diffusion_target"] == "v"
     args = train.parse_args(["--noise-schedule", "flow"])

@@ -4,7 +4,8 @@ Dense scores per chunk of queries, so the forward memory stays bounded at long s
 (``S = 8192`` on a CPU); each chunk is one autograd node that saves its inputs and recomputes its
 scores in the backward pass, so the backward memory stays bounded too.
 
-Non-finite values are isolated by the mask (the kernels compute the same thing, DESIGN §2):
+Non-finite values are isolated by the mask (the kernels compute the same thing,
+docs/design.md#empty-rows-and-non-finite-values):
 
 * invisible (query, key) pairs are *selected* away, never multiplied by zero, so a NaN or inf in
   q, k, v or d_out at a pair the mask hides reaches no output and no gradient;

@@ -125,7 +125,7 @@ def test_memory_stays_bounded_at_8192(monkeypatch):
     torch.testing.assert_close(out[:, -4:].double(), expected, rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------ issue 11 (reference path)
+# ------------------------------------------------------------------------------ robustness on the reference path
 def _textbook(q, k, v, mask, scale, softcap=None):
     """Autograd of the plain formula on the dense mask (no chunking, no custom backward): out, lse."""
     group = q.shape[2] // k.shape[2]
@@ -175,8 +175,8 @@ def test_gradcheck_small():
 
 
 def test_nan_at_a_padding_key_is_isolated():
-    """Issue 11, item 3's example on the reference path: a NaN in V at a padding key used to turn all 16
-    rows NaN (0 * NaN in probs @ v)."""
+    """A NaN in V at a padding key reaches no row: multiplying hidden pairs by zero instead of selecting
+    them away would turn all 16 rows NaN (0 * NaN in probs @ v)."""
     mask = tk.IntervalMask.from_segment_ids(torch.tensor([[0] * 10 + [-1] * 6]))
     q, k, v = _inputs(1, 16, 16, 1, 1, 8, dtype=torch.float32, seed=11)
     v[0, 12] = float("nan")

@@ -73,7 +73,7 @@ def test_unknown_reduction_fails():
         linear_cross_entropy(hidden, weight, target, reduction="avg")
 
 
-# ------------------------------------------------------------------------------ issue 15: bias, class weights,
+# ------------------------------------------------------------------------------ bias, class weights,
 # label smoothing, soft-cap, z-loss term, any leading shape
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
