@@ -164,9 +164,11 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
 
     - ``"even"`` (ours, the default): evenly spaced from ``T - 1`` down to 0, both included,
       rounded (``linspace(T - 1, 0, steps)`` in float32): the run starts from the noisiest step.
-    - ``"linspace"``: diffusers' ``linspace``, ``linspace(0, T - 1, steps)`` in float64, rounded,
-      reversed. Equal to ``"even"`` but at rounding ties (15 of 1000: ``..., 571, 500`` where ours
-      ends ``..., 571, 499``) and for one step (0, ours ``T - 1``).
+    - ``"linspace"``: diffusers' ``linspace``, numpy's ``linspace(0, T - 1, steps)`` (float64
+      ``i * (T - 1) / (steps - 1)``, the last value ``T - 1``), rounded half to even, reversed: equal to
+      diffusers' for every ``T`` and ``steps``. Equal to ``"even"`` but at rounding ties (137 of the
+      step counts of ``T = 1000``; 15 steps: ``..., 571, 500, 428, ...`` where ours has 499) and for
+      one step (0, ours ``T - 1``).
     - ``"leading"``: ``k * (T // steps)`` for ``k = steps - 1 .. 0`` (diffusers' DDPM/DDIM default,
       Stable Diffusion's; without its ``steps_offset``): never starts at the noisiest step.
     - ``"trailing"``: ``round(T - k * T / steps) - 1`` for ``k = 0 .. steps - 1``: starts at
@@ -178,7 +180,11 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
     if spacing == "even":
         return torch.linspace(num_timesteps - 1, 0, steps).round().to(torch.int64)
     if spacing == "linspace":
-        return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0).to(torch.int64)
+        # numpy's linspace, as diffusers calls it: i * step, the last value set to the stop. torch's linspace
+        # fills its upper half from the stop down, which rounds differently at .5 ties (T = 1000, 61 steps).
+        values = torch.arange(steps, dtype=torch.float64) * ((num_timesteps - 1) / max(steps - 1, 1))
+        values[-1] = num_timesteps - 1 if steps > 1 else 0
+        return values.round().flip(0).to(torch.int64)
     if spacing == "leading":
         return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_timesteps // steps))
     # numpy's arange(T, 0, -T / steps), as diffusers calls it: numpy fills T + i * (a[1] - a[0]), whose

@@ -319,7 +319,7 @@ def test_model_methods_delegate_to_the_generate_module():
         model.generate([[1]], steps=3)
 
 
-# ------------------------------------------------------------------ timestep spacings (issue 15)
+# ------------------------------------------------------------------ timestep spacings
 def test_our_even_spacing_and_diffusers_names():
     assert diffusion_timesteps(1000, 4, "even").tolist() == [999, 666, 333, 0]
     assert diffusion_timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
@@ -345,6 +345,27 @@ def test_spacings_equal_diffusers_ddim_scheduler(spacing):
                 (num_timesteps, steps)
             # diffusers' trailing spacing has one value too many for some step counts: numpy's -1, no timestep.
             assert expected[steps:] in ([], [-1]), (num_timesteps, steps, expected[steps:])
+
+
+@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DDPMScheduler"])
+def test_linspace_spacing_equals_diffusers_for_every_step_count(scheduler_name):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (the test extra) is the reference")
+    for num_timesteps in (1000, 999, 500, 64, 7, 2, 1):
+        scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=num_timesteps, timestep_spacing="linspace")
+        for steps in range(1, num_timesteps + 1):
+            scheduler.set_timesteps(steps)
+            assert diffusion_timesteps(num_timesteps, steps, "linspace").tolist() == scheduler.timesteps.tolist(), \
+                (num_timesteps, steps)
+
+
+def test_linspace_spacing_rounds_numpys_grid():
+    """numpy's grid value ``30 * 999 / 60`` is 499.49999999999994 and rounds to 499; a grid filled from
+    the stop down, as torch's linspace fills its upper half, has 499.50000000000006 there, rounded to 500."""
+    timesteps = diffusion_timesteps(1000, 61, "linspace").tolist()
+    assert timesteps[29:32] == [516, 499, 483]
+    assert timesteps[0] == 999 and timesteps[-1] == 0
+    assert diffusion_timesteps(1, 1, "linspace").tolist() == [0]
+    assert diffusion_timesteps(1000, 1, "linspace").tolist() == [0]
 
 
 @pytest.mark.parametrize("spacing", ["even", "linspace", "leading", "trailing"])
