@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import FLOW_DEFAULTS, TransfusionConfig, is_int
+from .config import TransfusionConfig, is_int
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -250,18 +250,11 @@ def save_model(model, path) -> None:
     _write_file(path / CONFIG_FILE, (json.dumps(asdict(model.config), indent=2) + "\n").encode())
 
 
-# Fields added after checkpoints were first written, with the value every checkpoint written before
-# them was trained with: the flow-matching fields (such a checkpoint is a DDPM model, which they do
-# not affect).
-ADDED_FIELDS = dict(FLOW_DEFAULTS)
-
-
 def read_model_config(path) -> TransfusionConfig:
     """The ``TransfusionConfig`` of ``path/config.json``: every field present, known and checked.
 
-    A field missing (except one of ``ADDED_FIELDS``, which a checkpoint older than the field lacks and
-    which then takes its value), unknown, or that ``TransfusionConfig`` rejects (its ``TypeError`` or
-    ``ValueError``) raises ``CheckpointError`` naming the file and the field.
+    A field missing, unknown, or that ``TransfusionConfig`` rejects (its ``TypeError`` or ``ValueError``)
+    raises ``CheckpointError`` naming the file and the field.
     """
     file = _check_path("path", path) / CONFIG_FILE
     values = read_json(file)
@@ -269,7 +262,6 @@ def read_model_config(path) -> TransfusionConfig:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise CheckpointError(f"{file}: unknown TransfusionConfig fields {unknown}")
-    values = {**{name: value for name, value in ADDED_FIELDS.items() if name not in values}, **values}
     missing = [name for name in names if name not in values]
     if missing:
         raise CheckpointError(f"{file}: missing TransfusionConfig fields {missing}")

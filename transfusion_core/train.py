@@ -104,9 +104,6 @@ RUN_IDENTITY = (
     "min_lr_ratio",
     "warmup", "weight_decay", "grad_clip", "caption_first_prob", "drop_caption_prob", "seed", "vae",
 )
-# Options added after runs were first checkpointed, with the value every run checkpointed before them
-# trained with (its train_state.json lacks them): the cosine schedule, the flow fields at their defaults.
-ADDED_OPTIONS = {"noise_schedule": "cosine", **FLOW_DEFAULTS}
 
 
 @dataclass
@@ -505,7 +502,6 @@ def check_train_state(path: Path, state: dict, args: TrainArgs, codec, data: dic
     saved = state.get("args")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{file}: args: expected an object of the run's options, got {saved!r}")
-    saved = ADDED_OPTIONS | saved
     missing = [name for name in RUN_IDENTITY if name not in saved]
     if missing:
         raise CheckpointError(f"{file}: args: missing options {missing}")

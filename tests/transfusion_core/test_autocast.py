@@ -1,4 +1,4 @@
-"""The GPU training path on a CPU (issue 12): a full training step under autocast - model forward,
+"""The GPU training path on a CPU: a full training step under autocast - model forward,
 the LM and diffusion losses, backward, optimizer step - on the reference path under bfloat16 and on
 the kernel path (Triton's interpreter) under float16 (the interpreter mishandles bfloat16).
 

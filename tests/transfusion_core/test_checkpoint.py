@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 import transfusion_core as tc
 from transfusion_core import checkpoint
 from transfusion_core.checkpoint import CheckpointError, MissingCheckpointError
+from transfusion_core.config import FLOW_DEFAULTS
 
 from .support import packed, tiny_config
 
@@ -79,17 +81,17 @@ def _replace_tensor(path, name, tensor):
 WEIGHT = "norm.weight"  # [dim]
 
 
-def test_a_checkpoint_older_than_the_flow_fields_loads_with_their_defaults(tmp_path):
-    """config.json files written before the flow-matching fields existed lack them: they are DDPM models,
-    which those fields do not affect, and load as before; any other missing field still fails."""
+def test_a_config_without_fields_that_have_defaults_is_refused_naming_them(tmp_path):
+    """config.json holds every field: one left out is refused even where TransfusionConfig has a default
+    for it (the flow-matching fields), so a checkpoint never loads as a model it was not."""
     path = tmp_path
     tc.Transfusion(tiny_config()).save(path)
     values = json.loads((path / "config.json").read_text())
-    assert set(checkpoint.ADDED_FIELDS) <= set(values)
-    old = {k: v for k, v in values.items() if k not in checkpoint.ADDED_FIELDS}
-    (path / "config.json").write_text(json.dumps(old))
-    assert checkpoint.read_model_config(path) == tc.TransfusionConfig(**values)
-    tc.Transfusion.load(path)
+    assert set(FLOW_DEFAULTS) <= set(values)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in values.items() if k not in FLOW_DEFAULTS}))
+    missing = re.escape(str(sorted(FLOW_DEFAULTS, key=list(values).index)))
+    with pytest.raises(CheckpointError, match=rf"config.json: missing TransfusionConfig fields {missing}"):
+        tc.Transfusion.load(path)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -395,8 +397,8 @@ def test_a_kill_at_any_point_of_the_swap_then_resume_finds_the_newest_checkpoint
 def test_two_kills_in_a_row_at_every_pair_of_points_keep_the_newest_checkpoint(tmp_path, monkeypatch):
     """Saving step 2 killed at operation n, then saving step 3 killed at operation m (with no
     recovery between: the save finishes the interrupted swap itself), for every n and m: the
-    recovery then finds the newest complete checkpoint. The issue's case: killed between the two
-    renames, the next save must not delete PATH.previous while no PATH exists."""
+    recovery then finds the newest complete checkpoint. Killed between the two renames, the next
+    save must not delete PATH.previous while no PATH exists."""
     switch, template, operations = _killed_runs(tmp_path, monkeypatch)
     runs = 0
     for n in range(1, operations + 1):

@@ -423,7 +423,7 @@ def test_generate_takes_a_timestep_spacing():
                                                                                          images["trailing"])
 
 
-# ------------------------------------------------------------------ continuous-time flow (issue 16)
+# ------------------------------------------------------------------ continuous-time flow
 def flow_model(image_encoder="linear", target="flow", **fields):
     return tiny_model(image_encoder, noise_schedule="flow", diffusion_target=target, **fields)
 

@@ -122,7 +122,7 @@ def test_patch_position_embedding_is_the_same_in_training_and_in_cached_generati
     assert not torch.allclose(without, from_batch, atol=1e-3)
 
 
-# ------------------------------------------------------------------------------ continuous-time flow (issue 16)
+# ------------------------------------------------------------------------------ continuous-time flow
 def test_flow_loss_is_the_velocity_regression_at_continuous_times():
     """model(batch) of a flow model: the packer's integer draws become float times (config.continuous_times),
     x_t = (1 - t) x0 + t noise, and the diffusion loss is the per-image MSE against noise - x0."""
