@@ -462,3 +462,28 @@ def test_every_file_and_directory_is_fsynced_before_it_is_renamed_into_place(tmp
     assert ("fsync", parent) in log[last_file:keep_aside] and ("fsync", parent) in log[keep_aside + 1:swap_in]
     assert ("fsync", parent) in log[swap_in:]
     assert log.index(("unlink", "optimizer.safetensors")) > swap_in  # the old one goes only once the new is in
+
+
+def test_check_resume_compares_the_run_with_the_checkpoint(tmp_path):
+    """The run's identity options, codec, data, length, optimizer groups and model config, each named when it
+    differs; options outside the identity may change."""
+    config = tiny_config()
+    tc.Transfusion(config).save(tmp_path)
+    groups = [{"params": ["norm.weight"], "lr": 0.1, "betas": [0.9, 0.95]}]
+    state = {"step": 3, "args": {"lr": 0.1, "seed": 0, "out": "a"}, "codec": {"kind": "pixels"},
+             "data": {"data": None}, "param_groups": groups, "world_size": 1}
+    run = dict(options={"lr": 0.1, "seed": 0, "out": "b", "data": "x.jsonl"}, identity=("lr", "seed"), codec={"kind": "pixels"},
+               data={"data": None}, param_groups=[groups[0] | {"lr": 0.02}], steps=3, config=config)
+    checkpoint.check_resume(tmp_path, state, **run)
+    cases = [
+        (dict(options=run["options"] | {"seed": 1}), r"was trained with other options \(--seed: checkpoint 0, now 1\)"),
+        (dict(identity=("lr", "seed", "dim")), r"train_state.json: args: missing options \['dim'\]"),
+        (dict(codec={"kind": "vae"}), r"was trained with codec \{'kind': 'pixels'\}, now \{'kind': 'vae'\}"),
+        (dict(data={"data": {"bytes": 5, "sha256": "ab"}}), r"the data changed since .*: --data x.jsonl \(checkpoint None, now 5 bytes, sha256 ab\)"),
+        (dict(steps=2), r"train_state.json: step: expected at most --steps=2, got 3"),
+        (dict(param_groups=[groups[0] | {"betas": [0.9, 0.99]}]), r"param_groups\[0\].betas: expected \[0.9, 0.99\]"),
+        (dict(config=tiny_config(norm_eps=1e-3)), r"config.json: not the run's model \(norm_eps: checkpoint 1e-05, run 0.001\)"),
+    ]
+    for change, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.check_resume(tmp_path, state, **(run | change))

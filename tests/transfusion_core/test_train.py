@@ -39,6 +39,25 @@ def test_presets_fill_every_option_and_the_command_line_wins():
     assert small.seq_len == train.PRESETS["small"]["seq_len"] and small.lr == train.PRESETS["small"]["lr"]
 
 
+def test_every_option_is_declared_once_by_its_field():
+    """TrainArgs' fields are the options: the parser's flags, the presets, the checks and the resume identity
+    are read from them, and the README's table names every flag and no other."""
+    options = {f.name: f for f in dataclasses.fields(train.TrainArgs)}
+    flags = {action.dest: action.option_strings for action in train.argument_parser()._actions
+             if action.dest != "help"}
+    assert set(flags) == set(options)
+    assert flags["plots"] == ["--no-plots"] and flags["min_lr_ratio"] == ["--min-lr-ratio"]
+    assert all(flags[name] == [checkpoint.option_flag(name)] for name in options if name != "plots")
+    assert train.PRESETS["tiny"] == {name: f.metadata["presets"]["tiny"] for name, f in options.items()
+                                     if "tiny" in f.metadata["presets"]}
+    assert set(train.PRESETS["small"]) < set(train.PRESETS["tiny"])
+    assert set(train.RUN_IDENTITY) < set(options) and {"lr", "seed", "vae"} <= set(train.RUN_IDENTITY)
+    assert not {"out", "resume", "stop_at", "log_every", "threads"} & set(train.RUN_IDENTITY)
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    table = readme[readme.index("### Options"):readme.index("### Data, codec")]
+    assert set(re.findall(r"`(--[a-z-]+)`", table)) == {flag for names in flags.values() for flag in names}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "8", "--micro-batches", "3"], "--micro-batches"),
     (["--lr", "0"], "--lr: expected a finite float > 0"),
