@@ -12,11 +12,10 @@ Where each lives (README.md in this folder has the table): ``config``, ``data``,
 ``codec`` and ``plots``.
 """
 
-from . import ops
+from . import generate, ops  # generate gives Transfusion its generate method
 from .config import IGNORE_INDEX, TransfusionConfig
 from .data import ByteTokenizer, PackedBatch, Packer, patchify, unpatchify
-from .generate import KVCache
-from .model import Transfusion, TransfusionLoss
+from .model import KVCache, Transfusion, TransfusionLoss
 
 __all__ = [
     "IGNORE_INDEX",
@@ -27,6 +26,7 @@ __all__ = [
     "Transfusion",
     "TransfusionConfig",
     "TransfusionLoss",
+    "generate",
     "patchify",
     "ops",
     "unpatchify",

@@ -5,8 +5,9 @@ A model checkpoint is a directory with ``config.json`` (the ``TransfusionConfig`
 ``Transfusion.save`` / ``Transfusion.load`` call. A training checkpoint adds the optimizer state
 (``optimizer.safetensors``, one tensor per ``parameter/field``) and ``train_state.json`` (step,
 options, codec, parameter groups); ``write_training_checkpoint`` writes it beside the old one and
-swaps it in whole, and ``recover_training_checkpoint`` finishes a swap that a kill interrupted.
-Imports only ``config``: the model class is passed in.
+swaps it in whole, ``recover_training_checkpoint`` finishes a swap that a kill interrupted, and
+``check_resume`` refuses one that a run cannot continue exactly. Imports only ``config``: the model
+class and the run's options are passed in.
 
 Reading trusts nothing. Every problem with a checkpoint's files raises ``CheckpointError`` (a
 ``ValueError``) whose message starts with the file and names the field or tensor: JSON that is
@@ -45,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import FLOW_DEFAULTS, TransfusionConfig, is_int
+from .config import TransfusionConfig, is_int
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -250,18 +251,11 @@ def save_model(model, path) -> None:
     _write_file(path / CONFIG_FILE, (json.dumps(asdict(model.config), indent=2) + "\n").encode())
 
 
-# Fields added after checkpoints were first written, with the value every checkpoint written before
-# them was trained with: the flow-matching fields (such a checkpoint is a DDPM model, which they do
-# not affect).
-ADDED_FIELDS = dict(FLOW_DEFAULTS)
-
-
 def read_model_config(path) -> TransfusionConfig:
     """The ``TransfusionConfig`` of ``path/config.json``: every field present, known and checked.
 
-    A field missing (except one of ``ADDED_FIELDS``, which a checkpoint older than the field lacks and
-    which then takes its value), unknown, or that ``TransfusionConfig`` rejects (its ``TypeError`` or
-    ``ValueError``) raises ``CheckpointError`` naming the file and the field.
+    A field missing, unknown, or that ``TransfusionConfig`` rejects (its ``TypeError`` or ``ValueError``)
+    raises ``CheckpointError`` naming the file and the field.
     """
     file = _check_path("path", path) / CONFIG_FILE
     values = read_json(file)
@@ -269,7 +263,6 @@ def read_model_config(path) -> TransfusionConfig:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise CheckpointError(f"{file}: unknown TransfusionConfig fields {unknown}")
-    values = {**{name: value for name, value in ADDED_FIELDS.items() if name not in values}, **values}
     missing = [name for name in names if name not in values]
     if missing:
         raise CheckpointError(f"{file}: missing TransfusionConfig fields {missing}")
@@ -431,6 +424,81 @@ def read_train_state(checkpoint) -> dict:
     return state
 
 
+def option_flag(name: str) -> str:
+    """How the training script spells the option ``name`` on its command line (``--min-lr-ratio``),
+    as its errors and the resume errors name it."""
+    return "--" + name.replace("_", "-")
+
+
+def check_resume(checkpoint, state: dict, *, options: dict, identity, codec: dict, data: dict, param_groups,
+                 steps: int, config: TransfusionConfig) -> None:
+    """Refuse a training checkpoint that a run cannot continue exactly, naming what differs or is damaged.
+
+    ``state`` is ``read_train_state``'s (step and parameter-group layout checked). The run is described
+    by ``options`` (its options by name, as ``train_state.json`` stores them under ``args``), of which
+    those named in ``identity`` (everything that changes the arithmetic) must equal the checkpoint's;
+    ``codec`` and ``data`` (the sizes and hashes of its files), which must equal the checkpoint's;
+    ``param_groups`` of its optimizer (every key must match but the learning rate, which each step
+    sets); ``steps``, which the checkpoint's step must not exceed; and its model ``config``, which
+    ``config.json`` must hold. Raises ``CheckpointError`` naming the file or the options.
+    """
+    path = _check_path("checkpoint", checkpoint)
+    file = path / TRAIN_STATE_FILE
+    saved = state.get("args")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: args: expected an object of the run's options, got {saved!r}")
+    missing = [name for name in identity if name not in saved]
+    if missing:
+        raise CheckpointError(f"{file}: args: missing options {missing}")
+    differences = [f"{option_flag(name)}: checkpoint {saved[name]!r}, now {options[name]!r}"
+                   for name in identity if saved[name] != options[name]]
+    if differences:
+        raise CheckpointError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
+    if state.get("codec") != codec:
+        raise CheckpointError(f"--resume: {path} was trained with codec {state.get('codec')!r}, now {codec!r}")
+    saved_data = state.get("data")
+    if not isinstance(saved_data, dict):
+        raise CheckpointError(f"{file}: data: expected the sizes and hashes of the run's data, got {saved_data!r}")
+    if set(saved_data) != set(data):
+        raise CheckpointError(f"{file}: data: expected the keys {sorted(data)}, got {sorted(saved_data)}")
+    changed = [f"{option_flag(name)} {options[name]} (checkpoint {_describe(saved_data[name])}, "
+               f"now {_describe(data[name])})" for name in data if saved_data[name] != data[name]]
+    if changed:
+        raise CheckpointError(f"--resume: the data changed since {path} was written: {'; '.join(changed)}")
+    if state["step"] > steps:
+        raise CheckpointError(f"{file}: step: expected at most --steps={steps}, got {state['step']}")
+    if not is_int(state.get("world_size"), 1):
+        raise CheckpointError(f"{file}: world_size: expected an int >= 1, got {state.get('world_size')!r}")
+    groups = state["param_groups"]
+    current = json.loads(json.dumps(param_groups))
+    if len(groups) != len(current):
+        raise CheckpointError(f"{file}: param_groups: {len(groups)} groups, this run's optimizer has {len(current)}")
+    for k, (saved_group, group) in enumerate(zip(groups, current)):
+        if set(saved_group) != set(group):
+            raise CheckpointError(f"{file}: param_groups[{k}]: keys {sorted(saved_group)}, expected {sorted(group)}")
+        for key in group:
+            if key == "lr":
+                if not (isinstance(saved_group[key], (int, float)) and math.isfinite(saved_group[key])):
+                    raise CheckpointError(f"{file}: param_groups[{k}].lr: expected a finite number, "
+                                          f"got {saved_group[key]!r}")
+            elif saved_group[key] != group[key]:
+                got = repr(saved_group[key])
+                raise CheckpointError(f"{file}: param_groups[{k}].{key}: expected {group[key]!r} (this run's), "
+                                      f"got {got[:200] + '...' if len(got) > 200 else got}")
+    saved_config = read_model_config(path)
+    if saved_config != config:
+        differences = [f"{f.name}: checkpoint {getattr(saved_config, f.name)!r}, run {getattr(config, f.name)!r}"
+                       for f in fields(config) if getattr(saved_config, f.name) != getattr(config, f.name)]
+        raise CheckpointError(f"{path / CONFIG_FILE}: not the run's model ({'; '.join(differences)})")
+
+
+def _describe(fingerprint) -> str:
+    """A file fingerprint ``{"bytes": ..., "sha256": ...}`` in a message (anything else as its repr)."""
+    if not isinstance(fingerprint, dict):
+        return repr(fingerprint)
+    return f"{fingerprint.get('bytes')} bytes, sha256 {str(fingerprint.get('sha256'))[:12]}"
+
+
 def read_training_tensors(checkpoint, model_class, config: TransfusionConfig, param_groups) -> tuple[dict, dict]:
     """The weights and the optimizer state dict (``{"state": ..., "param_groups": param_groups}``).
 
@@ -475,7 +543,7 @@ def read_training_tensors(checkpoint, model_class, config: TransfusionConfig, pa
 
 __all__ = [
     "CONFIG_FILE", "OPTIMIZER_FILE", "TRAINING_FILES", "TRAIN_STATE_FILE", "WEIGHTS_FILE", "CheckpointError",
-    "MissingCheckpointError", "atomic_write", "discard_training_checkpoint", "is_complete", "load_model", "read_json",
-    "read_model_config", "read_train_state", "read_training_tensors", "recover_training_checkpoint", "save_model",
-    "write_training_checkpoint",
+    "MissingCheckpointError", "atomic_write", "check_resume", "discard_training_checkpoint", "is_complete",
+    "load_model", "option_flag", "read_json", "read_model_config", "read_train_state", "read_training_tensors",
+    "recover_training_checkpoint", "save_model", "write_training_checkpoint",
 ]

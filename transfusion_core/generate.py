@@ -1,10 +1,11 @@
-"""Generation: the KV cache, the sampling steps, and the mixed-modal loop ``generate(model, prompt)``.
+"""Generation: the sampling steps and the mixed-modal loop ``generate(model, prompt)``, also the model's
+method ``model.generate(prompt)``.
 
-LM mode samples text tokens through the cache (``sample_token``: temperature, top-k, top-p). At
-BOI it switches to diffusion mode: it appends ``(H/p)*(W/p)`` noise patches, denoises them against
-the cached prefix (optional classifier-free guidance), writes the clean image into the cache, then
-EOI, and returns to LM mode. ``Transfusion.generate`` and ``Transfusion.new_cache`` are thin
-methods calling this module.
+This module builds on ``model.py`` (the model and its ``KVCache``), never the reverse. LM mode samples
+text tokens through the cache (``sample_token``: temperature, top-k, top-p). At BOI it switches to
+diffusion mode: it appends ``(H/p)*(W/p)`` noise patches, denoises them against the cached prefix
+(optional classifier-free guidance), writes the clean image into the cache, then EOI, and returns to
+LM mode.
 
 CM3Leon's decoding in LM mode: classifier-free guidance on logits (``guided_logits``) and
 contrastive top-k decoding (``contrastive_logits``) both read a second, unconditional (or weaker)
@@ -32,82 +33,17 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tfkernels._checks import check_choice, check_float, check_int
 
 from .config import TransfusionConfig, is_int
 from .data import document_segments, patchify, unpatchify
-from .model import Transfusion
+from .model import KVCache, Transfusion
 
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}  # name -> eta: 1 is DDPM's ancestral step, 0 is DDIM's
 FLOW_SAMPLERS = ("euler", "heun")  # ODE steps of a continuous-time model
 # Where the steps of a DDPM/DDIM run fall among the T training steps (``diffusion_timesteps``).
 TIMESTEP_SPACINGS = ("even", "linspace", "leading", "trailing")
-
-
-# ----------------------------------------------------------------------------------------------
-# KV cache
-# ----------------------------------------------------------------------------------------------
-class KVCache:
-    """Keys and values of every layer for the positions generated so far.
-
-    Rows are right-aligned: every row ends at ``length`` and row ``b``'s keys start at
-    ``row_start[b]`` (its mask never shows the slots before), so sequences of different lengths,
-    like a prompt and the unconditional prefix of classifier-free guidance, share one batch.
-    A step writes its keys at ``[length, length + n)``; ``commit(n)`` keeps them, otherwise the
-    next step overwrites them (a denoising step's noisy patches).
-    """
-
-    def __init__(self, config: TransfusionConfig, batch_size: int, device, dtype, capacity: int = 256):
-        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.length = 0
-        self.row_start = torch.zeros(batch_size, dtype=torch.int64, device=device)
-
-    @property
-    def batch_size(self) -> int:
-        return self.row_start.shape[0]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write ``k, v [B, n, Hkv, Dh]`` after the committed keys; return all ``[B, length+n, ...]``."""
-        end = self.length + k.shape[1]
-        if end > self.keys[layer].shape[1]:
-            grow = max(end, 2 * self.keys[layer].shape[1]) - self.keys[layer].shape[1]
-            self.keys[layer] = F.pad(self.keys[layer], (0, 0, 0, 0, 0, grow))
-            self.values[layer] = F.pad(self.values[layer], (0, 0, 0, 0, 0, grow))
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-    def commit(self, n: int) -> None:
-        self.length += n
-
-    def row(self, index: int) -> KVCache:
-        """A copy of row ``index`` alone (its committed keys and values, without its left padding)."""
-        start = int(self.row_start[index])
-        single = KVCache.__new__(KVCache)
-        single.length = self.length - start
-        single.row_start = self.row_start.new_zeros(1)
-        single.keys = [k[index:index + 1, start:self.length].clone() for k in self.keys]
-        single.values = [v[index:index + 1, start:self.length].clone() for v in self.values]
-        return single
-
-    @staticmethod
-    def stack(caches: Sequence[KVCache]) -> KVCache:
-        """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
-        length = max(c.length for c in caches)
-        merged = KVCache.__new__(KVCache)
-        merged.length = length
-        merged.row_start = torch.cat([c.row_start + (length - c.length) for c in caches])
-        merged.keys, merged.values = [], []  # per layer [sum of B, length, Hkv, Dh], left-padded rows
-        for layer in range(len(caches[0].keys)):
-            for store, source in ((merged.keys, "keys"), (merged.values, "values")):
-                rows = [F.pad(getattr(c, source)[layer][:, :c.length], (0, 0, 0, 0, length - c.length, 0))
-                        for c in caches]
-                store.append(torch.cat(rows))
-        return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +100,11 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
 
     - ``"even"`` (ours, the default): evenly spaced from ``T - 1`` down to 0, both included,
       rounded (``linspace(T - 1, 0, steps)`` in float32): the run starts from the noisiest step.
-    - ``"linspace"``: diffusers' ``linspace``, ``linspace(0, T - 1, steps)`` in float64, rounded,
-      reversed. Equal to ``"even"`` but at rounding ties (15 of 1000: ``..., 571, 500`` where ours
-      ends ``..., 571, 499``) and for one step (0, ours ``T - 1``).
+    - ``"linspace"``: diffusers' ``linspace``, numpy's ``linspace(0, T - 1, steps)`` (float64
+      ``i * (T - 1) / (steps - 1)``, the last value ``T - 1``), rounded half to even, reversed: equal to
+      diffusers' for every ``T`` and ``steps``. Equal to ``"even"`` but at rounding ties (137 of the
+      step counts of ``T = 1000``; 15 steps: ``..., 571, 500, 428, ...`` where ours has 499) and for
+      one step (0, ours ``T - 1``).
     - ``"leading"``: ``k * (T // steps)`` for ``k = steps - 1 .. 0`` (diffusers' DDPM/DDIM default,
       Stable Diffusion's; without its ``steps_offset``): never starts at the noisiest step.
     - ``"trailing"``: ``round(T - k * T / steps) - 1`` for ``k = 0 .. steps - 1``: starts at
@@ -178,7 +116,11 @@ def diffusion_timesteps(num_timesteps: int, steps: int, spacing: str = "even") -
     if spacing == "even":
         return torch.linspace(num_timesteps - 1, 0, steps).round().to(torch.int64)
     if spacing == "linspace":
-        return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().flip(0).to(torch.int64)
+        # numpy's linspace, as diffusers calls it: i * step, the last value set to the stop. torch's linspace
+        # fills its upper half from the stop down, which rounds differently at .5 ties (T = 1000, 61 steps).
+        values = torch.arange(steps, dtype=torch.float64) * ((num_timesteps - 1) / max(steps - 1, 1))
+        values[-1] = num_timesteps - 1 if steps > 1 else 0
+        return values.round().flip(0).to(torch.int64)
     if spacing == "leading":
         return (torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_timesteps // steps))
     # numpy's arange(T, 0, -T / steps), as diffusers calls it: numpy fills T + i * (a[1] - a[0]), whose
@@ -431,6 +373,11 @@ def generate(
     if text:
         outputs.append(text)
     return outputs
+
+
+# The method form, ``model.generate(prompt, ...)``, is this function itself: one signature, one docstring.
+# It is set here because the loop builds on the model; model.py never imports this module.
+Transfusion.generate = generate
 
 
 def generate_image(model: Transfusion, cache: KVCache, image_hw, *, steps, sampler, cfg_scale, clip_x0,

@@ -12,10 +12,11 @@ Transfusion mask: causal, bidirectional inside each image, blind across packed d
 (``tk.IntervalMask``, ``tk.attention``). Text positions are trained with next-token prediction,
 patches with the diffusion loss; ``loss = lm_loss + diffusion_loss_weight * diffusion_loss``.
 
-This module holds the model only: its config is ``config.py``'s, the documents and packed
-batches it reads are ``data.py``'s; the KV cache and the generation loop (``generate.py``) and the
-checkpoint files (``checkpoint.py``) are reached through thin methods; the image path's layers
-(timestep embedding, linear or U-Net patches) are ``image_path.py``'s.
+This module holds the model and its KV cache (``KVCache``, ``extend_text`` / ``extend_image``): its
+config is ``config.py``'s, the documents and packed batches it reads are ``data.py``'s; the checkpoint
+files (``checkpoint.py``) are reached through thin methods; the image path's layers (timestep
+embedding, linear or U-Net patches) are ``image_path.py``'s. The generation loop (``generate.py``)
+builds on this module and gives the model its ``generate`` method.
 
 Shapes: ``B`` rows, ``S`` positions, ``D`` model dim, ``N`` images, ``P`` patches of all images,
 ``C*p*p`` values per patch (``p`` = patch size), ``V`` vocabulary, ``H`` heads, ``Dh`` head dim.
@@ -23,8 +24,9 @@ Shapes: ``B`` rows, ``S`` positions, ``D`` model dim, ``N`` images, ``P`` patche
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,9 +39,6 @@ from . import checkpoint, ops
 from .config import IGNORE_INDEX, TransfusionConfig, continuous_times, noise_schedule
 from .data import PackedBatch
 from .image_path import ImageLayout, LinearPatches, TimestepEmbedding, UNetPatches, patch_position_embedding
-
-if TYPE_CHECKING:  # generate.py imports this module; the model only passes its caches along
-    from .generate import KVCache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +102,70 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys and values of every layer for the positions generated so far.
+
+    Rows are right-aligned: every row ends at ``length`` and row ``b``'s keys start at
+    ``row_start[b]`` (its mask never shows the slots before), so sequences of different lengths,
+    like a prompt and the unconditional prefix of classifier-free guidance, share one batch.
+    A step writes its keys at ``[length, length + n)``; ``commit(n)`` keeps them, otherwise the
+    next step overwrites them (a denoising step's noisy patches).
+    """
+
+    def __init__(self, config: TransfusionConfig, batch_size: int, device, dtype, capacity: int = 256):
+        shape = (batch_size, capacity, config.n_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+        self.row_start = torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.row_start.shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v [B, n, Hkv, Dh]`` after the committed keys; return all ``[B, length+n, ...]``."""
+        end = self.length + k.shape[1]
+        if end > self.keys[layer].shape[1]:
+            grow = max(end, 2 * self.keys[layer].shape[1]) - self.keys[layer].shape[1]
+            self.keys[layer] = F.pad(self.keys[layer], (0, 0, 0, 0, 0, grow))
+            self.values[layer] = F.pad(self.values[layer], (0, 0, 0, 0, 0, grow))
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def row(self, index: int) -> KVCache:
+        """A copy of row ``index`` alone (its committed keys and values, without its left padding)."""
+        start = int(self.row_start[index])
+        single = KVCache.__new__(KVCache)
+        single.length = self.length - start
+        single.row_start = self.row_start.new_zeros(1)
+        single.keys = [k[index:index + 1, start:self.length].clone() for k in self.keys]
+        single.values = [v[index:index + 1, start:self.length].clone() for v in self.values]
+        return single
+
+    @staticmethod
+    def stack(caches: Sequence[KVCache]) -> KVCache:
+        """One cache holding the rows of all ``caches``, right-aligned at the longest length."""
+        length = max(c.length for c in caches)
+        merged = KVCache.__new__(KVCache)
+        merged.length = length
+        merged.row_start = torch.cat([c.row_start + (length - c.length) for c in caches])
+        merged.keys, merged.values = [], []  # per layer [sum of B, length, Hkv, Dh], left-padded rows
+        for layer in range(len(caches[0].keys)):
+            for store, source in ((merged.keys, "keys"), (merged.values, "values")):
+                rows = [F.pad(getattr(c, source)[layer][:, :c.length], (0, 0, 0, 0, length - c.length, 0))
+                        for c in caches]
+                store.append(torch.cat(rows))
+        return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,10 +233,8 @@ def _check_times(name: str, t, shape: tuple, what: str, config: TransfusionConfi
 
 
 def _check_cache(cache, model: Transfusion) -> None:
-    from .generate import KVCache  # generate.py builds on this module, not the other way round
-
     if not isinstance(cache, KVCache):
-        raise TypeError(f"cache: expected a transfusion_core.generate.KVCache (model.new_cache()), "
+        raise TypeError(f"cache: expected a transfusion_core.KVCache (model.new_cache()), "
                         f"got {type(cache).__name__}")
     if len(cache.keys) != model.config.n_layers or cache.row_start.device != model.device:
         raise ValueError(f"cache: expected a cache of this model ({model.config.n_layers} layers on {model.device}), "
@@ -191,7 +252,9 @@ class TransfusionLoss(NamedTuple):
 
 class Transfusion(nn.Module):
     """``model(batch)``: the training loss of a ``PackedBatch``; ``predict``: hidden states and image
-    predictions; ``extend_text`` / ``extend_image``: the next positions after a KV cache."""
+    predictions; ``extend_text`` / ``extend_image``: the next positions after a KV cache;
+    ``generate(prompt, ...)``: mixed-modal generation, ``transfusion_core.generate.generate`` itself
+    as a method (generate.py sets it: the loop builds on this module)."""
 
     def __init__(self, config: TransfusionConfig):
         super().__init__()
@@ -376,20 +439,11 @@ class Transfusion(nn.Module):
             cache.commit(n)
         return self.image_io.decode(hidden.flatten(0, 1), time_emb, layout, skips).view(batch, n, -1)
 
-    # ------------------------------------------------------------------ generation and checkpoints
+    # ------------------------------------------------------------------ caches and checkpoints
     def new_cache(self, batch_size: int = 1) -> KVCache:
-        """An empty ``transfusion_core.generate.KVCache`` for this model's layers, device and dtype."""
-        from .generate import KVCache  # generate.py builds on this module, not the other way round
-
+        """An empty ``KVCache`` for this model's layers, device and dtype."""
         check_int("batch_size", batch_size, 1)
         return KVCache(self.config, batch_size, self.device, self.tok_embeddings.weight.dtype)
-
-    def generate(self, prompt, **options) -> list:
-        """Continue a mixed-modal prompt: ``transfusion_core.generate.generate(self, prompt, **options)``
-        (its docstring lists the options and what it returns)."""
-        from .generate import generate
-
-        return generate(self, prompt, **options)
 
     def save(self, path) -> None:
         """Write ``path/model.safetensors`` (weights) and ``path/config.json``; nothing pickled."""

@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -48,20 +48,20 @@ from tfkernels._checks import check_choice, check_float, check_int
 from tfkernels.schedule import TIME_DISTRIBUTIONS
 
 from .checkpoint import (
-    TRAIN_STATE_FILE,
     TRAINING_FILES,
     CheckpointError,
     atomic_write,
+    check_resume,
     discard_training_checkpoint,
     is_complete,
-    read_model_config,
+    option_flag,
     read_train_state,
     read_training_tensors,
     recover_training_checkpoint,
     write_training_checkpoint,
 )
 from .codec import PixelCodec, VAECodec, encode_dataset
-from .config import FLOW_DEFAULTS, TransfusionConfig, is_int
+from .config import FLOW_DEFAULTS, IMAGE_ENCODERS, TransfusionConfig, is_int
 from .data import ByteTokenizer, Packer
 from .datasets import MAX_IMAGE_SIZE, DataError, ShapesDataset, heldout_set, training_set
 from .evaluate import write_samples
@@ -75,150 +75,138 @@ TRAIN_SCHEDULES = ("cosine", "linear", "flow")
 TRAIN_TARGETS = ("eps", "v", "x0", "flow")
 METRICS_FILE = "metrics.jsonl"
 
-# Presets: every option below has a value in "tiny"; other presets override some of them.
-PRESETS = {
-    # The CPU default: the embedded data set (one shape per 16x16 image), a 0.9M-parameter model.
-    # About 6 minutes of training on 2 CPU cores (the README gives the time and figures reached).
-    "tiny": dict(
-        data="shapes", heldout_data=None, image_size=16, max_shapes=1, train_samples=100_000, heldout_samples=48,
-        dim=128, n_layers=4, n_heads=4, image_encoder="linear", patch_size=4, diffusion_target="v",
-        noise_schedule="cosine", **FLOW_DEFAULTS,
-        steps=1800, batch_size=32, micro_batches=1, seq_len=57,
-        lr=1e-3, min_lr_ratio=0.1, warmup=100, weight_decay=0.01, grad_clip=1.0,
-        caption_first_prob=0.5, drop_caption_prob=0.1,
-        checkpoint_every=500, log_every=25, samples=8, sample_steps=25, cfg_scale=3.0,
-    ),
-    # For a GPU (not measured here): 32x32 images of one or two shapes, U-Net patches, 2x2.
-    "small": dict(
-        image_size=32, max_shapes=2, train_samples=1_000_000, heldout_samples=96,
-        dim=384, n_layers=8, n_heads=6, image_encoder="unet", patch_size=2,
-        steps=20_000, batch_size=256, micro_batches=8, seq_len=1024, lr=5e-4, warmup=1000,
-        checkpoint_every=2000, log_every=100,
-    ),
-}
-# What a resumed run must share with its checkpoint: everything that changes the arithmetic.
-RUN_IDENTITY = (
-    "data", "heldout_data", "image_size", "max_shapes", "train_samples", "dim", "n_layers", "n_heads",
-    "image_encoder", "patch_size", "diffusion_target", "noise_schedule", *FLOW_DEFAULTS, "steps", "batch_size",
-    "micro_batches", "seq_len", "lr",
-    "min_lr_ratio",
-    "warmup", "weight_decay", "grad_clip", "caption_first_prob", "drop_caption_prob", "seed", "vae",
-)
-# Options added after runs were first checkpointed, with the value every run checkpointed before them
-# trained with (its train_state.json lacks them): the cosine schedule, the flow fields at their defaults.
-ADDED_OPTIONS = {"noise_schedule": "cosine", **FLOW_DEFAULTS}
+
+# ----------------------------------------------------------------------------------------------
+# Options: each declared once, as a field of TrainArgs; the parser, the presets, the checks of one
+# option and the resume identity are read from the fields' metadata.
+# ----------------------------------------------------------------------------------------------
+# "tiny" (the default) is sized for a CPU: the embedded data set (one shape per 16x16 image), a 0.9M-parameter
+# model (the README gives its training time on 2 CPU cores and the figures it reaches).
+# "small" is sized for a GPU (its figures are not measured): 32x32 images of one or two shapes, U-Net patches, 2x2.
+# A preset starts from tiny's values and overrides some.
+PRESET_NAMES = ("tiny", "small")
+_NO_VALUE = object()  # an option without a value in a preset
+
+
+def option(group: str | None, help: str, *, tiny=_NO_VALUE, small=_NO_VALUE, identity: bool = False,
+           choices: tuple | None = None, low=None, high=None, above=None, default=None):
+    """A field of ``TrainArgs``: the option ``--name`` (``--no-name`` for a bool that defaults to True).
+
+    ``group``: its section of ``--help``. ``tiny``, ``small``: its value in each preset. ``default``:
+    its value where neither a preset nor the command line gives one. ``identity``: part of what a
+    resumed run must share with its checkpoint (everything that changes the arithmetic).
+    ``choices``, ``low`` / ``high`` (inclusive) and ``above`` (exclusive, for a float): the values
+    ``check_args`` accepts, by the field's type.
+    """
+    presets = {name: value for name, value in zip(PRESET_NAMES, (tiny, small)) if value is not _NO_VALUE}
+    return field(metadata={"group": group, "help": help, "presets": presets, "identity": identity,
+                           "choices": choices, "low": low, "high": high, "above": above, "default": default})
 
 
 @dataclass
 class TrainArgs:
-    out: str
-    preset: str
-    data: str
-    heldout_data: str | None
-    image_size: int
-    max_shapes: int
-    train_samples: int
-    heldout_samples: int
-    vae: str | None
-    latent_cache: str | None
-    dim: int
-    n_layers: int
-    n_heads: int
-    image_encoder: str
-    patch_size: int
-    diffusion_target: str
-    noise_schedule: str
-    flow_time_distribution: str
-    flow_time_mean: float
-    flow_time_std: float
-    flow_shift: float
-    steps: int
-    batch_size: int
-    micro_batches: int
-    seq_len: int
-    lr: float
-    min_lr_ratio: float
-    warmup: int
-    weight_decay: float
-    grad_clip: float
-    caption_first_prob: float
-    drop_caption_prob: float
-    seed: int
-    checkpoint_every: int
-    log_every: int
-    samples: int
-    sample_steps: int
-    cfg_scale: float
-    resume: bool
-    stop_at: int | None
-    fsdp: bool
-    device: str | None
-    threads: int | None
-    plots: bool
+    """The options of a training run (``--help``; the README's table)."""
+
+    preset: str = option(None, "defaults for every option below", choices=PRESET_NAMES, default="tiny")
+    out: str = option(None, "output directory (default: runs/PRESET)")
+    data: str = option("data", '"shapes" (embedded) or a JSONL file of {"image": path, "caption": text}',
+                       tiny="shapes", identity=True)
+    heldout_data: str | None = option("data", "held-out JSONL file, for a JSONL data set", tiny=None, identity=True)
+    image_size: int = option("data", "image side in pixels", tiny=16, small=32, identity=True, low=1)
+    max_shapes: int = option("data", "embedded data set: shapes per image, 1..max", tiny=1, small=2, identity=True,
+                             low=1, high=2)
+    train_samples: int = option("data", "embedded data set: training scenes", tiny=100_000, small=1_000_000,
+                                identity=True, low=1)
+    heldout_samples: int = option("data", "embedded data set: held-out scenes", tiny=48, small=96, low=1)
+    vae: str | None = option("data", "a local diffusers AutoencoderKL directory (default: pixel space)",
+                             identity=True)
+    latent_cache: str | None = option("data", "where VAE latents are cached (default: OUT/latents)")
+    dim: int = option("model", "model width", tiny=128, small=384, identity=True, low=1)
+    n_layers: int = option("model", "transformer blocks", tiny=4, small=8, identity=True, low=1)
+    n_heads: int = option("model", "attention heads", tiny=4, small=6, identity=True, low=1)
+    image_encoder: str = option("model", "patch embedding: a linear layer or U-Net down blocks", tiny="linear",
+                                small="unet", identity=True, choices=IMAGE_ENCODERS)
+    patch_size: int = option("model", "patch side in latent pixels", tiny=4, small=2, identity=True, low=1)
+    diffusion_target: str = option("model", "what the image output predicts (default with --noise-schedule flow: "
+                                   "flow)", tiny="v", identity=True, choices=TRAIN_TARGETS)
+    noise_schedule: str = option("model", "DDPM betas (integer steps) or flow: continuous-time rectified flow",
+                                 tiny="cosine", identity=True, choices=TRAIN_SCHEDULES)
+    flow_time_distribution: str = option("model", "flow: how training draws t in [0, 1], before the shift",
+                                         tiny=FLOW_DEFAULTS["flow_time_distribution"], identity=True,
+                                         choices=TIME_DISTRIBUTIONS)
+    flow_time_mean: float = option("model", "flow, logit_normal: mean of the normal",
+                                   tiny=FLOW_DEFAULTS["flow_time_mean"], identity=True)
+    flow_time_std: float = option("model", "flow, logit_normal: std of the normal",
+                                  tiny=FLOW_DEFAULTS["flow_time_std"], identity=True, above=0)
+    flow_shift: float = option("model", "flow: time shift s t / (1 + (s - 1) t) of training and sampling (SD3)",
+                               tiny=FLOW_DEFAULTS["flow_shift"], identity=True, above=0)
+    steps: int = option("optimisation", "optimizer steps", tiny=1800, small=20_000, identity=True, low=1)
+    batch_size: int = option("optimisation", "documents per step, over all processes", tiny=32, small=256,
+                             identity=True, low=1)
+    micro_batches: int = option("optimisation", "micro-batches per step, over all processes", tiny=1, small=8,
+                                identity=True, low=1)
+    seq_len: int = option("optimisation", "positions per packed row", tiny=57, small=1024, identity=True, low=1)
+    lr: float = option("optimisation", "peak learning rate", tiny=1e-3, small=5e-4, identity=True, above=0)
+    min_lr_ratio: float = option("optimisation", "final learning rate / peak", tiny=0.1, identity=True, low=0, high=1)
+    warmup: int = option("optimisation", "linear warmup steps", tiny=100, small=1000, identity=True, low=0)
+    weight_decay: float = option("optimisation", "AdamW weight decay", tiny=0.01, identity=True, low=0)
+    grad_clip: float = option("optimisation", "max gradient norm", tiny=1.0, identity=True, above=0)
+    caption_first_prob: float = option("optimisation", "caption before its image (the paper: 0.8)", tiny=0.5,
+                                       identity=True, low=0, high=1)
+    drop_caption_prob: float = option("optimisation", "caption dropout, for guidance (the paper: 0.1)", tiny=0.1,
+                                      identity=True, low=0, high=1)
+    seed: int = option("optimisation", "seed of every random choice", tiny=0, identity=True, low=0)
+    checkpoint_every: int = option("run", "steps between checkpoints (and one at the end)", tiny=500, small=2000,
+                                   low=1)
+    log_every: int = option("run", "steps between progress lines", tiny=25, small=100, low=1)
+    samples: int = option("run", "held-out samples in samples.png (0: none)", tiny=8, low=0)
+    sample_steps: int = option("run", "steps per sample image (DDIM; Euler for a flow model)", tiny=25, low=1)
+    cfg_scale: float = option("run", "guidance scale of the sample images", tiny=3.0)
+    resume: bool = option("run", "continue from OUT/checkpoint if there is one", default=False)
+    stop_at: int | None = option("run", "stop after this step, as an interruption would (resume later)")
+    fsdp: bool = option("run", "under torchrun: FSDP2 instead of DDP", default=False)
+    device: str | None = option("run", "cpu or cuda (default: cuda when available)")
+    threads: int | None = option("run", "torch CPU threads (default: torch's)", low=1)
+    plots: bool = option("run", "skip loss_curve.png and samples.png", default=True)
+
+
+OPTIONS = fields(TrainArgs)
+PRESETS = {preset: {f.name: f.metadata["presets"][preset] for f in OPTIONS if preset in f.metadata["presets"]}
+           for preset in PRESET_NAMES}
+# What a resumed run must share with its checkpoint (checkpoint.check_resume).
+RUN_IDENTITY = tuple(f.name for f in OPTIONS if f.metadata["identity"])
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of ``TrainArgs``: only the options given land in the namespace."""
+    parser = argparse.ArgumentParser(prog="python -m transfusion_core.train", description=__doc__.split("\n\n")[0],
+                                     epilog="An option left out takes the preset's value (PRESETS in this module).",
+                                     argument_default=argparse.SUPPRESS)
+    groups = {None: parser}
+    for f in OPTIONS:
+        meta = f.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = groups[meta["group"]]
+        if f.type == "bool":  # a flag that flips the default
+            flag = option_flag(f.name if not meta["default"] else f"no_{f.name}")
+            group.add_argument(flag, dest=f.name, action="store_false" if meta["default"] else "store_true",
+                               help=meta["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
+            group.add_argument(option_flag(f.name), type=kind, choices=meta["choices"], help=meta["help"])
+    return parser
 
 
 def parse_args(argv=None) -> TrainArgs:
-    parser = argparse.ArgumentParser(prog="python -m transfusion_core.train", description=__doc__.split("\n\n")[0],
-                                     epilog="An option left out takes the preset's value (PRESETS in this module).")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="defaults for every option below")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/PRESET)")
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", help='"shapes" (embedded) or a JSONL file of {"image": path, "caption": text}')
-    group.add_argument("--heldout-data", help="held-out JSONL file, for a JSONL data set")
-    group.add_argument("--image-size", type=int, help="image side in pixels")
-    group.add_argument("--max-shapes", type=int, help="embedded data set: shapes per image, 1..max")
-    group.add_argument("--train-samples", type=int, help="embedded data set: training scenes")
-    group.add_argument("--heldout-samples", type=int, help="embedded data set: held-out scenes")
-    group.add_argument("--vae", help="a local diffusers AutoencoderKL directory (default: pixel space)")
-    group.add_argument("--latent-cache", help="where VAE latents are cached (default: OUT/latents)")
-    group = parser.add_argument_group("model")
-    group.add_argument("--dim", type=int)
-    group.add_argument("--n-layers", type=int)
-    group.add_argument("--n-heads", type=int)
-    group.add_argument("--image-encoder", choices=("linear", "unet"))
-    group.add_argument("--patch-size", type=int)
-    group.add_argument("--diffusion-target", choices=TRAIN_TARGETS,
-                       help="what the image output predicts (default with --noise-schedule flow: flow)")
-    group.add_argument("--noise-schedule", choices=TRAIN_SCHEDULES,
-                       help="DDPM betas (integer steps) or flow: continuous-time rectified flow")
-    group.add_argument("--flow-time-distribution", choices=TIME_DISTRIBUTIONS,
-                       help="flow: how training draws t in [0, 1], before the shift")
-    group.add_argument("--flow-time-mean", type=float, help="flow, logit_normal: mean of the normal")
-    group.add_argument("--flow-time-std", type=float, help="flow, logit_normal: std of the normal")
-    group.add_argument("--flow-shift", type=float,
-                       help="flow: time shift s t / (1 + (s - 1) t) of training and sampling (SD3)")
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--steps", type=int, help="optimizer steps")
-    group.add_argument("--batch-size", type=int, help="documents per step, over all processes")
-    group.add_argument("--micro-batches", type=int, help="micro-batches per step, over all processes")
-    group.add_argument("--seq-len", type=int, help="positions per packed row")
-    group.add_argument("--lr", type=float, help="peak learning rate")
-    group.add_argument("--min-lr-ratio", type=float, help="final learning rate / peak")
-    group.add_argument("--warmup", type=int, help="linear warmup steps")
-    group.add_argument("--weight-decay", type=float)
-    group.add_argument("--grad-clip", type=float, help="max gradient norm")
-    group.add_argument("--caption-first-prob", type=float, help="caption before its image (the paper: 0.8)")
-    group.add_argument("--drop-caption-prob", type=float, help="caption dropout, for guidance (the paper: 0.1)")
-    group.add_argument("--seed", type=int, default=0)
-    group = parser.add_argument_group("run")
-    group.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and one at the end)")
-    group.add_argument("--log-every", type=int, help="steps between progress lines")
-    group.add_argument("--samples", type=int, help="held-out samples in samples.png (0: none)")
-    group.add_argument("--sample-steps", type=int, help="steps per sample image (DDIM; Euler for a flow model)")
-    group.add_argument("--cfg-scale", type=float, help="guidance scale of the sample images")
-    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
-    group.add_argument("--stop-at", type=int, help="stop after this step, as an interruption would (resume later)")
-    group.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP")
-    group.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    group.add_argument("--no-plots", dest="plots", action="store_false", help="skip loss_curve.png and samples.png")
-    namespace = vars(parser.parse_args(argv))
-    if namespace["noise_schedule"] == "flow" and namespace["diffusion_target"] is None:
-        namespace["diffusion_target"] = "flow"  # a flow model predicts the velocity unless told otherwise
-    values = PRESETS["tiny"] | PRESETS[namespace["preset"]]
-    values |= {name: value for name, value in namespace.items() if value is not None}
-    values["out"] = values["out"] if namespace["out"] is not None else f"runs/{values['preset']}"
-    args = TrainArgs(**{field.name: values.get(field.name) for field in dataclasses.fields(TrainArgs)})
+    given = vars(argument_parser().parse_args(argv))
+    if given.get("noise_schedule") == "flow":
+        given.setdefault("diffusion_target", "flow")  # a flow model predicts the velocity unless told otherwise
+    values = {f.name: f.metadata["default"] for f in OPTIONS} | PRESETS["tiny"]
+    values |= PRESETS[given.get("preset", values["preset"])] | given
+    if values["out"] is None:
+        values["out"] = f"runs/{values['preset']}"
+    args = TrainArgs(**values)
     try:
         check_args(args)
     except (TypeError, ValueError) as error:  # from the command line every type is right: a bad value
@@ -230,6 +218,32 @@ class OptionError(ValueError):
     """An option that cannot work, found after parsing (with the model, the data or the processes)."""
 
 
+def _check_option(f, value) -> None:
+    """One option by its field: its type, then ``choices``, ``low`` / ``high`` or ``above``."""
+    meta, flag = f.metadata, option_flag(f.name)
+    kind, _, optional = f.type.partition(" | ")
+    if optional and value is None:
+        return
+    if meta["choices"] is not None:
+        check_choice(flag, value, meta["choices"])
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"{flag}: expected {'None or ' if optional else ''}a str, got {value!r}")
+        if not value or "\0" in value:
+            raise OptionError(f"{flag}: expected a non-empty string without NUL bytes, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {value!r}")
+    elif kind == "int":
+        check_int(flag, value, meta["low"], meta["high"])
+    elif meta["above"] is not None:
+        expected = f"a finite float > {meta['above']}"
+        if check_float(flag, value, what=expected) <= meta["above"]:
+            raise OptionError(f"{flag}: expected {expected}, got {value!r}")
+    else:
+        check_float(flag, value, meta["low"], meta["high"])
+
+
 def check_args(args: TrainArgs) -> None:
     """Raise naming the first bad option (``--name: expected ..., got ...``): ``TypeError`` for a
     value of the wrong type (possible only for a ``TrainArgs`` built by hand), ``ValueError``
@@ -237,56 +251,16 @@ def check_args(args: TrainArgs) -> None:
     checked by ``train`` before its first step."""
     if not isinstance(args, TrainArgs):
         raise TypeError(f"args: expected a TrainArgs, got {type(args).__name__}")
-
-    def option(name):
-        return f"--{name.replace('_', '-')}"
+    for f in OPTIONS:
+        _check_option(f, getattr(args, f.name))
 
     def fail(name, expected):
-        raise OptionError(f"{option(name)}: expected {expected}, got {getattr(args, name)!r}")
+        raise OptionError(f"{option_flag(name)}: expected {expected}, got {getattr(args, name)!r}")
 
-    for name in ("out", "preset", "data"):
-        if not isinstance(getattr(args, name), str):
-            raise TypeError(f"{option(name)}: expected a str, got {getattr(args, name)!r}")
-        if not getattr(args, name) or "\0" in getattr(args, name):
-            fail(name, "a non-empty string without NUL bytes")
-    for name in ("heldout_data", "vae", "latent_cache", "device"):
-        value = getattr(args, name)
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"{option(name)}: expected None or a str, got {value!r}")
-        if value is not None and (not value or "\0" in value):
-            fail(name, "a non-empty string without NUL bytes")
-    for name in ("image_size", "train_samples", "heldout_samples", "dim", "n_layers", "n_heads", "patch_size",
-                 "steps", "batch_size", "micro_batches", "seq_len", "checkpoint_every", "log_every", "sample_steps"):
-        check_int(option(name), getattr(args, name), 1)
-    for name in ("warmup", "samples", "seed"):
-        check_int(option(name), getattr(args, name), 0)
-    check_int("--max-shapes", args.max_shapes, 1, 2)
-    for name in ("resume", "fsdp", "plots"):
-        if not isinstance(getattr(args, name), bool):
-            raise TypeError(f"{option(name)}: expected a bool, got {getattr(args, name)!r}")
-    check_choice("--preset", args.preset, tuple(PRESETS))
-    check_choice("--image-encoder", args.image_encoder, ("linear", "unet"))
-    check_choice("--diffusion-target", args.diffusion_target, TRAIN_TARGETS)
-    check_choice("--noise-schedule", args.noise_schedule, TRAIN_SCHEDULES)
-    check_choice("--flow-time-distribution", args.flow_time_distribution, TIME_DISTRIBUTIONS)
-    check_float("--flow-time-mean", args.flow_time_mean)
-    for name in ("flow_time_std", "flow_shift"):
-        if check_float(option(name), getattr(args, name), what="a finite float > 0") <= 0:
-            fail(name, "a finite float > 0")
     if args.batch_size % args.micro_batches:
         fail("micro_batches", f"a divisor of --batch-size={args.batch_size}")
-    if check_float("--lr", args.lr, what="a finite float > 0") <= 0:
-        fail("lr", "a finite float > 0")
-    for name in ("min_lr_ratio", "caption_first_prob", "drop_caption_prob"):
-        check_float(option(name), getattr(args, name), 0, 1)
-    check_float("--weight-decay", args.weight_decay, 0)
-    if check_float("--grad-clip", args.grad_clip, what="a finite float > 0") <= 0:
-        fail("grad_clip", "a finite float > 0")
-    check_float("--cfg-scale", args.cfg_scale)
     if args.stop_at is not None:
         check_int("--stop-at", args.stop_at, 1, args.steps)
-    if args.threads is not None:
-        check_int("--threads", args.threads, 1)
     if args.data == "shapes":
         if args.heldout_data is not None:
             fail("heldout_data", "none with --data shapes (the embedded data set has its own held-out split)")
@@ -493,85 +467,20 @@ def save_checkpoint(path: Path, model, optimizer, config, args: TrainArgs, step:
         dist.barrier()
 
 
-def check_train_state(path: Path, state: dict, args: TrainArgs, codec, data: dict, param_groups) -> None:
-    """Refuse a checkpoint that this run cannot continue exactly, naming what differs or is damaged.
-
-    ``state`` is ``read_train_state``'s (step and parameter-group layout checked); here: the run's
-    options, codec and data (sizes and hashes), the parameter groups of this run's optimizer
-    (every key but the learning rate, which each step sets), and the step against ``--steps``
-    and ``--stop-at``.
-    """
-    file = path / TRAIN_STATE_FILE
-    saved = state.get("args")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{file}: args: expected an object of the run's options, got {saved!r}")
-    saved = ADDED_OPTIONS | saved
-    missing = [name for name in RUN_IDENTITY if name not in saved]
-    if missing:
-        raise CheckpointError(f"{file}: args: missing options {missing}")
-    differences = [f"--{name.replace('_', '-')}: checkpoint {saved[name]!r}, now {getattr(args, name)!r}"
-                   for name in RUN_IDENTITY if saved[name] != getattr(args, name)]
-    if differences:
-        raise CheckpointError(f"--resume: {path} was trained with other options ({'; '.join(differences)})")
-    if state.get("codec") != codec.describe():
-        raise CheckpointError(f"--resume: {path} was trained with codec {state.get('codec')!r}, "
-                              f"now {codec.describe()!r}")
-    saved_data = state.get("data")
-    if not isinstance(saved_data, dict):
-        raise CheckpointError(f"{file}: data: expected the sizes and hashes of the run's data, got {saved_data!r}")
-    if set(saved_data) != set(data):
-        raise CheckpointError(f"{file}: data: expected the keys {sorted(data)}, got {sorted(saved_data)}")
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint {_describe(saved_data[name])}, "
-               f"now {_describe(data[name])})" for name in data if saved_data[name] != data[name]]
-    if changed:
-        raise CheckpointError(f"--resume: the data changed since {path} was written: {'; '.join(changed)}")
-    step = state["step"]
-    if step > args.steps:
-        raise CheckpointError(f"{file}: step: expected at most --steps={args.steps}, got {step}")
-    if args.stop_at is not None and args.stop_at <= step:
-        raise OptionError(f"--stop-at: expected a step after the checkpoint's step {step}, got {args.stop_at}")
-    if not is_int(state.get("world_size"), 1):
-        raise CheckpointError(f"{file}: world_size: expected an int >= 1, got {state.get('world_size')!r}")
-    groups = state["param_groups"]
-    current = json.loads(json.dumps(param_groups))
-    if len(groups) != len(current):
-        raise CheckpointError(f"{file}: param_groups: {len(groups)} groups, this run's optimizer has {len(current)}")
-    for k, (saved_group, group) in enumerate(zip(groups, current)):
-        if set(saved_group) != set(group):
-            raise CheckpointError(f"{file}: param_groups[{k}]: keys {sorted(saved_group)}, expected {sorted(group)}")
-        for key in group:
-            if key == "lr":
-                if not (isinstance(saved_group[key], (int, float)) and math.isfinite(saved_group[key])):
-                    raise CheckpointError(f"{file}: param_groups[{k}].lr: expected a finite number, "
-                                          f"got {saved_group[key]!r}")
-            elif saved_group[key] != group[key]:
-                got = repr(saved_group[key])
-                raise CheckpointError(f"{file}: param_groups[{k}].{key}: expected {group[key]!r} (this run's), "
-                                      f"got {got[:200] + '...' if len(got) > 200 else got}")
-
-
-def _describe(fingerprint) -> str:
-    if not isinstance(fingerprint, dict):
-        return repr(fingerprint)
-    return f"{fingerprint.get('bytes')} bytes, sha256 {str(fingerprint.get('sha256'))[:12]}"
-
-
 def load_checkpoint(path: Path, model, optimizer, args: TrainArgs, config: TransfusionConfig, codec,
                     data: dict) -> int:
     """Restore weights and optimizer state (every process reads the files); return the step.
 
-    Everything is checked before anything is loaded (``check_train_state``, ``config.json``
-    against the run's model config, both safetensors headers against the model); a damaged or
-    mismatched checkpoint raises ``CheckpointError`` naming the file and what is wrong.
+    Everything is checked before anything is loaded (``checkpoint.check_resume``: the run's options,
+    codec, data, optimizer and model config; then both safetensors headers against the model); a
+    damaged or mismatched checkpoint raises ``CheckpointError`` naming the file and what is wrong.
     """
     state = read_train_state(path)
     param_groups = get_optimizer_state_dict(model, optimizer, options=FULL_STATE)["param_groups"]
-    check_train_state(path, state, args, codec, data, param_groups)
-    saved_config = read_model_config(path)
-    if saved_config != config:
-        differences = [f"{f.name}: checkpoint {getattr(saved_config, f.name)!r}, run {getattr(config, f.name)!r}"
-                       for f in dataclasses.fields(config) if getattr(saved_config, f.name) != getattr(config, f.name)]
-        raise CheckpointError(f"{path / 'config.json'}: not the run's model ({'; '.join(differences)})")
+    check_resume(path, state, options=dataclasses.asdict(args), identity=RUN_IDENTITY, codec=codec.describe(),
+                 data=data, param_groups=param_groups, steps=args.steps, config=config)
+    if args.stop_at is not None and args.stop_at <= state["step"]:
+        raise OptionError(f"--stop-at: expected a step after the checkpoint's step {state['step']}, got {args.stop_at}")
     weights, optimizer_state = read_training_tensors(path, Transfusion, config, param_groups)
     set_model_state_dict(model, weights, options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=FULL_STATE)

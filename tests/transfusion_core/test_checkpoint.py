@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 import transfusion_core as tc
 from transfusion_core import checkpoint
 from transfusion_core.checkpoint import CheckpointError, MissingCheckpointError
+from transfusion_core.config import FLOW_DEFAULTS
 
 from .support import packed, tiny_config
 
@@ -79,17 +81,17 @@ def _replace_tensor(path, name, tensor):
 WEIGHT = "norm.weight"  # [dim]
 
 
-def test_a_checkpoint_older_than_the_flow_fields_loads_with_their_defaults(tmp_path):
-    """config.json files written before the flow-matching fields existed lack them: they are DDPM models,
-    which those fields do not affect, and load as before; any other missing field still fails."""
+def test_a_config_without_fields_that_have_defaults_is_refused_naming_them(tmp_path):
+    """config.json holds every field: one left out is refused even where TransfusionConfig has a default
+    for it (the flow-matching fields), so a checkpoint never loads as a model it was not."""
     path = tmp_path
     tc.Transfusion(tiny_config()).save(path)
     values = json.loads((path / "config.json").read_text())
-    assert set(checkpoint.ADDED_FIELDS) <= set(values)
-    old = {k: v for k, v in values.items() if k not in checkpoint.ADDED_FIELDS}
-    (path / "config.json").write_text(json.dumps(old))
-    assert checkpoint.read_model_config(path) == tc.TransfusionConfig(**values)
-    tc.Transfusion.load(path)
+    assert set(FLOW_DEFAULTS) <= set(values)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in values.items() if k not in FLOW_DEFAULTS}))
+    missing = re.escape(str(sorted(FLOW_DEFAULTS, key=list(values).index)))
+    with pytest.raises(CheckpointError, match=rf"config.json: missing TransfusionConfig fields {missing}"):
+        tc.Transfusion.load(path)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -460,3 +462,28 @@ def test_every_file_and_directory_is_fsynced_before_it_is_renamed_into_place(tmp
     assert ("fsync", parent) in log[last_file:keep_aside] and ("fsync", parent) in log[keep_aside + 1:swap_in]
     assert ("fsync", parent) in log[swap_in:]
     assert log.index(("unlink", "optimizer.safetensors")) > swap_in  # the old one goes only once the new is in
+
+
+def test_check_resume_compares_the_run_with_the_checkpoint(tmp_path):
+    """The run's identity options, codec, data, length, optimizer groups and model config, each named when it
+    differs; options outside the identity may change."""
+    config = tiny_config()
+    tc.Transfusion(config).save(tmp_path)
+    groups = [{"params": ["norm.weight"], "lr": 0.1, "betas": [0.9, 0.95]}]
+    state = {"step": 3, "args": {"lr": 0.1, "seed": 0, "out": "a"}, "codec": {"kind": "pixels"},
+             "data": {"data": None}, "param_groups": groups, "world_size": 1}
+    run = dict(options={"lr": 0.1, "seed": 0, "out": "b", "data": "x.jsonl"}, identity=("lr", "seed"), codec={"kind": "pixels"},
+               data={"data": None}, param_groups=[groups[0] | {"lr": 0.02}], steps=3, config=config)
+    checkpoint.check_resume(tmp_path, state, **run)
+    cases = [
+        (dict(options=run["options"] | {"seed": 1}), r"was trained with other options \(--seed: checkpoint 0, now 1\)"),
+        (dict(identity=("lr", "seed", "dim")), r"train_state.json: args: missing options \['dim'\]"),
+        (dict(codec={"kind": "vae"}), r"was trained with codec \{'kind': 'pixels'\}, now \{'kind': 'vae'\}"),
+        (dict(data={"data": {"bytes": 5, "sha256": "ab"}}), r"the data changed since .*: --data x.jsonl \(checkpoint None, now 5 bytes, sha256 ab\)"),
+        (dict(steps=2), r"train_state.json: step: expected at most --steps=2, got 3"),
+        (dict(param_groups=[groups[0] | {"betas": [0.9, 0.99]}]), r"param_groups\[0\].betas: expected \[0.9, 0.99\]"),
+        (dict(config=tiny_config(norm_eps=1e-3)), r"config.json: not the run's model \(norm_eps: checkpoint 1e-05, run 0.001\)"),
+    ]
+    for change, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.check_resume(tmp_path, state, **(run | change))

@@ -1,8 +1,11 @@
 """Generation: the KV cache against full recomputation, guidance, seeds, samplers (DDPM/DDIM and
 their timestep spacings; Euler/Heun for continuous-time flow models, against an analytic ODE)."""
 
+import ast
 import dataclasses
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch
 import tfkernels as tk
 import transfusion_core as tc
 from transfusion_core import generate
+from transfusion_core import model as model_module
 from transfusion_core.data import document_segments, unpatchify
 from transfusion_core.generate import (
     denoise_step,
@@ -306,17 +310,43 @@ def test_clip_x0_bounds_the_denoised_image():
     assert image.abs().max() <= 1.0
 
 
-def test_model_methods_delegate_to_the_generate_module():
+def test_the_generate_method_is_the_generate_function():
     model = tiny_model()
     kwargs = dict(force_image=True, max_new_tokens=2, image_steps=2, seed=5)
     by_method, by_function = model.generate([[3, 4]], **kwargs), generate.generate(model, [[3, 4]], **kwargs)
     assert len(by_method) == len(by_function)
     for x, y in zip(by_method, by_function):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-    cache = model.new_cache(batch_size=3)
-    assert isinstance(cache, generate.KVCache) and cache.batch_size == 3 and cache.length == 0
+    assert tc.Transfusion.generate is generate.generate  # one signature, one docstring
     with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
         model.generate([[1]], steps=3)
+
+
+def test_the_generate_method_names_its_options():
+    """help() and editors see every option: no ``**kwargs`` hides them."""
+    parameters = inspect.signature(tc.Transfusion.generate).parameters
+    assert not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in parameters.values())
+    assert list(inspect.signature(tiny_model().generate).parameters)[:3] == ["prompt", "max_new_tokens", "temperature"]
+    assert {"cfg_scale", "timestep_spacing", "retrieved"} <= set(parameters)
+    for name in parameters:
+        if name != "model":
+            assert f"    {name}" in tc.Transfusion.generate.__doc__ or f", {name}:" in tc.Transfusion.generate.__doc__, \
+                f"{name} is not documented"
+
+
+def test_generation_builds_on_the_model_and_never_the_reverse():
+    """model.py holds the model and its KV cache; generate.py imports it, and model.py never names generate.py."""
+    tree = ast.parse(Path(model_module.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {node.module or ""} | {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    assert not any(name == "generate" or name.endswith(".generate") for name in imported), imported
+    assert generate.KVCache is model_module.KVCache is tc.KVCache
+    cache = tiny_model().new_cache(batch_size=3)
+    assert isinstance(cache, tc.KVCache) and cache.batch_size == 3 and cache.length == 0
 
 
 # ------------------------------------------------------------------ timestep spacings
@@ -345,6 +375,27 @@ def test_spacings_equal_diffusers_ddim_scheduler(spacing):
                 (num_timesteps, steps)
             # diffusers' trailing spacing has one value too many for some step counts: numpy's -1, no timestep.
             assert expected[steps:] in ([], [-1]), (num_timesteps, steps, expected[steps:])
+
+
+@pytest.mark.parametrize("scheduler_name", ["DDIMScheduler", "DDPMScheduler"])
+def test_linspace_spacing_equals_diffusers_for_every_step_count(scheduler_name):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (the test extra) is the reference")
+    for num_timesteps in (1000, 999, 500, 64, 7, 2, 1):
+        scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=num_timesteps, timestep_spacing="linspace")
+        for steps in range(1, num_timesteps + 1):
+            scheduler.set_timesteps(steps)
+            assert diffusion_timesteps(num_timesteps, steps, "linspace").tolist() == scheduler.timesteps.tolist(), \
+                (num_timesteps, steps)
+
+
+def test_linspace_spacing_rounds_numpys_grid():
+    """numpy's grid value ``30 * 999 / 60`` is 499.49999999999994 and rounds to 499; a grid filled from
+    the stop down, as torch's linspace fills its upper half, has 499.50000000000006 there, rounded to 500."""
+    timesteps = diffusion_timesteps(1000, 61, "linspace").tolist()
+    assert timesteps[29:32] == [516, 499, 483]
+    assert timesteps[0] == 999 and timesteps[-1] == 0
+    assert diffusion_timesteps(1, 1, "linspace").tolist() == [0]
+    assert diffusion_timesteps(1000, 1, "linspace").tolist() == [0]
 
 
 @pytest.mark.parametrize("spacing", ["even", "linspace", "leading", "trailing"])

@@ -198,7 +198,7 @@ def _bad_calls():
          r"tokens: expected shape \[B = 2, n\], got \(1, 2\)"),
         (lambda: model.extend_text(model.new_cache(), torch.zeros(1, 0, dtype=torch.long)), ValueError,
          r"tokens: expected at least one token"),
-        (lambda: model.extend_text(None, torch.tensor([[1]])), TypeError, "cache: expected a transfusion_core.generate.KVCache"),
+        (lambda: model.extend_text(None, torch.tensor([[1]])), TypeError, "cache: expected a transfusion_core.KVCache"),
         (image(grid=(2, 3)), ValueError, r"x_t: expected shape \[B = 1, h\*w = 6, 12\], got \(1, 4, 12\)"),
         (image(grid=(0, 0), x_t=torch.randn(1, 0, dim)), ValueError, "grid: expected an int >= 1, got 0"),
         (image(grid=(2.0, 2)), TypeError, r"grid: expected a pair of ints \(h, w\)"),

@@ -39,6 +39,25 @@ def test_presets_fill_every_option_and_the_command_line_wins():
     assert small.seq_len == train.PRESETS["small"]["seq_len"] and small.lr == train.PRESETS["small"]["lr"]
 
 
+def test_every_option_is_declared_once_by_its_field():
+    """TrainArgs' fields are the options: the parser's flags, the presets, the checks and the resume identity
+    are read from them, and the README's table names every flag and no other."""
+    options = {f.name: f for f in dataclasses.fields(train.TrainArgs)}
+    flags = {action.dest: action.option_strings for action in train.argument_parser()._actions
+             if action.dest != "help"}
+    assert set(flags) == set(options)
+    assert flags["plots"] == ["--no-plots"] and flags["min_lr_ratio"] == ["--min-lr-ratio"]
+    assert all(flags[name] == [checkpoint.option_flag(name)] for name in options if name != "plots")
+    assert train.PRESETS["tiny"] == {name: f.metadata["presets"]["tiny"] for name, f in options.items()
+                                     if "tiny" in f.metadata["presets"]}
+    assert set(train.PRESETS["small"]) < set(train.PRESETS["tiny"])
+    assert set(train.RUN_IDENTITY) < set(options) and {"lr", "seed", "vae"} <= set(train.RUN_IDENTITY)
+    assert not {"out", "resume", "stop_at", "log_every", "threads"} & set(train.RUN_IDENTITY)
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    table = readme[readme.index("### Options"):readme.index("### Data, codec")]
+    assert set(re.findall(r"`(--[a-z-]+)`", table)) == {flag for names in flags.values() for flag in names}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch-size", "8", "--micro-batches", "3"], "--micro-batches"),
     (["--lr", "0"], "--lr: expected a finite float > 0"),
@@ -380,18 +399,17 @@ def test_damaged_train_state_is_one_named_error(tmp_path, capsys, edit, message)
     assert [r["step"] for r in metrics(tmp_path)] == [1]  # nothing was touched
 
 
-def test_a_checkpoint_from_before_the_flow_options_resumes_as_the_cosine_run_it_was(tmp_path, capsys):
-    """A train_state.json written before --noise-schedule and the --flow-* options existed lacks them; that
-    run trained with the cosine schedule and the flow fields at their defaults, which is what it resumes
-    as (as its config.json loads: checkpoint.ADDED_FIELDS). Asked for a flow run, it still refuses."""
+def test_a_train_state_without_options_that_have_defaults_is_refused_naming_them(tmp_path, capsys):
+    """train_state.json holds every option of the run's identity: one left out is refused even where the
+    preset has a value for it, and another schedule is named as a difference."""
     argv = tiny_argv(tmp_path, "--steps", "2")
-    whole = train.main(tiny_argv(tmp_path / "whole", "--steps", "2"))
     train.main(argv + ["--stop-at", "1"])
-    _edit_state(tmp_path, lambda s: [s["args"].pop(name) for name in ("noise_schedule", *tc.config.FLOW_DEFAULTS)])
-    rest = train.main(argv + ["--resume"])
-    assert [r["step"] for r in rest] == [2] and losses(metrics(tmp_path)) == losses(whole)
     assert re.search(r"was trained with other options \(.*--noise-schedule: checkpoint 'cosine', now 'flow'\)",
-                     cli_error(argv + ["--stop-at", "2", "--noise-schedule", "flow", "--resume"], capsys))
+                     cli_error(argv + ["--noise-schedule", "flow", "--resume"], capsys))
+    _edit_state(tmp_path, lambda s: [s["args"].pop(name) for name in ("noise_schedule", *tc.config.FLOW_DEFAULTS)])
+    assert re.search(r"train_state.json: args: missing options \['noise_schedule', 'flow_time_distribution', "
+                     r"'flow_time_mean', 'flow_time_std', 'flow_shift'\]", cli_error(argv + ["--resume"], capsys))
+    assert [r["step"] for r in metrics(tmp_path)] == [1]  # nothing was touched
 
 
 def test_damaged_checkpoint_files_are_named_and_never_mean_step_0(tmp_path, capsys):
