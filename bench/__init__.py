@@ -1,4 +1,4 @@
-"""Benchmarks of tfkernels against the implementations people use today (issue 7, DESIGN §5).
+"""Benchmarks of tfkernels against the implementations people use today (docs/design.md#benchmark-method).
 
 ``python -m bench`` runs the suites and writes a CSV (``harness``), ``python -m bench.plot`` turns
 a CSV into PNG charts, ``python -m bench.readme_table`` writes the README's performance table from

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import math
 import multiprocessing
@@ -74,12 +75,13 @@ class Case:
     head_dim: int | None = None  # attention
     gqa: bool = False  # attention: Hkv = Hq / 4
     variant: str = ""  # diffusion, lm_loss, adaln: which arguments (see VARIANTS)
+    configs: object = None  # attention: a tfkernels.attention.PassConfigs to launch with instead of the defaults
 
     def label(self) -> str:
         parts = [self.op, self.dtype]
         if self.head_dim is not None:
             parts.append(f"D={self.head_dim}" + (" gqa" if self.gqa else ""))
-        return " ".join(parts + ([self.variant] if self.variant else []))
+        return " ".join(parts + ([self.variant] if self.variant else []) + (["candidate"] if self.configs else []))
 
 
 # diffusion: (add_noise and diffusion_loss arguments); lm_loss: the vocabulary size (50257 is not a
@@ -158,6 +160,7 @@ def _call_attention(case: Case) -> None:
     import torch
 
     import tfkernels as tk
+    from tfkernels.attention import use_launch_configs
 
     dtype, d = _torch_dtype(case.dtype), case.head_dim
     heads_kv = HEADS_Q // GQA_GROUP if case.gqa else HEADS_Q
@@ -165,8 +168,9 @@ def _call_attention(case: Case) -> None:
     q = torch.empty(BATCH, SEQ_LEN, HEADS_Q, d, dtype=dtype, requires_grad=True)
     k = torch.empty(BATCH, SEQ_LEN, heads_kv, d, dtype=dtype, requires_grad=True)
     v = torch.empty(BATCH, SEQ_LEN, heads_kv, d, dtype=dtype, requires_grad=True)
-    out = tk.attention(q, k, v, tk.IntervalMask.causal(BATCH, SEQ_LEN))
-    out.backward(torch.empty_like(out))
+    with contextlib.nullcontext() if case.configs is None else use_launch_configs(case.configs):
+        out = tk.attention(q, k, v, tk.IntervalMask.causal(BATCH, SEQ_LEN))
+        out.backward(torch.empty_like(out))
 
 
 def _call_diffusion(case: Case) -> None:
@@ -576,6 +580,57 @@ def _row(job: Job, metrics: dict, triton_version: str, head: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------------------
+# Every default walk launch of the attention kernels (not the rerun, which runs only for work items with a
+# non-finite result) does the work its tile needs once: no GEMM issued twice (two warpgroups on the same
+# 64 rows), about one exp2 per score (the forward adds one per row for the rescale).
+USEFUL_WORK_LIMITS = {"mma_redundancy": 1.05, "ex2_per_score": 1.25}
+# (kernel, BLOCK_D) walks exempt from USEFUL_WORK_LIMITS, with why: see LAUNCH_RULES' reasons.
+USEFUL_WORK_EXCEPTIONS = {
+    ("attn_bwd_dkdv", 256): "dK and dV of 64 keys x 256 fp32 do not fit one warpgroup's registers: two warpgroups "
+                            "share 64 keys and duplicate the score GEMMs",
+}
+# (kernel, BLOCK_D, walk or rerun) -> most spilled bytes allowed, on triton 3.6 and 3.9; every other launch spills
+# nothing.
+SPILL_ALLOWANCE = {
+    ("attn_bwd_dkdv", 256, "walk"): 256,
+    ("attn_bwd_dkdv", 256, "rerun"): 768,
+    ("attn_bwd_dq", 256, "rerun"): 64,
+}
+
+
+def _number(value) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def gate_failures(rows: Iterable[dict]) -> list[str]:
+    """What breaks the gate in report rows (fresh, or read back from a CSV): a launch that did not
+    compile, spills more than ``SPILL_ALLOWANCE``, or (a walk) exceeds ``USEFUL_WORK_LIMITS``."""
+    failures = []
+    for row in rows:
+        if row["op"] != "attention":
+            continue
+        name = f"{row['kernel']} {row['dtype']} D={row['head_dim']}{' gqa' if row['gqa'] in (True, 'True') else ''} " \
+               f"[{row['config']}]"
+        if row["status"] != "ok":
+            failures.append(f"{name}: {row['status']}")
+            continue
+        block_d = max(16, 1 << (int(row["head_dim"]) - 1).bit_length())
+        which = "rerun" if "RERUN=True" in row["config"] else "walk"
+        allowed = SPILL_ALLOWANCE.get((row["kernel"], block_d, which), 0)
+        if _number(row["spill_bytes"]) > allowed:
+            failures.append(f"{name}: {row['spill_bytes']} bytes spilled, at most {allowed} allowed")
+        if which == "walk" and row["kernel"] in GEMMS_PER_STEP and \
+                (row["kernel"], block_d) not in USEFUL_WORK_EXCEPTIONS:
+            for column, limit in USEFUL_WORK_LIMITS.items():
+                value = _number(row[column])
+                if value is None or value > limit:
+                    failures.append(f"{name}: {column} {value}, at most {limit}")
+    return failures
+
+
+# ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
 _TABLE = (("kernel", 18), ("arch", 7), ("dtype", 5), ("head_dim", 4), ("gqa", 4), ("registers", 4),
@@ -667,6 +722,10 @@ def parse_args(argv):
     parser.add_argument("--cache", action="store_true",
                         help="reuse Triton's cache (default: a fresh one, so compile_s are real compile times)")
     parser.add_argument("--keep", type=Path, help="also write each kernel's SASS and TTGIR into this folder")
+    parser.add_argument("--gate", action="store_true",
+                        help="exit non-zero unless every attention launch passes the gate: no spill beyond "
+                             "SPILL_ALLOWANCE, and every walk's MMA redundancy and EX2 per score within "
+                             "USEFUL_WORK_LIMITS")
     return parser.parse_args(argv)
 
 
@@ -690,6 +749,10 @@ def main(argv=None) -> int:
     write_csv(rows, out)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"wrote {len(rows)} rows to {out}" + (f"; {len(failed)} did not compile" if failed else ""))
+    if args.gate:
+        failures = gate_failures(rows)
+        print("gate: " + ("; ".join(failures) if failures else f"every attention launch passes ({len(rows)} rows)"))
+        return 1 if failures or failed else 0
     return 1 if failed else 0
 
 

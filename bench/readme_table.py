@@ -1,9 +1,12 @@
 """``python -m bench.readme_table [--results DIR] [--readme PATH] [--check]``.
 
-Writes the README's performance table, between the ``bench-table`` markers, from the newest GPU
-CSV under ``bench/results/`` (newest by the timestamp its rows record; CPU and quick runs never
-count). Without one the block says that GPU figures are missing. ``--check`` changes nothing and
-exits 1 when the README's block differs from what the committed results give.
+Writes the README's performance section, between the ``bench-table`` markers: the table of the
+newest GPU CSV under ``bench/results/`` (newest by the timestamp its rows record; CPU and quick
+runs never count; without one the block says that GPU figures are missing), then the two tables
+that need no GPU: the static sm_90a report of the attention walks (from the newest
+``bench/results/compile/*_sm_90a.csv`` that ``python -m bench.compile_report`` wrote) and the tile
+waste of the attention workloads (``bench.tile_waste``, computed here). ``--check`` changes nothing
+and exits 1 when the README's block differs from what the committed results give.
 """
 
 from __future__ import annotations
@@ -92,9 +95,78 @@ MISSING = ("GPU figures are missing: no GPU run has been committed under `bench/
            "`python -m bench.readme_table`.")
 
 
+PASSES = {"attn_fwd": "forward", "attn_bwd_dkdv": "dK/dV", "attn_bwd_dq": "dQ"}
+
+
+def newest_compile_csv(results: Path) -> Path | None:
+    """The static report of sm_90a with the highest triton version under ``results/compile``."""
+    def version(path: Path) -> tuple:
+        text = path.stem.removeprefix("triton-").split("_")[0]
+        return tuple(int(part) if part.isdigit() else 0 for part in text.split("."))
+
+    found = sorted((results / "compile").glob("*_sm_90a.csv"), key=version)
+    return found[-1] if found else None
+
+
+def static_table(csv_path: Path, relative_to: Path) -> str:
+    """The bf16 walks (no GQA) of the attention kernels in a compile report: resources and useful work."""
+    import csv
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kernel"] in PASSES and r["dtype"] == "bf16"
+                and r["gqa"] == "False" and "RERUN=False" in r["config"]]
+    if not rows:
+        raise ValueError(f"{csv_path}: no bf16 attention walks")
+    link = Path(os.path.relpath(csv_path, relative_to)).as_posix()
+    lines = [
+        f"**Static sm_90a report** (no GPU: each kernel compiled by triton {rows[0]['triton']} for Hopper at its "
+        f"default config, bf16, no GQA; [CSV]({link}), `python -m bench.compile_report --out {link}`). Useful work "
+        f"per step of the interior loop: MMA issued / needed (1.0: no GEMM computed twice), exp2 per score, and "
+        f"instructions per 64 × 64 (query, key) pairs ([method](docs/design.md#benchmark-method)).",
+        "",
+        "| pass | D | tile (M × N, warps, stages) | registers | spill (B) | shared (KB) | wgmma | MMA issued / needed "
+        "| exp2 / score | instr. / 64×64 |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kernel in PASSES:
+        for row in sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: int(r["head_dim"])):
+            tile = f"{row['block_m']} × {row['block_n']}, {row['num_warps']}, {row['num_stages']}"
+            lines.append(f"| {PASSES[kernel]} | {row['head_dim']} | {tile} | {row['registers']} | {row['spill_bytes']} "
+                         f"| {int(row['shared_bytes']) // 1024} | {row['hgmma']} | {row['mma_redundancy']} "
+                         f"| {row['ex2_per_score']} | {row['instr_per_64x64']} |")
+    return "\n".join(lines)
+
+
+def tile_waste_table() -> str:
+    """Computed / visible (query, key) pairs of each attention workload (``python -m bench.tile_waste``)."""
+    from .tile_waste import tile_waste
+    from .workloads.attention import shapes
+
+    lines = [
+        "**Tile waste** (`python -m bench.tile_waste`: exact counts from the masks, no GPU): (query, key) pairs "
+        "computed over pairs visible, at the default sm_90 tiles, beside a FlexAttention 128 × 128 block mask of "
+        "the same layout.",
+        "",
+        "| workload | visible pairs | forward | backward (dQ, dK/dV) | FlexAttention 128 × 128 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for shape in shapes(quick=False):
+        waste = tile_waste(shape.build_mask("cpu", shape.segment_ids("cpu")), shape.head_dim)
+        columns = waste.columns(backward=shape.training)
+        bwd = "-" if columns["bwd_waste"] is None else f"{columns['bwd_waste']:.3f}×"
+        lines.append(f"| {shape.name} | {columns['visible_pairs']:,} | {columns['fwd_waste']:.3f}× | {bwd} "
+                     f"| {columns['flex_waste']:.3f}× |")
+    return "\n".join(lines)
+
+
 def block(results: Path, readme_dir: Path) -> str:
     newest = newest_gpu_csv(results)
-    body = MISSING if newest is None else table(*newest, relative_to=readme_dir)
+    parts = [MISSING if newest is None else table(*newest, relative_to=readme_dir)]
+    static = newest_compile_csv(results)
+    if static is not None:
+        parts.append(static_table(static, readme_dir))
+    parts.append(tile_waste_table())
+    body = "\n\n".join(parts)
     return f"{START}\n{body}\n{END}"
 
 

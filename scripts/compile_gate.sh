@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# CI gate (issue 13, item 3): every default attention config compiles for sm_90a with the oldest
-# Triton tfkernels supports, 3.6.0 (the GPU machines' version), beside the environment's own Triton.
+# CI gate: every default attention launch compiles for sm_90a with the oldest Triton tfkernels
+# supports, 3.6.0, beside the environment's own Triton, and passes bench.compile_report's gate: no
+# spill beyond its allowance, and every tile walk issues each GEMM and exp2 once (MMA redundancy
+# <= 1.05, EX2 per score <= 1.25; see gate_failures).
 #
 # Installs triton==3.6.0 with `pip install --no-deps --target` into TRITON_GATE_DIR (default
 # ~/.cache/tfkernels/triton-3.6.0; reused when it already holds that version), puts it first on
 # PYTHONPATH and runs `python -m bench.compile_report` on the attention kernels (forward, delta,
 # dK/dV, dQ) at every default launch config of the 16-bit dtypes: bf16 (fp16 has the same configs;
 # COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off
-# (91 compiles: both launches of each kernel). Exits non-zero if any kernel does not compile.
+# (91 compiles: both launches of each kernel). Exits non-zero if any kernel does not compile or
+# fails the gate.
 # fp32 is left out: its kernels take 10-130 s each to compile. Extra arguments go to
 # bench.compile_report (e.g. --jobs 4).
 # The CSV goes to COMPILE_GATE_OUT (default: a temporary file, its path printed).
@@ -39,5 +42,5 @@ fi
 installed=$(date +%s)
 echo "compile gate: triton $VERSION from $DIR ($(( installed - started )) s to set up), $JOBS processes"
 PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 "$PYTHON" -m bench.compile_report \
-    --kernels attention --dtypes "$DTYPES" --gqa both --arch 90 --jobs "$JOBS" --out "$OUT" "$@"
-echo "compile gate: every kernel compiled with triton $VERSION in $(( $(date +%s) - installed )) s; CSV $OUT"
+    --kernels attention --dtypes "$DTYPES" --gqa both --arch 90 --jobs "$JOBS" --gate --out "$OUT" "$@"
+echo "compile gate: every kernel compiled and passed with triton $VERSION in $(( $(date +%s) - installed )) s; CSV $OUT"

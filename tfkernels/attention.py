@@ -79,6 +79,9 @@ __all__ = ["LAUNCH_RULES", "LaunchConfig", "LaunchRule", "PassConfigs", "attenti
            "use_launch_configs"]
 
 MAX_HEAD_DIM = 256
+# The forward addresses a key tile's elements with int32 offsets from the tile's first row (64-bit):
+# key-in-tile * row stride must stay below 2^31 for tiles of up to 256 keys.
+_MAX_ROW_STRIDE = 2**31 // 256
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -110,11 +113,27 @@ class LaunchConfig:
 
 @dataclass(frozen=True)
 class PassConfigs:
-    """The launch configuration of each pass of one attention call."""
+    """The launch configuration of each pass of one attention call: its tile walk, and the rerun of the
+    work items whose result was not finite (``None``: the walk's config with the inner tile at most 32
+    wide, see ``rerun_config``)."""
 
     forward: LaunchConfig
     dkdv: LaunchConfig
     dq: LaunchConfig
+    forward_rerun: LaunchConfig | None = None
+    dkdv_rerun: LaunchConfig | None = None
+    dq_rerun: LaunchConfig | None = None
+
+    def rerun_config(self, name: str) -> LaunchConfig:
+        """The rerun config of pass ``name`` (``"forward"``, ``"dkdv"`` or ``"dq"``): the rerun is rare,
+        and its sanitised operands need registers, so by default it steps through at most 32 keys
+        (forward, dQ) or queries (dK/dV) at a time."""
+        explicit = getattr(self, f"{name}_rerun")
+        if explicit is not None:
+            return explicit
+        walk = getattr(self, name)
+        inner = "block_m" if name == "dkdv" else "block_n"
+        return replace(walk, **{inner: min(getattr(walk, inner), 32)})
 
 
 @dataclass(frozen=True)
@@ -141,19 +160,28 @@ LAUNCH_RULES: tuple[LaunchRule, ...] = (
         forward=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(32, 64, 4, 1), dq=LaunchConfig(32, 64, 4, 1)),
         "small tiles, so short test sequences cross many tile borders; query and key tiles differ so that no "
         "code path assumes they match"),
-    LaunchRule("gpu", _ALL_DTYPES, 64, PassConfigs(
+    LaunchRule("gpu", (torch.float32,), 64, PassConfigs(
         forward=LaunchConfig(128, 64, 4, 3), dkdv=LaunchConfig(64, 128, 8, 3), dq=LaunchConfig(64, 128, 8, 3)),
-        "dK/dV and dQ need 8 warps: at 4, dK/dV spills about 1 KB even as a bare textbook loop"),
+        "4-byte operands at small head dims: the 16-bit tiles of old; fp32 runs FMA dots, not wgmma"),
     LaunchRule("gpu", (torch.float32,), MAX_HEAD_DIM, PassConfigs(
         forward=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(32, 32, 4, 1), dq=LaunchConfig(32, 32, 4, 1)),
         "4-byte operands: small tiles so that the K/V/Q/dO stages fit in shared memory"),
+    # 16-bit rows. wgmma's M is 64 rows per warpgroup: every score GEMM has 64 rows per warpgroup (128
+    # rows on 8 warps, 64 on 4), or both warpgroups would compute the same scores and exponentials.
+    LaunchRule("gpu", _16BIT, 64, PassConfigs(
+        forward=LaunchConfig(128, 64, 8, 3), dkdv=LaunchConfig(64, 128, 8, 3), dq=LaunchConfig(128, 64, 8, 3)),
+        "8 warps: dK/dV spills about 1 KB at 4, the forward 32-40 B; dQ takes the forward's tile"),
     LaunchRule("gpu", _16BIT, 128, PassConfigs(
-        forward=LaunchConfig(128, 64, 8, 3), dkdv=LaunchConfig(32, 64, 8, 3), dq=LaunchConfig(64, 64, 8, 3)),
-        "dK/dV holds dK, dV, K and V for its key tile: 64 keys with 32-query steps is spill-free; dQ at 64 x 64 "
-        "needs 132 KB of shared memory"),
+        forward=LaunchConfig(128, 64, 8, 3), dkdv=LaunchConfig(32, 128, 8, 3), dq=LaunchConfig(128, 64, 8, 3),
+        dkdv_rerun=LaunchConfig(32, 64, 8, 3)),
+        "dK/dV holds dK, dV, K and V for its 128 keys in two warpgroups, stepping through 32 queries; its "
+        "rerun, which also holds sanitised operands, takes 64 keys to stay spill-free"),
     LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
-        forward=LaunchConfig(64, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(64, 32, 8, 3)),
-        "dQ needs 64 query rows for wgmma (one warpgroup's M); dK/dV holds 64 x 256 fp32 dK and dV"),
+        forward=LaunchConfig(128, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 32, 8, 2),
+        forward_rerun=LaunchConfig(64, 32, 8, 2), dq_rerun=LaunchConfig(64, 32, 8, 3)),
+        "dK/dV is the exception: dK and dV of 64 keys x 256 fp32 take 256 registers per thread of a warpgroup, "
+        "so a warpgroup that owns its keys spills about 1 KB; splitting 64 keys over two warpgroups (their "
+        "score GEMMs duplicated) spills 144 B. The reruns take 64 query rows to stay spill-free"),
 )
 
 
@@ -196,12 +224,16 @@ class KernelMeta(NamedTuple):
     BLOCK_D: int  # HEAD_DIM rounded up to a power of two (tl.arange needs one), at least 16
     DOT_PRECISION: str  # "ieee" for fp32 inputs (tf32 would lose ~3 digits); 16-bit inputs ignore it
     SOFTCAP: bool  # scores soft-capped, cap * tanh(score / cap); False compiles without it
+    # The forward takes the row max of the raw scores and scales it (one multiply per row, and the
+    # scores' scale fused into exp2's subtraction) instead of scaling every score first: equal only
+    # for a positive scale and no soft cap, so other calls keep the scale-first order.
+    SCALE_AFTER_MAX: bool
 
 
-def _kernel_meta(q: torch.Tensor, softcap: float) -> KernelMeta:
+def _kernel_meta(q: torch.Tensor, scale: float, softcap: float) -> KernelMeta:
     dim = q.shape[-1]
     return KernelMeta(dim, max(16, triton.next_power_of_2(dim)), "ieee" if q.dtype == torch.float32 else "tf32",
-                      bool(softcap))
+                      bool(softcap), scale > 0 and not softcap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,15 +351,18 @@ if HAS_TRITON:
         SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_kernel
     ):
         EVEN_D: tl.constexpr = META.HEAD_DIM == META.BLOCK_D  # no head-dim mask on loads
+        # A key tile's first row, advanced by one tile per step (int64: key * stride may pass 2^31), and
+        # the tile's element offsets from it, computed once.
+        K_tile = K + (tile_lo * BLOCK_N).to(tl.int64) * stride_kn
+        V_tile = V + (tile_lo * BLOCK_N).to(tl.int64) * stride_vn
+        offs_tile = tl.arange(0, BLOCK_N)
+        kt_offs = offs_tile[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
+        v_offs = offs_tile[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
         for tile in range(tile_lo, tile_hi):
-            if MASKED:  # int32 keys for the mask compares (fewer registers than int64), int64 for addresses
+            kt_ptrs = K_tile + kt_offs
+            v_ptrs = V_tile + v_offs
+            if MASKED:  # int32 keys for the mask compares (fewer registers than int64)
                 cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-                offs_n = cols.to(tl.int64)
-            else:
-                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: key * stride may pass 2^31
-            kt_ptrs = K + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
-            v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-            if MASKED:
                 key_valid = cols < seq_len_k
                 kt = tl.load(kt_ptrs, mask=key_valid[None, :] & d_valid[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
@@ -337,22 +372,31 @@ if HAS_TRITON:
             else:
                 kt = tl.load(kt_ptrs, mask=d_valid[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+            K_tile += BLOCK_N * stride_kn.to(tl.int64)
+            V_tile += BLOCK_N * stride_vn.to(tl.int64)
             if SAFE:  # P @ V below would turn 0 * NaN at a hidden key into NaN: zero V, remember where
                 v_bad = _nonfinite_rows(v, 1)  # [BLOCK_N]
                 v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
-            s = tl.dot(q, kt, input_precision=META.DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = tl.dot(q, kt, input_precision=META.DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            if not META.SCALE_AFTER_MAX:
+                s = s * qk_scale  # log2 units
             if META.SOFTCAP:
                 s = tanh(s) * softcap_log2
             if MASKED:
                 visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # A row with nothing visible yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if META.SCALE_AFTER_MAX:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED:  # a row with nothing visible yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
                 m_shift = m_new
-            p = tl.math.exp2(s - m_shift[:, None])
+            if META.SCALE_AFTER_MAX:
+                p = tl.math.exp2(s * qk_scale - m_shift[:, None])  # one FFMA per score
+            else:
+                p = tl.math.exp2(s - m_shift[:, None])
             alpha = tl.math.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -377,7 +421,8 @@ if HAS_TRITON:
         q = tl.load(_rows_ptrs(Q, batch, head, offs_m, offs_d), mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         K_head, stride_ks = _head_rows(K, batch, kv_head)
         V_head, stride_vs = _head_rows(V, batch, kv_head)
-        acc = tl.zeros([BLOCK_M, META.BLOCK_D], dtype=tl.float32)
+        BLOCK_D: tl.constexpr = META.BLOCK_D  # a shape needs a constexpr (triton 3.6 reads META's fields as ints)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
@@ -499,7 +544,8 @@ if HAS_TRITON:
         delta = tl.load(DELTA + stats_row + offs_m, mask=row_valid, other=0.0)
         K_head, stride_ks = _head_rows(K, batch, kv_head)
         V_head, stride_vs = _head_rows(V, batch, kv_head)
-        dq = tl.zeros([BLOCK_M, META.BLOCK_D], dtype=tl.float32)
+        BLOCK_D: tl.constexpr = META.BLOCK_D  # a shape needs a constexpr (see _attn_fwd_program)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if SAFE:  # the rerun: every tile masked, non-finite values isolated
             dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
                                tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
@@ -599,8 +645,9 @@ if HAS_TRITON:
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(_rows_ptrs(K, batch, kv_head, offs_n, offs_d), mask=io_mask, other=0.0)
         v = tl.load(_rows_ptrs(V, batch, kv_head, offs_n, offs_d), mask=io_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, META.BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, META.BLOCK_D], dtype=tl.float32)
+        BLOCK_D: tl.constexpr = META.BLOCK_D  # a shape needs a constexpr (see _attn_fwd_program)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # The group's first query head; _dkdv_query_tiles steps through its q_per_kv heads.
         head = kv_head * q_per_kv
         Q_group, stride_qs = _head_rows(Q, batch, head)
@@ -643,7 +690,7 @@ if HAS_TRITON:
         recomputes the flagged items with every tile masked, the non-finite operands zeroed and NaN put
         back for exactly the rows that see one (``reference.attention`` computes the same). A separate
         launch keeps the rerun's registers out of the walk's allocation; its inner tile may be
-        narrower (``_rerun_config``)."""
+        narrower (``PassConfigs.rerun_config``)."""
         if RERUN:
             first, last, flagged = _rerun_share(NONFINITE, num_work, 256)
             if flagged:
@@ -691,28 +738,23 @@ def _rerun_programs(device: torch.device) -> int:
     return 3
 
 
-def _rerun_config(config: LaunchConfig, inner: str) -> LaunchConfig:
-    """The rerun pass's config: the walk's, with the inner tile (``"block_m"`` or ``"block_n"``, the
-    one the program steps through) at most 32 wide: the rerun is rare, and its sanitised operands need
-    registers."""
-    return replace(config, **{inner: min(getattr(config, inner), 32)})
-
-
-def _launch_pass(program, args: tuple, num_work: int, meta: KernelMeta, config: LaunchConfig, inner: str,
+def _launch_pass(program, args: tuple, num_work: int, meta: KernelMeta, configs: PassConfigs, name: str,
                  device: torch.device) -> None:
-    """Launch a pass's walk, one program per work item, with ``config`` (or the autotuner's pick for
-    the ``inner`` tile, warps and stages); then its rerun pass over the items whose result was not
-    finite (a few programs that exit at once when there is none; see ``_attn_kernel``)."""
+    """Launch pass ``name``'s walk (``"forward"``, ``"dkdv"`` or ``"dq"``), one program per work item,
+    with its config in ``configs`` (or the autotuner's pick for the inner tile, warps and stages); then
+    its rerun over the items whose result was not finite (a few programs that exit at once when there
+    is none; see ``_attn_kernel``)."""
     nonfinite = torch.empty(num_work, device=device, dtype=torch.int8)  # every item writes its flag
     head = (program, args, nonfinite, num_work)
+    config = getattr(configs, name)
     if _autotune(device):
-        outer = "BLOCK_N" if inner == "block_m" else "BLOCK_M"
+        outer = "BLOCK_M" if name != "dkdv" else "BLOCK_N"  # the tile the heaviest-first order was computed for
         launch(_TUNED[program], (num_work,), *head, META=meta, RERUN=False,
                **{outer: getattr(config, outer.lower())})
     else:
         launch(_attn_kernel, (num_work,), *head, META=meta, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                RERUN=False, num_warps=config.num_warps, num_stages=config.num_stages)
-    rerun = _rerun_config(config, inner)
+    rerun = configs.rerun_config(name)
     launch(_attn_kernel, (min(num_work, _rerun_programs(device)),), *head, META=meta, BLOCK_M=rerun.block_m,
            BLOCK_N=rerun.block_n, RERUN=True, num_warps=rerun.num_warps, num_stages=rerun.num_stages)
 
@@ -764,13 +806,14 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap):
     lse = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    config = _configs_for(q).forward
+    configs = _configs_for(q)
+    config = configs.forward
     order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
     args = (_operand(q), _operand(k), _operand(v), _operand(out), lse, kv_start, kv_end, order, seq_q, seq_k,
             heads_q, triton.cdiv(seq_q, config.block_m), heads_q // heads_kv, *_score_scales(scale, softcap),
             _mask_batch_stride(kv_start, batch))
-    _launch_pass(_attn_fwd_program, args, heads_q * order.numel(), _kernel_meta(q, softcap), config, "block_n",
-                 q.device)
+    _launch_pass(_attn_fwd_program, args, heads_q * order.numel(), _kernel_meta(q, scale, softcap), configs,
+                 "forward", q.device)
     return out, lse
 
 
@@ -788,7 +831,7 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     configs = _configs_for(q)
-    meta = _kernel_meta(q, softcap)
+    meta = _kernel_meta(q, scale, softcap)
     q_per_kv = heads_q // heads_kv
     qk_scale, softcap_log2 = _score_scales(scale, softcap)
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
@@ -804,13 +847,13 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dk), _operand(dv), lse, delta, q_start,
             q_end, key_order, seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, config.block_n), q_per_kv,
             qk_scale, scale, softcap_log2, _mask_batch_stride(q_start, batch))
-    _launch_pass(_attn_bwd_dkdv_program, args, heads_kv * key_order.numel(), meta, config, "block_m", q.device)
+    _launch_pass(_attn_bwd_dkdv_program, args, heads_kv * key_order.numel(), meta, configs, "dkdv", q.device)
     config = configs.dq
     query_order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
     args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dq), lse, delta, kv_start, kv_end,
             query_order, seq_q, seq_k, heads_q, triton.cdiv(seq_q, config.block_m), q_per_kv, qk_scale, scale,
             softcap_log2, _mask_batch_stride(kv_start, batch))
-    _launch_pass(_attn_bwd_dq_program, args, heads_q * query_order.numel(), meta, config, "block_n", q.device)
+    _launch_pass(_attn_bwd_dq_program, args, heads_q * query_order.numel(), meta, configs, "dq", q.device)
     return dq, dk, dv
 
 
@@ -904,6 +947,9 @@ def _check_inputs(q, k, v, mask, scale, deterministic, return_lse=False, softcap
         raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head dim: expected 1..{MAX_HEAD_DIM}, got {dim}")
+    if heads_kv * dim >= _MAX_ROW_STRIDE:
+        raise ValueError(f"k, v: expected heads x head dim below {_MAX_ROW_STRIDE} (a key row's size), got "
+                         f"{heads_kv} x {dim}")
     if isinstance(scale, torch.Tensor):
         if scale.ndim != 0 or not scale.is_floating_point():
             raise ValueError(f"scale: expected a float, or a 0-d float tensor, got a {scale.dtype} tensor of shape "
@@ -940,8 +986,9 @@ def _default_mask(causal, q: torch.Tensor, k: torch.Tensor) -> IntervalMask:
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides except along the head dim."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """The kernels take any strides except along the head dim, and a row stride below
+    ``_MAX_ROW_STRIDE`` (a copy of anything else, e.g. a slice of a buffer with rows millions apart)."""
+    return t if t.stride(-1) == 1 and t.stride(1) < _MAX_ROW_STRIDE else t.contiguous()
 
 
 def attention(

@@ -145,6 +145,33 @@ def test_non_contiguous_inputs(dtype):
     assert_matches_reference(q, k, v, mask, scale=0.2)
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.3, 0.0], ids=["positive", "negative", "zero"])
+def test_any_scale(scale):
+    """A positive scale takes the row max before scaling (the forward's fast order); a negative or zero
+    scale keeps the scale-first order, where the max of the scaled scores is not the scaled max."""
+    mask = _transfusion_mask(100, 1, seed=21)
+    q, k, v = _qkv(1, 100, 100, 2, 2, 32, torch.float32, seed=22)
+    assert_matches_reference(q, k, v, mask, scale=scale)
+
+
+def test_rows_far_apart_are_copied_not_overflowed():
+    """A key tile's elements are addressed with int32 offsets from its first row: k and v whose rows
+    lie 2^23 elements apart (a slice of a huge buffer) are copied first; the result is the same."""
+    gen = torch.Generator().manual_seed(23)
+    row_stride = attention_module._MAX_ROW_STRIDE
+    storage = torch.randn(3 * row_stride + 16, generator=gen)
+    k = storage.as_strided((1, 3, 2, 8), (0, row_stride, 8, 1))
+    v = storage.as_strided((1, 3, 2, 8), (0, row_stride, 8, 1), storage_offset=row_stride // 2)
+    q = torch.randn(1, 3, 2, 8, generator=gen)
+    mask = tk.IntervalMask.causal(1, 3)
+    out = tk.attention(q, k, v, mask)
+    torch.testing.assert_close(out, tk.attention(q, k.contiguous(), v.contiguous(), mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"k, v: expected heads x head dim below 8388608 \(a key row's size\), "
+                                         r"got 32769 x 256"):
+        big = torch.empty(1, 1, 32769, 256, dtype=torch.float16)
+        tk.attention(torch.empty(1, 1, 32769, 256, dtype=torch.float16), big, big, mask)
+
+
 def test_lse_output_and_its_gradient():
     mask = _transfusion_mask(130, 2, seed=4)
     q, k, v = _qkv(2, 130, 130, 4, 2, 32, torch.float32, seed=5)

@@ -68,6 +68,16 @@ def test_the_kernels_use_the_configs_they_are_given():
         assert_anchored(name, ours, theirs, low)
 
 
+def test_rerun_configs_are_explicit_or_the_walks_with_a_narrow_inner_tile():
+    walk = PassConfigs(forward=LaunchConfig(128, 64, 8, 3), dkdv=LaunchConfig(64, 128, 8, 3),
+                       dq=LaunchConfig(128, 16, 8, 3), dkdv_rerun=LaunchConfig(32, 64, 4, 2))
+    assert walk.rerun_config("forward") == LaunchConfig(128, 32, 8, 3)  # forward and dQ step through keys
+    assert walk.rerun_config("dq") == LaunchConfig(128, 16, 8, 3)
+    assert walk.rerun_config("dkdv") == LaunchConfig(32, 64, 4, 2)  # explicit
+    assert PassConfigs(walk.forward, LaunchConfig(64, 128, 8, 3), walk.dq).rerun_config("dkdv") == \
+        LaunchConfig(32, 128, 8, 3)  # dK/dV steps through queries
+
+
 def test_use_launch_configs_refuses_other_types():
     with pytest.raises(TypeError, match="configs: expected a PassConfigs"), use_launch_configs(LaunchConfig(64, 64, 4, 1)):
         pass
