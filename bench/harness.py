@@ -22,7 +22,6 @@ those are CPU figures, never GPU ones.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import itertools
 import statistics
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from .results_csv import ENVIRONMENT_COLUMNS, read_rows, write_rows
 
 OURS = "tfkernels"
 DIFFERENTIABLE_MODES = ("forward", "backward", "forward_backward")
@@ -48,11 +49,13 @@ TILE_WASTE_COLUMNS = ("visible_pairs", "fwd_tile_pairs", "fwd_waste", "bwd_tile_
                       "flex_block_pairs", "flex_waste")
 CSV_COLUMNS = (
     "suite", "workload", "shape", "implementation", "backend", "mode", "dtype",
-    "device", "torch", "triton", "commit", "timestamp", "timer", "quick",
+    *ENVIRONMENT_COLUMNS, "timer", "quick",
     "median_ms", "p20_ms", "p80_ms", "peak_mb",
     "tflops", "gb_per_s", "tokens_per_s", "mfu", "time_vs_tfkernels",
     *TILE_WASTE_COLUMNS,
 )
+NUMERIC_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "gb_per_s", "tokens_per_s", "mfu",
+                   "time_vs_tfkernels", *TILE_WASTE_COLUMNS)
 
 # Dense bf16 tensor-core peak (no sparsity) per device, for MFU; matched on the CUDA device name.
 PEAK_BF16_FLOPS = (
@@ -140,6 +143,8 @@ class Settings:
 
 
 class Environment(NamedTuple):
+    """The CSV's environment columns (``results_csv.ENVIRONMENT_COLUMNS``), in that order."""
+
     device: str
     torch: str
     triton: str
@@ -321,34 +326,14 @@ def add_ratios(rows: list[dict]) -> None:
         row["time_vs_tfkernels"] = None if reference is None else row["median_ms"] / reference
 
 
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({column: _format(row[column]) for column in CSV_COLUMNS})
+    """The benchmark rows as ``path``, replacing it."""
+    write_rows(path, rows, CSV_COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict]:
     """Rows with the numeric columns as floats (None where empty) and ``quick`` as a bool."""
-    numeric = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "gb_per_s", "tokens_per_s", "mfu",
-               "time_vs_tfkernels", *TILE_WASTE_COLUMNS)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for column in numeric:
-            row[column] = float(row[column]) if row[column] != "" else None
-        row["quick"] = row["quick"] == "True"
-    return rows
+    return read_rows(path, numbers=NUMERIC_COLUMNS, flags=("quick",))
 
 
 # ----------------------------------------------------------------------------------------------
