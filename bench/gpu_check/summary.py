@@ -79,8 +79,8 @@ def markdown(outdir: Path, steps: list[Step]) -> str:
     found = problems(outdir, steps)
     incomplete = [s.name for s in steps if s.status.startswith(("stopped", "not run"))]
     verdict = "FAILED" if found else "pass" + (f" (incomplete: {', '.join(incomplete)})" if incomplete else "")
-    lines += [f"**Verdict: {verdict}**", ""]
-    lines += [f"- {problem}" for problem in found[:LISTED]]
+    lines.append(f"**Verdict: {verdict}**")
+    lines += [""] * bool(found) + [f"- {problem}" for problem in found[:LISTED]]
     if len(found) > LISTED:
         lines.append(f"- ... and {len(found) - LISTED} more ({TESTS}, log.txt)")
     cases = read_junit(outdir / TESTS)
