@@ -1,8 +1,9 @@
-"""``python -m bench [--suite attention|diffusion|lm_loss|e2e|adaln|hf|all] [--quick] [--out PATH]``.
+"""``python -m bench [--suite attention|diffusion|lm_loss|e2e|adaln|hf|all] [--quick] [--out PATH] [--append]``.
 
 Runs the suites' workloads with every implementation in every mode and writes one CSV row per
-(workload, implementation, mode). Full-size workloads need a CUDA GPU; ``--quick`` runs small
-shapes (on the CPU: the eager reference paths, wall-clock timed, as a check of the harness).
+(workload, implementation, mode), each as soon as it is measured. Full-size workloads need a CUDA
+GPU; ``--quick`` runs small shapes (on the CPU: the eager reference paths, wall-clock timed, as a
+check of the harness).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import Environment, Settings, default_output, run_workloads, write_csv
+from .harness import CSV_COLUMNS, Environment, Settings, default_output, run_workloads
+from .results_csv import write_rows
 from .workloads import SUITES
 
 
@@ -26,6 +28,8 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path,
                         help="CSV to write (default: bench/results/<device>_<UTC time>.csv; quick runs in "
                              "bench/results/quick/)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to an existing CSV of the same columns instead of replacing it")
     parser.add_argument("--commit", help="commit to record when the checkout has no git metadata "
                                           "(default: git rev-parse HEAD, +dirty with local changes)")
     parser.add_argument("--device", choices=("cuda", "cpu"),
@@ -50,9 +54,11 @@ def main(argv=None) -> int:
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     workloads = [w for suite in suites for w in SUITES[suite](args.quick, device)]
     env = Environment.current(device, args.commit)
-    rows = run_workloads(workloads, Settings.for_device(device, args.quick), env)
     out = args.out or default_output(env.device, args.quick)
-    write_csv(rows, out)
+    if not args.append:
+        write_rows(out, [], CSV_COLUMNS)  # the header: rows follow as they are measured
+    rows = run_workloads(workloads, Settings.for_device(device, args.quick), env,
+                         on_row=lambda row: write_rows(out, [row], CSV_COLUMNS, append=True))
     print(f"wrote {len(rows)} rows to {out}")
     return 0
 

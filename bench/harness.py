@@ -22,7 +22,6 @@ those are CPU figures, never GPU ones.
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import itertools
 import statistics
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from .results_csv import ENVIRONMENT_COLUMNS, read_rows, write_rows
 
 OURS = "tfkernels"
 DIFFERENTIABLE_MODES = ("forward", "backward", "forward_backward")
@@ -48,11 +49,13 @@ TILE_WASTE_COLUMNS = ("visible_pairs", "fwd_tile_pairs", "fwd_waste", "bwd_tile_
                       "flex_block_pairs", "flex_waste")
 CSV_COLUMNS = (
     "suite", "workload", "shape", "implementation", "backend", "mode", "dtype",
-    "device", "torch", "triton", "commit", "timestamp", "timer", "quick",
+    *ENVIRONMENT_COLUMNS, "timer", "quick",
     "median_ms", "p20_ms", "p80_ms", "peak_mb",
     "tflops", "gb_per_s", "tokens_per_s", "mfu", "time_vs_tfkernels",
     *TILE_WASTE_COLUMNS,
 )
+NUMERIC_COLUMNS = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "gb_per_s", "tokens_per_s", "mfu",
+                   "time_vs_tfkernels", *TILE_WASTE_COLUMNS)
 
 # Dense bf16 tensor-core peak (no sparsity) per device, for MFU; matched on the CUDA device name.
 PEAK_BF16_FLOPS = (
@@ -140,6 +143,8 @@ class Settings:
 
 
 class Environment(NamedTuple):
+    """The CSV's environment columns (``results_csv.ENVIRONMENT_COLUMNS``), in that order."""
+
     device: str
     torch: str
     triton: str
@@ -312,43 +317,14 @@ def throughput(work: Work, median_ms: float, device_name: str) -> dict:
     return columns
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """``time_vs_tfkernels``: this row's median over tfkernels' in the same workload and mode
-    (above 1: tfkernels is faster). Empty where tfkernels has no row to compare with."""
-    ours = {(r["suite"], r["workload"], r["mode"]): r["median_ms"] for r in rows if r["implementation"] == OURS}
-    for row in rows:
-        reference = ours.get((row["suite"], row["workload"], row["mode"]))
-        row["time_vs_tfkernels"] = None if reference is None else row["median_ms"] / reference
-
-
-def _format(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({column: _format(row[column]) for column in CSV_COLUMNS})
+    """The benchmark rows as ``path``, replacing it."""
+    write_rows(path, rows, CSV_COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict]:
     """Rows with the numeric columns as floats (None where empty) and ``quick`` as a bool."""
-    numeric = ("median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "gb_per_s", "tokens_per_s", "mfu",
-               "time_vs_tfkernels", *TILE_WASTE_COLUMNS)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        for column in numeric:
-            row[column] = float(row[column]) if row[column] != "" else None
-        row["quick"] = row["quick"] == "True"
-    return rows
+    return read_rows(path, numbers=NUMERIC_COLUMNS, flags=("quick",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,19 +332,15 @@ def read_csv(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Environment,
                   log: Callable[[str], None] = print, *,
-                  select: Callable[[Workload, Implementation, str], bool] | None = None,
-                  gate: Callable[[Workload, Implementation, str], str | None] | None = None,
-                  on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Run every (workload, implementation, mode) and return the rows, ratios filled in.
+                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every (workload, implementation, mode) and return the rows.
 
     A peer that cannot run (GPU-only, no kernel for the shape, out of memory) is skipped with the
     reason logged; an error in tfkernels itself is raised, never skipped.
 
-    Hooks (``bench.gpu_check`` runs the suites in timed stages with them; all default to off):
-    ``select(workload, implementation, mode)`` keeps only the cases it returns True for;
-    ``gate(...)``, asked just before a case starts, returns a reason to skip it (e.g. the stage's
-    time budget is spent) or None; ``on_row(rows)`` is called after each row with the rows so far
-    (ratios not yet filled in), so that a caller can write them out as they come.
+    ``time_vs_tfkernels`` is filled in as each row is made, from tfkernels' row of the same
+    workload and mode: every suite lists tfkernels first, so it is there when a peer's row is.
+    ``on_row(row)``, called with each row as it is made, lets a caller write rows as they come.
     """
     if settings.device.type == "cuda":
         # Each peer compiles once per shape and grad mode; past dynamo's default limit of 8
@@ -377,16 +349,11 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
     cpu_caveat = ", CPU figures: wall clock on the reference paths, not GPU figures"
     log(f"device {env.device}, torch {env.torch}, triton {env.triton}, commit {env.commit}"
         + (cpu_caveat if settings.device.type == "cpu" else ""))
-    cases = [(w, i, m) for w in workloads for i in w.implementations for m in (i.modes or w.modes)
-             if select is None or select(w, i, m)]
-    rows = []
+    cases = [(w, i, m) for w in workloads for i in w.implementations for m in (i.modes or w.modes)]
+    rows, ours = [], {}  # ours: (suite, workload, mode) -> tfkernels' median
     input_sets, current = None, None
     for number, (workload, implementation, mode) in enumerate(cases, 1):
         label = f"[{number}/{len(cases)}] {workload.suite} {workload.name} {implementation.name} {mode}"
-        reason = gate(workload, implementation, mode) if gate is not None else None
-        if reason is not None:
-            log(f"{label}: skipped, {reason}")
-            continue
         if workload is not current:
             input_sets, current = None, workload  # free the previous workload's inputs first
             _empty_cache(settings.device)
@@ -414,12 +381,16 @@ def run_workloads(workloads: Sequence[Workload], settings: Settings, env: Enviro
             **throughput(work, timing.median_ms, env.device),
             **dict.fromkeys(TILE_WASTE_COLUMNS), **summary_columns,
         }
+        key = (workload.suite, workload.name, mode)
+        if implementation.name == OURS:
+            ours[key] = timing.median_ms
+        # Above 1: tfkernels is faster. Empty where tfkernels has no row to compare with.
+        row["time_vs_tfkernels"] = timing.median_ms / ours[key] if key in ours else None
         rows.append(row)
         peak = f", peak {timing.peak_mb:.4g} MB" if timing.peak_mb is not None else ""
         log(f"{label}: {timing.median_ms:.4g} ms{peak}")
         if on_row is not None:
-            on_row(rows)
-    add_ratios(rows)
+            on_row(row)
     return rows
 
 

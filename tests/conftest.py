@@ -8,6 +8,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+NO_GPU = pytest.mark.skip(reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(NO_GPU)
+
 
 @pytest.fixture
 def reference_path(monkeypatch):

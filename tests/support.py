@@ -1,6 +1,6 @@
-"""What the kernel test modules share: the device, the dtypes the interpreter handles, and the
-marks that skip a module without a way to run Triton, or a test without a GPU. (The assertion
-helpers, ``assert_anchored`` and ``max_error``, are public: ``tfkernels.testing``.)"""
+"""What the kernel test modules share: the device, the dtypes the interpreter handles, the mark
+that skips a module without a way to run Triton, and the mark of the tests that need a GPU. (The
+assertion helpers, ``assert_anchored`` and ``max_error``, are public: ``tfkernels.testing``.)"""
 
 import pytest
 import torch
@@ -17,10 +17,8 @@ requires_triton = pytest.mark.skipif(
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels",
 )
 
-gpu_only = pytest.mark.skipif(
-    not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: bfloat16 (the interpreter mishandles it) and full-size shapes",
-)
+# The GPU tests: skipped without a CUDA GPU (conftest), selected alone by ``pytest -m gpu``.
+gpu_only = pytest.mark.gpu
 
 # alphas_cumprod of diffusers' DDPMScheduler(num_train_timesteps=1000, beta_schedule=...) at a few
 # timesteps, printed once with diffusers 0.42.1 (float32 values, exactly as printed): an independent

@@ -1,10 +1,11 @@
-"""One prepared GPU run (issue 12, DESIGN §6): correctness and every headline figure in one call of
-at most 9 minutes, with everything written to OUTDIR as it is measured.
+"""A time-boxed validation and benchmark run on a GPU: ``python -m bench.gpu_check OUTDIR --budget-s N``
+(or ``bash scripts/gpu_check.sh OUTDIR ...``), for a rented GPU or a CI job with a time limit.
 
-``bash scripts/gpu_check.sh OUTDIR`` (or ``python -m bench.gpu_check OUTDIR``) runs the stages of
-``plan.STAGES`` in priority order, each in its own process with its own deadline (``runner``):
-environment and ceilings, GPU correctness in bf16 and fp16 (``correctness``), the attention,
-loss and end-to-end benchmarks through ``bench.harness`` (``stages``), the compile report, and the
-kernels' tests on the GPU. ``summary`` rewrites ``summary.md`` after each stage; ``--dry-run``
-(``dry_run``) checks it all on a CPU. The details and what comes back: bench/README.md.
+One command, in order: ``env.json`` (device, versions, commit); the GPU-marked tests
+(``pytest -m gpu``, their outcomes in pytest's own ``tests.xml``); then the ``python -m bench``
+suites, each in its own process with its share of the time left, their rows appended to
+``results.csv`` as they are measured; ``summary.md`` rewritten after each step, and ``log.txt``.
+A step that reaches its deadline is stopped and keeps what it wrote. ``--dry-run`` runs the same
+steps on a CPU (the GPU tests skip, the suites run ``--quick``). ``run`` has the steps,
+``summary`` the summary; bench/README.md says what to expect.
 """

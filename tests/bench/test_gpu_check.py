@@ -1,12 +1,8 @@
-"""bench/gpu_check (scripts/gpu_check.sh): the dry run as CI runs it, and the parts that work the same
-on a CPU: the plan and its budgets, the stage runner (deadlines, kills, incremental files), the
-summary, the device tool's limits on OUTDIR, the stages' case selection and cost model, and the
-correctness checks' bookkeeping."""
+"""bench/gpu_check (scripts/gpu_check.sh): the dry run on the CPU, a step stopped at its deadline,
+the budget's split over the steps, and the summary's verdict from pytest's result file."""
 
-import csv
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -15,471 +11,181 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import harness
 from bench.gpu_check import __main__ as cli
-from bench.gpu_check import correctness, plan, runner, stages, summary
-from bench.workloads import hf as hf_suite
+from bench.gpu_check import run, summary
+from bench.harness import read_csv
+from bench.workloads import SUITES
 
-from .support import ROOT
+from .support import ROOT, cases, key, row_key, suite_workloads
 
-CUDA = torch.device("cuda")  # labels only: building a workload touches no GPU
+DRY_SUITES = ("diffusion", "adaln")  # the dry run's suites here; the quick run covers the others
 
 
-# ------------------------------------------------------------------------------ the dry run
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "out"
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", str(out)], cwd=ROOT,
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", str(out),
+                             "--suites", ",".join(DRY_SUITES)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     return result, out
 
 
-def test_dry_run_passes_and_prints_the_plan(dry_run):
+def test_dry_run_writes_every_file_and_passes(dry_run):
     result, out = dry_run
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "DRY RUN OK: 8 stages" in result.stdout
-    for stage in plan.STAGES:  # the plan's table, then each stage's status line
-        assert f" {stage.name} " in result.stdout.split("\n\n")[1]
-        assert f"] {stage.name}: ok (" in result.stdout
-    assert plan.describe(list(plan.STAGES)).splitlines()[-1] in result.stdout
-    assert "540 of 540 s" in result.stdout
-    # Every workload at its real shape, and the cost model's verdict per stage.
-    assert "W1_packed_hkv16: B=2 Sq=8192 Sk=8192 Hq=16 Hkv=16 D=128 packed" in result.stdout
-    assert "e2e_train_step: 370M params" in result.stdout
-    assert "correctness: attn_packed_gqa bfloat16 B=1 Sq=8192" in result.stdout
-    assert "THE PLAN DOES NOT HOLD" not in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(run.OUTPUTS)
+    env = json.loads((out / run.ENV).read_text())
+    assert (env["device"], env["torch"], env["dry_run"]) == ("cpu", torch.__version__, True)
+    assert set(env["packages"]) == set(run.PACKAGES)
+    text = (out / run.SUMMARY).read_text()
+    assert "**Verdict: pass**" in text and text in result.stdout
+    for step in ("tests", *DRY_SUITES):
+        assert f"] {step}: ok (" in (out / run.LOG).read_text()
 
 
-def test_dry_run_writes_what_the_gpu_run_brings_back(dry_run):
+def test_dry_run_collects_the_gpu_tests_and_they_skip(dry_run):
     _, out = dry_run
-    assert plan.outdir_problems(out) == []
-    names = {p.name for p in out.iterdir()}
-    assert names == set(plan.OUTPUT_FILES) - {plan.COMPILE_REPORT}  # the compile report is not run dry
-    records = json.loads((out / plan.STAGES_JSON).read_text())
-    assert [entry["stage"] for entry in records["plan"]] == list(plan.STAGE_NAMES)
-    assert all(records["stages"][name]["status"] == "ok" for name in plan.STAGE_NAMES)
-    env = json.loads((out / plan.ENV).read_text())
-    assert env["versions"]["torch"] == torch.__version__ and env["ceilings"]["copy_gb_per_s"] > 0
-    rows = harness.read_csv(out / plan.BENCH)
-    optional = {"hf"} if hf_suite.has_transformers() else set()  # without transformers its cases are skipped
-    assert {r["suite"] for r in rows} == {"attention", "diffusion", "lm_loss", "adaln", "e2e"} | optional
-    assert {r["workload"] for r in rows if r["suite"] == "attention"} == {
-        w.name for w in stages.stage_workloads("attention", True, torch.device("cpu"))
-        + stages.stage_workloads("attention_more", True, torch.device("cpu"))}
-    checks = summary.read_rows(out / plan.CORRECTNESS)
-    assert {r["check"] for r in checks} == {c.name for c in correctness.checks(tiny=True)}
-    # On the CPU the ops run their reference: every quantity must pass its anchored bound.
-    assert all(r["passed"] == "True" for r in checks)
-    assert re.match(r"dry run: \d+ GPU-only tests and \d+ others selected", records["stages"]["tests_gpu"]["detail"])
-    assert "**GPU correctness: pass**" in (out / plan.SUMMARY).read_text()
+    tests = summary.read_junit(out / run.TESTS)
+    assert len(tests) >= 40 and {outcome for _, outcome, _ in tests} == {"skipped"}
+    assert all(message.startswith("needs a CUDA GPU") for *_, message in tests)
+    assert "tests.tfkernels.test_attention::test_long_masks_on_gpu[causal-torch.bfloat16-2-1-8192-16-4-128]" in {
+        test for test, *_ in tests}
 
 
-# ------------------------------------------------------------------------------ the plan
-def test_plan_fits_the_run_and_the_device_limits():
-    assert sum(s.budget_s for s in plan.STAGES) <= plan.TOTAL_S <= 540
-    assert plan.check(list(plan.STAGES)) == []
-    assert len(plan.OUTPUT_FILES) < plan.MAX_FILES  # room for one temporary file at a kill
-    assert plan.STAGE_NAMES[:2] == ("env", "correctness")  # priority: the card, then correctness
-    assert set(plan.STAGE_NAMES) == set(stages.STAGE_FUNCTIONS)
+def test_dry_run_appends_every_suite_to_one_csv(dry_run):
+    _, out = dry_run
+    rows = read_csv(out / run.RESULTS)
+    expected = {key(w, i, m) for w, i, m, reason in cases(suite_workloads(DRY_SUITES)) if reason is None}
+    assert sorted(map(row_key, rows)) == sorted(expected)
+    assert "| adaln | adaln_modulate | forward | " in (out / run.SUMMARY).read_text()
 
 
-def test_budgets_roll_forward_and_scale_down():
-    stage_list = [plan.Stage("a", 10, "", ()), plan.Stage("b", 20, "", ()), plan.Stage("c", 30, "", ())]
-    assert plan.deadlines(stage_list, 60, start=100.0) == [110.0, 130.0, 160.0]
-    assert plan.budgets(stage_list, 30) == [5.0, 10.0, 15.0]  # --total below the sum: all scaled
-    assert plan.deadlines(stage_list, 30, 0.0)[-1] == pytest.approx(30)
-    assert "--total 600 s is over" in plan.check(stage_list, 600)[0]
-    with pytest.raises(ValueError, match="unknown stage"):
-        plan.select(["env", "nope"])
-    assert [s.name for s in plan.select(["tests_gpu", "env"])] == ["env", "tests_gpu"]  # plan order
+def test_a_step_is_stopped_at_its_deadline_and_keeps_what_it_wrote(tmp_path):
+    # A child that writes, starts a grandchild, and handles the interrupt as pytest does (writing its
+    # result file), then a child that ignores the interrupt: killed after the grace.
+    code = ("import pathlib, subprocess, sys, time; out = pathlib.Path(sys.argv[1]); out.write_text('row\\n'); "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "(out.parent / 'pid').write_text(str(p.pid))\n"
+            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    out.write_text('row\\ninterrupted\\n')")
+    rc, seconds = run.run_until([sys.executable, "-c", code, str(tmp_path / "rows")], time.monotonic() + 3,
+                                tmp_path / "log")
+    assert rc is None and 3 <= seconds < 3 + run.GRACE_S
+    assert (tmp_path / "rows").read_text() == "row\ninterrupted\n"
+    assert _gone(int((tmp_path / "pid").read_text()))  # the grandchild went with its group
+    assert run.run_until([sys.executable, "-c", "import sys; print('done'); sys.exit(3)"], time.monotonic() + 60,
+                         tmp_path / "log")[0] == 3
+    assert (tmp_path / "log").read_text().endswith("done\n")
 
 
-def test_outdir_limits(tmp_path):
-    assert plan.outdir_problems(tmp_path) == []
-    for i in range(plan.MAX_FILES + 1):
-        (tmp_path / f"f{i}.txt").write_text("x")
-    with open(tmp_path / "big.csv", "wb") as f:
-        f.truncate(plan.MAX_FILE_BYTES + 1)  # sparse: no disk used
-    (tmp_path / "a b.txt").write_text("x")
-    deep = tmp_path / "a" / "b" / "c"
-    deep.mkdir(parents=True)
-    (deep / "x.txt").write_text("x")
-    problems = "\n".join(plan.outdir_problems(tmp_path))
-    assert "files, over 8" in problems
-    assert "big.csv: 16777217 bytes" in problems
-    assert "a b.txt: name has characters" in problems
-    assert "more than 2 folders down" in problems
-
-
-def test_command_line_needs_an_outdir_except_dry(capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args([])
-    assert "OUTDIR is required" in capsys.readouterr().err
-    assert cli.parse_args(["--dry-run"]).outdir is None
-    with pytest.raises(SystemExit):
-        cli.parse_args(["out", "--stages", "env,nope"])
-
-
-# ------------------------------------------------------------------------------ the runner
-def _fake_stage(code: str):
-    """A stage process that runs ``code`` (OUT: the output folder) instead of a real stage."""
-    return [sys.executable, "-c", "import sys, time, pathlib; OUT = pathlib.Path(sys.argv[1]); " + code]
-
-
-@pytest.fixture
-def quick_runner(monkeypatch):
-    monkeypatch.setattr(runner, "MIN_STAGE_S", 0.2)
-    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.5)
-
-
-def test_a_stage_past_its_budget_is_cut_its_rows_kept_and_the_next_runs(tmp_path, quick_runner):
-    codes = {
-        # Writes its first row at once, then hangs (a compile that never returns).
-        "slow": "(OUT / 'slow.csv').write_text('row 1\\n'); time.sleep(60)",
-        "next": "(OUT / 'next.csv').write_text('row\\n')",
-    }
-    stage_list = [plan.Stage("slow", 1.0, "", ()), plan.Stage("next", 1.0, "", ())]
-    summaries = []
-
-    def launch(stage, deadline):
-        return runner.run_process(_fake_stage(codes[stage.name]) + [str(tmp_path)], deadline - time.time(),
-                                  tmp_path / plan.LOG)
-
-    start = time.monotonic()
-    records = runner.run_plan(stage_list, tmp_path, 2.0, launch, after_stage=lambda: summaries.append(1),
-                              echo=lambda line: None)
-    assert time.monotonic() - start < 5
-    assert records["slow"]["status"] == "timed out" and records["slow"]["elapsed_s"] < 2
-    assert (tmp_path / "slow.csv").read_text() == "row 1\n"  # written before the kill: kept
-    assert records["next"]["status"] == "ok"
-    assert (tmp_path / "next.csv").read_text() == "row\n"
-    assert len(summaries) == 2  # the summary is rewritten after every stage
-    assert "===== stage next: budget 1 s" in (tmp_path / plan.LOG).read_text()
-
-
-def test_unused_time_rolls_forward_and_a_late_stage_is_not_started(tmp_path, quick_runner):
-    stage_list = [plan.Stage(n, 1.0, "", ()) for n in ("quick", "hog", "late")]
-    deadlines = {}
-
-    def launch(stage, deadline):
-        deadlines[stage.name] = deadline
-        if stage.name == "hog":  # overruns the time of the stages after it (a launcher gone wrong)
-            time.sleep(max(0.0, deadline + 1.2 - time.time()))
-        return 0, False, 0.0
-
-    start = time.time()
-    records = runner.run_plan(stage_list, tmp_path, 3.0, launch, echo=lambda line: None)
-    # quick ended at once: hog's deadline is still start + 2 (its own second and quick's unused one).
-    assert deadlines["hog"] - start == pytest.approx(2.0, abs=0.2)
-    assert records["late"]["status"] == "not run" and "no time left" in records["late"]["detail"]
-    assert "late" not in deadlines
-
-
-def test_a_failing_stage_is_recorded_and_the_plan_goes_on(tmp_path, quick_runner):
-    def launch(stage, deadline):
-        command = _fake_stage("sys.exit(3)" if stage.name == "bad" else "pass") + [str(tmp_path)]
-        return runner.run_process(command, deadline - time.time(), tmp_path / plan.LOG)
-
-    records = runner.run_plan([plan.Stage("bad", 5, "", ()), plan.Stage("good", 5, "", ())], tmp_path, 10, launch,
-                              echo=lambda line: None)
-    assert records["bad"]["status"] == "failed" and records["bad"]["rc"] == 3
-    assert records["good"]["status"] == "ok"
-
-
-def test_a_killed_stage_takes_its_child_processes_with_it(tmp_path, quick_runner):
-    code = ("import subprocess; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            "(OUT / 'pid').write_text(str(p.pid)); time.sleep(60)")
-    rc, timed_out, seconds = runner.run_process(_fake_stage(code) + [str(tmp_path)], 1.5, tmp_path / plan.LOG)
-    assert (rc, timed_out) == (None, True) and seconds < 5
-    pid = int((tmp_path / "pid").read_text())
-    for _ in range(50):  # reaped by init shortly after the kill
+def _gone(pid):
+    """The process has ended (reaped, or a zombie waiting to be), within a few seconds."""
+    for _ in range(50):
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
         except FileNotFoundError:
-            break
-        if state == "Z":
-            break
+            return True
         time.sleep(0.1)
-    else:
-        pytest.fail(f"grandchild {pid} still running after its stage was killed")
+    return False
 
 
-def test_stage_command_is_a_fresh_interpreter_with_the_deadline(tmp_path):
-    command = runner.stage_command("e2e", tmp_path, 123.5, "abc123", dry_run=False)
-    assert command[:3] == [sys.executable, "-m", "bench.gpu_check"]
-    args = cli.parse_args(command[3:])
-    assert (args.stage, args.outdir, args.deadline, args.commit, args.dry_run) == ("e2e", tmp_path, 123.5, "abc123",
-                                                                                    False)
-    env = runner.stage_env()
-    assert env["TRITON_INTERPRET"] == "0" and env["TFKERNELS_AUTOTUNE"] == "0"
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+def test_the_budget_is_split_by_shares_and_unused_time_rolls_forward(tmp_path, monkeypatch):
+    budgets = {}
+
+    def fake_step(outdir, step, deadline, *args):
+        budgets[step.name] = deadline - time.monotonic()
+        step.status = "ok"
+
+    monkeypatch.setattr(run, "run_tests", fake_step)
+    monkeypatch.setattr(run, "run_suite", fake_step)
+    steps = run.run(tmp_path, 215.0, 50.0, ["attention", "lm_loss", "e2e"], dry_run=True, commit="abc")
+    assert [s.name for s in steps] == ["tests", "attention", "lm_loss", "e2e"]
+    left = 215.0 - run.GRACE_S  # each step ends at once: the time left stays the same
+    attention, lm_loss, e2e = (run.SUITE_SHARES[s] for s in ("attention", "lm_loss", "e2e"))
+    assert budgets["tests"] == pytest.approx(50.0, abs=1)
+    assert budgets["attention"] == pytest.approx(left * attention / (attention + lm_loss + e2e), abs=1)
+    assert budgets["lm_loss"] == pytest.approx(left * lm_loss / (lm_loss + e2e), abs=1)
+    assert budgets["e2e"] == pytest.approx(left, abs=1)
+    assert json.loads((tmp_path / run.ENV).read_text())["commit"] == "abc"
+    # Written after every step: without pytest's result file the run fails, and says why.
+    assert summary.problems(tmp_path, steps) == [f"tests: pytest wrote no {run.TESTS} (see the log)"]
+    assert "| e2e | " in (tmp_path / run.SUMMARY).read_text()
 
 
-def test_log_is_cut_in_the_middle(tmp_path):
-    log = tmp_path / plan.LOG
-    log.write_bytes(b"first line\n" + b"x" * 5000 + b"\nlast line\n")
-    runner.trim_log(log, cap=1000)
-    text = log.read_text()
-    assert len(text) <= 1000 and text.startswith("first line") and text.endswith("last line\n")
-    assert "log.txt cut:" in text
+def test_a_step_without_time_left_is_not_started(tmp_path, monkeypatch):
+    def slow_step(outdir, step, deadline, *args):
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        step.status = "stopped at its deadline"
+
+    monkeypatch.setattr(run, "run_tests", slow_step)
+    monkeypatch.setattr(run, "MIN_STEP_S", 1.0)
+    monkeypatch.setattr(run, "GRACE_S", 0.0)
+    steps = run.run(tmp_path, 2.0, 2.0, ["attention"], dry_run=True, commit="abc")
+    assert steps[1].status.startswith("not run: ")
 
 
-# ------------------------------------------------------------------------------ the summary
-def _bench_row(workload, implementation, mode, median_ms, suite="attention", **columns):
-    row = {column: None for column in harness.CSV_COLUMNS}
-    row.update(suite=suite, workload=workload, shape="s", implementation=implementation, backend="b", mode=mode,
-               dtype="bfloat16", device="NVIDIA H200", torch="2.11", triton="3.6", commit="abc", timer="do_bench",
-               timestamp="2030-01-02T00:00:00Z", quick=False, median_ms=median_ms, p20_ms=median_ms,
-               p80_ms=median_ms, **columns)
-    return row
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="tests.tfkernels.test_attention" name="test_head_dims_on_gpu[64]" time="1.0"/>
+<testcase classname="tests.tfkernels.test_attention" name="test_head_dims_on_gpu[80]" time="1.0">
+  <failure message="AssertionError: dq: max error 0.5 &gt; bound 0.01&#10;more">traceback</failure></testcase>
+<testcase classname="tests.tfkernels.test_lm_loss" name="test_bf16_on_gpu[mean]" time="0.0">
+  <skipped type="pytest.skip" message="needs a CUDA GPU">reason</skipped></testcase>
+<testcase classname="" name="tests.tfkernels.test_diffusion" time="0.0">
+  <error message="collection failure">ImportError: No module named 'hypothesis'</error></testcase>
+</testsuite></testsuites>"""
 
 
-def test_summary_from_rows(tmp_path):
-    rows = [
-        _bench_row("W1_packed_hkv16", "tfkernels", "forward_backward", 10.0),
-        _bench_row("W1_packed_hkv16", "flex", "forward_backward", 15.0),
-        _bench_row("W1_packed_hkv16", "tfkernels", "forward", 3.0, tflops=400.0),
-        _bench_row("W1_packed_hkv16", "tfkernels", "backward", 7.0, tflops=350.0),
-        _bench_row("W1_packed_hkv16", "tfkernels", "mask_build", 0.1),
-        _bench_row("W1_packed_hkv16", "flex", "mask_build", 2.0),
-        _bench_row("W3_causal", "tfkernels", "forward", 4.0),
-        _bench_row("W3_causal", "sdpa_flash", "forward", 2.0),
-        _bench_row("lm_loss", "tfkernels", "forward_backward", 20.0, suite="lm_loss", peak_mb=300.0),
-        _bench_row("lm_loss", "eager", "forward_backward", 30.0, suite="lm_loss", peak_mb=8000.0),
-        _bench_row("diffusion_8x32x32", "tfkernels", "forward_backward", 0.1, suite="diffusion", gb_per_s=2000.0),
-        _bench_row("diffusion_8x32x32", "device_copy", "copy", 0.08, suite="diffusion", gb_per_s=2500.0),
-        _bench_row("e2e_train_step", "tfkernels", "train_step", 100.0, suite="e2e", tokens_per_s=160000.0, mfu=0.4),
-        _bench_row("e2e_train_step", "sdpa_dense_eager_losses", "train_step", 200.0, suite="e2e",
-                   tokens_per_s=80000.0),
-    ]
-    harness.add_ratios(rows)
-    harness.write_csv(rows, tmp_path / plan.BENCH)
-    stages.append_rows(tmp_path / plan.CORRECTNESS, correctness.COLUMNS, [
-        dict(check="attn_causal", op="attention", dtype="bfloat16", shape="S=8192", quantity="dq", passed=False,
-             detail="dq: max error 0.5 > bound 0.01"),
-        dict(check="attn_causal", op="attention", dtype="bfloat16", shape="S=8192", quantity="out", passed=True),
-        dict(check="attn_d64", op="-", dtype="float16", shape="S=4096", quantity="-", passed="",
-             detail="not run: stage budget"),
-        stages.parse_pytest_line("tests/tfkernels/test_lm_loss.py::test_bf16_on_gpu[mean] PASSED     [ 50%]"),
-    ])
-    runner.write_json(tmp_path / plan.ENV, {"device": {"name": "NVIDIA H200"}, "commit": "abc",
-                                            "ceilings": {"matmul_tflops": 780.0, "copy_gb_per_s": 4300.0},
-                                            "optional_peers": {"liger_kernel": "not installed"}})
-    runner.write_json(tmp_path / plan.STAGES_JSON, {
-        "plan": [{"stage": "env", "budget_s": 15}, {"stage": "attention", "budget_s": 150}],
-        "stages": {"env": {"status": "ok", "elapsed_s": 9.0}, "correctness": {"planned_checks": 16},
-                   "attention": {"status": "timed out", "elapsed_s": 150, "detail": "killed"}}})
-    text = summary.write(tmp_path)
-    assert text == (tmp_path / plan.SUMMARY).read_text()
-    assert text.startswith("# GPU check: NVIDIA H200")
-    assert "Optional peers: liger_kernel: not installed" in text
-    assert "**GPU correctness: FAILED** (1 of 2 quantities pass in 1 of 16 checks, 1 checks not run (budget); " \
-           "pytest on the GPU: 1 passed)" in text
-    assert "- FAILED attn_causal bfloat16 dq (S=8192): dq: max error 0.5 > bound 0.01" in text
-    assert "| W1 fwd+bwd (Hkv 16) vs compiled Flex | 10 ms vs Flex 15 ms: tfkernels 1.50x faster |" in text
-    assert "| W1 fwd+bwd (Hkv 4, GQA) vs compiled Flex | not measured |" in text
-    assert "| W3 causal fwd vs SDPA flash | 4 ms vs SDPA flash 2 ms: tfkernels 2.00x slower |" in text
-    assert "| useful TFLOP/s fwd / bwd, W1_packed_hkv16 | 400 / 350 (matmul ceiling 780) |" in text
-    assert "tfkernels 0.1 ms; Flex create_block_mask 2 ms; attention fwd+bwd 10 ms" in text
-    assert "2000 GB/s vs device copy 2500 GB/s at this size (1 GiB copy ceiling 4300)" in text
-    assert "tfkernels 20 ms, 300 MiB; eager 30 ms, 8000 MiB" in text
-    assert "tfkernels 160,000 (MFU 40.0%); sdpa_dense_eager_losses 80,000 (2.00x tfkernels' step time)" in text
-    assert "| attention | 150 | 150 | timed out | killed |" in text
+def test_the_summary_reads_pytests_result_file(tmp_path):
+    (tmp_path / run.TESTS).write_text(JUNIT)
+    (tmp_path / run.ENV).write_text(json.dumps(dict(
+        device="NVIDIA H100", torch="2.11.0", triton="3.6.0", commit="abc", timestamp="t", python="3.12", cuda="12.8",
+        dry_run=False, budget_s=600, packages={"transformers": None})))
+    steps = [run.Step("tests", 300, "ok", 12), run.Step("attention", 200, "stopped at its deadline", 200),
+             run.Step("e2e", 50, "failed (exit code 1)", 3)]
+    assert summary.problems(tmp_path, steps) == [
+        "failed tests.tfkernels.test_attention::test_head_dims_on_gpu[80]: AssertionError: dq: max error 0.5 > bound 0.01",
+        "error tests.tfkernels.test_diffusion: collection failure", "suite e2e: failed (exit code 1)"]
+    text = summary.write(tmp_path, steps)
+    assert text.startswith("# GPU run: NVIDIA H100\n") and "Packages: transformers not installed." in text
+    assert "**Verdict: FAILED**" in text and "1 error, 1 failed, 1 passed, 1 skipped" in text
+    assert "| attention | 200 | 200 | stopped at its deadline |" in text and "0 rows in results.csv" in text
+    (tmp_path / run.TESTS).write_text(JUNIT[:300])  # cut off while being written
+    ((test, outcome, message),) = summary.read_junit(tmp_path / run.TESTS)
+    assert (test, outcome) == (run.TESTS, "error") and message.startswith("not readable: ")
 
 
-def test_correctness_verdict_says_when_checks_are_missing():
-    row = dict(check="attn_causal", dtype="bfloat16", quantity="out", shape="s", passed="True", detail="")
-    assert summary.correctness_line([row], planned_checks=1)[0].startswith("**GPU correctness: pass** (1 of 1")
-    # Cut off at its deadline: the checks it never reached have no row.
-    assert summary.correctness_line([row], planned_checks=16)[0].startswith(
-        "**GPU correctness: pass so far, incomplete** (1 of 1 quantities pass in 1 of 16 checks)")
+def test_the_comparison_names_the_fastest_peer():
+    def row(implementation, median_ms, ratio, tflops=None):
+        return dict(suite="attention", workload="W3_causal", mode="forward", implementation=implementation,
+                    median_ms=median_ms, time_vs_tfkernels=ratio, tflops=tflops, gb_per_s=None, tokens_per_s=None)
+
+    rows = [row("tfkernels", 2.0, 1.0, tflops=400.0), row("tfkernels_seeded", 1.0, 0.5), row("sdpa_flash", 3.0, 1.5),
+            row("flex", 2.5, 1.25)]
+    assert summary.comparison(rows)[2:] == ["| attention | W3_causal | forward | 2 ms, 400 TFLOP/s | flex 2.5 ms | 1.25x |"]
 
 
-def test_summary_of_an_empty_outdir(tmp_path):
-    text = summary.markdown(tmp_path)
-    assert "**GPU correctness: not run** (no check has run)" in text
-    assert "| W1 fwd+bwd (Hkv 16) vs compiled Flex | not measured |" in text
+def test_command_line(capsys):
+    assert list(run.SUITE_SHARES) == [s for s in run.SUITE_SHARES if s in SUITES] and set(run.SUITE_SHARES) == set(SUITES)
+    args = cli.parse_args(["out", "--suites", "hf,attention", "--budget-s", "300"])
+    assert (args.suites, args.tests_budget_s) == (["attention", "hf"], 150.0)  # the run's order; half for the tests
+    for argv, message in ((["--suites", "attention"], "OUTDIR is required"), (["o", "--suites", "nope"], "expected suites"),
+                          (["o", "--budget-s", "20"], "--budget-s: expected at least 35 seconds, got 20")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
-def test_pytest_lines_become_rows():
-    row = stages.parse_pytest_line("tests/tfkernels/test_attention.py::test_head_dims_on_gpu[64] FAILED [ 10%]")
-    assert (row["check"], row["op"], row["quantity"], row["passed"], row["detail"]) == (
-        "pytest", "tests/tfkernels/test_attention.py", "test_head_dims_on_gpu[64]", False, "failed")
-    assert stages.parse_pytest_line("tests/x.py::t SKIPPED (needs a CUDA GPU) [100%]")["passed"] == ""
-    assert stages.parse_pytest_line("collected 12 items / 3 deselected") is None
-    row = stages.parse_pytest_line("tests/a.py::test_bad[q: expected float16, got x] PASSED [ 10%]")
-    assert (row["quantity"], row["passed"]) == ("test_bad[q: expected float16, got x]", True)
+def test_readme_describes_the_run():
+    section = (ROOT / "bench" / "README.md").read_text().split("\n## A time-boxed GPU run\n")[1].split("\n## ")[0]
+    assert "bash scripts/gpu_check.sh OUTDIR --budget-s" in section and "--dry-run" in section
+    assert all(f"`{name}`" in section for name in run.OUTPUTS)
 
 
-# ------------------------------------------------------------------------------ the stages
-def test_attention_stage_runs_cheap_cases_first_and_no_peer_backward():
-    workloads = stages.stage_workloads("attention", quick=False, device=CUDA)
-    assert [w.name for w in workloads] == ["W1_packed_hkv16", "W3_causal", "W1_packed_hkv4"]
-    w1 = workloads[0]
-    names = [(i.name, i.modes) for i in w1.implementations]
-    assert names[:3] == [("tfkernels", None), ("tfkernels", ("mask_build",)), ("flex", ("mask_build",))]
-    assert [n for n, _ in names[-2:]] == ["flex", "flex_flash"]  # the compiles last
-    keep = stages.selected("attention")
-    cases = [(i.name, m) for i in w1.implementations for m in (i.modes or w1.modes) if keep(w1, i, m)]
-    assert ("tfkernels", "backward") in cases and ("flex", "backward") not in cases
-    assert ("flex", "forward_backward") in cases and ("flex", "mask_build") in cases
+def test_every_gpu_test_is_where_the_run_looks():
+    marking = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+               if "gpu_only" in p.read_text() or "mark.gpu" in p.read_text()}
+    assert marking and all(p.startswith(run.TESTS_PATH + "/") for p in marking - {"tests/bench/test_gpu_check.py"})
 
 
-def test_cost_model_compiles_once_per_shape():
-    workloads = {w.name: w for w in stages.stage_workloads("attention", quick=False, device=CUDA)}
-    cases = {(w.name, i.name, m): s for w, i, m, s in stages.planned_cases("attention", list(workloads.values()))}
-    compile_forward = stages.COMPILE_S["forward"]
-    assert cases[("W1_packed_hkv16", "flex", "forward")] == stages.CASE_S + compile_forward
-    assert cases[("W1_packed_hkv16", "flex", "forward_backward")] == stages.CASE_S + stages.COMPILE_S["backward"]
-    assert cases[("W3_causal", "flex", "forward")] == stages.CASE_S  # same tensor shapes as W1 Hkv 16
-    assert cases[("W1_packed_hkv4", "flex", "forward")] == stages.CASE_S + compile_forward  # GQA: new shapes
-    assert ("W1_packed_hkv16", "flex_flash", "forward") not in cases or stages.attention_suite.flash_cute_missing() \
-        is None
-
-
-def test_every_workload_is_in_a_stage():
-    scheduled = {w.name for name in stages.BENCH_STAGES for w in stages.stage_workloads(name, True, CUDA)}
-    assert scheduled == {w.name for build in harness_suites() for w in build(True, CUDA)}
-
-
-def harness_suites():
-    from bench.workloads import SUITES
-
-    return SUITES.values()
-
-
-def test_correctness_checks_are_written_one_by_one_and_survive_errors(tmp_path):
-    path = tmp_path / plan.CORRECTNESS
-
-    def good(device):
-        return [correctness._row("good", "op", torch.bfloat16, "s", "out", torch.ones(2), torch.ones(2),
-                                 torch.ones(2))]
-
-    def broken(device):
-        raise ValueError("kernel said no")
-
-    def lost(device):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    def check(name, run, estimate=1.0):
-        return correctness.Check(name, torch.bfloat16, estimate, (name,), run, "s")
-
-    check_list = [check("good", good), check("broken", broken), check("slow", good, estimate=1e6),
-                  check("lost", lost), check("after", good)]
-    written = []
-
-    def write(rows):
-        written.append([r["check"] for r in rows])
-        stages.append_rows(path, correctness.COLUMNS, rows)
-
-    result = correctness.run_checks(check_list, "cpu", write, time_left=lambda: 100.0, log=lambda line: None)
-    assert written == [["good"], ["broken"], ["slow"], ["lost"], ["after"]]  # a write per check, in order
-    rows = summary.read_rows(path)
-    assert [(r["check"], r["passed"]) for r in rows] == [("good", "True"), ("broken", "False"), ("slow", ""),
-                                                          ("lost", "False"), ("after", "")]
-    assert "ValueError: kernel said no" in rows[1]["detail"]
-    assert "stage budget" in rows[2]["detail"] and "CUDA context lost" in rows[4]["detail"]
-    assert len(result["failed"]) == 2 and len(result["not_run"]) == 2
-
-
-def test_correctness_plan_covers_the_issue():
-    checks = correctness.attention_checks()
-    assert {c.dtype for c in checks} == {torch.bfloat16, torch.float16}
-    assert {c.dim for c in checks} >= {64, 128, 256, 80}
-    assert {c.mask for c in checks} >= {"packed", "causal", "image_decode", "irregular"}
-    assert any(c.heads_q != c.heads_kv for c in checks) and any(c.seq_q == 1 for c in checks)
-    assert max(c.seq_q for c in checks) == 8192 and min(c.seq_k for c in checks if c.seq_q > 1) >= 4096
-    names = [c.name for c in correctness.checks(tiny=False)]
-    assert names[:4] == ["attn_packed_gqa", "attn_causal", "attn_decode_1", "attn_image_decode"]
-    assert {"diffusion", "linear_cross_entropy"} <= set(names[4:6])
-
-
-def test_compile_report_arguments_are_the_modules(tmp_path):
-    compile_report = pytest.importorskip("bench.compile_report")
-    args = compile_report.parse_args(stages.compile_report_args(tmp_path))
-    assert args.out == tmp_path / plan.COMPILE_REPORT
-
-
-def test_csv_rows_round_trip_through_the_stage_writer(tmp_path):
-    rows = [_bench_row("W3_causal", "tfkernels", "forward", 4.0), _bench_row("W3_causal", "sdpa_flash", "forward", 2.0)]
-    harness.add_ratios(rows)
-    stages.write_csv_atomic(rows, tmp_path / plan.BENCH)
-    back = harness.read_csv(tmp_path / plan.BENCH)
-    assert [r["time_vs_tfkernels"] for r in back] == [1.0, 0.5]
-    assert not list(tmp_path.glob("*.tmp"))
-    with open(tmp_path / plan.BENCH) as f:
-        assert tuple(next(csv.reader(f))) == harness.CSV_COLUMNS
-
-
-def test_readme_documents_the_stages_and_files():
-    text = (ROOT / "bench" / "README.md").read_text()
-    section = text.split("\n## One prepared GPU run\n")[1].split("\n## ")[0]
-    documented = re.findall(r"^\| (\d) \| `(\w+)` \| (\d+) \|", section, re.M)
-    assert documented == [(str(n), s.name, f"{s.budget_s:.0f}") for n, s in enumerate(plan.STAGES, 1)]
-    files = re.findall(r"^\| `([\w.]+)` \| ", section.split("What comes back")[1], re.M)
-    assert sorted(files) == sorted(plan.OUTPUT_FILES)
-    assert "bash scripts/gpu_check.sh --dry-run" in section and "NOTES.md" in section
-
-
-def test_an_error_in_tfkernels_fails_its_workload_only_and_keeps_its_rows(tmp_path, monkeypatch):
-    def call(inputs):
-        return inputs.data * 2
-
-    def broken(inputs):
-        raise RuntimeError("kernel failed")
-
-    def workload(name, second):
-        return harness.Workload(
-            suite="attention", name=name, shape="s", dtype=torch.float32,
-            setup=lambda device, seed: harness.InputSet(torch.ones(4)),
-            implementations=[harness.Implementation("tfkernels", lambda first: call, backend="b"),
-                             harness.Implementation("tfkernels_seeded", lambda first: second, backend="b")],
-            modes=("forward",), work=lambda mode: harness.Work(), training=False)
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored after the test (the stage sets it to 0 on a CPU)
-    monkeypatch.setattr(stages, "stage_workloads", lambda name, quick, device: [workload("bad", broken),
-                                                                               workload("good", call)])
-    ctx = stages.Context(tmp_path, time.time() + 60, dry_run=True, stage="attention")
-    assert stages.run_bench_stage(ctx, "attention") == 1
-    rows = harness.read_csv(tmp_path / plan.BENCH)
-    assert [(r["workload"], r["implementation"]) for r in rows] == [("bad", "tfkernels"), ("good", "tfkernels"),
-                                                                    ("good", "tfkernels_seeded")]
-    record = json.loads((tmp_path / plan.STAGES_JSON).read_text())["stages"]["attention"]
-    assert record["failures"] == ["bad: RuntimeError: kernel failed"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Carried wheels (scripts/gpu_wheels.sh -> .gpu_wheels -> bench.gpu_check.wheels)
-# ----------------------------------------------------------------------------------------------
-def test_carried_wheels_are_unpacked_and_appended_after_site_packages(tmp_path, monkeypatch, capsys):
-    import zipfile
-
-    from bench.gpu_check import wheels
-
-    carried = tmp_path / "wheels"
-    carried.mkdir()
-    with zipfile.ZipFile(carried / "tfk_carried_probe-1.0-py3-none-any.whl", "w") as wheel:
-        wheel.writestr("tfk_carried_probe/__init__.py", "VALUE = 42\n")
-        wheel.writestr("tfk_carried_probe-1.0.dist-info/METADATA", "Name: tfk_carried_probe\nVersion: 1.0\n")
-    assert wheels.main([str(carried)]) == 0
-    target = capsys.readouterr().out.strip()
-    assert target and (Path(target) / "tfk_carried_probe" / "__init__.py").is_file()
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv("TFKERNELS_CARRIED_PATH", target)
-    assert wheels.append_carried() == target and sys.path[-1] == target  # last: the machine's packages win
-    assert wheels.append_carried() == target and sys.path.count(target) == 1
-    monkeypatch.delitem(sys.modules, "tfk_carried_probe", raising=False)
-    import tfk_carried_probe
-
-    assert tfk_carried_probe.VALUE == 42
-
-
-def test_no_carried_wheels_prints_nothing(tmp_path, monkeypatch, capsys):
-    from bench.gpu_check import wheels
-
-    assert wheels.main([str(tmp_path / "absent")]) == 0
-    assert wheels.main([str(tmp_path)]) == 0  # a folder without wheels
-    assert capsys.readouterr().out == ""
-    monkeypatch.setenv("TFKERNELS_CARRIED_PATH", "")
-    assert wheels.append_carried() is None
-    assert wheels.main([]) == 2
+def test_children_import_this_checkout():
+    env = run.child_environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT) and env["TRITON_INTERPRET"] == "0"

@@ -25,7 +25,7 @@ import tfkernels as tk
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 from tfkernels._dispatch import HAS_TRITON
 from tfkernels.mask import canonical_bounds
-from tfkernels.testing import assert_anchored, random_layout
+from tfkernels.testing import assert_anchored, packed_transfusion_layout, random_layout
 
 # The module (tfkernels.attention, the attribute, is the public function).
 attention_module = importlib.import_module("tfkernels.attention")
@@ -440,10 +440,39 @@ def test_bf16_long_transfusion_on_gpu(seq_len, heads_kv):
 
 
 @gpu_only
-@pytest.mark.parametrize("dim", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("dim", [64, 80, 96, 128, 192, 256])
 def test_head_dims_on_gpu(dim):
     mask = _transfusion_mask(1024, 2, seed=22, max_image_len=256)
     q, k, v = _qkv(2, 1024, 1024, 8, 2, dim, torch.bfloat16, seed=23)
+    assert_matches_reference(q, k, v, mask)
+
+
+def _long_mask(kind, batch, seq_q, seq_k, seed):
+    """The masks of training and sampling at full length: packed Transfusion rows (the benchmarks'
+    composition), causal, or the last image's patches of a packed row against the cached prefix."""
+    if kind == "causal":
+        return tk.IntervalMask.causal(batch, seq_q, seq_k, device=DEVICE)
+    images, documents = packed_transfusion_layout(random.Random(seed), batch, seq_k)
+    mask = tk.IntervalMask.from_spans(seq_k, images=images, documents=documents, device=DEVICE)
+    if kind == "image_decode":
+        end = images[0][-1][1]
+        return mask.slice_queries(end - seq_q, end)
+    return mask
+
+
+@gpu_only
+@pytest.mark.parametrize("kind, dtype, batch, seq_q, seq_k, heads_q, heads_kv, dim", [
+    ("packed", torch.float16, 1, 8192, 8192, 8, 2, 128),
+    ("packed", torch.float16, 2, 4096, 4096, 8, 4, 64),
+    ("causal", torch.bfloat16, 1, 8192, 8192, 8, 8, 128),
+    ("causal", torch.float16, 1, 4096, 4096, 8, 8, 128),
+    ("causal", torch.bfloat16, 2, 1, 8192, 16, 4, 128),  # decoding one token against the cache
+    ("causal", torch.float16, 2, 1, 8192, 16, 4, 128),
+    ("image_decode", torch.bfloat16, 1, 256, 8192, 16, 4, 128),
+], ids=str)
+def test_long_masks_on_gpu(kind, dtype, batch, seq_q, seq_k, heads_q, heads_kv, dim):
+    mask = _long_mask(kind, batch, seq_q, seq_k, seed=26)
+    q, k, v = _qkv(batch, mask.seq_len_q, mask.seq_len_k, heads_q, heads_kv, dim, dtype, seed=27)
     assert_matches_reference(q, k, v, mask)
 
 

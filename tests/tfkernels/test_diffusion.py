@@ -170,6 +170,36 @@ def test_diffusion_loss_matches_reference(dtype, target, layout, seeded, weighte
         assert_anchored(name, a, r, low)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("sizes", [None, [256, 1024, 64, 256, 4096, 17, 256, 1024]], ids=["batch", "packed"])
+def test_training_sizes_on_gpu(dtype, target, sizes):
+    """add_noise, and diffusion_loss with its gradient, at a training batch's sizes in the GPU's dtypes:
+    64 latents of 4 x 32 x 32, or a packed buffer of 16-channel patches of eight images of 17-4096 patches."""
+    gen = torch.Generator().manual_seed(41)
+    schedule = FLOW if target == "flow" else COSINE
+    shape, offsets = ((64, 4, 32, 32), None) if sizes is None else \
+        ((sum(sizes), 16), torch.tensor([0, *sizes], device=DEVICE).cumsum(0))
+    images = shape[0] if sizes is None else len(sizes)
+    t = torch.cat([torch.tensor([0, 1, 999]), torch.randint(0, 1000, (images - 3,), generator=gen)]).to(DEVICE)
+    x0, noise, pred = (_random(shape, dtype, gen) for _ in range(3))
+    grad_none = torch.randn(images, generator=gen).to(DEVICE)
+    assert_anchored("x_t", tk.add_noise(x0, t, schedule, noise=noise, offsets=offsets),
+                    reference.add_noise(x0.double(), t, schedule, noise=noise.double(), offsets=offsets),
+                    reference.add_noise(x0, t, schedule, noise=noise, offsets=offsets))
+
+    def loss(op, x0_, noise_):
+        return lambda p, reduction: op(p, x0_, t, schedule, target=target, noise=noise_, offsets=offsets,
+                                       reduction=reduction)
+
+    ours = _loss_and_grads(loss(tk.diffusion_loss, x0, noise), pred, grad_none)
+    ref64 = _loss_and_grads(loss(reference.diffusion_loss, x0.double(), noise.double()), pred.double(), grad_none)
+    lowp = _loss_and_grads(loss(reference.diffusion_loss, x0, noise), pred, grad_none)
+    for name, a, r, low in zip(("loss[none]", "loss[mean]", "dpred[none]", "dpred[mean]"), ours, ref64, lowp):
+        assert_anchored(name, a, r, low)
+
+
 def test_diffusion_loss_gradients_for_x0_noise_and_weights():
     gen = torch.Generator().manual_seed(7)
     shape, offsets, t = _layout("packed", gen)
@@ -278,6 +308,13 @@ def test_kernel_noise_equals_reference_generator_and_is_reproducible():
     large_seed = (7 << 40) + 5
     assert max_error(_kernel_noise(large_seed, (2, 64)), reference.seeded_noise(large_seed, (2, 64), DEVICE)) \
         <= SEEDED_NOISE_ATOL
+
+
+@gpu_only
+def test_kernel_noise_on_gpu():
+    """The GPU's approximate log, sqrt and cos keep the kernels' noise within SEEDED_NOISE_ATOL of the generator's."""
+    noise = _kernel_noise(1234, (64, 4096), images=64)
+    assert max_error(noise, reference.seeded_noise(1234, (64, 4096), DEVICE)) <= SEEDED_NOISE_ATOL
 
 
 def test_kernel_noise_statistics_over_a_large_buffer(monkeypatch):

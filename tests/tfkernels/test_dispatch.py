@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tfkernels as tk
+from tests.support import gpu_only
 from tfkernels import _dispatch
 
 
@@ -32,7 +33,7 @@ def test_the_ops_follow_it(monkeypatch):
     assert torch.equal(tk.attention(q, q, q, mask), tk.reference.attention(q, q, q, mask)[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu_only
 def test_cuda_runs_the_kernels():
     assert tk.backend("cuda") == ("triton" if _dispatch.HAS_TRITON else "reference")
 

@@ -202,6 +202,14 @@ def test_bf16_on_gpu(reduction):
                          class_weight=class_weight, label_smoothing=0.1, softcap=30.0)
 
 
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_size_on_gpu(dtype):
+    """A training batch's LM head: 4096 tokens, hidden 2048, V = 32000, z-loss, every 7th row ignored."""
+    hidden, weight, target = _inputs(4096, 2048, 32000, dtype, seed=13, ignored=range(0, 4096, 7))
+    assert_matches_eager(hidden, weight, target, z_loss=1e-4)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_compile_fullgraph_matches_eager(reduction, path):
     hidden, weight, target = _inputs(12, 8, 50, torch.float32, seed=11, ignored=[2])
