@@ -117,7 +117,7 @@ def test_useful_work_of_the_interior_loop():
     # (2 warpgroups), a 128 x 64 forward step needs 2 * 128 * 64 * 16 at D = 16.
     work = cr.useful_work("attn_fwd", LOOPS, block_m=128, block_n=64, block_d=16, num_warps=8)
     issued = (64 * 64 * 16 + 64 * 128 * 16) * 2
-    assert work == {"loop_instructions": 6, "mma_redundancy": round(issued / (2 * 128 * 64 * 16), 3),
+    assert work == {"loop_instructions": 6, "loop_spills": 0, "mma_redundancy": round(issued / (2 * 128 * 64 * 16), 3),
                     "ex2_per_score": round(3 * 32 * 8 / (128 * 64), 3), "instr_per_64x64": 6 * 8 * 4096 // (128 * 64)}
     # A kernel without a wgmma loop has no figures.
     assert set(cr.useful_work("attn_fwd", SASS, 64, 64, 64, 4).values()) == {None}
@@ -166,7 +166,8 @@ GATE_CASES = [cr.Case("attention", "bf16", d, gqa) for d in (64, 128, 256) for g
 
 def row(**values):
     base = dict(op="attention", kernel="attn_bwd_dq", dtype="bf16", head_dim=128, gqa=False, status="ok",
-                config="BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3", spill_bytes=0, mma_redundancy=1.0, ex2_per_score=1.0)
+                config="BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3", spill_bytes=0, loop_spills=0, mma_redundancy=1.0,
+                ex2_per_score=1.0)
     return base | values
 
 
@@ -184,6 +185,8 @@ def test_gate_failures_name_the_launch_and_the_limit():
     assert cr.gate_failures([row(kernel="attn_bwd_dkdv", head_dim=256, spill_bytes=allowance + 8, gqa=True)]) == [
         f"attn_bwd_dkdv bf16 D=256 gqa [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: {allowance + 8} bytes spilled, "
         f"at most {allowance} allowed"]
+    assert cr.gate_failures([row(loop_spills="2", spill_bytes=8, head_dim=192, kernel="attn_fwd")]) == [
+        "attn_fwd bf16 D=192 [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: 2 local loads/stores in the interior loop"]
     assert cr.gate_failures([row(spill_bytes="8"), row(status="error: x", mma_redundancy=None)]) == [
         "attn_bwd_dq bf16 D=128 [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: 8 bytes spilled, at most 0 allowed",
         "attn_bwd_dq bf16 D=128 [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: error: x"]
