@@ -11,8 +11,10 @@ the reference).
 import copy
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +124,17 @@ def test_the_torchtitan_module_without_torchtitan_says_so():
             "try:\n    import tfkernels.integrations.torchtitan\nexcept ImportError as e:\n    print(e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "needs torchtitan" in result.stdout, result.stdout + result.stderr
+
+
+@needs_torchtitan
+def test_the_readme_section_runs():
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme.split("## Use with torchtitan", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = {}
+    exec(compile(code, "README.md", "exec"), example)
+    assert example["logits"].shape == (1, 12, 2048) and torch.isfinite(example["logits"]).all()
+    assert all(isinstance(inner, tkt.TfkernelsAttention) for inner in inner_attentions(example["model"]))
 
 
 # ----------------------------------------------------------------------------------------------
