@@ -24,7 +24,8 @@ PixArt-alpha pads captions to the longest and passes ``encoder_attention_mask`` 
 caption token), which the model turns into an additive bias ``(1 - mask) * -10000`` for the
 cross-attention. The processors read a mask as SDPA does: a bool mask hides ``False`` keys; an
 additive mask hides keys whose value is ``-10000`` or lower (their softmax weight is ``exp(-10000)``
-relative to a visible key's: zero in every float dtype) and keeps keys at 0; any other value is a bias
+relative to a visible key's: zero in every float dtype; bfloat16 rounds it to -9984) and keeps keys
+at 0; any other value is a bias
 that one key interval per query cannot carry (``NotImplementedError``). A mask with one row of keys
 per batch row (``[B, Sk]``, ``[B, 1, Sk]``, ``[B, 1, 1, Sk]``) whose visible keys are a prefix becomes
 ``IntervalMask.from_key_lengths``; any other mask goes through ``IntervalMask.from_dense``, which
@@ -93,9 +94,11 @@ def _interval_mask(mask: torch.Tensor, batch_size: int, seq_len_q: int, seq_len_
         visible = mask
     else:
         visible = mask == 0
-        if not bool((visible | (mask <= HIDDEN_BIAS)).all()):
+        # -10000 as the mask's dtype holds it (bfloat16: -9984).
+        hidden_bias = torch.tensor(HIDDEN_BIAS, dtype=mask.dtype).item()
+        if not bool((visible | (mask <= hidden_bias)).all()):
             raise NotImplementedError(
-                f"attention_mask: an additive mask holds biases (values other than 0 and {HIDDEN_BIAS:g} or "
+                f"attention_mask: an additive mask holds biases (values other than 0 and {hidden_bias:g} or "
                 f"lower); tk.attention takes only which keys each query sees")
         # One finite bias on every key of a row cancels in SDPA's softmax: the row sees every key.
         uniform = (mask == mask[..., :1]).all(-1, keepdim=True) & mask[..., :1].isfinite()

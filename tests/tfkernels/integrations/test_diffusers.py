@@ -291,6 +291,16 @@ def test_attention_masks_read_as_sdpa_reads_them(form, tk_calls):
 
 
 @needs_diffusers
+def test_a_bfloat16_padding_bias_hides_its_keys(tk_calls):
+    """PixArt's bias in a bfloat16 model: -10000 rounds to -9984, still a hidden key."""
+    module = tkd.apply(cross_attention())
+    bias = (1 - caption_mask([4, 9], 9).to(torch.bfloat16)) * -10000.0
+    assert bias.min().item() == -9984.0
+    module(randn(2, 6, 32, seed=1), encoder_hidden_states=randn(2, 9, 24, seed=2), attention_mask=bias[:, None])
+    assert tk_calls[0].kv_end[:, 0].tolist() == [4, 9]
+
+
+@needs_diffusers
 def test_unet_style_attention_over_feature_maps():
     """[B, C, H, W] input with a group norm, a residual connection and an output rescale (a VAE's or a
     UNet's mid-block attention)."""
