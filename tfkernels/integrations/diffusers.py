@@ -21,19 +21,19 @@ scale ``1 / sqrt(D)``, as the processors they replace do.
 Masks
 -----
 PixArt-alpha pads captions to the longest and passes ``encoder_attention_mask`` ([B, Sk], 1 for a
-caption token), which the model turns into an additive bias ``(1 - mask) * -10000`` for the cross-
-attention. The processors read a mask as SDPA does: a bool mask hides ``False`` keys; an additive
-mask hides keys whose value is ``-10000`` or lower (their softmax weight is ``exp(-10000)`` relative
-to a visible key's: zero in every float dtype; bfloat16 rounds it to -9984) and keeps keys at 0; any
-other value is a bias that one key interval per query cannot carry (``NotImplementedError``). A mask
-with one row of keys per batch row (``[B, Sk]``, ``[B, 1, Sk]``, ``[B, 1, 1, Sk]``) whose visible
-keys are a prefix becomes ``IntervalMask.from_key_lengths``; any other mask goes through
-``IntervalMask.from_dense``, which raises ``NotAnIntervalError`` naming the first (batch row, query)
-whose visible keys are not one interval (e.g. Flux's text padding in the middle of its joint [text,
-image] sequence). A row whose keys all carry the same finite bias (an empty caption under PixArt's
-bias) sees every key, as under SDPA, where the bias cancels in the softmax; a row of a bool or
-``-inf`` mask that sees no key outputs zeros (SDPA: NaN). Each mask tensor is converted once per
-forward (every block gets the same tensor), with one host sync.
+caption token), which the model turns into an additive bias ``(1 - mask) * -10000`` for the
+cross-attention. The processors read a mask as SDPA does: a bool mask hides ``False`` keys; an
+additive mask hides keys whose value is ``-10000`` or lower (their softmax weight is ``exp(-10000)``
+relative to a visible key's: zero in every float dtype; bfloat16 rounds it to -9984) and keeps keys
+at 0; any other value is a bias that one key interval per query cannot carry
+(``NotImplementedError``). A mask with one row of keys per batch row (``[B, Sk]``, ``[B, 1, Sk]``,
+``[B, 1, 1, Sk]``) whose visible keys are a prefix becomes ``IntervalMask.from_key_lengths``; any
+other mask goes through ``IntervalMask.from_dense``, which raises ``NotAnIntervalError`` naming the
+first (batch row, query) whose visible keys are not one interval (e.g. Flux's text padding in the
+middle of its joint [text, image] sequence). A row whose keys all carry the same finite bias (an
+empty caption under PixArt's bias) sees every key, as under SDPA, where the bias cancels in the
+softmax; a row of a bool or ``-inf`` mask that sees no key outputs zeros (SDPA: NaN). Each mask
+tensor is converted once per forward (every block gets the same tensor), with one host sync.
 
 ``JointAttnProcessor2_0`` ignores ``attention_mask``, and so does its replacement.
 
