@@ -58,7 +58,8 @@ STAGES = (
           (BENCH,)),
     Stage("e2e", 95, "end-to-end training step (370M model) vs compiled Flex + eager losses and SDPA dense mask; "
                      "then a 159M transformers Gemma3 step on W1 per attn_implementation (tfkernels, sdpa, "
-                     "flash_attention_2, flex_attention) where transformers is installed", (BENCH,)),
+                     "flash_attention_2, flex_attention) where transformers is installed, and a diffusers PixArt-alpha "
+                     "step with the default and the tfkernels processors where diffusers is", (BENCH,)),
     Stage("compile_report", 15, "bench.compile_report (attention, bf16, D = 128) with this machine's Triton and "
                                 "ptxas, if the module exists", (COMPILE_REPORT,)),
     Stage("tests_gpu", 25, "tests/tfkernels on the GPU: the GPU-only tests first, then the rest while time is left",

@@ -19,6 +19,7 @@ from bench import harness
 from bench.gpu_check import __main__ as cli
 from bench.gpu_check import correctness, plan, runner, stages, summary
 from bench.workloads import hf as hf_suite
+from bench.workloads import pixart
 
 from .support import ROOT
 
@@ -61,7 +62,8 @@ def test_dry_run_writes_what_the_gpu_run_brings_back(dry_run):
     env = json.loads((out / plan.ENV).read_text())
     assert env["versions"]["torch"] == torch.__version__ and env["ceilings"]["copy_gb_per_s"] > 0
     rows = harness.read_csv(out / plan.BENCH)
-    optional = {"hf"} if hf_suite.has_transformers() else set()  # without transformers its cases are skipped
+    # Without transformers and diffusers the hf suite's cases are skipped.
+    optional = {"hf"} if hf_suite.has_transformers() or pixart.has_diffusers() else set()
     assert {r["suite"] for r in rows} == {"attention", "diffusion", "lm_loss", "adaln", "e2e"} | optional
     assert {r["workload"] for r in rows if r["suite"] == "attention"} == {
         w.name for w in stages.stage_workloads("attention", True, torch.device("cpu"))
