@@ -1,8 +1,8 @@
 """Optional peers for the GPU run that its machine lacks (no network there): wheels carried along.
 
-``bash scripts/gpu_wheels.sh`` (on a machine that reaches a package index) downloads transformers
-and its dependencies as Python 3.12 manylinux wheels into ``.gpu_wheels/`` (ignored by git; carry
-it with the device tool's ``carry``). ``scripts/gpu_check.sh`` then runs
+``bash scripts/gpu_wheels.sh`` (on a machine that reaches a package index) downloads transformers,
+diffusers and their dependencies as Python 3.12 manylinux wheels into ``.gpu_wheels/`` (ignored by
+git; carry it with the device tool's ``carry``). ``scripts/gpu_check.sh`` then runs
 ``python -m bench.gpu_check.wheels .gpu_wheels``: every wheel is unzipped into one temporary
 folder, whose path it prints; the script exports it as ``TFKERNELS_CARRIED_PATH`` and
 ``bench.gpu_check`` (each stage's process too) appends it to ``sys.path`` (``append_carried``):
