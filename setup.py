@@ -28,8 +28,9 @@ setup(
         # Pillow, matplotlib, diffusers: the suite also tests the train, bench and vae extras' code.
         # ruff: scripts/test.sh lints the tree before the tests.
         # transformers: tests/tfkernels/integrations/test_hf.py (the hf extra; transformers pulls no torch build).
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers", "ruff",
-                 "transformers>=5"],
+        # diffusers >= 0.35: also tests/tfkernels/integrations/test_diffusers.py (the diffusers extra).
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers>=0.35",
+                 "ruff", "transformers>=5"],
         # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
         "train": ["Pillow", "matplotlib"],
         # A real image codec: a diffusers AutoencoderKL loaded from a local directory.
@@ -38,5 +39,8 @@ setup(
         "bench": ["matplotlib"],
         # tfkernels.integrations.hf: attn_implementation="tfkernels" (tested with transformers 5.24.0).
         "hf": ["transformers>=5"],
+        # tfkernels.integrations.diffusers: apply(model) (tested with diffusers 0.42.1; diffusers requires torch
+        # only through its own "torch" extra, so this pulls no torch build).
+        "diffusers": ["diffusers>=0.35"],
     },
 )

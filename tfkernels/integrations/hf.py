@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 
 import torch
 
@@ -66,6 +65,7 @@ except ImportError as error:
 
 from ..attention import attention
 from ..mask import IntervalMask, NotAnIntervalError
+from ._converted import ConvertedMasks
 
 __all__ = ["MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
 
@@ -459,29 +459,8 @@ def interval_mask(
 # ----------------------------------------------------------------------------------------------
 # Attention function
 # ----------------------------------------------------------------------------------------------
-class _DenseMasks:
-    """The IntervalMasks of the last few dense masks converted (``None``: not an interval mask). All layers
-    of a forward get the same tensor (one per layer type, e.g. global and sliding-window layers), so each is
-    converted once; a new tensor or an in-place edit (its version counter) converts again. Holds the
-    tensors weakly."""
-
-    def __init__(self, size: int = 4):
-        self._entries: list[tuple[weakref.ref, int, IntervalMask | None]] = []
-        self._size = size
-
-    def lookup(self, dense: torch.Tensor):
-        """``(True, mask_or_None)`` if ``dense`` was converted as it is now, else ``(False, None)``."""
-        for ref, version, mask in self._entries:
-            if ref() is dense and version == dense._version:
-                return True, mask
-        return False, None
-
-    def remember(self, dense: torch.Tensor, mask: IntervalMask | None) -> None:
-        live = [entry for entry in self._entries if entry[0]() is not None and entry[0]() is not dense]
-        self._entries = [(weakref.ref(dense), dense._version, mask)] + live[: self._size - 1]
-
-
-_dense_masks = _DenseMasks()
+# The layers of a forward share their mask tensors: each is converted once.
+_dense_masks = ConvertedMasks()
 
 
 def _from_dense(dense: torch.Tensor, module, batch_size: int, fallback) -> IntervalMask | None:
