@@ -3,6 +3,8 @@ needs, and the cases the suites define (derived from ``bench.workloads.SUITES``,
 peer or a workload needs no test change)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -77,3 +79,29 @@ def assert_peers_agree(suite):
     expected = sum(1 for w in SUITES[suite](True, CPU) for i in w.implementations
                    if not i.ours and w.modes[0] in (i.modes or w.modes) and i.unavailable(CPU, w.modes[0]) is None)
     assert compared == expected
+
+
+SKIPS_WITHOUT = """
+import sys
+sys.modules[{package!r}] = None
+import torch
+from bench import harness
+from bench.workloads import {suite}
+cpu = torch.device("cpu")
+for quick in (True, False):
+    for workload in {suite}.workloads(quick, cpu):
+        assert workload.work("train_step").flops > 0, workload.shape
+settings = harness.Settings(cpu, quick=True, input_sets=1, cpu_reps=1)
+env = harness.Environment("cpu", "t", "t", "t", "t")
+rows = harness.run_workloads({suite}.workloads(True, cpu), settings, env)
+assert rows == [] and sys.modules[{package!r}] is None
+"""
+
+
+def skips_without(package: str, suite: str) -> list[str]:
+    """With ``package`` blocked from importing, the workloads of ``bench.workloads.<suite>`` still build at
+    both sizes and the harness runs none: the skip lines it logs (a fresh process)."""
+    result = subprocess.run([sys.executable, "-c", SKIPS_WITHOUT.format(package=package, suite=suite)], cwd=ROOT,
+                            env=bench_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if ": skipped, " in line]

@@ -156,6 +156,18 @@ def _sdpa_mask(mask, batch_size: int, seq_len_q: int, seq_len_k: int) -> Interva
 # ----------------------------------------------------------------------------------------------
 # Processors
 # ----------------------------------------------------------------------------------------------
+def _heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch_size: int):
+    """Projected ``[B, S, H * D]`` q, k, v as ``[B, S, H, D]`` (tk.attention's layout), q and k through the
+    module's norms (they act on the head dim, the last one in either layout); and D."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class TfkernelsAttnProcessor:
     """``AttnProcessor2_0`` on ``tk.attention``: self-attention, and cross-attention to
     ``encoder_hidden_states`` with an optional ``attention_mask`` (PixArt-alpha's caption padding)."""
@@ -181,13 +193,7 @@ class TfkernelsAttnProcessor:
         value = attn.to_v(encoder_hidden_states)
 
         batch_size = encoder_hidden_states.shape[0]
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
-        # The norms act on the head dim, the last one in either layout.
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, query, key, value, batch_size)
         mask = _processor_mask(attention_mask, attn, batch_size, query.shape[1], key.shape[1])
 
         hidden_states = attention(query, key, value, mask)
@@ -213,12 +219,7 @@ class TfkernelsJointAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _heads(attn, query, key, value, batch_size)
 
         if encoder_hidden_states is not None:
             context = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),

@@ -6,8 +6,6 @@ and the suite without transformers: every case skipped with the reason, nothing 
 On the CPU tfkernels runs its reference path here (the bench times it); the kernels under the
 interpreter are checked with the same models in tests/tfkernels/integrations/test_hf.py."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from bench import harness
 from bench.workloads import hf
 from tfkernels.testing import assert_anchored, max_error
 
-from ..support import CPU, ROOT, bench_env, work
+from ..support import CPU, skips_without, work
 
 needs_transformers = pytest.mark.skipif(not hf.has_transformers(), reason="needs transformers: pip install -e '.[hf]'")
 CUDA = torch.device("cuda")  # labels only: nothing here touches a GPU
@@ -154,23 +152,5 @@ def test_flash_attention_2_needs_cuda_and_its_package(monkeypatch):
 def test_without_transformers_every_case_is_skipped_with_the_reason():
     """transformers blocked from importing: the suite still builds at both sizes (counts, shapes), and the
     harness logs a skip with the reason for each case instead of crashing."""
-    code = """
-import sys
-sys.modules["transformers"] = None
-import torch
-from bench import harness
-from bench.workloads import hf
-cpu = torch.device("cpu")
-for quick in (True, False):
-    for workload in hf.workloads(quick, cpu):
-        assert workload.work("train_step").flops > 0, workload.shape
-settings = harness.Settings(cpu, quick=True, input_sets=1, cpu_reps=1)
-env = harness.Environment("cpu", "t", "t", "t", "t")
-rows = harness.run_workloads(hf.workloads(True, cpu), settings, env)
-assert rows == [] and sys.modules["transformers"] is None
-"""
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=bench_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    skips = [line for line in result.stdout.splitlines() if ": skipped, " in line]
+    skips = skips_without("transformers", "hf")
     assert len(skips) == 4 and all(line.endswith(f"skipped, {hf.MISSING_TRANSFORMERS}") for line in skips), skips

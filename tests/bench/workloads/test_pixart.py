@@ -6,8 +6,6 @@ the reason, no crash.
 On the CPU tfkernels runs its reference path here (the bench times it); the kernels under the interpreter
 are checked with the same model in tests/tfkernels/integrations/test_diffusers.py."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from bench import harness
 from bench.workloads import pixart
 from tfkernels.testing import assert_anchored
 
-from ..support import CPU, ROOT, bench_env, work
+from ..support import CPU, skips_without, work
 
 needs_diffusers = pytest.mark.skipif(not pixart.has_diffusers(), reason="needs diffusers: pip install -e '.[diffusers]'")
 
@@ -97,23 +95,5 @@ def test_quick_run_rows():
 
 
 def test_without_diffusers_both_cases_are_skipped_with_the_reason():
-    code = """
-import sys
-sys.modules["diffusers"] = None
-import torch
-from bench import harness
-from bench.workloads import pixart
-cpu = torch.device("cpu")
-for quick in (True, False):
-    for workload in pixart.workloads(quick, cpu):
-        assert workload.work("train_step").flops > 0, workload.shape
-settings = harness.Settings(cpu, quick=True, input_sets=1, cpu_reps=1)
-env = harness.Environment("cpu", "t", "t", "t", "t")
-rows = harness.run_workloads(pixart.workloads(True, cpu), settings, env)
-assert rows == [] and sys.modules["diffusers"] is None
-"""
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=bench_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    skips = [line for line in result.stdout.splitlines() if ": skipped, " in line]
+    skips = skips_without("diffusers", "pixart")
     assert len(skips) == 2 and all(line.endswith(f"skipped, {pixart.MISSING_DIFFUSERS}") for line in skips), skips
