@@ -14,6 +14,7 @@ Useful FLOPs count the visible (query, key) pairs only: forward ``4 * pairs * D 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import random
@@ -26,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import tfkernels as tk
+from tfkernels.attention import LaunchConfig, launch_configs, use_launch_configs
 from tfkernels.testing import packed_transfusion_layout, segment_ids_from_layout
 
 from ..harness import DIFFERENTIABLE_MODES, MODE_WORK, Implementation, InputSet, Work, Workload
@@ -149,6 +151,38 @@ def tfkernels_attention() -> Implementation:
         return lambda inputs: tk.attention(inputs.data.q, inputs.data.k, inputs.data.v, inputs.data.mask)
 
     return Implementation("tfkernels", prepare, backend=tfkernels_backend)
+
+
+# Candidate launch configs timed beside the defaults on the W1 and W3 training shapes (head dim 128), so that a
+# GPU run says which to keep (the static report cannot time them): the backward tiles that put 64 rows on two
+# warpgroups (their score GEMMs and exp2 duplicated, fewer registers), and the 4-warp tiles without duplication.
+CANDIDATE_SHAPES = ("W1_packed_hkv16", "W3_causal")
+
+
+def candidate_configs(head_dim: int) -> dict:
+    default = launch_configs(head_dim, torch.bfloat16, "sm_90")
+    return {
+        "tfkernels_cfg_shared_rows": dataclasses.replace(default, dkdv=LaunchConfig(32, 64, 8, 3),
+                                                         dq=LaunchConfig(64, 64, 8, 3), dkdv_rerun=None),
+        "tfkernels_cfg_4warps": dataclasses.replace(default, dkdv=LaunchConfig(32, 64, 4, 3),
+                                                    dq=LaunchConfig(64, 64, 4, 3),
+                                                    dkdv_rerun=LaunchConfig(32, 64, 8, 3)),
+    }
+
+
+def tfkernels_candidate(name: str, configs) -> Implementation:
+    def prepare(first: InputSet):
+        def call(inputs):
+            with use_launch_configs(configs):
+                return tk.attention(inputs.data.q, inputs.data.k, inputs.data.v, inputs.data.mask)
+
+        return call
+
+    def unavailable(device: torch.device, mode: str) -> str | None:
+        if device.type != "cuda":
+            return "launch configs compare only on a GPU"
+
+    return Implementation(name, prepare, backend=tfkernels_backend, unavailable=unavailable)
 
 
 def tfkernels_mask_build(shape: AttentionShape) -> Implementation:
@@ -284,6 +318,8 @@ def implementations(shape: AttentionShape) -> list[Implementation]:
                   sdpa_ceiling_peer(shape, "sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)]
     if shape.training:
         impls += [tfkernels_mask_build(shape), flex_block_mask_build()]
+    if shape.name in CANDIDATE_SHAPES:
+        impls += [tfkernels_candidate(name, configs) for name, configs in candidate_configs(shape.head_dim).items()]
     return impls
 
 

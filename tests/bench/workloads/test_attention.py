@@ -1,15 +1,18 @@
 """bench/workloads/attention.py: the W1 layout the packed workloads use, that every peer computes
 what tfkernels computes, and that the TFLOP/s column counts visible (q, k) pairs only."""
 
+import importlib
 import random
 
 import pytest
+import torch
 
 import tfkernels as tk
 from tfkernels.testing import packed_transfusion_layout
 
 from ..support import assert_peers_agree, work
 
+attention_module = importlib.import_module("tfkernels.attention")
 QUICK_W1 = dict(doc_len=(64, 128), caption_len=(8, 24), image_len=16)  # bench/workloads/attention.py
 
 
@@ -69,3 +72,23 @@ def test_attention_tflops_count_visible_pairs(quick_rows):
             assert work(row, "tflops", 1e12) == pytest.approx(flops, rel=1e-4)
             checked += 1
     assert checked >= 30
+
+
+def test_candidate_configs_run_beside_the_defaults_on_a_gpu_only(monkeypatch):
+    """W1 and W3 time two candidate backward configs beside the defaults: they launch with their own configs (the
+    call sees them), and on a CPU they are skipped with the reason."""
+    from bench.workloads import attention
+
+    for shape in attention.shapes(quick=False):
+        names = {impl.name for impl in attention.implementations(shape)}
+        assert (set(attention.candidate_configs(128)) <= names) == (shape.name in attention.CANDIDATE_SHAPES)
+    shape = next(s for s in attention.shapes(quick=True) if s.name == "W3_causal")
+    candidates = [i for i in attention.implementations(shape) if i.name.startswith("tfkernels_cfg_")]
+    assert [i.unavailable(torch.device("cpu"), "forward") for i in candidates] == [
+        "launch configs compare only on a GPU"] * 2
+    seen = []
+    impl = candidates[0]
+    inputs = attention.setup_for(shape, torch.float32)(torch.device("cpu"), 0)
+    monkeypatch.setattr(tk, "attention", lambda q, *args: seen.append(attention_module._configs_for(q)))
+    impl.prepare(inputs)(inputs)
+    assert seen == [attention.candidate_configs(shape.head_dim)[impl.name]]
