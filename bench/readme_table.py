@@ -120,7 +120,8 @@ def static_table(csv_path: Path, relative_to: Path) -> str:
     link = Path(os.path.relpath(csv_path, relative_to)).as_posix()
     lines = [
         f"**Static sm_90a report** (no GPU: each kernel compiled by triton {rows[0]['triton']} for Hopper at its "
-        f"default config, bf16, no GQA; [CSV]({link}), `python -m bench.compile_report --kernels attention --out {link}`). Useful work "
+        f"default config, bf16, no GQA; [CSV]({link}), `python -m bench.compile_report --kernels attention --out "
+        f"{link}`). Useful work "
         f"per step of the interior loop: MMA issued / needed (1.0: no GEMM computed twice), exp2 per score, and "
         f"instructions per 64 × 64 (query, key) pairs ([method](docs/design.md#benchmark-method)).",
         "",
