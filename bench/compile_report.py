@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import csv
 import math
 import multiprocessing
 import os
@@ -39,7 +38,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .harness import git_commit
+from .harness import Environment, git_commit
+from .results_csv import read_rows, write_rows
 
 OPS = ("attention", "diffusion", "lm_loss", "adaln")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -57,7 +57,7 @@ CSV_COLUMNS = (
     "registers", "spill_bytes", "ldl", "stl", "shared_bytes", "instructions",
     "hgmma", "hmma", "utcmma", "ldgsts", "utmaldg", "ublkcp",
     "loop_instructions", "loop_spills", "mma_redundancy", "ex2_per_score", "instr_per_64x64",
-    "compile_s", "triton", "commit", "status",
+    "compile_s", "status", "device", "torch", "triton", "commit", "timestamp",
 )
 # The small shape the ops run at (see the module docstring).
 SEQ_LEN, BATCH, HEADS_Q, GQA_GROUP = 1024, 2, 8, 4
@@ -669,17 +669,17 @@ def format_row(row: dict) -> str:
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row[c] for c in CSV_COLUMNS})
+    """The report's rows with bench's CSV writer; the rows carry the compiling Triton and the kernels'
+    commit, the environment adds where the compile ran (this CPU machine), its torch and the time."""
+    import torch
+
+    environment = Environment.current(torch.device("cpu"))
+    where = {"device": environment.device, "torch": environment.torch, "timestamp": environment.timestamp}
+    write_rows(path, rows, CSV_COLUMNS, environment=where)
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_rows(path)
 
 
 # ----------------------------------------------------------------------------------------------

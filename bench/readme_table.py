@@ -133,8 +133,8 @@ def static_table(csv_path: Path, relative_to: Path) -> str:
         for row in sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: int(r["head_dim"])):
             tile = f"{row['block_m']} × {row['block_n']}, {row['num_warps']}, {row['num_stages']}"
             lines.append(f"| {PASSES[kernel]} | {row['head_dim']} | {tile} | {row['registers']} | {row['spill_bytes']} "
-                         f"| {int(row['shared_bytes']) // 1024} | {row['hgmma']} | {row['mma_redundancy']} "
-                         f"| {row['ex2_per_score']} | {row['instr_per_64x64']} |")
+                         f"| {int(row['shared_bytes']) // 1024} | {row['hgmma']} | {float(row['mma_redundancy']):.2f} "
+                         f"| {float(row['ex2_per_score']):.2f} | {row['instr_per_64x64']} |")
     return "\n".join(lines)
 
 

@@ -69,9 +69,9 @@ def test_static_table_lists_the_bf16_walks(tmp_path):
     lines = readme_table.static_table(path, tmp_path).splitlines()
     assert "triton 3.9.0" in lines[0] and "[CSV](results/compile/triton-3.9.0_sm_90a.csv)" in lines[0]
     assert lines[4:] == [
-        "| forward | 64 | 128 × 64, 8, 3 | 206 | 0 | 129 | 36 | 1.0 | 1.062 | 1448 |",
-        "| forward | 128 | 128 × 64, 8, 3 | 200 | 0 | 129 | 36 | 1.0 | 1.062 | 1448 |",
-        "| dQ | 128 | 128 × 64, 8, 3 | 200 | 0 | 129 | 36 | 1.0 | 1.062 | 1412 |"]
+        "| forward | 64 | 128 × 64, 8, 3 | 206 | 0 | 129 | 36 | 1.00 | 1.06 | 1448 |",
+        "| forward | 128 | 128 × 64, 8, 3 | 200 | 0 | 129 | 36 | 1.00 | 1.06 | 1448 |",
+        "| dQ | 128 | 128 × 64, 8, 3 | 200 | 0 | 129 | 36 | 1.00 | 1.06 | 1412 |"]
 
 
 def test_readme_table_matches_the_committed_results():
