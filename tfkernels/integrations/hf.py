@@ -3,7 +3,9 @@
 ``register()`` adds two functions to transformers (5.x): an attention function
 (``AttentionInterface``) that runs ``tk.attention``, and a mask builder (``AttentionMaskInterface``)
 that turns the mask a model asks for into an ``IntervalMask``. Without the builder transformers
-would hand a registered backend no mask at all.
+would hand a registered backend no mask at all. It also makes transformers' mask creation return a
+built ``IntervalMask`` unchanged, as it returns a prepared 4D mask: ``generate`` builds a static
+cache's mask before the forward, and PaliGemma hands the mask it built to its text model.
 
 Design
 ------
@@ -50,13 +52,14 @@ int tensors of fixed shape, batches with other layouts of the same shape do not 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import weakref
 
 import torch
 
 try:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 except ImportError as error:
@@ -126,7 +129,50 @@ def register(name: str = "tfkernels", *, fallback: str | None = None) -> str:
 
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, mask_function)
+    _pass_built_masks_through()
     return name
+
+
+# transformers' mask creation returns a prepared 4D mask (a tensor or a BlockMask) unchanged; ours stands in
+# for one while that preprocessing runs, and the IntervalMask is returned in its place.
+_PREPARED_MASK = torch.empty(0, 0, 0, 0, device="meta")
+
+
+def _pass_built_masks_through() -> None:
+    """Make transformers' mask creation return an already-built IntervalMask unchanged, as it returns a
+    prepared 4D mask: generate builds a static cache's mask before the forward, and models such as
+    PaliGemma hand the mask they built to their text model, which calls the mask creation again.
+
+    Every ``create_*_mask`` of transformers (and the models that size masks themselves) goes through
+    ``masking_utils._preprocess_mask_arguments``, which reads a mask that is not a 4D tensor as a 2D
+    padding mask; it is wrapped once, in ``masking_utils`` and in the modules that imported it.
+    """
+    preprocess = getattr(masking_utils, "_preprocess_mask_arguments", None)
+    if preprocess is None or getattr(preprocess, "_passes_interval_masks", False):
+        return
+    try:
+        position = list(inspect.signature(preprocess).parameters).index("attention_mask")
+    except ValueError:  # no attention_mask argument: nothing this wrapper knows how to pass through
+        return
+
+    @functools.wraps(preprocess)
+    def preprocess_mask_arguments(*args, **kwargs):
+        positional = len(args) > position
+        mask = args[position] if positional else kwargs.get("attention_mask")
+        if not isinstance(mask, IntervalMask):
+            return preprocess(*args, **kwargs)
+        if positional:
+            args = (*args[:position], _PREPARED_MASK, *args[position + 1 :])
+        else:
+            kwargs["attention_mask"] = _PREPARED_MASK
+        early_exit, _, *rest = preprocess(*args, **kwargs)
+        return (early_exit, mask, *rest)
+
+    preprocess_mask_arguments._passes_interval_masks = True
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("transformers") and \
+                getattr(module, "_preprocess_mask_arguments", None) is preprocess:
+            module._preprocess_mask_arguments = preprocess_mask_arguments
 
 
 # ----------------------------------------------------------------------------------------------

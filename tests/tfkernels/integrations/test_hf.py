@@ -409,6 +409,32 @@ def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, 
 
 
 @needs_transformers
+def test_llama_generate_with_a_static_cache_gives_sdpa_tokens(model_path, tk_calls):
+    """generate builds the masks of a static cache itself and the model hands the built mask to transformers'
+    mask creation again, which must return it unchanged."""
+    model = tiny_llama().eval()
+    ids = random_ids(2, 8, seed=3)
+    attention_mask = left_padding([5, 8], 8)
+    tokens = {}
+    for implementation in ("sdpa", "tfkernels"):
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4,
+                                                do_sample=False, cache_implementation="static")
+    assert tokens["sdpa"].shape == (2, 12)
+    assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
+    # Each step's mask reached every layer as built: one IntervalMask object per forward.
+    assert len(tk_calls) == 8 and all(a is b for a, b in zip(tk_calls[::2], tk_calls[1::2]))
+    # The same with the forward compiled, as generate does for a static cache on a GPU.
+    compile_config = transformers.CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                              cache_implementation="static", compile_config=compile_config)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, tokens["sdpa"])
+
+
+@needs_transformers
 def test_packed_rows_equal_their_documents_run_separately(model_path, no_evaluation):
     """Padding-free packing (DataCollatorWithFlattening): position_ids restart at 0 per document."""
     model = tiny_llama()
@@ -490,6 +516,53 @@ def test_gemma3_with_pixels_equals_sdpa(model_path):
     gen = torch.Generator().manual_seed(7)
     pixels = torch.randn(1, 3, 28, 28, generator=gen).to(DEVICE)
     assert_matches_sdpa(model, {"input_ids": ids, "token_type_ids": token_type_ids, "pixel_values": pixels})
+
+
+# ----------------------------------------------------------------------------------------------
+# PaliGemma: a prefix-LM (image and prompt bidirectional) built by the model, then by its text model
+# ----------------------------------------------------------------------------------------------
+def tiny_paligemma(text_model_type):
+    """PaliGemma with a one-layer SigLIP tower (4 image tokens) and a Gemma (PaliGemma) or Gemma2 (PaliGemma2:
+    a sliding-window layer, window 4, and a global layer) text model."""
+    text_config = dict(model_type=text_model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=64)
+    if text_model_type == "gemma2":
+        text_config.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                           query_pre_attn_scalar=16)
+    config = transformers.PaliGemmaConfig(
+        text_config=text_config, image_token_index=5, projection_dim=32,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, projection_dim=32),
+    )
+    torch.manual_seed(0)
+    return transformers.PaliGemmaForConditionalGeneration(config).to(DEVICE)
+
+
+def paligemma_batch(lengths, seq_len=12):
+    """Rows of 4 image tokens and a 2-token prompt (the bidirectional prefix, token type 0), a suffix (token
+    type 1) up to ``lengths[r]``, then right padding (token type 0, as the prefix)."""
+    ids = random_ids(len(lengths), seq_len, seed=17)
+    ids[:, :4] = 5  # image_token_index
+    token_type_ids = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        token_type_ids[row, 6:length] = 1
+    gen = torch.Generator().manual_seed(18)
+    pixels = torch.randn(len(lengths), 3, 28, 28, generator=gen).to(DEVICE)
+    return {"input_ids": ids, "token_type_ids": token_type_ids, "attention_mask": left_padding(lengths, seq_len).flip(1),
+            "pixel_values": pixels}
+
+
+@needs_transformers
+def test_paligemma_prefix_lm_equals_sdpa(model_path, tk_calls):
+    """PaliGemma builds its prefix-LM mask and hands it to its Gemma text model, whose own mask creation must
+    pass the built mask through."""
+    model = tiny_paligemma("gemma")
+    inputs = paligemma_batch([12, 12])
+    assert_matches_sdpa(model, inputs)
+    # The prefix is bidirectional: the first image token sees the whole prefix.
+    mask = next(m for m in tk_calls if m.seq_len_q == 12)
+    assert mask.kv_end[:, 0].tolist() == [6, 6]
 
 
 # ----------------------------------------------------------------------------------------------
