@@ -39,10 +39,11 @@ GQA is native. It also accepts a dense 4D mask (a model or user that built one i
 converted once per tensor, cached by identity and version, since all layers get the same tensor),
 ``None`` (SDPA's meaning: causal from the module's ``is_causal``, or everything), and an
 ``IntervalMask`` given explicitly with the ``tfkernels_mask=`` keyword of the model's forward.
-What ``tk.attention`` cannot do (dropout > 0, attention weights, position biases, sinks)
-raises ``NotImplementedError`` or, with ``fallback="sdpa"``, runs SDPA (or the model's eager
-attention for what SDPA cannot do either, soft-capping included: a soft-capped model whose call
-falls back for another reason runs eager, never SDPA without its cap).
+What ``tk.attention`` cannot do (head dims above 256, dropout > 0, attention weights, position
+biases, sinks) raises ``NotImplementedError`` naming the model and the layer or, with
+``fallback="sdpa"``, runs SDPA (or the model's eager attention for what SDPA cannot do either,
+soft-capping included: a soft-capped model whose call falls back for another reason runs eager,
+never SDPA without its cap).
 
 The builder runs outside ``torch.compile`` graphs (``torch.compiler.disable``: it reads closures
 and syncs once); the attention function is traced without graph breaks, and since the mask is two
@@ -67,7 +68,7 @@ except ImportError as error:
         "tfkernels.integrations.hf needs transformers >= 5: pip install 'tfkernels[hf]'"
     ) from error
 
-from ..attention import attention
+from ..attention import MAX_HEAD_DIM, attention
 from ..mask import IntervalMask, NotAnIntervalError
 
 __all__ = ["MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
@@ -388,6 +389,14 @@ def _model_name(config) -> str:
     return f"{', '.join(architectures) or type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
 
 
+def _layer_name(module) -> str:
+    """The model, the layer's index and the attention module's class, e.g. ``LlamaConfig (model_type 'llama'),
+    layer 3 (LlamaAttention)``."""
+    layer = getattr(module, "layer_idx", None)
+    layer = "" if layer is None else f", layer {layer}"
+    return f"{_model_name(getattr(module, 'config', None))}{layer} ({type(module).__name__})"
+
+
 def _visible_runs(row: torch.Tensor, limit: int = 4) -> str:
     """The visible keys of one dense row as intervals, e.g. ``[0, 3), [5, 8)``."""
     keys = row.nonzero().flatten().tolist()
@@ -576,8 +585,10 @@ def _implicit_mask(module, query, key, kwargs) -> IntervalMask:
     return IntervalMask(full.kv_start, end.to(torch.int32).contiguous(), kv_length)
 
 
-def _unsupported(dropout, kwargs) -> tuple[str, str] | None:
+def _unsupported(query, dropout, kwargs) -> tuple[str, str] | None:
     """``(what, fallback implementation)`` for the first thing tk.attention cannot do, else ``None``."""
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} (tk.attention takes head dims up to {MAX_HEAD_DIM})", "sdpa"
     if dropout:
         return f"dropout={dropout} (tk.attention has no attention dropout; set attention_dropout=0)", "sdpa"
     if kwargs.get("output_attentions"):
@@ -625,7 +636,7 @@ def attention_forward(
         if not isinstance(explicit, IntervalMask):
             raise TypeError(f"{MASK_KWARG}: expected a tfkernels.IntervalMask, got {type(explicit).__name__}")
         attention_mask = explicit
-    problem = _unsupported(dropout, kwargs)
+    problem = _unsupported(query, dropout, kwargs)
     mask = None
     if problem is None:
         if isinstance(attention_mask, IntervalMask):
@@ -649,7 +660,7 @@ def attention_forward(
         target = "eager"
     if fallback is None:
         raise NotImplementedError(
-            f"tfkernels attention ({type(module).__name__}): {what}. Register with "
+            f"tfkernels attention in {_layer_name(module)}: {what}. Register with "
             f"tfkernels.integrations.hf.register(name, fallback='sdpa') to run such calls with transformers' "
             f"{target} attention.")
     return _run_fallback(target, module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs)

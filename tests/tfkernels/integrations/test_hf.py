@@ -123,9 +123,9 @@ def logits_and_grads(model, implementation, inputs, weight):
     return logits.detach(), grads
 
 
-def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa"):
-    """tfkernels' logits (on ``rows``, bool ``[B, S]``) and parameter gradients against ``reference`` in
-    float64, within ``reference``'s own float32 error. Returns tfkernels' logits."""
+def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementation="tfkernels"):
+    """``implementation``'s logits (on ``rows``, bool ``[B, S]``) and parameter gradients against ``reference``
+    in float64, within ``reference``'s own float32 error. Returns ``implementation``'s logits."""
     model64 = copy.deepcopy(model).double()
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     batch_size, seq_len = inputs["input_ids"].shape
@@ -136,7 +136,7 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa"):
     weight = weight * rows[..., None]
     ref64, grads64 = logits_and_grads(model64, reference, inputs64, weight)
     lowp, grads_lowp = logits_and_grads(model, reference, inputs, weight)
-    ours, grads = logits_and_grads(model, "tfkernels", inputs, weight)
+    ours, grads = logits_and_grads(model, implementation, inputs, weight)
     assert_anchored("logits", ours[rows], ref64[rows], lowp[rows])
     assert grads.keys() == grads64.keys() and grads
     for name, grad in grads.items():
@@ -590,6 +590,32 @@ def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_
     assert len(conversions) == 1 and len(tk_calls) == 4
     for name, out in (("explicit mask", explicit), ("dense mask", converted)):
         assert_anchored(name, out, sdpa["ref64"], sdpa["lowp"])
+
+
+def tiny_gemma4():
+    """Gemma 4's text model: a sliding-window layer of head dim 16 and a global layer of head dim 512."""
+    config = transformers.Gemma4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=512, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma4ForCausalLM(config).to(DEVICE)
+
+
+@needs_transformers
+def test_head_dims_above_256_raise_naming_the_layer_or_fall_back_to_sdpa(model_path, tk_calls):
+    model = tiny_gemma4()
+    assert [layer.self_attn.head_dim for layer in model.model.layers] == [16, 512]
+    inputs = {"input_ids": random_ids(2, 10, seed=19), "attention_mask": left_padding([7, 10], 10)}
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotImplementedError, match=r"Gemma4TextConfig \(model_type 'gemma4_text'\), layer 1 "
+                                                 r"\(Gemma4TextAttention\): head dim 512 .*256.*fallback='sdpa'"):
+        model(**inputs, use_cache=False)
+    tk_calls.clear()
+    assert_matches_sdpa(model, inputs, inputs["attention_mask"].bool(), implementation="tfkernels_fallback")
+    # The sliding-window layer ran on tfkernels, the global layer on SDPA.
+    assert len(tk_calls) == 1 and tk_calls[0].seq_len_q == 10
 
 
 @needs_transformers
