@@ -508,7 +508,30 @@ def interval_mask(
                 _dense_masks.remember(dense, None)  # the attention function goes straight to SDPA
             return dense
     start, end = bounds
-    return IntervalMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length)
+    return _BuiltMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length)
+
+
+class _BuiltMask(IntervalMask):
+    """The builder's IntervalMask. Model code that combines masks as tensors (T5Gemma2's decoder concatenates its
+    self- and cross-attention masks with ``torch.cat``) gets the result of that operation on the dense boolean
+    masks ``[B, 1, Sq, Sk]`` that SDPA's builder would have given; the attention function then converts it like
+    any dense mask (``NotAnIntervalError`` naming the model, or the fallback, where it is not one interval per
+    query)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_as_dense(args), **_as_dense(kwargs or {}))
+
+
+def _as_dense(value):
+    """``value`` with every IntervalMask inside (lists, tuples and dicts) replaced by its dense 4D mask."""
+    if isinstance(value, IntervalMask):
+        return value.to_dense()[:, None]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_dense(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_dense(item) for key, item in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

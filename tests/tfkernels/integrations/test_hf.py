@@ -128,7 +128,7 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementati
     in float64, within ``reference``'s own float32 error. Returns ``implementation``'s logits."""
     model64 = copy.deepcopy(model).double()
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    batch_size, seq_len = inputs["input_ids"].shape
+    batch_size, seq_len = inputs.get("decoder_input_ids", inputs["input_ids"]).shape  # the logits' rows
     rows = torch.ones(batch_size, seq_len, dtype=torch.bool, device=DEVICE) if rows is None else rows
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(2)
@@ -633,6 +633,48 @@ def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
         model.set_attn_implementation(implementation)
         outputs[implementation] = model(input_ids=ids, attention_mask=attention_mask).logits
     assert torch.equal(outputs["tfkernels_fallback"], outputs["sdpa"])
+
+
+def tiny_t5gemma2():
+    """T5Gemma2: a Gemma3 encoder (one-layer SigLIP tower) and a decoder whose layers attend to their own keys
+    and the encoder's at once, with the self- and cross-attention masks concatenated by torch.cat."""
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64,
+                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=5,
+                     boi_token_index=6, eoi_token_index=7),
+        decoder=text, image_token_index=5,
+    )
+    torch.manual_seed(0)
+    return transformers.T5Gemma2ForConditionalGeneration(config).to(DEVICE)
+
+
+@needs_transformers
+def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(model_path, tk_calls):
+    """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole
+    in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask."""
+    model = tiny_t5gemma2().eval()
+    inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([7, 9], 9).flip(1),
+              "decoder_input_ids": random_ids(2, 6, seed=22)}
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotAnIntervalError, match=r"T5Gemma2DecoderConfig \(model_type 't5gemma2_decoder'\): its "
+                                                 r"attention mask is not one key interval per query \(batch row 0, "
+                                                 r"query 0: .*fallback='sdpa'"):
+        model(**inputs, use_cache=False)
+    tk_calls.clear()
+    assert_matches_sdpa(model, inputs, implementation="tfkernels_fallback")
+    assert tk_calls  # the encoder's layers
+    # Generating, each decoding step's query sees its own keys and the encoder's in one interval: tfkernels.
+    tokens = {}
+    for implementation in ("sdpa", "tfkernels_fallback"):
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                                max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens["tfkernels_fallback"], tokens["sdpa"])
+    assert any(mask.seq_len_q == 1 and mask.seq_len_k > 9 for mask in tk_calls)
 
 
 @needs_transformers
