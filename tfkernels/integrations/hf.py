@@ -28,6 +28,10 @@ every layer, so its cost is per forward, not per layer:
   itself with transformers' ``sdpa_mask`` a chunk of query rows at a time and converts each chunk
   with ``IntervalMask.from_dense``. This path is exact by construction (it is the boolean mask SDPA
   would get); the structural path is tested against it.
+* Queries at padded positions see nothing, IntervalMask's convention for padding rows, whatever
+  transformers' mask lets them see (a right-padded prefix-LM's padding shares the prefix's block id);
+  except under ``bidirectional_mask_function`` alone, cross-attention's mask, where the padding mask
+  is the encoder's keys.
 * A mask that is not one key interval per query (a row with a hole, bounds moving backwards)
   raises ``NotAnIntervalError`` naming the model and the row, or, with ``fallback="sdpa"``, returns
   SDPA's dense mask and the attention function runs SDPA on it.
@@ -213,6 +217,10 @@ class _Rows:
         self.conditions: list[torch.Tensor] = []
         # Packed document ids of an enclosing AND (see _remapped).
         self.documents: torch.Tensor | None = None
+        # bool [B, Sq]: the queries that see nothing whatever the mask function says (_padding_queries), and
+        # bool [B, Sk]: the keys the padding mask keeps (None without one).
+        self.padding_queries = torch.zeros(self.shape, dtype=torch.bool, device=device)
+        self.kept_keys: torch.Tensor | None = None
 
     def interval(self, start, end) -> tuple[torch.Tensor, torch.Tensor]:
         """``[start, end)`` clipped to the keys, as int64 ``[B, Sq]``; ``start >= end`` is empty."""
@@ -283,7 +291,7 @@ def _combine(kind: str, functions, rows: _Rows, shift_invariant: bool):
     for fn in functions:
         s, e = _evaluate(fn, rows, shift_invariant)
         empty, new_empty = start >= end, s >= e
-        rows.require(empty | new_empty | ((s <= end) & (start <= e)))
+        rows.require(empty | new_empty | ((s <= end) & (start <= e)) | rows.padding_queries)
         start = torch.where(empty, s, torch.where(new_empty, start, torch.minimum(start, s)))
         end = torch.where(empty, e, torch.where(new_empty, end, torch.maximum(end, e)))
     return start, end
@@ -304,6 +312,10 @@ def _runs(ids, rows: _Rows, *, packed: bool):
     keys = ids[:, first:last].to(rows.device)
     if packed:
         rows.require(keys >= 0)
+    elif rows.kept_keys is not None:
+        # A padded key is never seen and a padded query sees nothing: their block ids do not matter (PaliGemma
+        # gives right padding the prefix's id, a second run of it).
+        keys = torch.where(rows.kept_keys, keys, -1)
     # Each position's run [run_start, run_end): from_segment_ids with every token an "image" gives
     # each run of equal ids its full extent, and negative ids (text blocks) the empty interval.
     runs = IntervalMask.from_segment_ids(keys, torch.ones_like(keys))
@@ -351,7 +363,7 @@ def _without_padding(start, end, padding: torch.Tensor, rows: _Rows):
     end = torch.maximum(start, end)
     inside = count.gather(1, end) - count.gather(1, start)
     new_start, new_end = next_kept.gather(1, start), last_kept_end.gather(1, end)
-    rows.require((inside == 0) | (inside == new_end - new_start))
+    rows.require((inside == 0) | (inside == new_end - new_start) | rows.padding_queries)
     return new_start, new_end  # new_start >= new_end where nothing is kept
 
 
@@ -374,9 +386,29 @@ def _structural(mask_function, padding, rows: _Rows):
         return None
     if padding is not None:
         start, end = _without_padding(start, end, padding, rows)
+    end = torch.where(rows.padding_queries, start, end)
     start, end, decreasing = _place_empty_rows(start, end)
     rows.require(~decreasing)
     return (start, end) if rows.hold() else None
+
+
+def _padding_queries(attention_mask: torch.Tensor | None, mask_function, rows: _Rows) -> torch.Tensor:
+    """bool ``[B, Sq]``: the queries at the positions the 2D padding mask marks as padding.
+
+    They see nothing, IntervalMask's convention for padding: transformers' mask may let them see keys that
+    break one interval per query (in a right-padded prefix-LM the padding has the prefix's block id and sees
+    the prefix again after the last real query saw only its sliding window, or sees it with a hole), and what
+    a padding query computes is never used. Not for ``bidirectional_mask_function`` alone, the mask of
+    cross-attention, whose padding mask covers the encoder's keys, not the queries' positions.
+    """
+    none = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[-1] == 0 or \
+            _kind(mask_function) == "bidirectional_mask_function":
+        return none
+    kept = attention_mask.to(device=rows.device, dtype=torch.bool)
+    length = kept.shape[-1]
+    at = rows.q_abs.clamp(0, length - 1)
+    return (~kept[:, at] & (rows.q_abs < length)).expand(rows.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +465,7 @@ def _evaluated(call: dict, rows: _Rows, config):
             kv_offset=rows.kv_offset, mask_function=call["mask_function"], attention_mask=call["attention_mask"],
             allow_is_causal_skip=False, use_vmap=call["use_vmap"], device=rows.device,
         )
+        dense = dense & ~rows.padding_queries[:, None, first : first + rows_here, None]
         try:
             part = IntervalMask.from_dense(dense.expand(batch_size, 1, rows_here, seq_len_k))
         except NotAnIntervalError as error:
@@ -493,6 +526,9 @@ def interval_mask(
     device = torch.device(device)
     rows = _Rows(batch_size, q_length, kv_length, q_offset, kv_offset, device)
     padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        rows.padding_queries = _padding_queries(attention_mask, mask_function, rows)
+        rows.kept_keys = padding[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
     bounds = _structural(mask_function, padding, rows)
     if bounds is None:
         call = {"mask_function": mask_function, "attention_mask": attention_mask,

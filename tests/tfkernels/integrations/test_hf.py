@@ -224,7 +224,8 @@ def _random_call(rng):
     """A random mask-builder call as transformers makes them, and whether the structural path is
     expected to take it (when the mask is an interval mask)."""
     batch_size = rng.randint(1, 3)
-    kind = rng.choice(["cache", "static", "window", "bidirectional", "chunked", "blocks", "packed", "gap", "custom"])
+    kind = rng.choice(["cache", "static", "window", "bidirectional", "chunked", "blocks", "prefix", "packed", "gap",
+                       "custom"])
     q_length = rng.randint(1, 16)
     kv_offset, q_offset, structural = 0, 0, True
     kv_length = q_length
@@ -260,6 +261,16 @@ def _random_call(rng):
         if rng.random() < 0.5:
             mask_function = mu.and_masks(mask_function, mu.sliding_window_overlay(rng.randint(1, 6)))
             use_vmap = True
+    elif kind == "prefix":  # PaliGemma: block 0 holds the prefix and the right padding, the suffix is text (-1)
+        lengths = [rng.randint(1, q_length) for _ in range(batch_size)]
+        ids = torch.zeros(batch_size, q_length, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            ids[row, rng.randint(0, length) : length] = -1
+        # create_causal_mask's and create_sliding_window_causal_mask's composition with block_sequence_ids
+        inner = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
+        mask_function = mu.or_masks(inner, mu.blockwise_overlay(ids.to(DEVICE)))
+        use_vmap = True
+        padding_style = lengths
     elif kind == "packed":  # create_causal_mask's composition for padding-free packed rows
         positions, documents = _random_documents(rng, batch_size, q_length)
         documents = torch.zeros_like(positions) if documents is None else documents
@@ -278,7 +289,9 @@ def _random_call(rng):
         mask_function = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < prefix)
         use_vmap, structural = True, False
     attention_mask = None
-    if padding_style is not None:
+    if isinstance(padding_style, list):  # right padding after these lengths
+        attention_mask = left_padding(padding_style, kv_length).flip(1).bool()
+    elif padding_style is not None:
         attention_mask = _random_padding(rng, batch_size, kv_offset + kv_length, padding_style)
     call = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, use_vmap=use_vmap,
@@ -286,12 +299,24 @@ def _random_call(rng):
     return kind, call, structural
 
 
+def _padding_queries_emptied(dense, call):
+    """``dense`` (transformers' mask, bool ``[B, Sq, Sk]``) with the queries at padded positions seeing nothing,
+    except in a mask that is bidirectional_mask_function alone (cross-attention: the padding is the keys')."""
+    if call["attention_mask"] is None or call["mask_function"] is mu.bidirectional_mask_function:
+        return dense
+    padding = call["attention_mask"].bool()
+    positions = torch.arange(call["q_length"], device=DEVICE) + call["q_offset"]
+    padded = ~padding[:, positions.clamp(max=padding.shape[-1] - 1)] & (positions < padding.shape[-1])
+    return dense & ~padded[:, :, None]
+
+
 @needs_transformers
 def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
-    """On random calls (caches, windows, chunks, Gemma3 image blocks, packed documents, padding, a custom
-    overlay): the IntervalMask equals transformers' dense mask wherever that is an interval mask (the
-    same mask as IntervalMask.from_dense gives), and NotAnIntervalError is raised exactly where it is
-    not. The structural path takes every call whose pieces it knows."""
+    """On random calls (caches, windows, chunks, Gemma3 image blocks, PaliGemma prefixes, packed documents,
+    padding, a custom overlay): the IntervalMask equals transformers' dense mask with its padding queries
+    seeing nothing wherever that is an interval mask (the same mask as IntervalMask.from_dense gives), and
+    NotAnIntervalError is raised exactly where it is not. The structural path takes every call whose pieces
+    it knows."""
     evaluations = []
     evaluated = hf._evaluated
 
@@ -301,11 +326,12 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
 
     monkeypatch.setattr(hf, "_evaluated", counted)
     rng = random.Random(0)
-    seen = {"interval": 0, "not an interval": 0, "structural": 0}
+    seen = {"interval": 0, "not an interval": 0, "structural": 0, "interval once padding queries see nothing": 0}
     for case in range(300):
         kind, call, structural = _random_call(rng)
-        dense = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
-        dense = dense.expand(call["batch_size"], call["q_length"], call["kv_length"])
+        given = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
+        given = given.expand(call["batch_size"], call["q_length"], call["kv_length"])
+        dense = _padding_queries_emptied(given, call)
         evaluations.clear()
         try:
             expected = IntervalMask.from_dense(dense)
@@ -322,7 +348,12 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
             assert not evaluations, (case, kind, "evaluated")
             seen["structural"] += 1
         seen["interval"] += 1
-    assert min(seen.values()) >= 30, seen
+        try:
+            IntervalMask.from_dense(given)
+        except NotAnIntervalError:
+            seen["interval once padding queries see nothing"] += 1
+    assert min(seen["interval"], seen["not an interval"], seen["structural"]) >= 30, seen
+    assert seen["interval once padding queries see nothing"] >= 10, seen
 
 
 @needs_transformers
@@ -563,6 +594,21 @@ def test_paligemma_prefix_lm_equals_sdpa(model_path, tk_calls):
     # The prefix is bidirectional: the first image token sees the whole prefix.
     mask = next(m for m in tk_calls if m.seq_len_q == 12)
     assert mask.kv_end[:, 0].tolist() == [6, 6]
+
+
+@needs_transformers
+def test_paligemma2_right_padded_prefix_lm_equals_eager(model_path, tk_calls, no_evaluation):
+    """Right padding after a suffix: transformers' mask lets the padding queries (token type 0, like the
+    prefix) see the prefix again, after the last suffix query saw only its sliding window. Padding queries see
+    nothing in an IntervalMask, which keeps the bounds monotone; the real rows equal eager (Gemma2 soft-caps its
+    attention logits, which SDPA cannot)."""
+    model = tiny_paligemma("gemma2")
+    inputs = paligemma_batch([9, 12])
+    rows = inputs["attention_mask"].bool()
+    assert_matches_sdpa(model, inputs, rows, reference="eager")
+    sliding = next(mask for mask in tk_calls if mask.seq_len_q == 12)  # the text model's first layer
+    assert sliding.kv_start[0, 8] == 5 and sliding.kv_end[0, 8] == 9  # the last suffix query: its window
+    assert (sliding.kv_start[0, 9:] == sliding.kv_end[0, 9:]).all()  # padding queries see nothing
 
 
 # ----------------------------------------------------------------------------------------------
