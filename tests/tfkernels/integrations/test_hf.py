@@ -701,9 +701,10 @@ def tiny_t5gemma2():
 @needs_transformers
 def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(model_path, tk_calls):
     """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole
-    in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask."""
+    in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask. (Row 0's
+    encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)"""
     model = tiny_t5gemma2().eval()
-    inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([7, 9], 9).flip(1),
+    inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([3, 9], 9).flip(1),
               "decoder_input_ids": random_ids(2, 6, seed=22)}
     model.set_attn_implementation("tfkernels")
     with pytest.raises(NotAnIntervalError, match=r"T5Gemma2DecoderConfig \(model_type 't5gemma2_decoder'\): its "
