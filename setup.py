@@ -29,14 +29,15 @@ setup(
         # ruff: scripts/test.sh lints the tree before the tests.
         # transformers: tests/tfkernels/integrations/test_hf.py (the hf extra; transformers pulls no torch build).
         "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers", "ruff",
-                 "transformers>=5"],
+                 "transformers>=5.9,<6"],
         # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
         "train": ["Pillow", "matplotlib"],
         # A real image codec: a diffusers AutoencoderKL loaded from a local directory.
         "vae": ["diffusers"],
         # python -m bench.plot: PNG charts of a benchmark CSV.
         "bench": ["matplotlib"],
-        # tfkernels.integrations.hf: attn_implementation="tfkernels" (tested with transformers 5.24.0).
-        "hf": ["transformers>=5"],
+        # tfkernels.integrations.hf: attn_implementation="tfkernels". Its suite passes with transformers 5.9.0 (the
+        # oldest it supports: tfkernels.integrations.hf.LOWEST_TRANSFORMERS) and 5.25.0; 6 may change what it reads.
+        "hf": ["transformers>=5.9,<6"],
     },
 )

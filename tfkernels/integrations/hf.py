@@ -30,8 +30,8 @@ every layer, so its cost is per forward, not per layer:
   would get); the structural path is tested against it.
 * Queries at padded positions see nothing, IntervalMask's convention for padding rows, whatever
   transformers' mask lets them see (a right-padded prefix-LM's padding shares the prefix's block id);
-  except under ``bidirectional_mask_function`` alone, cross-attention's mask, where the padding mask
-  is the encoder's keys.
+  only in self-attention masks (those with a causal, sliding-window or chunk piece): the padding
+  mask of cross-attention covers the encoder's keys, not the queries' positions.
 * A mask that is not one key interval per query (a row with a hole, bounds moving backwards)
   raises ``NotAnIntervalError`` naming the model and the row, or, with ``fallback="sdpa"``, returns
   SDPA's dense mask and the attention function runs SDPA on it.
@@ -64,18 +64,25 @@ import weakref
 import torch
 
 try:
+    import transformers
+    from packaging.version import Version
     from transformers import AttentionInterface, masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 except ImportError as error:
-    raise ImportError(
-        "tfkernels.integrations.hf needs transformers >= 5: pip install 'tfkernels[hf]'"
-    ) from error
+    raise ImportError("tfkernels.integrations.hf needs transformers: pip install 'tfkernels[hf]'") from error
 
 from ..attention import MAX_HEAD_DIM, attention
 from ..mask import IntervalMask, NotAnIntervalError
 
-__all__ = ["MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
+# The oldest transformers this module supports (setup.py's hf extra takes the 5.x releases from it on): the first
+# whose mask builders take q_length and q_offset and compose image blocks with blockwise_overlay, as read here.
+LOWEST_TRANSFORMERS = "5.9"
+if Version(transformers.__version__) < Version(LOWEST_TRANSFORMERS):
+    raise ImportError(f"tfkernels.integrations.hf needs transformers >= {LOWEST_TRANSFORMERS} (installed: "
+                      f"{transformers.__version__}): pip install 'tfkernels[hf]'")
+
+__all__ = ["LOWEST_TRANSFORMERS", "MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
 
 # The keyword of a model's forward that carries an explicit IntervalMask to every attention layer
 # (transformers 5 passes a forward's extra keywords down to the attention function).
@@ -175,8 +182,9 @@ def _pass_built_masks_through() -> None:
 
     preprocess_mask_arguments._passes_interval_masks = True
     for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("transformers") and \
-                getattr(module, "_preprocess_mask_arguments", None) is preprocess:
+        names = getattr(module, "__dict__", {})  # not getattr: transformers' lazy modules import on lookup
+        if str(names.get("__name__", "")).startswith("transformers") and \
+                names.get("_preprocess_mask_arguments") is preprocess:
             module._preprocess_mask_arguments = preprocess_mask_arguments
 
 
@@ -189,9 +197,11 @@ class _NotStructural(Exception):
 
 def _kind(fn) -> str | None:
     """Which of transformers' mask pieces ``fn`` is (``"and_masks"``, ``"causal_mask_function"``...)."""
-    if getattr(fn, "__module__", None) != _MASKING_MODULE or not hasattr(fn, "__code__"):
+    qualname = getattr(fn, "__qualname__", None)
+    if getattr(fn, "__module__", None) != _MASKING_MODULE or not hasattr(fn, "__code__") or \
+            not isinstance(qualname, str):
         return None
-    return fn.__qualname__.split(".<locals>")[0]
+    return qualname.split(".<locals>")[0]
 
 
 def _captured(fn) -> dict:
@@ -379,10 +389,15 @@ def _place_empty_rows(start, end):
 
 
 def _structural(mask_function, padding, rows: _Rows):
-    """The bounds by interval algebra, or ``None`` where it cannot vouch for them."""
+    """The bounds by interval algebra, or ``None`` where it cannot vouch for them.
+
+    The pieces are recognised by name and read by their captured variables, which are transformers' internals:
+    a piece that does not read as expected (a variable renamed, of another type, not a closure) is evaluated
+    instead, never an error. The random builder test makes sure that the pieces of the supported transformers
+    versions take this path."""
     try:
         start, end = _evaluate(mask_function, rows)
-    except _NotStructural:
+    except (_NotStructural, LookupError, AttributeError, TypeError, ValueError):
         return None
     if padding is not None:
         start, end = _without_padding(start, end, padding, rows)
@@ -398,17 +413,36 @@ def _padding_queries(attention_mask: torch.Tensor | None, mask_function, rows: _
     They see nothing, IntervalMask's convention for padding: transformers' mask may let them see keys that
     break one interval per query (in a right-padded prefix-LM the padding has the prefix's block id and sees
     the prefix again after the last real query saw only its sliding window, or sees it with a hole), and what
-    a padding query computes is never used. Not for ``bidirectional_mask_function`` alone, the mask of
-    cross-attention, whose padding mask covers the encoder's keys, not the queries' positions.
+    a padding query computes is never used. Only in self-attention, told by a piece that compares query and
+    key positions (``_compares_positions``): the padding mask of cross-attention covers the encoder's keys, not
+    the queries' positions.
     """
     none = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
     if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[-1] == 0 or \
-            _kind(mask_function) == "bidirectional_mask_function":
+            not _compares_positions(mask_function):
         return none
     kept = attention_mask.to(device=rows.device, dtype=torch.bool)
     length = kept.shape[-1]
     at = rows.q_abs.clamp(0, length - 1)
     return (~kept[:, at] & (rows.q_abs < length)).expand(rows.shape)
+
+
+_POSITIONAL_PIECES = ("causal_mask_function", "sliding_window_overlay", "sliding_window_bidirectional_overlay",
+                      "chunked_overlay")
+
+
+def _compares_positions(fn) -> bool:
+    """Whether ``fn`` holds one of transformers' pieces that compare a query's position with a key's (causal,
+    sliding windows, chunks), which only self-attention has; ``False`` where it cannot be read."""
+    kind = _kind(fn)
+    try:
+        if kind in ("and_masks", "or_masks"):
+            return any(_compares_positions(f) for f in _captured(fn)["mask_functions"])
+        if kind == "remap_positions_for_packed_sequence":
+            return _compares_positions(_captured(fn)["mask_function"])
+    except (LookupError, AttributeError, TypeError, ValueError):
+        return False
+    return kind in _POSITIONAL_PIECES
 
 
 # ----------------------------------------------------------------------------------------------

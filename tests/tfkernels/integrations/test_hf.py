@@ -37,6 +37,9 @@ if HAS_TRANSFORMERS:
     hf.register()
     hf.register("tfkernels_fallback", fallback="sdpa")
 
+# transformers from 5.23 on evaluates the mask of packed documents on positions within each document.
+POSITION_REMAP = HAS_TRANSFORMERS and hasattr(mu, "remap_positions_for_packed_sequence")
+
 # The module (tfkernels.attention, the attribute, is the public function).
 attention_module = importlib.import_module("tfkernels.attention")
 path = both_paths_fixture(attention_module)
@@ -128,7 +131,7 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementati
     in float64, within ``reference``'s own float32 error. Returns ``implementation``'s logits."""
     model64 = copy.deepcopy(model).double()
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    batch_size, seq_len = inputs.get("decoder_input_ids", inputs["input_ids"]).shape  # the logits' rows
+    batch_size, seq_len = inputs["input_ids"].shape
     rows = torch.ones(batch_size, seq_len, dtype=torch.bool, device=DEVICE) if rows is None else rows
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(2)
@@ -158,6 +161,19 @@ def test_the_hf_module_without_transformers_names_the_extra():
             "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'tfkernels[hf]'" in result.stdout, result.stdout + result.stderr
+
+
+@needs_transformers
+def test_the_hf_module_refuses_transformers_older_than_it_supports():
+    """Older transformers build masks with other arguments: a named ImportError at import, not a TypeError deep
+    in a forward. setup.py's hf extra states the same lowest version."""
+    code = ("import transformers; transformers.__version__ = '5.8.0'\n"
+            "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert f"needs transformers >= {hf.LOWEST_TRANSFORMERS} (installed: 5.8.0): pip install 'tfkernels[hf]'" in \
+        result.stdout, result.stdout + result.stderr
+    setup = (Path(__file__).resolve().parents[3] / "setup.py").read_text()
+    assert f'"hf": ["transformers>={hf.LOWEST_TRANSFORMERS},<6"]' in setup
 
 
 @needs_transformers
@@ -224,8 +240,8 @@ def _random_call(rng):
     """A random mask-builder call as transformers makes them, and whether the structural path is
     expected to take it (when the mask is an interval mask)."""
     batch_size = rng.randint(1, 3)
-    kind = rng.choice(["cache", "static", "window", "bidirectional", "chunked", "blocks", "prefix", "packed", "gap",
-                       "custom"])
+    kind = rng.choice(["cache", "static", "window", "bidirectional", "cross", "chunked", "blocks", "prefix", "packed",
+                       "gap", "custom"])
     q_length = rng.randint(1, 16)
     kv_offset, q_offset, structural = 0, 0, True
     kv_length = q_length
@@ -248,6 +264,10 @@ def _random_call(rng):
         kv_length = rng.randint(1, 16)
         mask_function = rng.choice([mu.bidirectional_mask_function,
                                     mu.sliding_window_bidirectional_mask_function(rng.randint(1, 6))])
+    elif kind == "cross":  # cross-attention with a model's own AND (T5Gemma2 had one): the encoder's padding
+        kv_length = rng.randint(1, 16)
+        mask_function = mu.and_masks(mu.bidirectional_mask_function, lambda b, h, q, kv: kv >= 0)
+        structural = False
     elif kind == "chunked":
         left = torch.tensor([rng.randint(0, 4) for _ in range(batch_size)], device=DEVICE)
         mask_function = mu.chunked_causal_mask_function(rng.randint(1, 6), left)
@@ -274,8 +294,9 @@ def _random_call(rng):
     elif kind == "packed":  # create_causal_mask's composition for padding-free packed rows
         positions, documents = _random_documents(rng, batch_size, q_length)
         documents = torch.zeros_like(positions) if documents is None else documents
-        inner = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
-        mask_function = mu.remap_positions_for_packed_sequence(inner, positions)
+        mask_function = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
+        if POSITION_REMAP:
+            mask_function = mu.remap_positions_for_packed_sequence(mask_function, positions)
         if rng.random() < 0.5:
             ids = get_block_sequence_ids_for_mask(_random_token_types(rng, batch_size, q_length))
             mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(ids))
@@ -299,10 +320,11 @@ def _random_call(rng):
     return kind, call, structural
 
 
-def _padding_queries_emptied(dense, call):
-    """``dense`` (transformers' mask, bool ``[B, Sq, Sk]``) with the queries at padded positions seeing nothing,
-    except in a mask that is bidirectional_mask_function alone (cross-attention: the padding is the keys')."""
-    if call["attention_mask"] is None or call["mask_function"] is mu.bidirectional_mask_function:
+def _padding_queries_emptied(dense, call, kind):
+    """``dense`` (transformers' mask, bool ``[B, Sq, Sk]``) with the queries at padded positions seeing nothing in
+    self-attention: not in cross-attention nor under bidirectional_mask_function alone, where the padding mask
+    covers the keys of another sequence."""
+    if call["attention_mask"] is None or kind == "cross" or call["mask_function"] is mu.bidirectional_mask_function:
         return dense
     padding = call["attention_mask"].bool()
     positions = torch.arange(call["q_length"], device=DEVICE) + call["q_offset"]
@@ -331,7 +353,7 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
         kind, call, structural = _random_call(rng)
         given = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
         given = given.expand(call["batch_size"], call["q_length"], call["kv_length"])
-        dense = _padding_queries_emptied(given, call)
+        dense = _padding_queries_emptied(given, call, kind)
         evaluations.clear()
         try:
             expected = IntervalMask.from_dense(dense)
@@ -353,10 +375,11 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
         except NotAnIntervalError:
             seen["interval once padding queries see nothing"] += 1
     assert min(seen["interval"], seen["not an interval"], seen["structural"]) >= 30, seen
-    assert seen["interval once padding queries see nothing"] >= 10, seen
+    assert seen["interval once padding queries see nothing"] >= 5, seen
 
 
 @needs_transformers
+@pytest.mark.skipif(not POSITION_REMAP, reason="this transformers composes packed masks without a position remap")
 def test_bidirectional_under_a_position_remap_reads_the_positions():
     """bidirectional_mask_function is ``q_idx >= 0``: under remap_positions_for_packed_sequence it reads the
     query's position, which is not a function of ``q_idx - kv_idx`` (a negative position sees nothing)."""
@@ -370,6 +393,53 @@ def test_bidirectional_under_a_position_remap_reads_the_positions():
     # Query 0, at position -1, sees key 0 only (causal), query 1 its whole document (bidirectional).
     assert dense[0, 0].tolist() == [True] + [False] * 5 and dense[0, 1].tolist() == [True] * 3 + [False] * 3
     assert torch.equal(hf.interval_mask(**call).to_dense(), dense)
+
+
+def _window_renamed(window):
+    """A sliding-window overlay whose captured variable has another name (``KeyError`` when read)."""
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - window
+    return inner_mask
+
+
+def _window_of_another_type(window):
+    """A sliding-window overlay whose ``sliding_window`` is no longer the window (``TypeError`` when read)."""
+    sliding_window = None
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - (window if sliding_window is None else sliding_window)
+    return inner_mask
+
+
+class _WindowObject:
+    """A sliding-window overlay that is a callable object, not a closure (``AttributeError`` when read)."""
+    __module__ = mu.__name__ if HAS_TRANSFORMERS else None
+    __code__ = _window_renamed.__code__
+
+    def __init__(self, window):
+        self.window = window
+        self.__qualname__ = "sliding_window_overlay.<locals>.inner_mask"
+
+    def __call__(self, batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - self.window
+
+
+@needs_transformers
+@pytest.mark.parametrize("overlay", [_window_renamed, _window_of_another_type, _WindowObject])
+def test_pieces_that_read_otherwise_than_expected_are_evaluated(monkeypatch, overlay):
+    """A closure named like one of transformers' pieces whose captured variables are not what the structural
+    path reads (as a newer transformers might have it) is evaluated instead, with the same result."""
+    evaluations = []
+    evaluated = hf._evaluated
+    monkeypatch.setattr(hf, "_evaluated", lambda *args: evaluations.append(1) or evaluated(*args))
+    window = overlay(3)
+    if not isinstance(window, _WindowObject):
+        window.__module__, window.__qualname__ = mu.__name__, "sliding_window_overlay.<locals>.inner_mask"
+    call = dict(batch_size=2, q_length=10, kv_length=10, mask_function=mu.and_masks(mu.causal_mask_function, window),
+                attention_mask=left_padding([6, 10], 10).bool(), device=torch.device(DEVICE))
+    mask = hf.interval_mask(**call)
+    assert evaluations
+    assert torch.equal(mask.to_dense(), mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0])
 
 
 @needs_transformers
@@ -702,26 +772,28 @@ def tiny_t5gemma2():
 def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(model_path, tk_calls):
     """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole
     in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask. (Row 0's
-    encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)"""
-    model = tiny_t5gemma2().eval()
+    encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)
+    One model per implementation: transformers 5.9 does not switch T5Gemma2's encoder once it was set."""
+    models = {name: tiny_t5gemma2().eval() for name in ("ref64", "sdpa", "tfkernels_fallback", "tfkernels")}
+    models["ref64"].double()
+    for name in ("tfkernels_fallback", "tfkernels"):
+        models[name].set_attn_implementation(name)
     inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([3, 9], 9).flip(1),
               "decoder_input_ids": random_ids(2, 6, seed=22)}
-    model.set_attn_implementation("tfkernels")
+    logits = {name: models[name](**inputs, use_cache=False).logits.detach() for name in ("ref64", "sdpa",
+                                                                                          "tfkernels_fallback")}
+    assert_anchored("logits", logits["tfkernels_fallback"], logits["ref64"], logits["sdpa"])
+    assert tk_calls  # the encoder's layers
+    # Generating, each decoding step's query sees its own keys and the encoder's in one interval: tfkernels.
+    generate = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
+                    do_sample=False)
+    tokens = {name: models[name].generate(**generate) for name in ("sdpa", "tfkernels_fallback")}
+    assert torch.equal(tokens["tfkernels_fallback"], tokens["sdpa"])
+    assert any(mask.seq_len_q == 1 and mask.seq_len_k > 9 for mask in tk_calls)
     with pytest.raises(NotAnIntervalError, match=r"T5Gemma2DecoderConfig \(model_type 't5gemma2_decoder'\): its "
                                                  r"attention mask is not one key interval per query \(batch row 0, "
                                                  r"query 0: .*fallback='sdpa'"):
-        model(**inputs, use_cache=False)
-    tk_calls.clear()
-    assert_matches_sdpa(model, inputs, implementation="tfkernels_fallback")
-    assert tk_calls  # the encoder's layers
-    # Generating, each decoding step's query sees its own keys and the encoder's in one interval: tfkernels.
-    tokens = {}
-    for implementation in ("sdpa", "tfkernels_fallback"):
-        model.set_attn_implementation(implementation)
-        tokens[implementation] = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                                max_new_tokens=4, do_sample=False)
-    assert torch.equal(tokens["tfkernels_fallback"], tokens["sdpa"])
-    assert any(mask.seq_len_q == 1 and mask.seq_len_k > 9 for mask in tk_calls)
+        models["tfkernels"](**inputs, use_cache=False)
 
 
 @needs_transformers
