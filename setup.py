@@ -30,15 +30,16 @@ setup(
         # transformers: tests/tfkernels/integrations/test_hf.py (the hf extra; transformers pulls no torch build).
         # diffusers >= 0.35: also tests/tfkernels/integrations/test_diffusers.py (the diffusers extra).
         "test": ["pytest", "hypothesis", "pytest-benchmark", "numpy", "Pillow", "matplotlib", "diffusers>=0.35",
-                 "ruff", "transformers>=5"],
+                 "ruff", "transformers>=5.9,<6"],
         # python -m transfusion_core.train: user images (Pillow), loss curve and samples PNGs.
         "train": ["Pillow", "matplotlib"],
         # A real image codec: a diffusers AutoencoderKL loaded from a local directory.
         "vae": ["diffusers"],
         # python -m bench.plot: PNG charts of a benchmark CSV.
         "bench": ["matplotlib"],
-        # tfkernels.integrations.hf: attn_implementation="tfkernels" (tested with transformers 5.24.0).
-        "hf": ["transformers>=5"],
+        # tfkernels.integrations.hf: attn_implementation="tfkernels". Its suite passes with transformers 5.9.0 (the
+        # oldest it supports: tfkernels.integrations.hf.LOWEST_TRANSFORMERS) and 5.25.0; 6 may change what it reads.
+        "hf": ["transformers>=5.9,<6"],
         # tfkernels.integrations.diffusers: apply(model) (tested with diffusers 0.42.1; diffusers requires torch
         # only through its own "torch" extra, so this pulls no torch build).
         "diffusers": ["diffusers>=0.35"],

@@ -3,7 +3,9 @@
 ``register()`` adds two functions to transformers (5.x): an attention function
 (``AttentionInterface``) that runs ``tk.attention``, and a mask builder (``AttentionMaskInterface``)
 that turns the mask a model asks for into an ``IntervalMask``. Without the builder transformers
-would hand a registered backend no mask at all.
+would hand a registered backend no mask at all. It also makes transformers' mask creation return a
+built ``IntervalMask`` unchanged, as it returns a prepared 4D mask: ``generate`` builds a static
+cache's mask before the forward, and PaliGemma hands the mask it built to its text model.
 
 Design
 ------
@@ -26,6 +28,10 @@ every layer, so its cost is per forward, not per layer:
   itself with transformers' ``sdpa_mask`` a chunk of query rows at a time and converts each chunk
   with ``IntervalMask.from_dense``. This path is exact by construction (it is the boolean mask SDPA
   would get); the structural path is tested against it.
+* Queries at padded positions see nothing, IntervalMask's convention for padding rows, whatever
+  transformers' mask lets them see (a right-padded prefix-LM's padding shares the prefix's block id);
+  only in self-attention masks (those with a causal, sliding-window or chunk piece): the padding
+  mask of cross-attention covers the encoder's keys, not the queries' positions.
 * A mask that is not one key interval per query (a row with a hole, bounds moving backwards)
   raises ``NotAnIntervalError`` naming the model and the row, or, with ``fallback="sdpa"``, returns
   SDPA's dense mask and the attention function runs SDPA on it.
@@ -37,10 +43,11 @@ GQA is native. It also accepts a dense 4D mask (a model or user that built one i
 converted once per tensor, cached by identity and version, since all layers get the same tensor),
 ``None`` (SDPA's meaning: causal from the module's ``is_causal``, or everything), and an
 ``IntervalMask`` given explicitly with the ``tfkernels_mask=`` keyword of the model's forward.
-What ``tk.attention`` cannot do (dropout > 0, attention weights, position biases, sinks)
-raises ``NotImplementedError`` or, with ``fallback="sdpa"``, runs SDPA (or the model's eager
-attention for what SDPA cannot do either, soft-capping included: a soft-capped model whose call
-falls back for another reason runs eager, never SDPA without its cap).
+What ``tk.attention`` cannot do (head dims above 256, dropout > 0, attention weights, position
+biases, sinks) raises ``NotImplementedError`` naming the model and the layer or, with
+``fallback="sdpa"``, runs SDPA (or the model's eager attention for what SDPA cannot do either,
+soft-capping included: a soft-capped model whose call falls back for another reason runs eager,
+never SDPA without its cap).
 
 The builder runs outside ``torch.compile`` graphs (``torch.compiler.disable``: it reads closures
 and syncs once); the attention function is traced without graph breaks, and since the mask is two
@@ -50,24 +57,32 @@ int tensors of fixed shape, batches with other layouts of the same shape do not 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import torch
 
 try:
-    from transformers import AttentionInterface
+    import transformers
+    from packaging.version import Version
+    from transformers import AttentionInterface, masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 except ImportError as error:
-    raise ImportError(
-        "tfkernels.integrations.hf needs transformers >= 5: pip install 'tfkernels[hf]'"
-    ) from error
+    raise ImportError("tfkernels.integrations.hf needs transformers: pip install 'tfkernels[hf]'") from error
 
-from ..attention import attention
+from ..attention import MAX_HEAD_DIM, attention
 from ..mask import IntervalMask, NotAnIntervalError
 from ._converted import ConvertedMasks
 
-__all__ = ["MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
+# The oldest transformers this module supports (setup.py's hf extra takes the 5.x releases from it on): the first
+# whose mask builders take q_length and q_offset and compose image blocks with blockwise_overlay, as read here.
+LOWEST_TRANSFORMERS = "5.9"
+if Version(transformers.__version__) < Version(LOWEST_TRANSFORMERS):
+    raise ImportError(f"tfkernels.integrations.hf needs transformers >= {LOWEST_TRANSFORMERS} (installed: "
+                      f"{transformers.__version__}): pip install 'tfkernels[hf]'")
+
+__all__ = ["LOWEST_TRANSFORMERS", "MASK_KWARG", "NotAnIntervalError", "attention_forward", "interval_mask", "register"]
 
 # The keyword of a model's forward that carries an explicit IntervalMask to every attention layer
 # (transformers 5 passes a forward's extra keywords down to the attention function).
@@ -126,7 +141,51 @@ def register(name: str = "tfkernels", *, fallback: str | None = None) -> str:
 
     AttentionInterface.register(name, attention_function)
     AttentionMaskInterface.register(name, mask_function)
+    _pass_built_masks_through()
     return name
+
+
+# transformers' mask creation returns a prepared 4D mask (a tensor or a BlockMask) unchanged; ours stands in
+# for one while that preprocessing runs, and the IntervalMask is returned in its place.
+_PREPARED_MASK = torch.empty(0, 0, 0, 0, device="meta")
+
+
+def _pass_built_masks_through() -> None:
+    """Make transformers' mask creation return an already-built IntervalMask unchanged, as it returns a
+    prepared 4D mask: generate builds a static cache's mask before the forward, and models such as
+    PaliGemma hand the mask they built to their text model, which calls the mask creation again.
+
+    Every ``create_*_mask`` of transformers (and the models that size masks themselves) goes through
+    ``masking_utils._preprocess_mask_arguments``, which reads a mask that is not a 4D tensor as a 2D
+    padding mask; it is wrapped once, in ``masking_utils`` and in the modules that imported it.
+    """
+    preprocess = getattr(masking_utils, "_preprocess_mask_arguments", None)
+    if preprocess is None or getattr(preprocess, "_passes_interval_masks", False):
+        return
+    try:
+        position = list(inspect.signature(preprocess).parameters).index("attention_mask")
+    except ValueError:  # no attention_mask argument: nothing this wrapper knows how to pass through
+        return
+
+    @functools.wraps(preprocess)
+    def preprocess_mask_arguments(*args, **kwargs):
+        positional = len(args) > position
+        mask = args[position] if positional else kwargs.get("attention_mask")
+        if not isinstance(mask, IntervalMask):
+            return preprocess(*args, **kwargs)
+        if positional:
+            args = (*args[:position], _PREPARED_MASK, *args[position + 1 :])
+        else:
+            kwargs["attention_mask"] = _PREPARED_MASK
+        early_exit, _, *rest = preprocess(*args, **kwargs)
+        return (early_exit, mask, *rest)
+
+    preprocess_mask_arguments._passes_interval_masks = True
+    for module in list(sys.modules.values()):
+        names = getattr(module, "__dict__", {})  # not getattr: transformers' lazy modules import on lookup
+        if str(names.get("__name__", "")).startswith("transformers") and \
+                names.get("_preprocess_mask_arguments") is preprocess:
+            module._preprocess_mask_arguments = preprocess_mask_arguments
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,9 +197,11 @@ class _NotStructural(Exception):
 
 def _kind(fn) -> str | None:
     """Which of transformers' mask pieces ``fn`` is (``"and_masks"``, ``"causal_mask_function"``...)."""
-    if getattr(fn, "__module__", None) != _MASKING_MODULE or not hasattr(fn, "__code__"):
+    qualname = getattr(fn, "__qualname__", None)
+    if getattr(fn, "__module__", None) != _MASKING_MODULE or not hasattr(fn, "__code__") or \
+            not isinstance(qualname, str):
         return None
-    return fn.__qualname__.split(".<locals>")[0]
+    return qualname.split(".<locals>")[0]
 
 
 def _captured(fn) -> dict:
@@ -166,6 +227,10 @@ class _Rows:
         self.conditions: list[torch.Tensor] = []
         # Packed document ids of an enclosing AND (see _remapped).
         self.documents: torch.Tensor | None = None
+        # bool [B, Sq]: the queries that see nothing whatever the mask function says (_padding_queries), and
+        # bool [B, Sk]: the keys the padding mask keeps (None without one).
+        self.padding_queries = torch.zeros(self.shape, dtype=torch.bool, device=device)
+        self.kept_keys: torch.Tensor | None = None
 
     def interval(self, start, end) -> tuple[torch.Tensor, torch.Tensor]:
         """``[start, end)`` clipped to the keys, as int64 ``[B, Sq]``; ``start >= end`` is empty."""
@@ -236,7 +301,7 @@ def _combine(kind: str, functions, rows: _Rows, shift_invariant: bool):
     for fn in functions:
         s, e = _evaluate(fn, rows, shift_invariant)
         empty, new_empty = start >= end, s >= e
-        rows.require(empty | new_empty | ((s <= end) & (start <= e)))
+        rows.require(empty | new_empty | ((s <= end) & (start <= e)) | rows.padding_queries)
         start = torch.where(empty, s, torch.where(new_empty, start, torch.minimum(start, s)))
         end = torch.where(empty, e, torch.where(new_empty, end, torch.maximum(end, e)))
     return start, end
@@ -257,6 +322,10 @@ def _runs(ids, rows: _Rows, *, packed: bool):
     keys = ids[:, first:last].to(rows.device)
     if packed:
         rows.require(keys >= 0)
+    elif rows.kept_keys is not None:
+        # A padded key is never seen and a padded query sees nothing: their block ids do not matter (PaliGemma
+        # gives right padding the prefix's id, a second run of it).
+        keys = torch.where(rows.kept_keys, keys, -1)
     # Each position's run [run_start, run_end): from_segment_ids with every token an "image" gives
     # each run of equal ids its full extent, and negative ids (text blocks) the empty interval.
     runs = IntervalMask.from_segment_ids(keys, torch.ones_like(keys))
@@ -304,7 +373,7 @@ def _without_padding(start, end, padding: torch.Tensor, rows: _Rows):
     end = torch.maximum(start, end)
     inside = count.gather(1, end) - count.gather(1, start)
     new_start, new_end = next_kept.gather(1, start), last_kept_end.gather(1, end)
-    rows.require((inside == 0) | (inside == new_end - new_start))
+    rows.require((inside == 0) | (inside == new_end - new_start) | rows.padding_queries)
     return new_start, new_end  # new_start >= new_end where nothing is kept
 
 
@@ -320,16 +389,60 @@ def _place_empty_rows(start, end):
 
 
 def _structural(mask_function, padding, rows: _Rows):
-    """The bounds by interval algebra, or ``None`` where it cannot vouch for them."""
+    """The bounds by interval algebra, or ``None`` where it cannot vouch for them.
+
+    The pieces are recognised by name and read by their captured variables, which are transformers' internals:
+    a piece that does not read as expected (a variable renamed, of another type, not a closure) is evaluated
+    instead, never an error. The random builder test makes sure that the pieces of the supported transformers
+    versions take this path."""
     try:
         start, end = _evaluate(mask_function, rows)
-    except _NotStructural:
+    except (_NotStructural, LookupError, AttributeError, TypeError, ValueError):
         return None
     if padding is not None:
         start, end = _without_padding(start, end, padding, rows)
+    end = torch.where(rows.padding_queries, start, end)
     start, end, decreasing = _place_empty_rows(start, end)
     rows.require(~decreasing)
     return (start, end) if rows.hold() else None
+
+
+def _padding_queries(attention_mask: torch.Tensor | None, mask_function, rows: _Rows) -> torch.Tensor:
+    """bool ``[B, Sq]``: the queries at the positions the 2D padding mask marks as padding.
+
+    They see nothing, IntervalMask's convention for padding: transformers' mask may let them see keys that
+    break one interval per query (in a right-padded prefix-LM the padding has the prefix's block id and sees
+    the prefix again after the last real query saw only its sliding window, or sees it with a hole), and what
+    a padding query computes is never used. Only in self-attention, told by a piece that compares query and
+    key positions (``_compares_positions``): the padding mask of cross-attention covers the encoder's keys, not
+    the queries' positions.
+    """
+    none = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[-1] == 0 or \
+            not _compares_positions(mask_function):
+        return none
+    kept = attention_mask.to(device=rows.device, dtype=torch.bool)
+    length = kept.shape[-1]
+    at = rows.q_abs.clamp(0, length - 1)
+    return (~kept[:, at] & (rows.q_abs < length)).expand(rows.shape)
+
+
+_POSITIONAL_PIECES = ("causal_mask_function", "sliding_window_overlay", "sliding_window_bidirectional_overlay",
+                      "chunked_overlay")
+
+
+def _compares_positions(fn) -> bool:
+    """Whether ``fn`` holds one of transformers' pieces that compare a query's position with a key's (causal,
+    sliding windows, chunks), which only self-attention has; ``False`` where it cannot be read."""
+    kind = _kind(fn)
+    try:
+        if kind in ("and_masks", "or_masks"):
+            return any(_compares_positions(f) for f in _captured(fn)["mask_functions"])
+        if kind == "remap_positions_for_packed_sequence":
+            return _compares_positions(_captured(fn)["mask_function"])
+    except (LookupError, AttributeError, TypeError, ValueError):
+        return False
+    return kind in _POSITIONAL_PIECES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,6 +453,14 @@ def _model_name(config) -> str:
         return "the model"
     architectures = getattr(config, "architectures", None) or []
     return f"{', '.join(architectures) or type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
+
+
+def _layer_name(module) -> str:
+    """The model, the layer's index and the attention module's class, e.g. ``LlamaConfig (model_type 'llama'),
+    layer 3 (LlamaAttention)``."""
+    layer = getattr(module, "layer_idx", None)
+    layer = "" if layer is None else f", layer {layer}"
+    return f"{_model_name(getattr(module, 'config', None))}{layer} ({type(module).__name__})"
 
 
 def _visible_runs(row: torch.Tensor, limit: int = 4) -> str:
@@ -378,6 +499,7 @@ def _evaluated(call: dict, rows: _Rows, config):
             kv_offset=rows.kv_offset, mask_function=call["mask_function"], attention_mask=call["attention_mask"],
             allow_is_causal_skip=False, use_vmap=call["use_vmap"], device=rows.device,
         )
+        dense = dense & ~rows.padding_queries[:, None, first : first + rows_here, None]
         try:
             part = IntervalMask.from_dense(dense.expand(batch_size, 1, rows_here, seq_len_k))
         except NotAnIntervalError as error:
@@ -438,6 +560,9 @@ def interval_mask(
     device = torch.device(device)
     rows = _Rows(batch_size, q_length, kv_length, q_offset, kv_offset, device)
     padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        rows.padding_queries = _padding_queries(attention_mask, mask_function, rows)
+        rows.kept_keys = padding[:, kv_offset : kv_offset + kv_length].to(device=device, dtype=torch.bool)
     bounds = _structural(mask_function, padding, rows)
     if bounds is None:
         call = {"mask_function": mask_function, "attention_mask": attention_mask,
@@ -453,7 +578,30 @@ def interval_mask(
                 _dense_masks.remember(dense, None)  # the attention function goes straight to SDPA
             return dense
     start, end = bounds
-    return IntervalMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length)
+    return _BuiltMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length)
+
+
+class _BuiltMask(IntervalMask):
+    """The builder's IntervalMask. Model code that combines masks as tensors (T5Gemma2's decoder concatenates its
+    self- and cross-attention masks with ``torch.cat``) gets the result of that operation on the dense boolean
+    masks ``[B, 1, Sq, Sk]`` that SDPA's builder would have given; the attention function then converts it like
+    any dense mask (``NotAnIntervalError`` naming the model, or the fallback, where it is not one interval per
+    query)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_as_dense(args), **_as_dense(kwargs or {}))
+
+
+def _as_dense(value):
+    """``value`` with every IntervalMask inside (lists, tuples and dicts) replaced by its dense 4D mask."""
+    if isinstance(value, IntervalMask):
+        return value.to_dense()[:, None]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_dense(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_dense(item) for key, item in value.items()}
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +657,10 @@ def _implicit_mask(module, query, key, kwargs) -> IntervalMask:
     return IntervalMask(full.kv_start, end.to(torch.int32).contiguous(), kv_length)
 
 
-def _unsupported(dropout, kwargs) -> tuple[str, str] | None:
+def _unsupported(query, dropout, kwargs) -> tuple[str, str] | None:
     """``(what, fallback implementation)`` for the first thing tk.attention cannot do, else ``None``."""
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} (tk.attention takes head dims up to {MAX_HEAD_DIM})", "sdpa"
     if dropout:
         return f"dropout={dropout} (tk.attention has no attention dropout; set attention_dropout=0)", "sdpa"
     if kwargs.get("output_attentions"):
@@ -558,7 +708,7 @@ def attention_forward(
         if not isinstance(explicit, IntervalMask):
             raise TypeError(f"{MASK_KWARG}: expected a tfkernels.IntervalMask, got {type(explicit).__name__}")
         attention_mask = explicit
-    problem = _unsupported(dropout, kwargs)
+    problem = _unsupported(query, dropout, kwargs)
     mask = None
     if problem is None:
         if isinstance(attention_mask, IntervalMask):
@@ -582,7 +732,7 @@ def attention_forward(
         target = "eager"
     if fallback is None:
         raise NotImplementedError(
-            f"tfkernels attention ({type(module).__name__}): {what}. Register with "
+            f"tfkernels attention in {_layer_name(module)}: {what}. Register with "
             f"tfkernels.integrations.hf.register(name, fallback='sdpa') to run such calls with transformers' "
             f"{target} attention.")
     return _run_fallback(target, module, query, key, value, attention_mask, dropout, scaling, softcap, kwargs)

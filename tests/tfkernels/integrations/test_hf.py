@@ -37,6 +37,9 @@ if HAS_TRANSFORMERS:
     hf.register()
     hf.register("tfkernels_fallback", fallback="sdpa")
 
+# transformers from 5.23 on evaluates the mask of packed documents on positions within each document.
+POSITION_REMAP = HAS_TRANSFORMERS and hasattr(mu, "remap_positions_for_packed_sequence")
+
 # The module (tfkernels.attention, the attribute, is the public function).
 attention_module = importlib.import_module("tfkernels.attention")
 path = both_paths_fixture(attention_module)
@@ -123,9 +126,9 @@ def logits_and_grads(model, implementation, inputs, weight):
     return logits.detach(), grads
 
 
-def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa"):
-    """tfkernels' logits (on ``rows``, bool ``[B, S]``) and parameter gradients against ``reference`` in
-    float64, within ``reference``'s own float32 error. Returns tfkernels' logits."""
+def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementation="tfkernels"):
+    """``implementation``'s logits (on ``rows``, bool ``[B, S]``) and parameter gradients against ``reference``
+    in float64, within ``reference``'s own float32 error. Returns ``implementation``'s logits."""
     model64 = copy.deepcopy(model).double()
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     batch_size, seq_len = inputs["input_ids"].shape
@@ -136,7 +139,7 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa"):
     weight = weight * rows[..., None]
     ref64, grads64 = logits_and_grads(model64, reference, inputs64, weight)
     lowp, grads_lowp = logits_and_grads(model, reference, inputs, weight)
-    ours, grads = logits_and_grads(model, "tfkernels", inputs, weight)
+    ours, grads = logits_and_grads(model, implementation, inputs, weight)
     assert_anchored("logits", ours[rows], ref64[rows], lowp[rows])
     assert grads.keys() == grads64.keys() and grads
     for name, grad in grads.items():
@@ -158,6 +161,19 @@ def test_the_hf_module_without_transformers_names_the_extra():
             "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'tfkernels[hf]'" in result.stdout, result.stdout + result.stderr
+
+
+@needs_transformers
+def test_the_hf_module_refuses_transformers_older_than_it_supports():
+    """Older transformers build masks with other arguments: a named ImportError at import, not a TypeError deep
+    in a forward. setup.py's hf extra states the same lowest version."""
+    code = ("import transformers; transformers.__version__ = '5.8.0'\n"
+            "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert f"needs transformers >= {hf.LOWEST_TRANSFORMERS} (installed: 5.8.0): pip install 'tfkernels[hf]'" in \
+        result.stdout, result.stdout + result.stderr
+    setup = (Path(__file__).resolve().parents[3] / "setup.py").read_text()
+    assert f'"hf": ["transformers>={hf.LOWEST_TRANSFORMERS},<6"]' in setup
 
 
 @needs_transformers
@@ -224,7 +240,8 @@ def _random_call(rng):
     """A random mask-builder call as transformers makes them, and whether the structural path is
     expected to take it (when the mask is an interval mask)."""
     batch_size = rng.randint(1, 3)
-    kind = rng.choice(["cache", "static", "window", "bidirectional", "chunked", "blocks", "packed", "gap", "custom"])
+    kind = rng.choice(["cache", "static", "window", "bidirectional", "cross", "chunked", "blocks", "prefix", "packed",
+                       "gap", "custom"])
     q_length = rng.randint(1, 16)
     kv_offset, q_offset, structural = 0, 0, True
     kv_length = q_length
@@ -247,6 +264,10 @@ def _random_call(rng):
         kv_length = rng.randint(1, 16)
         mask_function = rng.choice([mu.bidirectional_mask_function,
                                     mu.sliding_window_bidirectional_mask_function(rng.randint(1, 6))])
+    elif kind == "cross":  # cross-attention with a model's own AND (T5Gemma2 had one): the encoder's padding
+        kv_length = rng.randint(1, 16)
+        mask_function = mu.and_masks(mu.bidirectional_mask_function, lambda b, h, q, kv: kv >= 0)
+        structural = False
     elif kind == "chunked":
         left = torch.tensor([rng.randint(0, 4) for _ in range(batch_size)], device=DEVICE)
         mask_function = mu.chunked_causal_mask_function(rng.randint(1, 6), left)
@@ -260,11 +281,22 @@ def _random_call(rng):
         if rng.random() < 0.5:
             mask_function = mu.and_masks(mask_function, mu.sliding_window_overlay(rng.randint(1, 6)))
             use_vmap = True
+    elif kind == "prefix":  # PaliGemma: block 0 holds the prefix and the right padding, the suffix is text (-1)
+        lengths = [rng.randint(1, q_length) for _ in range(batch_size)]
+        ids = torch.zeros(batch_size, q_length, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            ids[row, rng.randint(0, length) : length] = -1
+        # create_causal_mask's and create_sliding_window_causal_mask's composition with block_sequence_ids
+        inner = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
+        mask_function = mu.or_masks(inner, mu.blockwise_overlay(ids.to(DEVICE)))
+        use_vmap = True
+        padding_style = lengths
     elif kind == "packed":  # create_causal_mask's composition for padding-free packed rows
         positions, documents = _random_documents(rng, batch_size, q_length)
         documents = torch.zeros_like(positions) if documents is None else documents
-        inner = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
-        mask_function = mu.remap_positions_for_packed_sequence(inner, positions)
+        mask_function = rng.choice([mu.causal_mask_function, mu.sliding_window_causal_mask_function(rng.randint(1, 6))])
+        if POSITION_REMAP:
+            mask_function = mu.remap_positions_for_packed_sequence(mask_function, positions)
         if rng.random() < 0.5:
             ids = get_block_sequence_ids_for_mask(_random_token_types(rng, batch_size, q_length))
             mask_function = mu.or_masks(mask_function, mu.blockwise_overlay(ids))
@@ -278,7 +310,9 @@ def _random_call(rng):
         mask_function = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv < prefix)
         use_vmap, structural = True, False
     attention_mask = None
-    if padding_style is not None:
+    if isinstance(padding_style, list):  # right padding after these lengths
+        attention_mask = left_padding(padding_style, kv_length).flip(1).bool()
+    elif padding_style is not None:
         attention_mask = _random_padding(rng, batch_size, kv_offset + kv_length, padding_style)
     call = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, use_vmap=use_vmap,
@@ -286,12 +320,25 @@ def _random_call(rng):
     return kind, call, structural
 
 
+def _padding_queries_emptied(dense, call, kind):
+    """``dense`` (transformers' mask, bool ``[B, Sq, Sk]``) with the queries at padded positions seeing nothing in
+    self-attention: not in cross-attention nor under bidirectional_mask_function alone, where the padding mask
+    covers the keys of another sequence."""
+    if call["attention_mask"] is None or kind == "cross" or call["mask_function"] is mu.bidirectional_mask_function:
+        return dense
+    padding = call["attention_mask"].bool()
+    positions = torch.arange(call["q_length"], device=DEVICE) + call["q_offset"]
+    padded = ~padding[:, positions.clamp(max=padding.shape[-1] - 1)] & (positions < padding.shape[-1])
+    return dense & ~padded[:, :, None]
+
+
 @needs_transformers
 def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
-    """On random calls (caches, windows, chunks, Gemma3 image blocks, packed documents, padding, a custom
-    overlay): the IntervalMask equals transformers' dense mask wherever that is an interval mask (the
-    same mask as IntervalMask.from_dense gives), and NotAnIntervalError is raised exactly where it is
-    not. The structural path takes every call whose pieces it knows."""
+    """On random calls (caches, windows, chunks, Gemma3 image blocks, PaliGemma prefixes, packed documents,
+    padding, a custom overlay): the IntervalMask equals transformers' dense mask with its padding queries
+    seeing nothing wherever that is an interval mask (the same mask as IntervalMask.from_dense gives), and
+    NotAnIntervalError is raised exactly where it is not. The structural path takes every call whose pieces
+    it knows."""
     evaluations = []
     evaluated = hf._evaluated
 
@@ -301,11 +348,12 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
 
     monkeypatch.setattr(hf, "_evaluated", counted)
     rng = random.Random(0)
-    seen = {"interval": 0, "not an interval": 0, "structural": 0}
+    seen = {"interval": 0, "not an interval": 0, "structural": 0, "interval once padding queries see nothing": 0}
     for case in range(300):
         kind, call, structural = _random_call(rng)
-        dense = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
-        dense = dense.expand(call["batch_size"], call["q_length"], call["kv_length"])
+        given = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
+        given = given.expand(call["batch_size"], call["q_length"], call["kv_length"])
+        dense = _padding_queries_emptied(given, call, kind)
         evaluations.clear()
         try:
             expected = IntervalMask.from_dense(dense)
@@ -322,10 +370,16 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
             assert not evaluations, (case, kind, "evaluated")
             seen["structural"] += 1
         seen["interval"] += 1
-    assert min(seen.values()) >= 30, seen
+        try:
+            IntervalMask.from_dense(given)
+        except NotAnIntervalError:
+            seen["interval once padding queries see nothing"] += 1
+    assert min(seen["interval"], seen["not an interval"], seen["structural"]) >= 30, seen
+    assert seen["interval once padding queries see nothing"] >= 5, seen
 
 
 @needs_transformers
+@pytest.mark.skipif(not POSITION_REMAP, reason="this transformers composes packed masks without a position remap")
 def test_bidirectional_under_a_position_remap_reads_the_positions():
     """bidirectional_mask_function is ``q_idx >= 0``: under remap_positions_for_packed_sequence it reads the
     query's position, which is not a function of ``q_idx - kv_idx`` (a negative position sees nothing)."""
@@ -339,6 +393,53 @@ def test_bidirectional_under_a_position_remap_reads_the_positions():
     # Query 0, at position -1, sees key 0 only (causal), query 1 its whole document (bidirectional).
     assert dense[0, 0].tolist() == [True] + [False] * 5 and dense[0, 1].tolist() == [True] * 3 + [False] * 3
     assert torch.equal(hf.interval_mask(**call).to_dense(), dense)
+
+
+def _window_renamed(window):
+    """A sliding-window overlay whose captured variable has another name (``KeyError`` when read)."""
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - window
+    return inner_mask
+
+
+def _window_of_another_type(window):
+    """A sliding-window overlay whose ``sliding_window`` is no longer the window (``TypeError`` when read)."""
+    sliding_window = None
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - (window if sliding_window is None else sliding_window)
+    return inner_mask
+
+
+class _WindowObject:
+    """A sliding-window overlay that is a callable object, not a closure (``AttributeError`` when read)."""
+    __module__ = mu.__name__ if HAS_TRANSFORMERS else None
+    __code__ = _window_renamed.__code__
+
+    def __init__(self, window):
+        self.window = window
+        self.__qualname__ = "sliding_window_overlay.<locals>.inner_mask"
+
+    def __call__(self, batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx > q_idx - self.window
+
+
+@needs_transformers
+@pytest.mark.parametrize("overlay", [_window_renamed, _window_of_another_type, _WindowObject])
+def test_pieces_that_read_otherwise_than_expected_are_evaluated(monkeypatch, overlay):
+    """A closure named like one of transformers' pieces whose captured variables are not what the structural
+    path reads (as a newer transformers might have it) is evaluated instead, with the same result."""
+    evaluations = []
+    evaluated = hf._evaluated
+    monkeypatch.setattr(hf, "_evaluated", lambda *args: evaluations.append(1) or evaluated(*args))
+    window = overlay(3)
+    if not isinstance(window, _WindowObject):
+        window.__module__, window.__qualname__ = mu.__name__, "sliding_window_overlay.<locals>.inner_mask"
+    call = dict(batch_size=2, q_length=10, kv_length=10, mask_function=mu.and_masks(mu.causal_mask_function, window),
+                attention_mask=left_padding([6, 10], 10).bool(), device=torch.device(DEVICE))
+    mask = hf.interval_mask(**call)
+    assert evaluations
+    assert torch.equal(mask.to_dense(), mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0])
 
 
 @needs_transformers
@@ -406,6 +507,32 @@ def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, 
     # Prefill, then one query per step against the cache (bottom-right aligned), on every layer.
     assert [m.seq_len_q for m in tk_calls[::2]] == [8, 1, 1, 1, 1, 1]
     assert [m.seq_len_k for m in tk_calls[::2]] == [8, 9, 10, 11, 12, 13]
+
+
+@needs_transformers
+def test_llama_generate_with_a_static_cache_gives_sdpa_tokens(model_path, tk_calls):
+    """generate builds the masks of a static cache itself and the model hands the built mask to transformers'
+    mask creation again, which must return it unchanged."""
+    model = tiny_llama().eval()
+    ids = random_ids(2, 8, seed=3)
+    attention_mask = left_padding([5, 8], 8)
+    tokens = {}
+    for implementation in ("sdpa", "tfkernels"):
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4,
+                                                do_sample=False, cache_implementation="static")
+    assert tokens["sdpa"].shape == (2, 12)
+    assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
+    # Each step's mask reached every layer as built: one IntervalMask object per forward.
+    assert len(tk_calls) == 8 and all(a is b for a, b in zip(tk_calls[::2], tk_calls[1::2]))
+    # The same with the forward compiled, as generate does for a static cache on a GPU.
+    compile_config = transformers.CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    compiled = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                              cache_implementation="static", compile_config=compile_config)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, tokens["sdpa"])
 
 
 @needs_transformers
@@ -493,6 +620,68 @@ def test_gemma3_with_pixels_equals_sdpa(model_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# PaliGemma: a prefix-LM (image and prompt bidirectional) built by the model, then by its text model
+# ----------------------------------------------------------------------------------------------
+def tiny_paligemma(text_model_type):
+    """PaliGemma with a one-layer SigLIP tower (4 image tokens) and a Gemma (PaliGemma) or Gemma2 (PaliGemma2:
+    a sliding-window layer, window 4, and a global layer) text model."""
+    text_config = dict(model_type=text_model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=64)
+    if text_model_type == "gemma2":
+        text_config.update(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                           query_pre_attn_scalar=16)
+    config = transformers.PaliGemmaConfig(
+        text_config=text_config, image_token_index=5, projection_dim=32,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, projection_dim=32),
+    )
+    torch.manual_seed(0)
+    return transformers.PaliGemmaForConditionalGeneration(config).to(DEVICE)
+
+
+def paligemma_batch(lengths, seq_len=12):
+    """Rows of 4 image tokens and a 2-token prompt (the bidirectional prefix, token type 0), a suffix (token
+    type 1) up to ``lengths[r]``, then right padding (token type 0, as the prefix)."""
+    ids = random_ids(len(lengths), seq_len, seed=17)
+    ids[:, :4] = 5  # image_token_index
+    token_type_ids = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        token_type_ids[row, 6:length] = 1
+    gen = torch.Generator().manual_seed(18)
+    pixels = torch.randn(len(lengths), 3, 28, 28, generator=gen).to(DEVICE)
+    return {"input_ids": ids, "token_type_ids": token_type_ids, "attention_mask": left_padding(lengths, seq_len).flip(1),
+            "pixel_values": pixels}
+
+
+@needs_transformers
+def test_paligemma_prefix_lm_equals_sdpa(model_path, tk_calls):
+    """PaliGemma builds its prefix-LM mask and hands it to its Gemma text model, whose own mask creation must
+    pass the built mask through."""
+    model = tiny_paligemma("gemma")
+    inputs = paligemma_batch([12, 12])
+    assert_matches_sdpa(model, inputs)
+    # The prefix is bidirectional: the first image token sees the whole prefix.
+    mask = next(m for m in tk_calls if m.seq_len_q == 12)
+    assert mask.kv_end[:, 0].tolist() == [6, 6]
+
+
+@needs_transformers
+def test_paligemma2_right_padded_prefix_lm_equals_eager(model_path, tk_calls, no_evaluation):
+    """Right padding after a suffix: transformers' mask lets the padding queries (token type 0, like the
+    prefix) see the prefix again, after the last suffix query saw only its sliding window. Padding queries see
+    nothing in an IntervalMask, which keeps the bounds monotone; the real rows equal eager (Gemma2 soft-caps its
+    attention logits, which SDPA cannot)."""
+    model = tiny_paligemma("gemma2")
+    inputs = paligemma_batch([9, 12])
+    rows = inputs["attention_mask"].bool()
+    assert_matches_sdpa(model, inputs, rows, reference="eager")
+    sliding = next(mask for mask in tk_calls if mask.seq_len_q == 12)  # the text model's first layer
+    assert sliding.kv_start[0, 8] == 5 and sliding.kv_end[0, 8] == 9  # the last suffix query: its window
+    assert (sliding.kv_start[0, 9:] == sliding.kv_end[0, 9:]).all()  # padding queries see nothing
+
+
+# ----------------------------------------------------------------------------------------------
 # Explicit masks, masks that are not intervals, unsupported arguments
 # ----------------------------------------------------------------------------------------------
 @needs_transformers
@@ -519,6 +708,32 @@ def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_
         assert_anchored(name, out, sdpa["ref64"], sdpa["lowp"])
 
 
+def tiny_gemma4():
+    """Gemma 4's text model: a sliding-window layer of head dim 16 and a global layer of head dim 512."""
+    config = transformers.Gemma4TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, global_head_dim=512, sliding_window=4, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    return transformers.Gemma4ForCausalLM(config).to(DEVICE)
+
+
+@needs_transformers
+def test_head_dims_above_256_raise_naming_the_layer_or_fall_back_to_sdpa(model_path, tk_calls):
+    model = tiny_gemma4()
+    assert [layer.self_attn.head_dim for layer in model.model.layers] == [16, 512]
+    inputs = {"input_ids": random_ids(2, 10, seed=19), "attention_mask": left_padding([7, 10], 10)}
+    model.set_attn_implementation("tfkernels")
+    with pytest.raises(NotImplementedError, match=r"Gemma4TextConfig \(model_type 'gemma4_text'\), layer 1 "
+                                                 r"\(Gemma4TextAttention\): head dim 512 .*256.*fallback='sdpa'"):
+        model(**inputs, use_cache=False)
+    tk_calls.clear()
+    assert_matches_sdpa(model, inputs, inputs["attention_mask"].bool(), implementation="tfkernels_fallback")
+    # The sliding-window layer ran on tfkernels, the global layer on SDPA.
+    assert len(tk_calls) == 1 and tk_calls[0].seq_len_q == 10
+
+
 @needs_transformers
 def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
     model = tiny_llama()
@@ -534,6 +749,51 @@ def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
         model.set_attn_implementation(implementation)
         outputs[implementation] = model(input_ids=ids, attention_mask=attention_mask).logits
     assert torch.equal(outputs["tfkernels_fallback"], outputs["sdpa"])
+
+
+def tiny_t5gemma2():
+    """T5Gemma2: a Gemma3 encoder (one-layer SigLIP tower) and a decoder whose layers attend to their own keys
+    and the encoder's at once, with the self- and cross-attention masks concatenated by torch.cat."""
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, sliding_window=4, max_position_embeddings=64,
+                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.T5Gemma2Config(
+        encoder=dict(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=5,
+                     boi_token_index=6, eoi_token_index=7),
+        decoder=text, image_token_index=5,
+    )
+    torch.manual_seed(0)
+    return transformers.T5Gemma2ForConditionalGeneration(config).to(DEVICE)
+
+
+@needs_transformers
+def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(model_path, tk_calls):
+    """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole
+    in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask. (Row 0's
+    encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)
+    One model per implementation: transformers 5.9 does not switch T5Gemma2's encoder once it was set."""
+    models = {name: tiny_t5gemma2().eval() for name in ("ref64", "sdpa", "tfkernels_fallback", "tfkernels")}
+    models["ref64"].double()
+    for name in ("tfkernels_fallback", "tfkernels"):
+        models[name].set_attn_implementation(name)
+    inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([3, 9], 9).flip(1),
+              "decoder_input_ids": random_ids(2, 6, seed=22)}
+    logits = {name: models[name](**inputs, use_cache=False).logits.detach() for name in ("ref64", "sdpa",
+                                                                                          "tfkernels_fallback")}
+    assert_anchored("logits", logits["tfkernels_fallback"], logits["ref64"], logits["sdpa"])
+    assert tk_calls  # the encoder's layers
+    # Generating, each decoding step's query sees its own keys and the encoder's in one interval: tfkernels.
+    generate = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
+                    do_sample=False)
+    tokens = {name: models[name].generate(**generate) for name in ("sdpa", "tfkernels_fallback")}
+    assert torch.equal(tokens["tfkernels_fallback"], tokens["sdpa"])
+    assert any(mask.seq_len_q == 1 and mask.seq_len_k > 9 for mask in tk_calls)
+    with pytest.raises(NotAnIntervalError, match=r"T5Gemma2DecoderConfig \(model_type 't5gemma2_decoder'\): its "
+                                                 r"attention mask is not one key interval per query \(batch row 0, "
+                                                 r"query 0: .*fallback='sdpa'"):
+        models["tfkernels"](**inputs, use_cache=False)
 
 
 @needs_transformers
