@@ -10,10 +10,6 @@ the default processors' own float32 error (tfkernels.testing.assert_anchored), o
 import copy
 import importlib
 import importlib.util
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,14 @@ import tfkernels as tk
 from tests.support import DEVICE, both_paths_fixture
 from tfkernels.mask import IntervalMask, NotAnIntervalError
 from tfkernels.testing import assert_anchored
+
+from .support import (
+    assert_grads_anchored,
+    import_error_without,
+    imports_of_tfkernels,
+    run_readme_section,
+    spy_on_attention,
+)
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="needs diffusers: pip install -e '.[diffusers]'")
@@ -46,15 +50,7 @@ def model_path(path):
 
 @pytest.fixture
 def tk_calls(monkeypatch):
-    """The masks tk.attention ran with, one entry per call (proof that the layers ran on tfkernels)."""
-    calls = []
-
-    def spy(q, k, v, mask=None, **kwargs):
-        calls.append(mask)
-        return tk.attention(q, k, v, mask, **kwargs)
-
-    monkeypatch.setattr(tkd, "attention", spy)
-    return calls
+    return spy_on_attention(monkeypatch, tkd)
 
 
 def randn(*shape, seed):
@@ -153,9 +149,7 @@ def assert_matches_default(model, inputs):
     tkd.apply(model)
     ours, grads = sample_and_grads(model, inputs)
     assert_anchored("sample", ours, ref64, lowp)
-    assert grads.keys() == grads64.keys() and grads
-    for name, grad in grads.items():
-        assert_anchored(name, grad, grads64[name], grads_lowp[name])
+    assert_grads_anchored(grads, grads64, grads_lowp)
     return ours
 
 
@@ -163,25 +157,16 @@ def assert_matches_default(model, inputs):
 # Packaging
 # ----------------------------------------------------------------------------------------------
 def test_importing_tfkernels_does_not_import_diffusers():
-    code = "import sys, tfkernels, tfkernels.integrations; assert 'diffusers' not in sys.modules, 'imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert not imports_of_tfkernels("diffusers")
 
 
 def test_the_diffusers_module_without_diffusers_names_the_extra():
-    code = ("import sys; sys.modules['diffusers'] = None\n"
-            "try:\n    import tfkernels.integrations.diffusers\nexcept ImportError as e:\n    print(e)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "pip install 'tfkernels[diffusers]'" in result.stdout, result.stdout + result.stderr
+    assert "pip install 'tfkernels[diffusers]'" in import_error_without("diffusers", "tfkernels.integrations.diffusers")
 
 
 @needs_diffusers
 def test_the_readme_section_runs():
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("## Use with diffusers", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    example = {}
-    exec(compile(code, "README.md", "exec"), example)
+    example = run_readme_section("Use with diffusers")
     assert example["latents"].shape == (2, 4, 8, 8) and torch.isfinite(example["latents"]).all()
     assert all(isinstance(p, tkd.TfkernelsAttnProcessor) for p in example["transformer"].attn_processors.values())
 

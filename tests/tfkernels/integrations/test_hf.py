@@ -10,7 +10,6 @@ import copy
 import importlib
 import importlib.util
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,14 @@ import tfkernels as tk
 from tests.support import DEVICE, both_paths_fixture
 from tfkernels.mask import IntervalMask, NotAnIntervalError
 from tfkernels.testing import assert_anchored
+
+from .support import (
+    assert_grads_anchored,
+    import_error_without,
+    imports_of_tfkernels,
+    run_readme_section,
+    spy_on_attention,
+)
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers: pip install -e '.[hf]'")
@@ -64,15 +71,7 @@ def no_evaluation(monkeypatch):
 
 @pytest.fixture
 def tk_calls(monkeypatch):
-    """The masks tk.attention ran with (proof that a model's layers ran on tfkernels, not a fallback)."""
-    calls = []
-
-    def spy(q, k, v, mask, **kwargs):
-        calls.append(mask)
-        return tk.attention(q, k, v, mask, **kwargs)
-
-    monkeypatch.setattr(hf, "attention", spy)
-    return calls
+    return spy_on_attention(monkeypatch, hf)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,9 +140,7 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementati
     lowp, grads_lowp = logits_and_grads(model, reference, inputs, weight)
     ours, grads = logits_and_grads(model, implementation, inputs, weight)
     assert_anchored("logits", ours[rows], ref64[rows], lowp[rows])
-    assert grads.keys() == grads64.keys() and grads
-    for name, grad in grads.items():
-        assert_anchored(name, grad, grads64[name], grads_lowp[name])
+    assert_grads_anchored(grads, grads64, grads_lowp)
     return ours
 
 
@@ -151,16 +148,11 @@ def assert_matches_sdpa(model, inputs, rows=None, reference="sdpa", implementati
 # Packaging
 # ----------------------------------------------------------------------------------------------
 def test_importing_tfkernels_does_not_import_transformers():
-    code = "import sys, tfkernels, tfkernels.integrations; assert 'transformers' not in sys.modules, 'imported'"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert not imports_of_tfkernels("transformers")
 
 
 def test_the_hf_module_without_transformers_names_the_extra():
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "try:\n    import tfkernels.integrations.hf\nexcept ImportError as e:\n    print(e)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "pip install 'tfkernels[hf]'" in result.stdout, result.stdout + result.stderr
+    assert "pip install 'tfkernels[hf]'" in import_error_without("transformers", "tfkernels.integrations.hf")
 
 
 @needs_transformers
@@ -178,11 +170,7 @@ def test_the_hf_module_refuses_transformers_older_than_it_supports():
 
 @needs_transformers
 def test_the_readme_section_runs():
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("## Use with Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    example = {}
-    exec(compile(code, "README.md", "exec"), example)
+    example = run_readme_section("Use with Hugging Face transformers")
     assert example["logits"].shape == (1, 12, 256) and torch.isfinite(example["logits"]).all()
     assert example["tokens"].shape == (2, 10)
 
@@ -492,16 +480,26 @@ def test_llama_in_float16_equals_sdpa(model_path, tk_calls):
     assert tk_calls
 
 
-@needs_transformers
-def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, monkeypatch):
+def generated_tokens(**options):
+    """Greedy tokens of a tiny Llama on a left-padded batch of two, per attention implementation; and
+    ``generate(**more)``, the same call on tfkernels with more options."""
     model = tiny_llama().eval()
     ids = random_ids(2, 8, seed=3)
     attention_mask = left_padding([5, 8], 8)
+
+    def generate(**more):
+        return model.generate(input_ids=ids, attention_mask=attention_mask, do_sample=False, **options, **more)
+
     tokens = {}
     for implementation in ("sdpa", "tfkernels"):
         model.set_attn_implementation(implementation)
-        tokens[implementation] = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6,
-                                                do_sample=False)
+        tokens[implementation] = generate()
+    return tokens, generate
+
+
+@needs_transformers
+def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, monkeypatch):
+    tokens, _ = generated_tokens(max_new_tokens=6)
     assert tokens["sdpa"].shape == (2, 14)
     assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
     # Prefill, then one query per step against the cache (bottom-right aligned), on every layer.
@@ -513,14 +511,7 @@ def test_llama_generate_with_a_kv_cache_gives_sdpa_tokens(model_path, tk_calls, 
 def test_llama_generate_with_a_static_cache_gives_sdpa_tokens(model_path, tk_calls):
     """generate builds the masks of a static cache itself and the model hands the built mask to transformers'
     mask creation again, which must return it unchanged."""
-    model = tiny_llama().eval()
-    ids = random_ids(2, 8, seed=3)
-    attention_mask = left_padding([5, 8], 8)
-    tokens = {}
-    for implementation in ("sdpa", "tfkernels"):
-        model.set_attn_implementation(implementation)
-        tokens[implementation] = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4,
-                                                do_sample=False, cache_implementation="static")
+    tokens, generate = generated_tokens(max_new_tokens=4, cache_implementation="static")
     assert tokens["sdpa"].shape == (2, 12)
     assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
     # Each step's mask reached every layer as built: one IntervalMask object per forward.
@@ -529,8 +520,7 @@ def test_llama_generate_with_a_static_cache_gives_sdpa_tokens(model_path, tk_cal
     compile_config = transformers.CompileConfig(backend="eager")
     compile_config._compile_all_devices = True
     torch._dynamo.reset()
-    compiled = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
-                              cache_implementation="static", compile_config=compile_config)
+    compiled = generate(compile_config=compile_config)
     torch._dynamo.reset()
     assert torch.equal(compiled, tokens["sdpa"])
 

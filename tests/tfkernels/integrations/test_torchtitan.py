@@ -11,10 +11,6 @@ the reference).
 import copy
 import importlib
 import importlib.util
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,13 @@ import tfkernels as tk
 from tests.support import DEVICE, both_paths_fixture
 from tfkernels.mask import IntervalMask
 from tfkernels.testing import assert_anchored
+
+from .support import (
+    assert_grads_anchored,
+    import_error_without,
+    run_readme_section,
+    spy_on_attention,
+)
 
 HAS_TORCHTITAN = importlib.util.find_spec("torchtitan") is not None
 needs_torchtitan = pytest.mark.skipif(not HAS_TORCHTITAN, reason="needs torchtitan (tested with 0.3.0)")
@@ -64,14 +67,7 @@ def eager_flex(monkeypatch):
 
 @pytest.fixture
 def tk_calls(monkeypatch):
-    calls = []
-
-    def spy(q, k, v, mask, **kwargs):
-        calls.append(mask)
-        return tk.attention(q, k, v, mask, **kwargs)
-
-    monkeypatch.setattr(tkt, "attention", spy)
-    return calls
+    return spy_on_attention(monkeypatch, tkt)
 
 
 class SDPAOnBlockMask(torch.nn.Module):
@@ -120,19 +116,12 @@ def logits_and_grads(model, tokens, positions, masks):
 # Packaging
 # ----------------------------------------------------------------------------------------------
 def test_the_torchtitan_module_without_torchtitan_says_so():
-    code = ("import sys; sys.modules['torchtitan'] = None\n"
-            "try:\n    import tfkernels.integrations.torchtitan\nexcept ImportError as e:\n    print(e)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "needs torchtitan" in result.stdout, result.stdout + result.stderr
+    assert "needs torchtitan" in import_error_without("torchtitan", "tfkernels.integrations.torchtitan")
 
 
 @needs_torchtitan
 def test_the_readme_section_runs():
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("## Use with torchtitan", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    example = {}
-    exec(compile(code, "README.md", "exec"), example)
+    example = run_readme_section("Use with torchtitan")
     assert example["logits"].shape == (1, 12, 2048) and torch.isfinite(example["logits"]).all()
     assert all(isinstance(inner, tkt.TfkernelsAttention) for inner in inner_attentions(example["model"]))
 
@@ -290,9 +279,7 @@ def test_tiny_llama3_equals_its_flex_attention_path(masks, model_path, eager_fle
     logits, grads = logits_and_grads(model, tokens, positions, mask)
     assert len(tk_calls) == 2 and all(m is mask for m in tk_calls)
     assert_anchored("logits", logits, ref64, lowp)
-    assert grads.keys() == grads64.keys()
-    for name, grad in grads.items():
-        assert_anchored(name, grad, grads64[name], grads_lowp[name])
+    assert_grads_anchored(grads, grads64, grads_lowp)
 
 
 @needs_torchtitan
