@@ -157,6 +157,7 @@ def tfkernels_attention() -> Implementation:
 # GPU run says which to keep (the static report cannot time them): the backward tiles that put 64 rows on two
 # warpgroups (their score GEMMs and exp2 duplicated, fewer registers), and the 4-warp tiles without duplication.
 CANDIDATE_SHAPES = ("W1_packed_hkv16", "W3_causal")
+CANDIDATES_NEED_A_GPU = "launch configs compare only on a GPU"
 
 
 def candidate_configs(head_dim: int) -> dict:
@@ -180,7 +181,7 @@ def tfkernels_candidate(name: str, configs) -> Implementation:
 
     def unavailable(device: torch.device, mode: str) -> str | None:
         if device.type != "cuda":
-            return "launch configs compare only on a GPU"
+            return CANDIDATES_NEED_A_GPU
 
     return Implementation(name, prepare, backend=tfkernels_backend, unavailable=unavailable)
 

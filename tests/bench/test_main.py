@@ -10,6 +10,7 @@ import re
 import pytest
 
 from bench.__main__ import parse_args
+from bench.workloads.attention import CANDIDATES_NEED_A_GPU
 from bench.workloads.hf import MISSING_TRANSFORMERS
 from bench.workloads.pixart import MISSING_DIFFUSERS
 
@@ -21,9 +22,10 @@ def test_quick_run_has_one_row_per_case(quick_rows):
     assert len(keys) == len(set(keys))
     all_cases = cases(suite_workloads())
     # tfkernels itself is never unavailable (but for the hf suite without transformers or diffusers, optional
-    # extras): a predicate that says so would also drop its rows below.
-    assert not [key(w, i, m) for w, i, m, reason in all_cases
-                if i.ours and reason is not None and reason not in (MISSING_TRANSFORMERS, MISSING_DIFFUSERS)]
+    # extras, and its candidate launch configs, which compare only on a GPU): a predicate that says so would
+    # also drop its rows below.
+    assert not [key(w, i, m) for w, i, m, reason in all_cases if i.ours and reason is not None
+                and reason not in (MISSING_TRANSFORMERS, MISSING_DIFFUSERS, CANDIDATES_NEED_A_GPU)]
     assert set(keys) == {key(w, i, m) for w, i, m, reason in all_cases if reason is None}
     workloads = {id(w): w for w, *_ in all_cases}.values()
     for workload in workloads:  # something to compare with in every workload

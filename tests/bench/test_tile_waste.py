@@ -92,21 +92,27 @@ def test_flex_blocks_match_create_block_mask(seed):
 
 
 def test_w1_figures_of_the_notes():
-    """Tile waste on W1 (B = 2 x 8192, seed 0, D = 128) as counted independently: the forward and Flex
-    figures and the 88.0% efficiency of 64 x 64 tiles (dQ's) from the project's static notes; dK/dV's
-    64-key x 32-query tiles by ``dense_tiles`` on the dense mask (6468 non-empty, 5252 full; 7 s, so
-    not recounted here)."""
+    """Tile waste on W1 (B = 2 x 8192, seed 0, D = 128) as counted independently: the forward's 128 x 64 walk and
+    the Flex figures, and the 88.0% efficiency of 64 x 64 tiles, from the project's static notes; 64-key x
+    32-query tiles of the key side by ``dense_tiles`` on the dense mask (6468 non-empty, 5252 full; 7 s, so not
+    recounted here). The defaults' backward (dQ at the forward's tile, dK/dV 128 keys x 32 queries) follows."""
     w1 = next(s for s in shapes(quick=False) if s.name == "W1_packed_hkv16")
-    waste = tile_waste(w1.build_mask("cpu", w1.segment_ids("cpu")), w1.head_dim)
+    mask = w1.build_mask("cpu", w1.segment_ids("cpu"))
+    waste = tile_waste(mask, w1.head_dim)
     assert waste.visible == 11_970_505
     assert (waste.forward.rows, waste.forward.cols, waste.forward.tiles, waste.forward.edge_tiles) == (128, 64, 1754,
                                                                                                         607)
-    assert (waste.dq.rows, waste.dq.cols) == (64, 64) and round(waste.visible / waste.dq.pairs, 3) == 0.880
-    assert (waste.dkdv.rows, waste.dkdv.cols, waste.dkdv.tiles, waste.dkdv.edge_tiles) == (64, 32, 6468, 1216)
+    assert waste.dq == waste.forward
+    square = tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, 64, 64)
+    assert round(waste.visible / square.pairs, 3) == 0.880
+    q_start, q_end = mask.key_intervals()
+    key_side = tile_walk(q_start, q_end, mask.kv_start.shape[1], 64, 32)
+    assert (key_side.tiles, key_side.edge_tiles) == (6468, 1216)
+    assert (waste.dkdv.rows, waste.dkdv.cols) == (128, 32) and waste.dkdv.pairs >= waste.visible
     assert (waste.flex.blocks, waste.flex.full) == (923, 542)
     columns = waste.columns()
-    assert round(columns["fwd_waste"], 3) == 1.200 and round(columns["bwd_waste"], 3) == 1.121
-    assert round(columns["flex_waste"], 3) == 1.263
+    assert round(columns["fwd_waste"], 3) == 1.200 and round(columns["flex_waste"], 3) == 1.263
+    assert columns["bwd_waste"] == (waste.dq.pairs + waste.dkdv.pairs) / (2 * waste.visible)
 
 
 def test_causal_wastes_the_diagonal_tiles_only():

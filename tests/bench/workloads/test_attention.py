@@ -74,7 +74,7 @@ def test_attention_tflops_count_visible_pairs(quick_rows):
     assert checked >= 30
 
 
-def test_candidate_configs_run_beside_the_defaults_on_a_gpu_only(monkeypatch):
+def test_candidate_configs_run_beside_the_defaults_where_a_gpu_is(monkeypatch):
     """W1 and W3 time two candidate backward configs beside the defaults: they launch with their own configs (the
     call sees them), and on a CPU they are skipped with the reason."""
     from bench.workloads import attention
