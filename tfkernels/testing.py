@@ -13,6 +13,7 @@ Random layouts of packed Transfusion rows (in the form ``IntervalMask.from_spans
 of the documents packed from position 0, what follows them being padding):
 
 - ``random_row_layout`` / ``random_layout``: irregular rows that hit the mask's edge cases;
+- ``random_hidden_layout``: the same rows with some spans hidden (``from_spans``' ``hidden``);
 - ``packed_transfusion_layout``: fully packed rows of a fixed composition (the benchmark workloads);
 - ``segment_ids_from_layout`` (from ``tfkernels.mask``): the same layout as segment-id tensors.
 """
@@ -26,8 +27,8 @@ import torch
 from ._checks import check_float, check_int
 from .mask import segment_ids_from_layout
 
-__all__ = ["assert_anchored", "max_error", "packed_transfusion_layout", "random_layout", "random_row_layout",
-           "segment_ids_from_layout"]
+__all__ = ["assert_anchored", "max_error", "packed_transfusion_layout", "random_hidden_layout", "random_layout",
+           "random_row_layout", "segment_ids_from_layout"]
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -102,6 +103,23 @@ def random_layout(rng: random.Random, batch_size: int, seq_len: int, **kwargs):
     """``batch_size`` independent rows: ``(images per row, documents per row)``."""
     rows = [random_row_layout(rng, seq_len, **kwargs) for _ in range(batch_size)]
     return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def random_hidden_layout(rng: random.Random, batch_size: int, seq_len: int, *, hidden_probability: float = 0.5,
+                         **kwargs):
+    """``random_layout``'s rows with each bidirectional span hidden with probability ``hidden_probability``:
+    ``(images, documents, hidden)`` as ``IntervalMask.from_spans`` takes them. So a row holds several hidden
+    spans per document, one-token and adjacent hidden spans, hidden spans next to images, and documents
+    that are one hidden span."""
+    check_float("hidden_probability", hidden_probability, 0, 1)
+    images, documents = random_layout(rng, batch_size, seq_len, **kwargs)
+    hidden = [[] for _ in images]
+    for row, spans in enumerate(images):
+        kept = []
+        for span in spans:
+            (hidden[row] if rng.random() < hidden_probability else kept).append(span)
+        images[row] = kept
+    return images, documents, hidden
 
 
 def packed_transfusion_layout(
