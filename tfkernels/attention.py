@@ -382,7 +382,7 @@ if HAS_TRITON:
         ``[first_row, last_row]`` (``KEYS``, see ``_hole_keys``), from the min/max of its keys' query
         intervals per granule of ``_KEY_GRANULE`` keys: skipped when no key's interval meets the rows,
         unmasked when every key's interval holds them all, else masked."""
-        rows, first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
+        first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
         PER_TILE: tl.constexpr = BLOCK_N // _KEY_GRANULE_C
         granule = tile * PER_TILE + tl.arange(0, PER_TILE)
         valid = granule < num_granules
@@ -395,10 +395,12 @@ if HAS_TRITON:
         return visit, unmasked
 
     @triton.jit
-    def _key_side_visible(KEYS, cols, seq_len_k):
-        """For a mask with holes: ``[ROWS, len(cols)]`` whether query row ``rows[i]`` sees key ``cols[j]``, from
-        the keys' query intervals alone (exact: they are the row intervals intersected with the holes)."""
-        rows, first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
+    def _key_side_visible(KEYS, cols, seq_len_k, ROWS: tl.constexpr):
+        """For a mask with holes: ``[ROWS, len(cols)]`` whether query row ``first_row + i`` sees key ``cols[j]``,
+        from the keys' query intervals alone (exact: they are the row intervals intersected with the holes). The
+        rows are recomputed from the first, not kept live through the walk."""
+        first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
+        rows = first_row + tl.arange(0, ROWS)
         key_valid = cols < seq_len_k
         q_start = tl.load(KEY_Q_START + cols, mask=key_valid, other=0)
         q_end = tl.load(KEY_Q_END + cols, mask=key_valid, other=0)
@@ -411,8 +413,8 @@ if HAS_TRITON:
         KEY_Q_START, KEY_Q_END, GRANULES, stride_keys_b, stride_granules_b, num_granules = ARGS
         first_row = tl.min(tl.where(row_valid, offs, num_rows), 0).to(tl.int32)
         last_row = tl.max(tl.where(row_valid, offs, -1), 0).to(tl.int32)
-        return (offs.to(tl.int32), first_row, last_row, KEY_Q_START + batch * stride_keys_b,
-                KEY_Q_END + batch * stride_keys_b, GRANULES + batch * stride_granules_b, num_granules)
+        return (first_row, last_row, KEY_Q_START + batch * stride_keys_b, KEY_Q_END + batch * stride_keys_b,
+                GRANULES + batch * stride_granules_b, num_granules)
 
     @triton.jit
     def _fwd_key_tiles(
@@ -457,7 +459,7 @@ if HAS_TRITON:
                 s = tanh(s) * softcap_log2
             if MASKED:
                 if META.HOLES:
-                    visible = _key_side_visible(KEYS, cols, seq_len_k)
+                    visible = _key_side_visible(KEYS, cols, seq_len_k, q.shape[0])
                 else:
                     visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
@@ -616,7 +618,7 @@ if HAS_TRITON:
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
                 if META.HOLES:
-                    visible = _key_side_visible(KEYS, cols, seq_len_k)
+                    visible = _key_side_visible(KEYS, cols, seq_len_k, q.shape[0])
                 else:
                     visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 p = tl.where(visible, p, 0.0)

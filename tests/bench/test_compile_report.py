@@ -209,11 +209,11 @@ def test_gate_holds_the_walks_of_a_mask_with_holes_to_their_spills_only():
 
 @needs_triton
 def test_launches_of_a_mask_with_holes_compile_and_pass_the_gate():
-    """The HOLES variant of every pass at D = 64 (GQA), 128 and 256 (GQA) for sm_90a: it compiles, spills nothing
-    beyond the allowances, and issues wgmma and cp.async; dK/dV's walk (the same loop, other tile ranges) is held
-    to the useful-work limits too."""
+    """The HOLES variant of every pass at D = 64 and 128 (with and without GQA) for sm_90a: it compiles, spills
+    nothing, and issues wgmma and cp.async; dK/dV's walk (the same loop, other tile ranges) is held to the
+    useful-work limits too. (At D = 256 the forward and dQ spill: bench/README.md.)"""
     cases = [cr.Case("attention", "bf16", d, gqa, variant="holes") for d, gqa in ((64, True), (128, False),
-                                                                                  (256, True))]
+                                                                                  (128, True))]
     rows = cr.run(cases, archs=(90,), jobs=2, cache=True, log=lambda line: None)
     walks = [r for r in rows if r["kernel"] != "attn_bwd_delta"]
     assert len(walks) == 6 * len(cases) and all("HOLES=True" in r["config"] for r in walks), describe(walks)
