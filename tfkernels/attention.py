@@ -11,7 +11,11 @@ For a tile of query rows ``[m0, m1]`` this gives, from four loads and no block m
   with no mask code; only the edge tiles on either side evaluate the element mask.
 
 So a packed Transfusion row costs what its visible pairs cost, plus at most a few edge tiles per
-query tile. The mask is two int32 vectors: nothing to build per layout, nothing to recompile,
+query tile. A mask with holes (``IntervalMask.key_q_start``, the ``HOLES`` constexpr) adds one query
+interval per key: the forward and dQ walks then classify each key tile of the same range from its
+keys' intervals (skipped, unmasked or masked; ``_key_tile_class``), and dK/dV takes its query tiles
+from its keys' intervals, which are exact but no longer monotone (``_tile_ranges_of_rows``). The
+mask is two int32 vectors (four with holes): nothing to build per layout, nothing to recompile,
 nothing that depends on the block size, and it is CUDA-graph safe.
 
 The backward pass is FlashAttention-2 style, in three kernels:

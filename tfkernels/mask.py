@@ -39,6 +39,11 @@ those that take offsets or lengths read them back once to name a bad value, exce
 ``torch.compile`` traces or a CUDA graph is captured. A varlen packed batch (FlashAttention's
 ``[total, H, D]``) is one row of our ``[B, S, H, D]`` layout: ``q[None]``, a view.
 
+Rows with holes (hidden spans: BAGEL-style noisy copies that no token outside them sees; docs/design.md#hidden-spans)
+keep these row intervals and add one interval per key, ``[key_q_start[k], key_q_end[k])``: the queries allowed to
+see key ``k``. Query ``q`` sees key ``k`` iff each lies in the other's interval; every key is still seen by one
+interval of queries (``key_intervals``).
+
 Holds ``IntervalMask``, ``NotAnIntervalError`` (a dense mask that intervals cannot express),
 ``canonical_bounds`` and ``segment_ids_from_layout``, which turns a layout of span lists (as
 ``IntervalMask.from_spans`` takes it) into the per-token segment ids ``from_segment_ids`` takes.
