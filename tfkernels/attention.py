@@ -11,7 +11,11 @@ For a tile of query rows ``[m0, m1]`` this gives, from four loads and no block m
   with no mask code; only the edge tiles on either side evaluate the element mask.
 
 So a packed Transfusion row costs what its visible pairs cost, plus at most a few edge tiles per
-query tile. The mask is two int32 vectors: nothing to build per layout, nothing to recompile,
+query tile. A mask with holes (``IntervalMask.key_q_start``, the ``HOLES`` constexpr) adds one query
+interval per key: the forward and dQ walks then classify each key tile of the same range from its
+keys' intervals (skipped, unmasked or masked; ``_key_tile_class``), and dK/dV takes its query tiles
+from its keys' intervals, which are exact but no longer monotone (``_tile_ranges_of_rows``). The
+mask is two int32 vectors (four with holes): nothing to build per layout, nothing to recompile,
 nothing that depends on the block size, and it is CUDA-graph safe.
 
 The backward pass is FlashAttention-2 style, in three kernels:
@@ -62,6 +66,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from ._checks import autocast_cast, autocast_dtype, autocast_off, check_float, check_float_tensor
@@ -83,6 +88,10 @@ MAX_HEAD_DIM = 256
 # key-in-tile * row stride must stay below 2^31 for tiles of up to 256 keys.
 _MAX_ROW_STRIDE = 2**31 // 256
 _LOG2E = 1.4426950408889634
+# A mask with holes describes its keys to the forward and dQ walks per run of this many keys (the least
+# tile size, so every tile is a whole number of runs): the min/max of the keys' query interval bounds.
+_KEY_GRANULE = 16
+_INT32_MAX = 2**31 - 1
 _LN2 = 0.6931471805599453
 
 # ----------------------------------------------------------------------------------------------
@@ -228,12 +237,16 @@ class KernelMeta(NamedTuple):
     # scores' scale fused into exp2's subtraction) instead of scaling every score first: equal only
     # for a positive scale and no soft cap, so other calls keep the scale-first order.
     SCALE_AFTER_MAX: bool
+    # The mask has holes (IntervalMask.key_q_start): the forward and dQ classify each key tile by its keys'
+    # query intervals (skipped, unmasked or masked), dK/dV takes its query tiles from its keys' intervals,
+    # which are not monotone. False compiles the kernels without it.
+    HOLES: bool = False
 
 
-def _kernel_meta(q: torch.Tensor, scale: float, softcap: float) -> KernelMeta:
+def _kernel_meta(q: torch.Tensor, scale: float, softcap: float, holes: bool) -> KernelMeta:
     dim = q.shape[-1]
     return KernelMeta(dim, max(16, triton.next_power_of_2(dim)), "ieee" if q.dtype == torch.float32 else "tf32",
-                      bool(softcap), scale > 0 and not softcap)
+                      bool(softcap), scale > 0 and not softcap, holes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +256,8 @@ if HAS_TRITON:
     # Globals read inside jit functions must be constexpr.
     _LOG2E_C = tl.constexpr(_LOG2E)
     _LN2_C = tl.constexpr(_LN2)
+    _KEY_GRANULE_C = tl.constexpr(_KEY_GRANULE)
+    _INT32_MAX_C = tl.constexpr(_INT32_MAX)
 
     @triton.jit
     def _clamp_bound(bound, num_cols):
@@ -288,6 +303,25 @@ if HAS_TRITON:
         hi = _clamp_bound(tl.load(BOUND_END + last), num_cols)
         inner_lo = _clamp_bound(tl.load(BOUND_START + last), num_cols)
         inner_hi = _clamp_bound(tl.load(BOUND_END + first), num_cols)
+        return _tiles_of(lo, inner_lo, inner_hi, hi, BLOCK)
+
+    @triton.jit
+    def _tile_ranges_of_rows(start, end, row_valid, num_cols, BLOCK: tl.constexpr):
+        """``_tile_ranges`` for bounds that need not be monotone (the key intervals of a mask with holes),
+        from the rows' own clamped bounds: the columns any row sees run from the least start to the
+        greatest end of the rows that see something, those every row sees from the greatest start to the
+        least end. Kept inside ``[0, num_cols]`` and ordered, as ``_tile_ranges``'s are."""
+        sees = row_valid & (end > start)
+        lo = tl.min(tl.where(sees, start, num_cols), 0)
+        hi = tl.maximum(tl.max(tl.where(sees, end, 0), 0), lo)
+        inner_lo = tl.minimum(tl.maximum(tl.max(tl.where(row_valid, start, 0), 0), lo), hi)
+        inner_hi = tl.maximum(tl.minimum(tl.min(tl.where(row_valid, end, num_cols), 0), hi), inner_lo)
+        return _tiles_of(lo, inner_lo, inner_hi, hi, BLOCK)
+
+    @triton.jit
+    def _tiles_of(lo, inner_lo, inner_hi, hi, BLOCK: tl.constexpr):
+        """The walk's tiles of columns ``[lo, hi)`` (any row) and ``[inner_lo, inner_hi)`` (every row), bounds
+        in ``[0, num_cols]``: edge tiles round outwards, interior tiles inwards."""
         tile_lo = lo // BLOCK
         tile_hi = hi // BLOCK + (hi % BLOCK != 0)  # cdiv without the overflow of hi + BLOCK - 1
         inner_tile_lo = inner_lo // BLOCK + (inner_lo % BLOCK != 0)
@@ -313,12 +347,14 @@ if HAS_TRITON:
         META: tl.constexpr,
         ROWS: tl.constexpr,  # rows (queries, or keys for dK/dV) per program
         COLS: tl.constexpr,  # columns (keys, or queries) per inner step
+        MONOTONE: tl.constexpr = True,  # False: the bounds need not be monotone (_tile_ranges_of_rows)
     ):
         """Work item ``pid``'s (batch, head, row tile), its rows' interval bounds and column tiles
         (``_tile_ranges``).
 
         Rows are queries with bounds ``[kv_start, kv_end)`` (forward, dQ) or keys with bounds
-        ``[q_start, q_end)`` (dK/dV): the same monotone structure on either side.
+        ``[q_start, q_end)`` (dK/dV): the same monotone structure on either side, except for the keys
+        of a mask with holes.
         """
         # One flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1-2 only 65535), heads varying
         # fastest so a GQA group's heads run side by side; tiles heaviest first.
@@ -336,14 +372,57 @@ if HAS_TRITON:
         # columns past the end (loaded as zeros) are never "phantom" visible keys.
         start = _clamp_bound(tl.load(BOUND_START + bounds_row + offs, mask=row_valid, other=0), num_cols)
         end = _clamp_bound(tl.load(BOUND_END + bounds_row + offs, mask=row_valid, other=0), num_cols)
-        first = tile * ROWS
-        last = tl.minimum(first + ROWS, num_rows) - 1
-        tiles = _tile_ranges(BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS)
+        if MONOTONE:
+            first = tile * ROWS
+            last = tl.minimum(first + ROWS, num_rows) - 1
+            tiles = _tile_ranges(BOUND_START + bounds_row, BOUND_END + bounds_row, first, last, num_cols, COLS)
+        else:
+            tiles = _tile_ranges_of_rows(start, end, row_valid, num_cols, COLS)
         return batch.to(tl.int64), head, offs, row_valid, offs_d, d_valid, start, end, tiles
 
     @triton.jit
+    def _key_tile_class(KEYS, tile, BLOCK_N: tl.constexpr):
+        """For a mask with holes: ``(visit, unmasked)`` of key tile ``tile`` for the program's query rows
+        ``[first_row, last_row]`` (``KEYS``, see ``_hole_keys``), from the min/max of its keys' query
+        intervals per granule of ``_KEY_GRANULE`` keys: skipped when no key's interval meets the rows,
+        unmasked when every key's interval holds them all, else masked."""
+        first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
+        PER_TILE: tl.constexpr = BLOCK_N // _KEY_GRANULE_C
+        granule = tile * PER_TILE + tl.arange(0, PER_TILE)
+        valid = granule < num_granules
+        start_min = tl.min(tl.load(GRANULES + granule, mask=valid, other=_INT32_MAX_C), 0)
+        start_max = tl.max(tl.load(GRANULES + num_granules + granule, mask=valid, other=_INT32_MAX_C), 0)
+        end_min = tl.min(tl.load(GRANULES + 2 * num_granules + granule, mask=valid, other=0), 0)
+        end_max = tl.max(tl.load(GRANULES + 3 * num_granules + granule, mask=valid, other=0), 0)
+        visit = (end_max > first_row) & (start_min <= last_row)
+        unmasked = (start_max <= first_row) & (end_min > last_row)
+        return visit, unmasked
+
+    @triton.jit
+    def _key_side_visible(KEYS, cols, seq_len_k, ROWS: tl.constexpr):
+        """For a mask with holes: ``[ROWS, len(cols)]`` whether query row ``first_row + i`` sees key ``cols[j]``,
+        from the keys' query intervals alone (exact: they are the row intervals intersected with the holes). The
+        rows are recomputed from the first, not kept live through the walk."""
+        first_row, last_row, KEY_Q_START, KEY_Q_END, GRANULES, num_granules = KEYS
+        rows = first_row + tl.arange(0, ROWS)
+        key_valid = cols < seq_len_k
+        q_start = tl.load(KEY_Q_START + cols, mask=key_valid, other=0)
+        q_end = tl.load(KEY_Q_END + cols, mask=key_valid, other=0)
+        return (rows[:, None] >= q_start[None, :]) & (rows[:, None] < q_end[None, :])
+
+    @triton.jit
+    def _hole_keys(ARGS, batch, offs, row_valid, num_rows):
+        """The key-side operands of a mask with holes (``ARGS``: the launcher's key intervals, granules and
+        batch strides) for a program whose rows are ``offs``: ``KEYS`` as ``_key_tile_class`` reads them."""
+        KEY_Q_START, KEY_Q_END, GRANULES, stride_keys_b, stride_granules_b, num_granules = ARGS
+        first_row = tl.min(tl.where(row_valid, offs, num_rows), 0).to(tl.int32)
+        last_row = tl.max(tl.where(row_valid, offs, -1), 0).to(tl.int32)
+        return (first_row, last_row, KEY_Q_START + batch * stride_keys_b, KEY_Q_END + batch * stride_keys_b,
+                GRANULES + batch * stride_granules_b, num_granules)
+
+    @triton.jit
     def _fwd_key_tiles(
-        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end, tile_lo, tile_hi, seq_len_k, qk_scale,
+        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, kv_start, kv_end, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale,
         softcap_log2, offs_d, d_valid,
         META: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -383,7 +462,10 @@ if HAS_TRITON:
             if META.SOFTCAP:
                 s = tanh(s) * softcap_log2
             if MASKED:
-                visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+                if META.HOLES:
+                    visible = _key_side_visible(KEYS, cols, seq_len_k, q.shape[0])
+                else:
+                    visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 s = tl.where(visible, s, float("-inf"))
             if META.SCALE_AFTER_MAX:
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -407,16 +489,44 @@ if HAS_TRITON:
         return acc, m_i, l_i
 
     @triton.jit
+    def _fwd_hole_tiles(
+        acc, m_i, l_i, q, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
+        offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
+    ):
+        """A mask with holes: key tiles ``[tile_lo, tile_hi)`` one at a time, each skipped, unmasked or masked
+        (always masked in the rerun) as ``_key_tile_class`` says."""
+        for step in range(0, tile_hi - tile_lo):
+            tile = tile_lo + step  # a tensor, as the one-tile walks' bounds are (also in the interpreter)
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            if SAFE:
+                if visit:
+                    acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                                   tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                                                   META, BLOCK_N, True, True)
+            elif unmasked:
+                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
+                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
+                                               BLOCK_N, False, False)
+            elif visit:
+                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
+                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
+                                               BLOCK_N, True, False)
+        return acc, m_i, l_i
+
+    @triton.jit
     def _attn_fwd_program(pid, ARGS, META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           SAFE: tl.constexpr):
         """Work item ``pid``: one (batch, query head, query tile). Stores its out and LSE rows and returns
         whether out holds a non-finite value (see ``_attn_kernel``)."""
         (Q, K, V, O, LSE, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, q_per_kv,
-         qk_scale, softcap_log2, stride_mask_b) = ARGS
+         qk_scale, softcap_log2, stride_mask_b) = ARGS[:16]
         batch, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
             pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, META,
             BLOCK_M, BLOCK_N,
         )
+        KEYS = None
+        if META.HOLES:  # the launcher appends the key-side operands (_hole_operands)
+            KEYS = _hole_keys(ARGS[16:], batch, offs_m, row_valid, seq_len_q)
         kv_head = head // q_per_kv
         q = tl.load(_rows_ptrs(Q, batch, head, offs_m, offs_d), mask=row_valid[:, None] & d_valid[None, :], other=0.0)
         K_head, stride_ks = _head_rows(K, batch, kv_head)
@@ -425,14 +535,18 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if SAFE:  # the rerun: every tile masked, non-finite values isolated
+        if META.HOLES:  # each key tile classified by its keys' query intervals
+            acc, m_i, l_i = _fwd_hole_tiles(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, KEYS, tiles[0],
+                                            tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
+                                            SAFE)
+        elif SAFE:  # the rerun: every tile masked, non-finite values isolated
             acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                                           tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
-                                           META, BLOCK_N, True, True)
+                                           KEYS, tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d,
+                                           d_valid, META, BLOCK_N, True, True)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K_head, V_head, stride_ks, stride_vs, kv_start,
-                                               kv_end, tiles[segment], tiles[segment + 1], seq_len_k, qk_scale,
+                                               kv_end, KEYS, tiles[segment], tiles[segment + 1], seq_len_k, qk_scale,
                                                softcap_log2, offs_d, d_valid, META, BLOCK_N, segment != 1, False)
         sees_nothing = l_i == 0.0
         l_div = tl.where(sees_nothing, 1.0, l_i)
@@ -477,8 +591,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_key_tiles(
-        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end, tile_lo, tile_hi, seq_len_k, qk_scale,
-        softcap_log2, offs_d, d_valid,
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, kv_start, kv_end, KEYS, tile_lo, tile_hi, seq_len_k,
+        qk_scale, softcap_log2, offs_d, d_valid,
         META: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
         SAFE: tl.constexpr,  # non-finite isolation (the rerun, with MASKED): see _attn_bwd_dq_program
     ):
@@ -507,7 +621,10 @@ if HAS_TRITON:
                 s = capped * softcap_log2
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
-                visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
+                if META.HOLES:
+                    visible = _key_side_visible(KEYS, cols, seq_len_k, q.shape[0])
+                else:
+                    visible = (cols[None, :] >= kv_start[:, None]) & (cols[None, :] < kv_end[:, None])
                 p = tl.where(visible, p, 0.0)
             dp = tl.dot(do, vt, input_precision=META.DOT_PRECISION)
             ds = p * (dp - delta[:, None])
@@ -523,6 +640,28 @@ if HAS_TRITON:
         return dq
 
     @triton.jit
+    def _dq_hole_tiles(
+        dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
+        offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
+    ):
+        """A mask with holes: key tiles one at a time, as in ``_fwd_hole_tiles``."""
+        for step in range(0, tile_hi - tile_lo):
+            tile = tile_lo + step
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            if SAFE:
+                if visit:
+                    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
+                                       tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
+                                       True, True)
+            elif unmasked:
+                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
+                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, False, False)
+            elif visit:
+                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
+                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, True, False)
+        return dq
+
+    @triton.jit
     def _attn_bwd_dq_program(pid, ARGS, META: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          SAFE: tl.constexpr):
         """Work item ``pid``: one (batch, query head, query tile) of dQ; returns whether it holds a
@@ -530,11 +669,14 @@ if HAS_TRITON:
         with selects for dS (dP is NaN at a hidden key whose V is) and, for ``dS @ K``, K's non-finite
         entries zeroed and NaN put back for exactly the rows that see one."""
         (Q, K, V, DO, DQ, LSE, DELTA, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles,
-         q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b) = ARGS
+         q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b) = ARGS[:19]
         batch, head, offs_m, row_valid, offs_d, d_valid, kv_start, kv_end, tiles = _tile_setup(
             pid, KV_START, KV_END, TILE_ORDER, seq_len_q, seq_len_k, num_heads_q, num_q_tiles, stride_mask_b, META,
             BLOCK_M, BLOCK_N,
         )
+        KEYS = None
+        if META.HOLES:  # as in _attn_fwd_program
+            KEYS = _hole_keys(ARGS[19:], batch, offs_m, row_valid, seq_len_q)
         kv_head = head // q_per_kv
         io_mask = row_valid[:, None] & d_valid[None, :]
         q = tl.load(_rows_ptrs(Q, batch, head, offs_m, offs_d), mask=io_mask, other=0.0)
@@ -546,14 +688,17 @@ if HAS_TRITON:
         V_head, stride_vs = _head_rows(V, batch, kv_head)
         BLOCK_D: tl.constexpr = META.BLOCK_D  # a shape needs a constexpr (see _attn_fwd_program)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if SAFE:  # the rerun: every tile masked, non-finite values isolated
-            dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
+        if META.HOLES:  # each key tile classified by its keys' query intervals
+            dq = _dq_hole_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, KEYS, tiles[0], tiles[3],
+                                seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, SAFE)
+        elif SAFE:  # the rerun: every tile masked, non-finite values isolated
+            dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end, KEYS,
                                tiles[0], tiles[3], seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
                                True, True)
         else:
             for segment in tl.static_range(3):  # unrolled: edge tiles, interior tiles (no mask), edge tiles
                 dq = _dq_key_tiles(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, kv_start, kv_end,
-                                   tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d,
+                                   KEYS, tiles[segment], tiles[segment + 1], seq_len_k, qk_scale, softcap_log2, offs_d,
                                    d_valid, META, BLOCK_N, segment != 1, False)
         dq_ptrs = _rows_ptrs(DQ, batch, head, offs_m, offs_d)
         tl.store(dq_ptrs, (dq * scale).to(dq_ptrs.dtype.element_ty), mask=io_mask)
@@ -640,7 +785,7 @@ if HAS_TRITON:
          num_heads_kv, num_k_tiles, q_per_kv, qk_scale, scale, softcap_log2, stride_mask_b) = ARGS
         batch, kv_head, offs_n, key_valid, offs_d, d_valid, q_start, q_end, tiles = _tile_setup(
             pid, Q_START, Q_END, TILE_ORDER, seq_len_k, seq_len_q, num_heads_kv, num_k_tiles, stride_mask_b, META,
-            BLOCK_N, BLOCK_M,
+            BLOCK_N, BLOCK_M, not META.HOLES,  # with holes, a hidden key's interval ends before its neighbours'
         )
         io_mask = key_valid[:, None] & d_valid[None, :]
         k = tl.load(_rows_ptrs(K, batch, kv_head, offs_n, offs_d), mask=io_mask, other=0.0)
@@ -760,21 +905,55 @@ def _launch_pass(program, args: tuple, num_work: int, meta: KernelMeta, configs:
 
 
 def _heaviest_first(bound_start: torch.Tensor, bound_end: torch.Tensor, rows_per_tile: int,
-                    cols_per_tile: int, num_cols: int, batch: int) -> torch.Tensor:
+                    cols_per_tile: int, num_cols: int, batch: int, monotone: bool = True) -> torch.Tensor:
     """Order of the ``batch * num_tiles`` row tiles, most column tiles to visit first: int32.
 
     ``bound_start``/``bound_end`` ``[B, R]`` are monotone interval bounds (the mask's, or its key
     intervals for the key side) over ``num_cols`` columns, ``B == batch`` or 1 (one mask row shared
     by the batch); a tile of rows visits column tiles ``[start[first] // cols, cdiv(end[last],
-    cols))``, bounds clamped into ``[0, num_cols]`` as the kernels clamp them.
+    cols))``, bounds clamped into ``[0, num_cols]`` as the kernels clamp them. Bounds that need not
+    be monotone (``monotone=False``: the key intervals of a mask with holes) visit ``[min start // cols,
+    cdiv(max end, cols))`` over the tile's rows that see something (``_tile_ranges_of_rows``).
     """
     rows = bound_start.shape[1]
-    firsts = torch.arange(0, rows, rows_per_tile, device=bound_start.device)
-    lasts = (firsts + rows_per_tile - 1).clamp(max=rows - 1)
-    lo = bound_start[:, firsts].long().clamp(0, num_cols) // cols_per_tile
-    hi = (bound_end[:, lasts].long().clamp(0, num_cols) + cols_per_tile - 1) // cols_per_tile
+    if monotone:
+        firsts = torch.arange(0, rows, rows_per_tile, device=bound_start.device)
+        lasts = (firsts + rows_per_tile - 1).clamp(max=rows - 1)
+        lo = bound_start[:, firsts].long().clamp(0, num_cols) // cols_per_tile
+        hi = (bound_end[:, lasts].long().clamp(0, num_cols) + cols_per_tile - 1) // cols_per_tile
+    else:
+        start, end = bound_start.long().clamp(0, num_cols), bound_end.long().clamp(0, num_cols)
+        sees = end > start
+        pad = (0, -rows % rows_per_tile)
+        start = F.pad(torch.where(sees, start, num_cols), pad, value=num_cols).unflatten(1, (-1, rows_per_tile))
+        end = F.pad(torch.where(sees, end, 0), pad, value=0).unflatten(1, (-1, rows_per_tile))
+        lo = start.amin(-1) // cols_per_tile
+        hi = torch.maximum((end.amax(-1) + cols_per_tile - 1) // cols_per_tile, lo)
     work = (hi - lo).expand(batch, -1).flatten()
     return torch.argsort(work, descending=True, stable=True).to(torch.int32)
+
+
+def _key_granules(q_start: torch.Tensor, q_end: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, 4, cdiv(Sk, _KEY_GRANULE)]``: per run of ``_KEY_GRANULE`` keys, the least and greatest start
+    and the least and greatest end of their query intervals (``_key_tile_class`` reads them). A key that no
+    query sees, and the keys past ``Sk``, count as start ``2**31 - 1`` and end 0: they never make a tile
+    visited, and always make it masked."""
+    seq_k = q_start.shape[1]
+    sees = q_end > q_start
+    pad = (0, -seq_k % _KEY_GRANULE)
+    start = F.pad(torch.where(sees, q_start, _INT32_MAX), pad, value=_INT32_MAX).unflatten(1, (-1, _KEY_GRANULE))
+    end = F.pad(torch.where(sees, q_end, 0), pad, value=0).unflatten(1, (-1, _KEY_GRANULE))
+    return torch.stack([start.amin(-1), start.amax(-1), end.amin(-1), end.amax(-1)], 1).to(torch.int32).contiguous()
+
+
+def _hole_operands(q_start: torch.Tensor, q_end: torch.Tensor, batch: int) -> tuple:
+    """What the forward and dQ programs of a mask with holes take after their own arguments (``_hole_keys``):
+    the key intervals, their granules (``_key_granules``), the batch strides of both (0 for a mask row
+    shared by the batch) and the number of granules."""
+    granules = _key_granules(q_start, q_end)
+    shared = q_start.shape[0] == 1 and batch > 1
+    return (q_start, q_end, granules, 0 if shared else q_start.shape[1], 0 if shared else granules[0].numel(),
+            granules.shape[2])
 
 
 def _mask_batch_stride(bounds: torch.Tensor, batch: int) -> int:
@@ -799,7 +978,11 @@ def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
     return scale * _LOG2E, 0.0
 
 
-def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap):
+def _key_intervals(kv_start, kv_end, seq_k, key_q_start, key_q_end) -> tuple[torch.Tensor, torch.Tensor]:
+    return IntervalMask(kv_start, kv_end, seq_k, key_q_start, key_q_end).key_intervals()
+
+
+def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap, key_q_start=None, key_q_end=None):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     out = torch.empty(batch, seq_q, heads_q, dim, device=q.device, dtype=q.dtype)
@@ -808,16 +991,19 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap):
         return out, lse
     configs = _configs_for(q)
     config = configs.forward
+    holes = key_q_start is not None
     order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
     args = (_operand(q), _operand(k), _operand(v), _operand(out), lse, kv_start, kv_end, order, seq_q, seq_k,
             heads_q, triton.cdiv(seq_q, config.block_m), heads_q // heads_kv, *_score_scales(scale, softcap),
             _mask_batch_stride(kv_start, batch))
-    _launch_pass(_attn_fwd_program, args, heads_q * order.numel(), _kernel_meta(q, scale, softcap), configs,
+    if holes:
+        args += _hole_operands(*_key_intervals(kv_start, kv_end, seq_k, key_q_start, key_q_end), batch)
+    _launch_pass(_attn_fwd_program, args, heads_q * order.numel(), _kernel_meta(q, scale, softcap, holes), configs,
                  "forward", q.device)
     return out, lse
 
 
-def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
+def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap, key_q_start=None, key_q_end=None):
     batch, seq_q, heads_q, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     # The kernels need a unit stride along D; autograd hands out expanded (stride-0) gradients for
@@ -831,7 +1017,8 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     configs = _configs_for(q)
-    meta = _kernel_meta(q, scale, softcap)
+    holes = key_q_start is not None
+    meta = _kernel_meta(q, scale, softcap, holes)
     q_per_kv = heads_q // heads_kv
     qk_scale, softcap_log2 = _score_scales(scale, softcap)
     delta = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
@@ -841,9 +1028,9 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
            do.stride(0), do.stride(1), do.stride(2),
            seq_q, heads_q,
            HAS_DLSE=dlse is not None, HEAD_DIM=dim, BLOCK_D=meta.BLOCK_D, BLOCK_M=_DELTA_ROWS)
-    q_start, q_end = IntervalMask(kv_start, kv_end, seq_k).key_intervals()
+    q_start, q_end = _key_intervals(kv_start, kv_end, seq_k, key_q_start, key_q_end)
     config = configs.dkdv
-    key_order = _heaviest_first(q_start, q_end, config.block_n, config.block_m, seq_q, batch)
+    key_order = _heaviest_first(q_start, q_end, config.block_n, config.block_m, seq_q, batch, monotone=not holes)
     args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dk), _operand(dv), lse, delta, q_start,
             q_end, key_order, seq_q, seq_k, heads_q, heads_kv, triton.cdiv(seq_k, config.block_n), q_per_kv,
             qk_scale, scale, softcap_log2, _mask_batch_stride(q_start, batch))
@@ -853,6 +1040,8 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
     args = (_operand(q), _operand(k), _operand(v), _operand(do), _operand(dq), lse, delta, kv_start, kv_end,
             query_order, seq_q, seq_k, heads_q, triton.cdiv(seq_q, config.block_m), q_per_kv, qk_scale, scale,
             softcap_log2, _mask_batch_stride(kv_start, batch))
+    if holes:
+        args += _hole_operands(q_start, q_end, batch)
     _launch_pass(_attn_bwd_dq_program, args, heads_q * query_order.numel(), meta, configs, "dq", q.device)
     return dq, dk, dv
 
@@ -868,14 +1057,15 @@ def _on_device(t: torch.Tensor):
 @torch.library.custom_op("tfkernels::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    scale: float, softcap: float = 0.0,
+    scale: float, softcap: float = 0.0, key_q_start: torch.Tensor | None = None,
+    key_q_end: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with _on_device(q):
-        return _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap)
+        return _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap, key_q_start, key_q_end)
 
 
 @_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale, softcap=0.0):
+def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale, softcap=0.0, key_q_start=None, key_q_end=None):
     batch, seq_q, heads_q, dim = q.shape
     out = q.new_empty(batch, seq_q, heads_q, dim)
     lse = q.new_empty(batch, heads_q, seq_q, dtype=torch.float32)
@@ -886,33 +1076,35 @@ def _attention_fwd_fake(q, k, v, kv_start, kv_end, scale, softcap=0.0):
 def _attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, dlse: torch.Tensor | None, kv_start: torch.Tensor, kv_end: torch.Tensor,
-    scale: float, softcap: float,
+    scale: float, softcap: float, key_q_start: torch.Tensor | None = None, key_q_end: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on_device(q):
-        return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap)
+        return _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap, key_q_start, key_q_end)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap):
+def _attention_bwd_fake(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap, key_q_start=None,
+                        key_q_end=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_start, kv_end, scale, softcap = inputs
+    q, k, v, kv_start, kv_end, scale, softcap, key_q_start, key_q_end = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end)
+    ctx.save_for_backward(q, k, v, out, lse, kv_start, kv_end, key_q_start, key_q_end)
     ctx.scale, ctx.softcap = scale, softcap
     ctx.set_materialize_grads(False)  # an unused lse output must not cost a dLSE pass
 
 
 def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, kv_start, kv_end = ctx.saved_tensors
+    q, k, v, out, lse, kv_start, kv_end, key_q_start, key_q_end = ctx.saved_tensors
     if d_out is None:
         d_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kv_start, kv_end, ctx.scale, ctx.softcap)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attention_bwd(d_out, q, k, v, out, lse, d_lse, kv_start, kv_end, ctx.scale, ctx.softcap,
+                                key_q_start, key_q_end)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -1072,13 +1264,13 @@ def attention(
     softcap = float(softcap or 0.0)
     if use_triton(q):
         kv_start, kv_end = mask._op_bounds()  # validated, or canonical while torch.compile traces
+        holes = tuple(t.contiguous() for t in mask._op_holes() or ())
         out, lse = _attention_fwd(
             _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
-            kv_start.contiguous(), kv_end.contiguous(), scale, softcap,
+            kv_start.contiguous(), kv_end.contiguous(), scale, softcap, *holes,
         )
     else:
         if mask.batch_size != q.shape[0]:  # a shared layout: the reference takes one mask row per batch row
-            mask = IntervalMask(mask.kv_start.expand(q.shape[0], -1), mask.kv_end.expand(q.shape[0], -1),
-                                mask.seq_len_k)
+            mask = mask._expand_batch(q.shape[0])
         out, lse = reference.attention(q, k, v, mask, scale, softcap=softcap or None)
     return (out, lse) if return_lse else out

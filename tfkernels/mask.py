@@ -39,6 +39,11 @@ those that take offsets or lengths read them back once to name a bad value, exce
 ``torch.compile`` traces or a CUDA graph is captured. A varlen packed batch (FlashAttention's
 ``[total, H, D]``) is one row of our ``[B, S, H, D]`` layout: ``q[None]``, a view.
 
+Rows with holes (hidden spans: BAGEL-style noisy copies that no token outside them sees; docs/design.md#hidden-spans)
+keep these row intervals and add one interval per key, ``[key_q_start[k], key_q_end[k])``: the queries allowed to
+see key ``k``. Query ``q`` sees key ``k`` iff each lies in the other's interval; every key is still seen by one
+interval of queries (``key_intervals``).
+
 Holds ``IntervalMask``, ``NotAnIntervalError`` (a dense mask that intervals cannot express),
 ``canonical_bounds`` and ``segment_ids_from_layout``, which turns a layout of span lists (as
 ``IntervalMask.from_spans`` takes it) into the per-token segment ids ``from_segment_ids`` takes.
@@ -93,12 +98,17 @@ def canonical_bounds(kv_start: torch.Tensor, kv_end: torch.Tensor, seq_len_k: in
 
 
 class IntervalMask:
-    """Per-query key interval ``[kv_start, kv_end)``.
+    """Per-query key interval ``[kv_start, kv_end)``, and for a mask with holes a per-key query interval.
 
     Attributes:
         kv_start: int32 ``[B, Sq]``, first visible key of each query row.
         kv_end: int32 ``[B, Sq]``, one past the last visible key.
         seq_len_k: number of keys ``Sk``.
+        key_q_start, key_q_end: ``None`` (no holes), or int32 ``[B, Sk]`` each: the queries allowed to
+            see key ``k`` are ``[key_q_start[k], key_q_end[k])`` (query row indices). Query ``q`` then
+            sees key ``k`` iff ``k`` lies in ``q``'s interval and ``q`` in ``k``'s: a hidden span's keys
+            get the span itself, every other key ``[0, Sq)``. ``from_spans(..., hidden=...)`` and
+            ``from_segment_ids(..., hidden_ids=...)`` build them (docs/design.md#hidden-spans).
 
     Build one with a constructor (``window`` and its cases ``causal``, ``full`` and ``sliding_window``;
     ``prefix_lm``, ``from_spans``, ``from_segment_ids``; from other libraries' masks: ``from_cu_seqlens``,
@@ -107,14 +117,21 @@ class IntervalMask:
     op calls it before any kernel launch.
     """
 
-    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, seq_len_k: int):
+    def __init__(self, kv_start: torch.Tensor, kv_end: torch.Tensor, seq_len_k: int,
+                 key_q_start: torch.Tensor | None = None, key_q_end: torch.Tensor | None = None):
         self.kv_start = kv_start
         self.kv_end = kv_end
         self.seq_len_k = seq_len_k
+        self.key_q_start = key_q_start
+        self.key_q_end = key_q_end
         # Value checks read the tensors back to the host; the state they passed in (tensor objects,
         # version counters, seq_len_k) lets later calls (every layer of a model uses the same mask)
         # skip the sync until something changes.
         self._checked_state = None
+        # Checks of the segment ids a constructor read (from_segment_ids' hidden_ids), computed on the
+        # device and read back with the value checks, so that building the mask needs no host sync:
+        # (argument name, bool [B, S] where the ids break the rule, the rule).
+        self._layout_checks: tuple[tuple[str, torch.Tensor, str], ...] = ()
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -129,15 +146,30 @@ class IntervalMask:
     def device(self) -> torch.device:
         return self.kv_start.device
 
+    @property
+    def has_holes(self) -> bool:
+        """Whether some keys are hidden from some queries inside their intervals (``key_q_start`` set)."""
+        return self.key_q_start is not None or self.key_q_end is not None
+
     def __repr__(self) -> str:
+        holes = ", holes" if self.has_holes else ""
         return (
             f"IntervalMask(batch_size={self.batch_size}, seq_len_q={self.seq_len_q}, "
-            f"seq_len_k={self.seq_len_k}, device={self.device})"
+            f"seq_len_k={self.seq_len_k}, device={self.device}{holes})"
         )
 
     def to(self, device) -> IntervalMask:
         """The same mask with its tensors on ``device``."""
-        return IntervalMask(self.kv_start.to(device), self.kv_end.to(device), self.seq_len_k)
+        moved = IntervalMask(self.kv_start.to(device), self.kv_end.to(device), self.seq_len_k,
+                             *(None if t is None else t.to(device) for t in (self.key_q_start, self.key_q_end)))
+        moved._layout_checks = tuple((name, bad.to(device), what) for name, bad, what in self._layout_checks)
+        return moved
+
+    def _expand_batch(self, batch_size: int) -> IntervalMask:
+        """A batch-1 mask as ``batch_size`` identical rows (views, nothing copied)."""
+        keys = (None if t is None else t.expand(batch_size, -1) for t in (self.key_q_start, self.key_q_end))
+        return IntervalMask(self.kv_start.expand(batch_size, -1), self.kv_end.expand(batch_size, -1),
+                            self.seq_len_k, *keys)
 
     # ------------------------------------------------------------------ constructors
     @staticmethod
@@ -245,10 +277,11 @@ class IntervalMask:
         images: Sequence[Sequence[tuple[int, int]]] | None = None,
         documents: Sequence[Sequence[int]] | None = None,
         *,
+        hidden: Sequence[Sequence[tuple[int, int]]] | None = None,
         device=None,
     ):
         """Square Transfusion mask from Python lists, one entry per batch row:
-        ``from_segment_ids(*segment_ids_from_layout(seq_len, images, documents))``.
+        ``from_segment_ids(*segment_ids_from_layout(seq_len, images, documents, hidden=hidden))``.
 
         Args:
             seq_len: row length ``S``.
@@ -256,11 +289,17 @@ class IntervalMask:
                 sorted, not overlapping, each inside one document. ``None``: no images.
             documents: per row, the document lengths, packed from position 0; positions past
                 the last document are padding and see nothing. ``None``: one document per row.
+            hidden: per row, the hidden spans ``(start, end)`` (e.g. the noisy copy of an image that
+                a clean copy follows), sorted, not overlapping each other or an image, each inside
+                one document. A hidden span is bidirectional within itself, sees its document's
+                causal context before it except earlier hidden spans, and no query outside it sees
+                it. ``None``: a mask without holes.
         """
-        return cls.from_segment_ids(*segment_ids_from_layout(seq_len, images, documents, device))
+        return cls.from_segment_ids(*segment_ids_from_layout(seq_len, images, documents, device, hidden=hidden))
 
     @classmethod
-    def from_segment_ids(cls, doc_ids: torch.Tensor, image_ids: torch.Tensor | None = None):
+    def from_segment_ids(cls, doc_ids: torch.Tensor, image_ids: torch.Tensor | None = None,
+                         hidden_ids: torch.Tensor | None = None):
         """Square Transfusion mask from per-token segment ids, vectorised (no host sync).
 
         Args:
@@ -268,6 +307,11 @@ class IntervalMask:
                 marks padding (sees nothing, seen by nothing).
             image_ids: int ``[B, S]`` or ``None``; 0 for text, and a run of equal non-zero values
                 inside one document is one bidirectional image span.
+            hidden_ids: int ``[B, S]`` or ``None`` (a mask without holes); 0 for visible tokens, and each
+                non-zero value of a row marks one hidden span (``from_spans``' ``hidden``): one run of
+                positions inside one document, where ``image_ids`` is 0. Ids that break this are named
+                by a ``ValueError`` from ``validate()``, which every op calls before any launch: the ids
+                are checked on the device and read back with the mask's value checks.
         """
         if not isinstance(doc_ids, torch.Tensor) or doc_ids.ndim != 2:
             error = ValueError if isinstance(doc_ids, torch.Tensor) else TypeError
@@ -276,14 +320,9 @@ class IntervalMask:
             raise TypeError(f"doc_ids: expected an integer dtype, got {doc_ids.dtype}")
         if image_ids is None:
             image_ids = torch.zeros_like(doc_ids)
-        if not isinstance(image_ids, torch.Tensor) or image_ids.shape != doc_ids.shape:
-            error = ValueError if isinstance(image_ids, torch.Tensor) else TypeError
-            raise error(f"image_ids: expected a tensor of doc_ids' shape {tuple(doc_ids.shape)}, "
-                        f"got {_describe(image_ids)}")
-        if not is_int_dtype(image_ids.dtype):
-            raise TypeError(f"image_ids: expected an integer dtype, got {image_ids.dtype}")
-        if image_ids.device != doc_ids.device:
-            raise ValueError(f"image_ids: expected device {doc_ids.device}, got {image_ids.device}")
+        _check_segment_ids("image_ids", image_ids, doc_ids)
+        if hidden_ids is not None:
+            _check_segment_ids("hidden_ids", hidden_ids, doc_ids)
         batch_size, seq_len = doc_ids.shape
         if seq_len > INT32_MAX:
             raise ValueError(f"doc_ids: expected at most 2**31 - 1 tokens per row (the mask holds int32 positions), "
@@ -292,25 +331,40 @@ class IntervalMask:
         pos = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
         if seq_len == 0:
             empty = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
-            return IntervalMask(empty, empty.clone(), 0)
+            holes = () if hidden_ids is None else (empty.clone(), empty.clone())
+            return IntervalMask(empty, empty.clone(), 0, *holes)
         doc_ids = doc_ids.long()
         image_ids = image_ids.long()
+        hidden = None if hidden_ids is None else hidden_ids.long()
         # Document start: the latest position where the doc id changed (a running max).
-        doc_begins = torch.ones_like(doc_ids, dtype=torch.bool)
-        doc_begins[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        doc_start = torch.where(doc_begins, pos, torch.zeros_like(pos)).cummax(dim=1).values
-        # Image end: the next position where (doc id, image id) changes (a reversed running min).
-        run_ends = torch.ones_like(doc_ids, dtype=torch.bool)
-        run_ends[:, :-1] = (doc_ids[:, 1:] != doc_ids[:, :-1]) | (image_ids[:, 1:] != image_ids[:, :-1])
+        doc_start = _run_start(pos, _changes(doc_ids))
+        # Span end: the next position where (doc id, image id, hidden id) changes (a reversed running min).
+        # A hidden span is bidirectional within itself, as an image is.
+        span_changes = _changes(doc_ids) | _changes(image_ids)
+        is_span = image_ids != 0
+        if hidden is not None:
+            span_changes |= _changes(hidden)
+            is_span |= hidden != 0
+        run_ends = torch.ones_like(span_changes)
+        run_ends[:, :-1] = span_changes[:, 1:]
         next_change = torch.where(run_ends, pos + 1, torch.full_like(pos, seq_len))
         run_end = next_change.flip(1).cummin(dim=1).values.flip(1)
-        is_image = image_ids != 0
         start = doc_start
-        end = torch.where(is_image, run_end, pos + 1)
+        end = torch.where(is_span, run_end, pos + 1)
         padding = doc_ids < 0
         start = torch.where(padding, pos, start)
         end = torch.where(padding, pos, end)
-        return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
+        if hidden is None:
+            return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len)
+        # The holes, from the key side: a hidden key is seen by its own span's queries only, every other
+        # key by any query its row interval allows.
+        is_hidden = (hidden != 0) & ~padding
+        key_q_start = torch.where(is_hidden, _run_start(pos, span_changes), 0)
+        key_q_end = torch.where(is_hidden, run_end, seq_len)
+        mask = IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len, key_q_start.to(torch.int32),
+                            key_q_end.to(torch.int32))
+        mask._layout_checks = _hidden_id_checks(doc_ids, image_ids, hidden, pos)
+        return mask
 
     # ------------------------------------------------------------------ constructors from other libraries' masks
     @classmethod
@@ -554,8 +608,13 @@ class IntervalMask:
         seq_len_k = end + self.seq_len_k - self.seq_len_q
         if seq_len_k < 0:
             raise ValueError(f"slice_queries: rows [{start}, {end}) lie before key 0")
+        holes = ()
+        if self.has_holes:
+            # The first seq_len_k keys, their allowed queries renumbered from row `start`.
+            holes = tuple((t[:, :seq_len_k].long() - start).clamp(0, end - start).to(torch.int32).contiguous()
+                          for t in (self.key_q_start, self.key_q_end))
         sliced = IntervalMask(
-            self.kv_start[:, start:end].contiguous(), self.kv_end[:, start:end].contiguous(), seq_len_k
+            self.kv_start[:, start:end].contiguous(), self.kv_end[:, start:end].contiguous(), seq_len_k, *holes
         )
         sliced.validate()
         return sliced
@@ -563,22 +622,32 @@ class IntervalMask:
     def to_dense(self) -> torch.Tensor:
         """bool ``[B, Sq, Sk]``: ``True`` where the query sees the key."""
         keys = torch.arange(self.seq_len_k, device=self.device)
-        return (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
+        dense = (keys >= self.kv_start[..., None]) & (keys < self.kv_end[..., None])
+        if self.has_holes:
+            rows = torch.arange(self.seq_len_q, device=self.device)[:, None]
+            dense &= (rows >= self.key_q_start[:, None, :]) & (rows < self.key_q_end[:, None, :])
+        return dense
 
     def to_flex_block_mask(self, block_size: int = 128):
         """torch's ``BlockMask`` for ``flex_attention`` (interop and benchmarks)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         kv_start, kv_end = self.kv_start, self.kv_end
-        last_row = self.seq_len_q - 1
+        key_q_start, key_q_end = self.key_q_start, self.key_q_end
+        last_row, last_key = self.seq_len_q - 1, self.seq_len_k - 1
 
         def mask_mod(b, h, q_idx, kv_idx):
             # create_block_mask evaluates whole blocks, so q_idx may run past Sq.
             row = q_idx.clamp(max=last_row)
             return (kv_idx >= kv_start[b, row]) & (kv_idx < kv_end[b, row]) & (q_idx <= last_row)
 
+        def mask_mod_with_holes(b, h, q_idx, kv_idx):
+            key = kv_idx.clamp(max=last_key)  # and kv_idx past Sk (mask_mod hides it)
+            allowed = (q_idx >= key_q_start[b, key]) & (q_idx < key_q_end[b, key])
+            return mask_mod(b, h, q_idx, kv_idx) & allowed
+
         return create_block_mask(
-            mask_mod,
+            mask_mod_with_holes if self.has_holes else mask_mod,
             self.batch_size,
             None,
             self.seq_len_q,
@@ -592,16 +661,24 @@ class IntervalMask:
 
         Query ``q`` sees key ``k`` iff ``kv_start(q) <= k < kv_end(q)``; both bounds are sorted,
         so the queries with ``kv_end > k`` start at a ``searchsorted`` and those with
-        ``kv_start <= k`` end at another. Keys seen by no query get an empty interval.
+        ``kv_start <= k`` end at another. With holes, that interval is intersected with the key's
+        allowed queries ``[key_q_start, key_q_end)``: still one interval per key (no longer monotone
+        in the key). Keys seen by no query get an empty interval.
         """
         keys = torch.arange(self.seq_len_k, device=self.device, dtype=torch.int32)
         keys = keys.expand(self.batch_size, self.seq_len_k).contiguous()
         q_start = torch.searchsorted(self.kv_end.contiguous(), keys, right=True, out_int32=True)
         q_end = torch.searchsorted(self.kv_start.contiguous(), keys, right=True, out_int32=True)
+        if self.has_holes:
+            q_start = torch.maximum(q_start, self.key_q_start)
+            q_end = torch.minimum(q_end, self.key_q_end)
         return q_start, torch.maximum(q_start, q_end)
 
     def visible_pairs(self) -> int:
         """Exact number of visible (query, key) pairs over the batch (for FLOP counts)."""
+        if self.has_holes:
+            q_start, q_end = self.key_intervals()
+            return int((q_end.long() - q_start.long()).sum())
         return int((self.kv_end.long() - self.kv_start.long()).sum())
 
     # ------------------------------------------------------------------ validation
@@ -611,8 +688,9 @@ class IntervalMask:
 
         The optional arguments are what the caller's tensors need (an op passes its q/k shapes).
         Structure (type, dtype, shape, device, sizes) is checked on every call. Values (range and
-        monotonicity) are checked in eager mode on the first call and again whenever ``kv_start`` or
-        ``kv_end`` is another tensor or was edited in place since (its version counter changed), or
+        monotonicity; with holes, ``key_q_start <= key_q_end`` in ``[0, Sq]``, and the hidden ids
+        ``from_segment_ids`` read) are checked in eager mode on the first call and again whenever a
+        bound tensor is another tensor or was edited in place since (its version counter changed), or
         ``seq_len_k`` changed; not while ``torch.compile`` traces, where they would force a host sync
         and a graph break: ops then compute with ``canonical_bounds`` (see the module docstring).
         """
@@ -639,14 +717,49 @@ class IntervalMask:
                 raise ValueError(f"mask.{name}: is {have} but the inputs need {want}")
         if device is not None and torch.device(device) != start.device:
             raise ValueError(f"mask: tensors are on {start.device} but the inputs are on {torch.device(device)}")
+        tensors = (start, end)
+        if self.has_holes:
+            self._check_hole_structure()
+            tensors += (self.key_q_start, self.key_q_end)
         if torch.compiler.is_compiling():
             return self  # values: ops use _op_bounds (canonical bounds, computed on the device)
-        state = (start, end, start._version, end._version, self.seq_len_k)
+        state = (*tensors, *(t._version for t in tensors), self.seq_len_k)
         checked = self._checked_state
-        if checked is None or not (checked[0] is start and checked[1] is end and checked[2:] == state[2:]):
+        count = len(tensors)
+        if checked is None or not (len(checked) == len(state) and all(a is b for a, b in zip(checked, tensors))
+                                   and checked[count:] == state[count:]):
             self._check_values()
             self._checked_state = state
         return self
+
+    def _check_hole_structure(self) -> None:
+        for name, t in (("key_q_start", self.key_q_start), ("key_q_end", self.key_q_end)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"mask.{name}: expected an int32 tensor [B, Sk] (with holes, key_q_start and "
+                                f"key_q_end are both given), got {_describe(t)}")
+            if t.dtype != torch.int32:
+                raise TypeError(f"mask.{name}: expected dtype torch.int32, got {t.dtype}")
+            if tuple(t.shape) != (self.batch_size, self.seq_len_k):
+                raise ValueError(f"mask.{name}: expected shape [B, Sk] = {[self.batch_size, self.seq_len_k]}, "
+                                 f"got {list(t.shape)}")
+            if t.device != self.device:
+                raise ValueError(f"mask.{name}: on {t.device} but kv_start on {self.device}")
+
+    def _op_holes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The key-side bounds an op computes with, as ``_op_bounds`` gives the row bounds: ``None`` without
+        holes; the validated tensors in eager mode; clamped into ``[0, Sq]`` with ``end >= start`` while
+        ``torch.compile`` traces (the identity on valid bounds)."""
+        if not self.has_holes:
+            return None
+        if not torch.compiler.is_compiling():
+            return self.key_q_start, self.key_q_end
+        start = self.key_q_start.clamp(0, self.seq_len_q)
+        end = torch.maximum(self.key_q_end.clamp(0, self.seq_len_q), start)
+        if os.environ.get("TFKERNELS_MASK_ASSERT", "0") == "1":
+            valid = ((start == self.key_q_start) & (end == self.key_q_end)).all()
+            torch._assert_async(valid, "mask: invalid key_q_start/key_q_end values under torch.compile "
+                                       "(TFKERNELS_MASK_ASSERT=1; call validate() in eager mode to name the key)")
+        return start, end
 
     def _op_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bounds an op computes with, after ``validate()``: the (validated) tensors themselves in eager
@@ -663,28 +776,55 @@ class IntervalMask:
         return start, end
 
     def _check_values(self) -> None:
+        """Raise a ``ValueError`` naming the first bad value: the segment ids a constructor read
+        (``_layout_checks``), then the row bounds, then the key bounds. One host sync for a valid mask."""
+        groups = [("position", self._layout_checks, None, None), ("query", *self._row_checks())]
+        if self.has_holes:
+            groups.append(("key", *self._key_checks()))
+        bads = [torch.stack([b for _, b, _ in checks]) for _, checks, _, _ in groups if checks]  # [checks, B, N]
+        flags = [bad.any() for bad in bads if bad.numel()]
+        if not flags or not bool(torch.stack(flags).any()):  # the one host sync of a valid mask
+            return
+        for (index_name, checks, start, end), bad in zip([g for g in groups if g[1]], bads):
+            if bad.numel() == 0 or not bool(bad.any()):
+                continue
+            row, col = bad.any(0).nonzero()[0].tolist()  # the first bad entry, row-major
+            name, _, what = checks[int(bad[:, row, col].nonzero()[0])]
+            if start is None:  # segment ids: the rule says what was expected
+                raise ValueError(f"{name}: batch row {row}, {index_name} {col}: {what}")
+            got = f"[{int(start[row, col])}, {int(end[row, col])})"
+            if what.endswith(_MONOTONE):
+                got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
+            raise ValueError(f"mask.{name}: batch row {row}, {index_name} {col}: {what}, got {got}")
+
+    def _row_checks(self):
+        """The row bounds' rules as ``(checks, kv_start, kv_end)``, each check ``(name, bool [B, Sq], rule)``."""
         start, end, sk = self.kv_start, self.kv_end, self.seq_len_k
         if start.numel() == 0:
-            return
+            return (), start, end
         false = torch.zeros_like(start[:, :1], dtype=torch.bool)
-        monotone = "non-decreasing along queries"
-        checks = [
+        checks = (
             ("kv_start", start < 0, "expected kv_start >= 0"),
             ("kv_end", end > sk, f"expected kv_end <= seq_len_k={sk}"),
             ("kv_end", end < start, "expected kv_start <= kv_end"),
             # Query q compared with query q - 1 (query 0 has no predecessor).
-            ("kv_start", torch.cat([false, start[:, 1:] < start[:, :-1]], 1), f"expected kv_start {monotone}"),
-            ("kv_end", torch.cat([false, end[:, 1:] < end[:, :-1]], 1), f"expected kv_end {monotone}"),
-        ]
-        bad = torch.stack([b for _, b, _ in checks])  # [checks, B, Sq]
-        if not bool(bad.any()):  # the one host sync of a valid mask
-            return
-        row, col = bad.any(0).nonzero()[0].tolist()  # the first bad query, row-major
-        name, _, what = checks[int(bad[:, row, col].nonzero()[0])]
-        got = f"[{int(start[row, col])}, {int(end[row, col])})"
-        if what.endswith(monotone):
-            got += f" after [{int(start[row, col - 1])}, {int(end[row, col - 1])})"
-        raise ValueError(f"mask.{name}: batch row {row}, query {col}: {what}, got {got}")
+            ("kv_start", torch.cat([false, start[:, 1:] < start[:, :-1]], 1), f"expected kv_start {_MONOTONE}"),
+            ("kv_end", torch.cat([false, end[:, 1:] < end[:, :-1]], 1), f"expected kv_end {_MONOTONE}"),
+        )
+        return checks, start, end
+
+    def _key_checks(self):
+        """The key bounds' rules, as ``_row_checks`` gives the row bounds'."""
+        start, end, sq = self.key_q_start, self.key_q_end, self.seq_len_q
+        checks = (
+            ("key_q_start", start < 0, "expected key_q_start >= 0"),
+            ("key_q_end", end > sq, f"expected key_q_end <= seq_len_q={sq}"),
+            ("key_q_end", end < start, "expected key_q_start <= key_q_end"),
+        )
+        return checks, start, end
+
+
+_MONOTONE = "non-decreasing along queries"
 
 
 class NotAnIntervalError(ValueError):
@@ -796,6 +936,51 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+def _check_segment_ids(name: str, ids, doc_ids: torch.Tensor) -> None:
+    """``ids``: an int tensor of ``doc_ids``' shape, on its device."""
+    if not isinstance(ids, torch.Tensor) or ids.shape != doc_ids.shape:
+        error = ValueError if isinstance(ids, torch.Tensor) else TypeError
+        raise error(f"{name}: expected a tensor of doc_ids' shape {tuple(doc_ids.shape)}, got {_describe(ids)}")
+    if not is_int_dtype(ids.dtype):
+        raise TypeError(f"{name}: expected an integer dtype, got {ids.dtype}")
+    if ids.device != doc_ids.device:
+        raise ValueError(f"{name}: expected device {doc_ids.device}, got {ids.device}")
+
+
+def _changes(ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, S]``: the id differs from the one before it (always at position 0)."""
+    changed = torch.ones_like(ids, dtype=torch.bool)
+    changed[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return changed
+
+
+def _run_start(pos: torch.Tensor, changes: torch.Tensor) -> torch.Tensor:
+    """The first position of each position's run: the latest change at or before it (a running max)."""
+    return torch.where(changes, pos, torch.zeros_like(pos)).cummax(dim=1).values
+
+
+def _hidden_id_checks(doc_ids, image_ids, hidden, pos) -> tuple[tuple[str, torch.Tensor, str], ...]:
+    """``from_segment_ids``' rules for ``hidden_ids``, as bool ``[B, S]`` tensors where a rule breaks
+    (``IntervalMask._layout_checks``), computed on the device."""
+    is_hidden = hidden != 0
+    continues = ~_changes(hidden) & is_hidden  # the same hidden id as the position before
+    # Every id one run: sorted stably by id, a position whose predecessor holds the same id must
+    # follow it directly; the later of two runs of one id is flagged where it starts.
+    ids, order = torch.sort(hidden, dim=1, stable=True)
+    split = torch.zeros_like(is_hidden)
+    split[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != 0) & (order[:, 1:] != order[:, :-1] + 1)
+    second_run = torch.zeros_like(is_hidden).scatter_(1, order, split)
+    return (
+        ("hidden_ids", is_hidden & (doc_ids < 0), "expected 0 on padding (doc_ids < 0)"),
+        ("hidden_ids", is_hidden & (image_ids != 0),
+         "expected 0 where image_ids is not (hidden spans and images are disjoint)"),
+        ("hidden_ids", continues & _changes(doc_ids),
+         "expected each hidden span inside one document, but this one continues across a document start"),
+        ("hidden_ids", second_run, "expected each non-zero id to be one run of positions, but this id "
+                                   "appeared before, in another run"),
+    )
+
+
 def _is_list(value) -> bool:
     """A list, tuple or other sequence, not a string."""
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
@@ -828,49 +1013,69 @@ def _packed_ids(name: str, rows, seq_len: int, lengths_noun: str = "lengths") ->
     return ids
 
 
-def segment_ids_from_layout(
-    seq_len: int, images=None, documents=None, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(doc_ids, image_ids)`` int64 ``[B, S]`` tensors of a layout, for ``IntervalMask.from_segment_ids``.
+def segment_ids_from_layout(seq_len: int, images=None, documents=None, device=None, *, hidden=None) -> tuple:
+    """The ``(doc_ids, image_ids)`` int64 ``[B, S]`` tensors of a layout, for ``IntervalMask.from_segment_ids``;
+    with ``hidden``, ``(doc_ids, image_ids, hidden_ids)``.
 
-    ``images`` and ``documents`` are per-row lists as ``IntervalMask.from_spans`` takes them (either may be
-    ``None``), and ``from_spans(S, images, documents)`` is ``from_segment_ids(*segment_ids_from_layout(S,
-    images, documents))``. Padding gets doc id -1; image ``i`` of a row gets image id ``i + 1``. A layout
-    that is not one (wrong nesting, a span out of order or across documents) raises ``TypeError`` or
-    ``ValueError`` naming the first bad entry.
+    ``images``, ``documents`` and ``hidden`` are per-row lists as ``IntervalMask.from_spans`` takes them (any
+    may be ``None``, not both of ``images`` and ``documents``), and ``from_spans(S, images, documents,
+    hidden=hidden)`` is ``from_segment_ids(*segment_ids_from_layout(S, images, documents, hidden=hidden))``.
+    Padding gets doc id -1; image ``i`` of a row gets image id ``i + 1``, hidden span ``i`` hidden id ``i + 1``.
+    A layout that is not one (wrong nesting, a span out of order or across documents, a hidden span that
+    overlaps an image) raises ``TypeError`` or ``ValueError`` naming the first bad entry.
     """
     spans_form = "list of (start, end) spans"
-    if images is None and documents is None:
+    if images is None and documents is None and hidden is None:
         raise ValueError(f"images, documents: expected one or both (per batch row, a {spans_form} / a list of "
                          f"document lengths), got neither")
     if images is not None:
         _check_rows("images", images, spans_form)
-    if documents is None:
-        documents = [[seq_len]] * len(images)
+    if hidden is not None:
+        _check_rows("hidden", hidden, spans_form)
+    if documents is None:  # one document per row
+        documents = [[seq_len]] * len(images if images is not None else hidden)
     doc_ids = _packed_ids("documents", documents, seq_len)
-    if images is None:
-        return doc_ids.to(device), torch.zeros_like(doc_ids, device=device)
-    if len(images) != len(documents):
-        raise ValueError(f"images: expected one {spans_form} per batch row, as many rows as documents "
-                         f"({len(documents)}), got {len(images)}")
     image_ids = torch.zeros_like(doc_ids)
-    for row, spans in enumerate(images):
+    if images is not None:
+        _span_ids("images", images, doc_ids, image_ids)
+    if hidden is None:
+        return doc_ids.to(device), image_ids.to(device)
+    hidden_ids = torch.zeros_like(doc_ids)
+    _span_ids("hidden", hidden, doc_ids, hidden_ids)
+    overlap = (hidden_ids != 0) & (image_ids != 0)
+    if bool(overlap.any()):
+        row, position = (int(i) for i in overlap.nonzero()[0])
+        span = hidden[row][int(hidden_ids[row, position]) - 1]
+        image = images[row][int(image_ids[row, position]) - 1]
+        raise ValueError(f"hidden[{row}][{int(hidden_ids[row, position]) - 1}]: span {tuple(span)!r} overlaps image "
+                         f"{tuple(image)!r} (hidden spans and images are disjoint)")
+    return doc_ids.to(device), image_ids.to(device), hidden_ids.to(device)
+
+
+def _span_ids(name: str, rows, doc_ids: torch.Tensor, ids: torch.Tensor) -> None:
+    """Write span ``i`` of each row of ``rows`` (per batch row, a list of ``(start, end)`` spans) into ``ids`` as
+    ``i + 1``, checking each span: inside ``[0, S]``, sorted, disjoint, inside one document."""
+    spans_form = "list of (start, end) spans"
+    seq_len = doc_ids.shape[1]
+    if len(rows) != doc_ids.shape[0]:
+        raise ValueError(f"{name}: expected one {spans_form} per batch row, as many rows as documents "
+                         f"({doc_ids.shape[0]}), got {len(rows)}")
+    for row, spans in enumerate(rows):
         previous_end = 0
         for i, span in enumerate(spans):
             if not _is_list(span) or len(span) != 2:
                 raise (ValueError if _is_list(span) else TypeError)(
-                    f"images[{row}][{i}]: expected a (start, end) pair (images holds, per batch row, a {spans_form}), "
-                    f"got {span!r}")
+                    f"{name}[{row}][{i}]: expected a (start, end) pair ({name} holds, per batch row, a "
+                    f"{spans_form}), got {span!r}")
             start, end = span
             if not (is_int(start, 0) and is_int(end, 0, seq_len) and start < end):
                 raise (ValueError if is_int(start) and is_int(end) else TypeError)(
-                    f"images[{row}][{i}]: expected 0 <= start < end <= seq_len={seq_len}, got {span!r}")
+                    f"{name}[{row}][{i}]: expected 0 <= start < end <= seq_len={seq_len}, got {span!r}")
             if start < previous_end:
-                raise ValueError(f"images[{row}][{i}]: span {span!r} overlaps or precedes the previous span "
+                raise ValueError(f"{name}[{row}][{i}]: span {span!r} overlaps or precedes the previous span "
                                  f"(spans must be sorted and disjoint)")
             doc = int(doc_ids[row, start])
             if doc < 0 or int(doc_ids[row, end - 1]) != doc:
-                raise ValueError(f"images[{row}][{i}]: span {span!r} is not inside one document")
-            image_ids[row, start:end] = i + 1
+                raise ValueError(f"{name}[{row}][{i}]: span {span!r} is not inside one document")
+            ids[row, start:end] = i + 1
             previous_end = end
-    return doc_ids.to(device), image_ids.to(device)

@@ -13,6 +13,7 @@ Random layouts of packed Transfusion rows (in the form ``IntervalMask.from_spans
 of the documents packed from position 0, what follows them being padding):
 
 - ``random_row_layout`` / ``random_layout``: irregular rows that hit the mask's edge cases;
+- ``random_hidden_layout``: the same rows with some spans hidden (``from_spans``' ``hidden``);
 - ``packed_transfusion_layout``: fully packed rows of a fixed composition (the benchmark workloads);
 - ``segment_ids_from_layout`` (from ``tfkernels.mask``): the same layout as segment-id tensors.
 """
@@ -26,8 +27,8 @@ import torch
 from ._checks import check_float, check_int
 from .mask import segment_ids_from_layout
 
-__all__ = ["assert_anchored", "max_error", "packed_transfusion_layout", "random_layout", "random_row_layout",
-           "segment_ids_from_layout"]
+__all__ = ["assert_anchored", "max_error", "packed_transfusion_layout", "random_hidden_layout", "random_layout",
+           "random_row_layout", "segment_ids_from_layout"]
 
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,6 +105,23 @@ def random_layout(rng: random.Random, batch_size: int, seq_len: int, **kwargs):
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
+def random_hidden_layout(rng: random.Random, batch_size: int, seq_len: int, *, hidden_probability: float = 0.5,
+                         **kwargs):
+    """``random_layout``'s rows with each bidirectional span hidden with probability ``hidden_probability``:
+    ``(images, documents, hidden)`` as ``IntervalMask.from_spans`` takes them. So a row holds several hidden
+    spans per document, one-token and adjacent hidden spans, hidden spans next to images, and documents
+    that are one hidden span."""
+    check_float("hidden_probability", hidden_probability, 0, 1)
+    images, documents = random_layout(rng, batch_size, seq_len, **kwargs)
+    hidden = [[] for _ in images]
+    for row, spans in enumerate(images):
+        kept = []
+        for span in spans:
+            (hidden[row] if rng.random() < hidden_probability else kept).append(span)
+        images[row] = kept
+    return images, documents, hidden
+
+
 def packed_transfusion_layout(
     rng: random.Random,
     batch_size: int,
@@ -113,8 +131,10 @@ def packed_transfusion_layout(
     caption_len: tuple[int, int] = (20, 200),
     image_len: int = 256,
     image_fraction: float = 0.5,
+    clean_copies: bool = False,
 ):
-    """Fully packed rows of a fixed composition (the benchmark workloads): ``(images, documents)``.
+    """Fully packed rows of a fixed composition (the benchmark workloads): ``(images, documents)``;
+    with ``clean_copies``, ``(images, documents, hidden)``.
 
     Every row is filled with documents of ``doc_len`` tokens (uniform; a row's last document takes
     what is left, between ``doc_len[0]`` and ``2 * doc_len[0]`` tokens, so no row is padded and no
@@ -122,7 +142,9 @@ def packed_transfusion_layout(
     ``image_len`` patches between them: an image follows a run while the row's image share is
     below ``image_fraction`` and the document has room for the image and ``caption_len[0]`` more
     tokens, so every document starts and ends with text and about ``image_fraction`` of the row's
-    tokens are image patches. Only ``rng`` draws, so a seed fixes the layout.
+    tokens are image patches. With ``clean_copies`` (BAGEL-style training rows) each image is there
+    twice, a noisy copy (a hidden span) followed by its clean copy (an image span), both counted as
+    image patches. Only ``rng`` draws, so a seed fixes the layout.
     """
     if not 1 <= doc_len[0] <= doc_len[1]:
         raise ValueError(f"doc_len: expected 1 <= low <= high, got {doc_len!r}")
@@ -130,9 +152,10 @@ def packed_transfusion_layout(
         raise ValueError(f"caption_len: expected 1 <= low <= high, got {caption_len!r}")
     check_int("image_len", image_len, 1)
     check_float("image_fraction", image_fraction, 0, 1)
-    images, documents = [], []
+    copies = 2 if clean_copies else 1
+    images, documents, hidden = [], [], []
     for _ in range(batch_size):
-        row_images, row_documents = [], []
+        row_images, row_documents, row_hidden = [], [], []
         image_tokens = 0
         doc_start = 0
         while doc_start < seq_len:
@@ -145,13 +168,17 @@ def packed_transfusion_layout(
             pos = doc_start
             while pos < doc_end:
                 pos += min(rng.randint(*caption_len), doc_end - pos)
-                room = doc_end - pos >= image_len + caption_len[0]
+                room = doc_end - pos >= copies * image_len + caption_len[0]
                 if room and image_tokens < image_fraction * pos:
+                    if clean_copies:
+                        row_hidden.append((pos, pos + image_len))
+                        pos += image_len
                     row_images.append((pos, pos + image_len))
-                    image_tokens += image_len
+                    image_tokens += copies * image_len
                     pos += image_len
             row_documents.append(length)
             doc_start = doc_end
         images.append(row_images)
         documents.append(row_documents)
-    return images, documents
+        hidden.append(row_hidden)
+    return (images, documents, hidden) if clean_copies else (images, documents)

@@ -6,6 +6,11 @@ as its ``p x p`` patches in raster order (``patchify`` / ``unpatchify``). The pa
 whole documents into rows of ``seq_len`` positions, pads, and returns a ``PackedBatch``: what
 ``Transfusion.forward`` takes.
 
+Clean copies (BAGEL / Mogao-style): ``Packer(..., clean_image_copies=True)`` packs every image twice,
+a noisy copy (the diffusion loss; a hidden span: no token outside it sees it) and then its clean
+copy (``t = 0``, no noise, no loss; what later tokens read), both at the same RoPE positions, as
+generation leaves a generated image in the KV cache: denoised against the prefix, then committed clean.
+
 Retrieval augmentation (RA-CM3 / CM3Leon): ``packer(documents, retrieved=...)`` places documents
 retrieved for a document just before it, in the same row. ``retrieval_mask`` says what the mask
 makes of them: ``"visible"`` (RA-CM3's concatenation: the document and its retrieved documents are
@@ -159,13 +164,18 @@ class PackedBatch:
         doc_ids: int64 index of the attention span in the row, -1 on padding: a document, or
             with ``retrieval_mask="visible"`` a document together with its retrieved documents.
         image_ids: int64 1 + index of the image in the batch at its patch positions, else 0.
+        hidden_ids: int64 the image id at the patches of a noisy copy (``clean_image_copies``: a
+            hidden span, seen by no position outside it), else 0.
     Per image (in row-major order of the positions):
         patches: float32 ``[P, C*p*p]`` clean latents, patchified in raster order.
         patch_offsets: int64 ``[N + 1]``; image ``i`` is ``patches[offsets[i]:offsets[i+1]]``.
         image_grids: int64 ``[N, 2]`` patch grid ``(h, w)`` of each image.
-        timesteps: int64 ``[N]`` diffusion step of each image.
+        timesteps: int64 ``[N]`` diffusion step of each image (0 for a clean copy).
+        clean_images: int64 ``[N_clean]`` the indices of the images that are clean copies: read at
+            ``t = 0`` without noise and without a diffusion loss (empty unless ``clean_image_copies``).
     And:
-        mask: ``tk.IntervalMask`` built with ``from_segment_ids(doc_ids, image_ids)``.
+        mask: ``tk.IntervalMask`` built with ``from_segment_ids(doc_ids, image_ids)``, or with clean copies
+            ``from_segment_ids(doc_ids, image_ids outside the noisy copies, hidden_ids)``.
         noise_seed: seed of the patches' noise (``tk.add_noise`` / ``tk.diffusion_loss``).
     """
 
@@ -178,6 +188,8 @@ class PackedBatch:
     patch_offsets: torch.Tensor
     image_grids: torch.Tensor
     timesteps: torch.Tensor
+    hidden_ids: torch.Tensor
+    clean_images: torch.Tensor
     mask: tk.IntervalMask
     noise_seed: int
 
@@ -201,7 +213,13 @@ class Packer:
             fit raise ``ValueError``.
         image_first_t_max: largest timestep of an image that text follows in its document (the
             paper caps it at 500 when an image precedes its caption, so the text conditions on
-            a recognisable image); ``None``: no cap.
+            a recognisable image); ``None``: no cap. With ``clean_image_copies`` the text reads the
+            clean copy, so the cap is not needed there: pass ``None`` to train the noisy copies on
+            every timestep.
+        clean_image_copies: pack every image twice: a noisy copy (diffusion loss, a hidden span that
+            no other position sees) then its clean copy (``t = 0``, no noise, no loss), which the
+            positions after it read; both copies take the same RoPE positions and count against
+            ``seq_len``.
         caption_first_prob: for documents of one text and one image, put the text first with
             this probability (the paper: 0.8); ``None`` keeps the given order.
         drop_caption_prob: drop the text of caption-then-image documents with this probability,
@@ -240,6 +258,7 @@ class Packer:
         drop_caption_prob: float = 0.0,
         truncate: bool = False,
         retrieval_mask: str = "visible",
+        clean_image_copies: bool = False,
         seed: int = 0,
     ):
         if not isinstance(config, TransfusionConfig):
@@ -255,6 +274,8 @@ class Packer:
         if not isinstance(truncate, bool):
             raise TypeError(f"truncate: expected a bool, got {truncate!r}")
         check_choice("retrieval_mask", retrieval_mask, RETRIEVAL_MASKS)
+        if not isinstance(clean_image_copies, bool):
+            raise TypeError(f"clean_image_copies: expected a bool, got {clean_image_copies!r}")
         check_int("seed", seed, 0, 2**64 - 1)
         self.config = config
         self.seq_len = seq_len
@@ -264,6 +285,7 @@ class Packer:
         self.drop_caption_prob = drop_caption_prob
         self.truncate = truncate
         self.retrieval_mask = retrieval_mask
+        self.clean_image_copies = clean_image_copies
         self.schedule = noise_schedule(config)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -324,7 +346,7 @@ class Packer:
         pieces = [document_segments(doc, self.config, name=f"retrieved[{index}][{j}]")
                   for j, doc in enumerate(retrieved)]
         pieces.append(document_segments(self._reorder(document), self.config, name=name))
-        lengths = [[segment_length(s, self.config.patch_size) for s in piece] for piece in pieces]
+        lengths = [[self._positions_taken(s) for s in piece] for piece in pieces]
         total = sum(map(sum, lengths))
         if total > self.seq_len:
             if not self.truncate:
@@ -343,6 +365,11 @@ class Packer:
         read_later = self.retrieval_mask == "visible"
         return [list(zip(piece, piece_lengths, self._timestep_caps(piece, read_later and k < len(pieces) - 1)))
                 for k, (piece, piece_lengths) in enumerate(zip(pieces, lengths))]
+
+    def _positions_taken(self, segment) -> int:
+        """Row positions a segment takes: ``segment_length``, twice for an image with a clean copy."""
+        length = segment_length(segment, self.config.patch_size)
+        return 2 * length if self.clean_image_copies and segment.is_floating_point() else length
 
     def _timestep_caps(self, segments, read_later: bool) -> list[int]:
         """The largest timestep of each segment's image: ``image_first_t_max`` for an image that text of
@@ -403,7 +430,8 @@ class Packer:
         doc_ids = torch.full(shape, -1, dtype=torch.int64)  # attention spans
         document_ids = torch.full(shape, -1, dtype=torch.int64)  # documents: targets stop at their ends
         image_ids = torch.zeros(shape, dtype=torch.int64)
-        patches, grids, caps = [], [], []
+        hidden_ids = torch.zeros(shape, dtype=torch.int64)
+        patches, grids, caps, clean = [], [], [], []
         patch_size = self.config.patch_size
         for r, row in enumerate(rows):
             p, span, document = 0, -1, 0
@@ -411,31 +439,49 @@ class Packer:
                 for k, piece in enumerate(groups[group]):
                     if k == 0 or self.retrieval_mask == "separate":  # a new attention span
                         span += 1
-                        span_start = p
+                        position = 0  # RoPE position inside the span
                     start = p
                     for segment, length, cap in piece:
-                        if segment.is_floating_point():
+                        if not segment.is_floating_point():
+                            tokens[r, p:p + length] = segment
+                            positions[r, p:p + length] = torch.arange(position, position + length)
+                            p += length
+                            position += length
+                            continue
+                        # An image; with clean copies its noisy copy, then the clean one at the same positions.
+                        copies = ("noisy", "clean") if self.clean_image_copies else ("image",)
+                        length //= len(copies)
+                        for copy in copies:
                             patches.append(patchify(segment.float(), patch_size))  # [h*w, C*p*p]
                             grids.append((segment.shape[1] // patch_size, segment.shape[2] // patch_size))
                             caps.append(cap)
                             image_ids[r, p:p + length] = len(patches)
-                        else:
-                            tokens[r, p:p + length] = segment
-                        p += length
+                            if copy == "noisy":
+                                hidden_ids[r, p:p + length] = len(patches)
+                            elif copy == "clean":
+                                clean.append(len(patches) - 1)
+                            positions[r, p:p + length] = torch.arange(position, position + length)
+                            p += length
+                        position += length
                     doc_ids[r, start:p] = span
                     document_ids[r, start:p] = document
                     document += 1
-                    positions[r, start:p] = torch.arange(start - span_start, p - span_start)
         is_text = (doc_ids >= 0) & (image_ids == 0)
         targets = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
         next_is_text = is_text[:, :-1] & is_text[:, 1:] & (document_ids[:, :-1] == document_ids[:, 1:])
         targets[:, :-1] = torch.where(next_is_text, tokens[:, 1:], IGNORE_INDEX)
         counts = torch.tensor([p.shape[0] for p in patches], dtype=torch.int64)  # [N] patches per image
-        timesteps = torch.zeros(0, dtype=torch.int64)
-        if caps:
-            timesteps = self.schedule.sample_timesteps(
-                len(caps), t_max=torch.tensor(caps, dtype=torch.int64), generator=self.generator
-            )
+        clean_images = torch.tensor(clean, dtype=torch.int64)
+        timesteps = torch.zeros(len(caps), dtype=torch.int64)
+        noisy = torch.ones(len(caps), dtype=torch.bool).index_fill_(0, clean_images, False)
+        if bool(noisy.any()):  # a clean copy is read at t = 0: only the others draw a timestep
+            t_max = torch.tensor(caps, dtype=torch.int64)[noisy]
+            timesteps[noisy] = self.schedule.sample_timesteps(int(noisy.sum()), t_max=t_max,
+                                                              generator=self.generator).to(torch.int64)
+        if self.clean_image_copies:
+            mask = tk.IntervalMask.from_segment_ids(doc_ids, torch.where(hidden_ids != 0, 0, image_ids), hidden_ids)
+        else:
+            mask = tk.IntervalMask.from_segment_ids(doc_ids, image_ids)
         return PackedBatch(
             tokens=tokens,
             positions=positions,
@@ -445,7 +491,9 @@ class Packer:
             patches=torch.cat(patches) if patches else torch.zeros(0, self.config.patch_dim),
             patch_offsets=torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
             image_grids=torch.tensor(grids, dtype=torch.int64).reshape(-1, 2),
-            timesteps=timesteps.to(torch.int64),
-            mask=tk.IntervalMask.from_segment_ids(doc_ids, image_ids),
+            timesteps=timesteps,
+            hidden_ids=hidden_ids,
+            clean_images=clean_images,
+            mask=mask,
             noise_seed=int(torch.randint(2**31 - 1, (), generator=self.generator)),
         )

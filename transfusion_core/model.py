@@ -353,12 +353,23 @@ class Transfusion(nn.Module):
         _check_batch(batch)
         x0 = batch.patches  # [P, C*p*p] clean latents
         noise_args = {"noise": noise} if noise is not None else {"seed": batch.noise_seed}
+        # Clean copies (Packer(clean_image_copies=True)) are read at t = 0 without noise and have no loss;
+        # their count is a shape, so a batch without them takes the plain path with no host sync.
+        clean_copies = batch.clean_images.numel() > 0
         if self.config.continuous_time and not batch.timesteps.dtype.is_floating_point:
-            batch = replace(batch, timesteps=continuous_times(batch.timesteps, batch.noise_seed, self.config))
+            times = continuous_times(batch.timesteps, batch.noise_seed, self.config)
+            if clean_copies:
+                times = times.index_fill(0, batch.clean_images.to(times.device), 0.0)
+            batch = replace(batch, timesteps=times)
         t = batch.timesteps  # its values are checked by the diffusion ops (in an op of their own)
         schedule = self.schedule_on(x0.device)
         model_ops = ops.current()
         x_t = model_ops.add_noise(x0, t, schedule, offsets=batch.patch_offsets, **noise_args)
+        if clean_copies:
+            is_clean = torch.zeros(batch.num_images, dtype=torch.bool, device=x0.device)
+            is_clean = is_clean.index_fill(0, batch.clean_images.to(x0.device), True)
+            clean_patch = is_clean[ImageLayout(batch.patch_offsets, batch.image_grids).patch_image_index()]
+            x_t = torch.where(clean_patch[:, None], x0.to(x_t.dtype), x_t)
         hidden, pred = self.predict(batch, x_t)
         is_target = batch.targets != IGNORE_INDEX  # [B, S]
         text_hidden = hidden[is_target]  # [T, D]: only text positions pay for the LM head
@@ -366,7 +377,14 @@ class Transfusion(nn.Module):
         lm_head = self.output_weight.to(text_hidden.dtype)
         lm_loss = model_ops.linear_cross_entropy(text_hidden, lm_head, batch.targets[is_target])
         diffusion_loss = lm_loss.new_zeros(())  # a text-only batch
-        if batch.num_images:
+        if batch.num_images and clean_copies:  # the mean over the noisy copies
+            per_image = model_ops.diffusion_loss(
+                pred, x0, t, schedule, target=self.config.diffusion_target,
+                offsets=batch.patch_offsets, reduction="none", **noise_args,
+            )
+            noisy_images = batch.num_images - batch.clean_images.numel()
+            diffusion_loss = torch.where(is_clean, 0.0, per_image).sum() / max(noisy_images, 1)
+        elif batch.num_images:
             diffusion_loss = model_ops.diffusion_loss(
                 pred, x0, t, schedule, target=self.config.diffusion_target,
                 offsets=batch.patch_offsets, **noise_args,

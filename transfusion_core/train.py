@@ -155,6 +155,11 @@ class TrainArgs:
                                        identity=True, low=0, high=1)
     drop_caption_prob: float = option("optimisation", "caption dropout, for guidance (the paper: 0.1)", tiny=0.1,
                                       identity=True, low=0, high=1)
+    image_first_t_max: int = option("optimisation", "largest t of an image that text follows in its document (the "
+                                    "paper: 500; num_timesteps - 1: no cap)", tiny=500, identity=True, low=0)
+    clean_image_copies: bool = option("optimisation", "pack each image twice: a noisy copy (diffusion loss, hidden "
+                                      "from every later token) then its clean copy (t = 0), which later tokens read",
+                                      identity=True, default=False)
     seed: int = option("optimisation", "seed of every random choice", tiny=0, identity=True, low=0)
     checkpoint_every: int = option("run", "steps between checkpoints (and one at the end)", tiny=500, small=2000,
                                    low=1)
@@ -413,6 +418,9 @@ def model_config(args: TrainArgs, codec) -> TransfusionConfig:
     if args.sample_steps > config.num_timesteps:
         raise OptionError(f"--sample-steps: expected at most the model's {config.num_timesteps} timesteps, "
                           f"got {args.sample_steps}")
+    if args.image_first_t_max >= config.num_timesteps:
+        raise OptionError(f"--image-first-t-max: expected at most the model's last timestep, "
+                          f"{config.num_timesteps - 1}, got {args.image_first_t_max}")
     return config
 
 
@@ -636,7 +644,8 @@ def _train(args: TrainArgs, processes: Processes) -> list[dict]:
 
     stream = DocumentStream(train_set, latents, args.seed)
     packer = Packer(config, args.seq_len, caption_first_prob=args.caption_first_prob,
-                    drop_caption_prob=args.drop_caption_prob)
+                    drop_caption_prob=args.drop_caption_prob, image_first_t_max=args.image_first_t_max,
+                    clean_image_copies=args.clean_image_copies)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=processes.device.type == "cuda")
     last_step = args.stop_at or args.steps
     history, started = [], time.perf_counter()

@@ -7,6 +7,8 @@ W3  text only, causal, B = 2, S = 8192; ceiling: SDPA's flash and cuDNN causal k
 W4  full bidirectional (DiT / PixArt), B = 4, S = 4096; ceiling: SDPA non-causal.
 W5  sampling: 256 image patches against 8192 cached keys, and one decoded token against 8192
     (forward only, no autograd).
+W6  packed rows with clean copies (BAGEL-style): as W1, each image twice, a noisy copy (a hidden
+    span: no query outside it sees it) then its clean copy; B = 2 x 8192, Hkv = 4.
 All: bf16 on CUDA; the quick mode shrinks every shape and runs float32 on the CPU.
 
 Useful FLOPs count the visible (query, key) pairs only: forward ``4 * pairs * D * Hq``.
@@ -56,11 +58,16 @@ class AttentionShape:
 
     @functools.cached_property
     def spans(self):
-        """Packed rows: (images, documents) per row, fixed by seed 0."""
+        """Packed rows: (images, documents) per row, and with clean copies the hidden spans, fixed by seed 0."""
         return packed_transfusion_layout(random.Random(0), self.batch, self.seq_q, **dict(self.layout))
 
     def segment_ids(self, device):
-        return segment_ids_from_layout(self.seq_q, *self.spans, device=device) if self.mask_kind == "packed" else None
+        """Packed rows: (doc_ids, image_ids), and with clean copies hidden_ids, as a training loop holds them."""
+        if self.mask_kind != "packed":
+            return None
+        images, documents, *hidden = self.spans
+        return segment_ids_from_layout(self.seq_q, images, documents, device=device,
+                                       hidden=hidden[0] if hidden else None)
 
     def build_mask(self, device, segment_ids) -> tk.IntervalMask:
         if self.mask_kind == "packed":
@@ -77,11 +84,13 @@ class AttentionShape:
                 f"D={self.head_dim} {self.mask_kind}")
         if self.mask_kind == "packed":
             layout = dict(self.layout)
-            images, documents = self.spans
-            patches = sum(end - start for row in images for start, end in row)
+            images, documents, *hidden = self.spans
+            patches = sum(end - start for rows in (images, *hidden) for row in rows for start, end in row)
+            copies = ", each a noisy (hidden) and a clean copy" if hidden else ""
             text += (f" (documents {layout['doc_len'][0]}-{layout['doc_len'][1]}, captions "
-                     f"{layout['caption_len'][0]}-{layout['caption_len'][1]}, images of {layout['image_len']}; "
-                     f"{sum(map(len, documents))} documents, {patches / (self.batch * self.seq_q):.0%} patches)")
+                     f"{layout['caption_len'][0]}-{layout['caption_len'][1]}, images of {layout['image_len']}"
+                     f"{copies}; {sum(map(len, documents))} documents, {patches / (self.batch * self.seq_q):.0%} "
+                     f"patches)")
         return text + f" {dtype_name(dtype)}"
 
 
@@ -97,6 +106,7 @@ def shapes(quick: bool) -> list[AttentionShape]:
             AttentionShape("W4_full", 1, 128, 128, 4, 4, 32, "full"),
             AttentionShape("W5_image_vs_cache", 1, 16, 256, 4, 4, 32, "full", training=False),
             AttentionShape("W5_decode", 1, 1, 256, 4, 4, 32, "causal", training=False),
+            AttentionShape("W6_clean_copies", 2, 256, 256, 4, 2, 32, "packed", small + (("clean_copies", True),)),
         ]
     w1 = (("doc_len", (512, 2048)), ("caption_len", (20, 200)), ("image_len", 256))
     w2 = (("doc_len", (4096, 16384)), ("caption_len", (20, 200)), ("image_len", 1024))
@@ -108,6 +118,7 @@ def shapes(quick: bool) -> list[AttentionShape]:
         AttentionShape("W4_full", 4, 4096, 4096, 16, 16, 128, "full"),
         AttentionShape("W5_image_vs_cache", 1, 256, 8192, 16, 16, 128, "full", training=False),
         AttentionShape("W5_decode", 1, 1, 8192, 16, 16, 128, "causal", training=False),
+        AttentionShape("W6_clean_copies", 2, 8192, 8192, 16, 4, 128, "packed", w1 + (("clean_copies", True),)),
     ]
 
 
@@ -117,7 +128,7 @@ class AttentionData:
     k: torch.Tensor  # [B, Sk, Hkv, D]
     v: torch.Tensor
     mask: tk.IntervalMask
-    segment_ids: tuple | None  # packed: (doc_ids, image_ids) [B, S], what a training loop has
+    segment_ids: tuple | None  # packed: (doc_ids, image_ids[, hidden_ids]) [B, S], what a training loop has
 
 
 def setup_for(shape: AttentionShape, dtype: torch.dtype):

@@ -62,6 +62,9 @@ def test_default_sweep():
         (op, dtype, variant) for op in ("diffusion", "lm_loss", "adaln") for dtype in ("bf16", "fp16")
         for variant in cr.VARIANTS[op]}
     assert len(cr.cases(dtypes=["fp32"], ops=["attention"], head_dims=[64], gqa=[True])) == 1
+    assert [c.variant for c in cr.cases(dtypes=["bf16"], ops=["attention"], head_dims=[64], gqa=[True],
+                                        holes=True)] == ["", "holes"]
+    assert cr.parse_args(["--holes"]).holes and not cr.parse_args([]).holes
 
 
 def test_command_line_defaults_and_choices():
@@ -190,6 +193,33 @@ def test_gate_failures_name_the_launch_and_the_limit():
     assert cr.gate_failures([row(spill_bytes="8"), row(status="error: x", mma_redundancy=None)]) == [
         "attn_bwd_dq bf16 D=128 [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: 8 bytes spilled, at most 0 allowed",
         "attn_bwd_dq bf16 D=128 [BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3]: error: x"]
+
+
+def test_gate_holds_the_walks_of_a_mask_with_holes_to_their_spills_only():
+    """A mask with holes: the forward and dQ walks' loop holds the unmasked and the masked step (one runs per
+    iteration), so their useful-work figures count two steps and are not gated; spills are, as for every walk."""
+    holes = "HOLES=True BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3"
+    assert cr.gate_failures([row(config=holes, mma_redundancy=2.0, ex2_per_score=2.0),
+                             row(kernel="attn_fwd", config=holes, mma_redundancy=2.0, ex2_per_score=2.125)]) == []
+    assert cr.gate_failures([row(config=holes, spill_bytes=8), row(kernel="attn_bwd_dkdv", config=holes,
+                                                                     mma_redundancy=2.0)]) == [
+        f"attn_bwd_dq bf16 D=128 [{holes}]: 8 bytes spilled, at most 0 allowed",
+        f"attn_bwd_dkdv bf16 D=128 [{holes}]: mma_redundancy 2.0, at most 1.05"]
+
+
+@needs_triton
+def test_launches_of_a_mask_with_holes_compile_and_pass_the_gate():
+    """The HOLES variant of every pass at D = 64 and 128 (with and without GQA) for sm_90a: it compiles, spills
+    nothing, and issues wgmma and cp.async; dK/dV's walk (the same loop, other tile ranges) is held to the
+    useful-work limits too. (At D = 256 the forward and dQ spill: bench/README.md.)"""
+    cases = [cr.Case("attention", "bf16", d, gqa, variant="holes") for d, gqa in ((64, True), (128, False),
+                                                                                  (128, True))]
+    rows = cr.run(cases, archs=(90,), jobs=2, cache=True, log=lambda line: None)
+    walks = [r for r in rows if r["kernel"] != "attn_bwd_delta"]
+    assert len(walks) == 6 * len(cases) and all("HOLES=True" in r["config"] for r in walks), describe(walks)
+    assert cr.gate_failures(rows) == []
+    assert all(r["hgmma"] > 0 and r["ldgsts"] > 0 and r["shared_bytes"] <= SHARED_LIMIT_SM90 for r in walks), \
+        describe(walks)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 
 import tfkernels as tk
 from bench.harness import TILE_WASTE_COLUMNS
-from bench.tile_waste import flex_blocks, tile_walk, tile_waste
+from bench.tile_waste import flex_blocks, hole_walk, tile_walk, tile_waste
 from bench.workloads.attention import shapes
 from tfkernels.attention import launch_configs
-from tfkernels.testing import packed_transfusion_layout, random_layout
+from tfkernels.testing import packed_transfusion_layout, random_hidden_layout, random_layout
 
 
 def dense_tiles(dense: torch.Tensor, rows: int, cols: int):
@@ -89,6 +89,54 @@ def test_flex_blocks_match_create_block_mask(seed):
     assert counted.full == int(block_mask.full_kv_num_blocks.sum())
     assert counted.blocks == counted.full + int(block_mask.kv_num_blocks.sum())
     assert counted.blocks == dense_tiles(mask.to_dense(), 64, 64)[0]
+
+
+def hidden_masks(seed: int):
+    """Masks with holes: random rows with hidden spans, and packed rows of noisy and clean copies."""
+    rng = random.Random(seed)
+    seq = rng.choice([37, 128, 300])
+    images, documents, hidden = random_hidden_layout(rng, 2, seq, max_image_len=70, image_probability=0.8)
+    random_rows = tk.IntervalMask.from_spans(seq, images, documents, hidden=hidden)
+    images, documents, hidden = packed_transfusion_layout(rng, 2, 300, clean_copies=True, **QUICK_W1)
+    return random_rows, tk.IntervalMask.from_spans(300, images, documents, hidden=hidden)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_walks_of_a_mask_with_holes_cover_every_visible_pair(seed):
+    """The forward and dQ walks with holes compute every non-empty tile, skip the tiles with no visible pair
+    that the key-tile summary shows empty, and run unmasked only fully visible tiles; the dK/dV walk over
+    non-monotone key intervals covers every non-empty tile and its interior tiles are fully visible."""
+    for mask in hidden_masks(seed):
+        dense = mask.to_dense()
+        for rows, cols in ((64, 32), (32, 64), (16, 16)):
+            walk = hole_walk(mask, rows, cols)
+            non_empty, full = dense_tiles(dense, rows, cols)
+            plain = tile_walk(mask.kv_start, mask.kv_end, mask.seq_len_k, rows, cols)
+            assert non_empty <= walk.tiles <= plain.tiles
+            assert walk.tiles - walk.edge_tiles <= full
+            q_start, q_end = mask.key_intervals()
+            keys = tile_walk(q_start, q_end, mask.seq_len_q, cols, rows, monotone=False)
+            non_empty, full = dense_tiles(dense.transpose(1, 2), cols, rows)
+            assert keys.tiles >= non_empty and keys.tiles - keys.edge_tiles <= full
+
+
+def test_hole_walk_skips_the_hidden_tiles():
+    """Whole key tiles of a noisy copy are skipped by the query tiles after it: the walk computes exactly the
+    non-empty tiles of this layout (tile-aligned spans), where the row intervals alone would visit them all."""
+    mask = tk.IntervalMask.from_spans(256, images=[[(128, 192)]], hidden=[[(64, 128)]])
+    walk = hole_walk(mask, 64, 64)
+    assert (walk.tiles, walk.tiles - walk.edge_tiles) == dense_tiles(mask.to_dense(), 64, 64) == (8, 6)
+    assert tile_walk(mask.kv_start, mask.kv_end, 256, 64, 64).tiles == 10
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_blocks_of_a_mask_with_holes_match_create_block_mask(seed):
+    for mask in hidden_masks(seed):
+        block_mask = mask.to_flex_block_mask(64)
+        counted = flex_blocks(mask, 64)
+        assert counted.full == int(block_mask.full_kv_num_blocks.sum())
+        assert counted.blocks == counted.full + int(block_mask.kv_num_blocks.sum())
+        assert (counted.blocks, counted.full) == dense_tiles(mask.to_dense(), 64, 64)
 
 
 def test_w1_figures_of_the_notes():

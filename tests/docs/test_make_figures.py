@@ -1,4 +1,4 @@
-"""docs/make_figures.py draws the README's mask figure from a real IntervalMask."""
+"""docs/make_figures.py draws the README's mask figures from real IntervalMasks."""
 
 import runpy
 from pathlib import Path
@@ -22,8 +22,20 @@ def test_example_mask_is_the_layout_the_figure_describes(script):
     assert ends[23:27] == [27] * 4 and ends[28] == 29 and ends[29:] == [29, 30, 31]
 
 
+def test_example_hidden_mask_is_the_layout_the_figure_describes(script):
+    mask = script["example_hidden_mask"]()
+    dense = mask.to_dense()[0]
+    # Document [0, 28), then padding; noisy copies [3, 8) and [16, 20) each followed by its clean copy.
+    assert mask.kv_start[0].tolist() == [0] * 28 + [28, 29, 30, 31]
+    assert dense[5].tolist() == [True] * 8 + [False] * 24, "a noisy copy: its context and itself"
+    assert dense[10, :13].tolist() == [True] * 3 + [False] * 5 + [True] * 5, "its clean copy: not the noisy one"
+    assert dense[18, :20].tolist() == [True] * 3 + [False] * 5 + [True] * 8 + [True] * 4, "no earlier noisy copy"
+    assert mask.key_q_start[0, 3:8].tolist() == [3] * 5 and mask.key_q_end[0, 16:20].tolist() == [20] * 4
+
+
 def test_draw_writes_a_png_and_the_readme_figure_is_committed(script, tmp_path):
     pytest.importorskip("matplotlib")
-    path = script["draw"](tmp_path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    assert (DOCS / script["FIGURE_NAME"]).is_file()
+    for draw, name in (("draw", "FIGURE_NAME"), ("draw_hidden", "HIDDEN_FIGURE_NAME")):
+        path = script[draw](tmp_path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        assert path.name == script[name] and (DOCS / script[name]).is_file()

@@ -25,7 +25,13 @@ import tfkernels as tk
 from tests.support import CPU_DTYPES, DEVICE, gpu_only, requires_triton
 from tfkernels._dispatch import HAS_TRITON
 from tfkernels.mask import canonical_bounds
-from tfkernels.testing import assert_anchored, packed_transfusion_layout, random_layout
+from tfkernels.testing import (
+    assert_anchored,
+    packed_transfusion_layout,
+    random_hidden_layout,
+    random_layout,
+    segment_ids_from_layout,
+)
 
 # The module (tfkernels.attention, the attribute, is the public function).
 attention_module = importlib.import_module("tfkernels.attention")
@@ -584,11 +590,21 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from tfkernels.attention import _tile_ranges
+    from tfkernels.attention import _clamp_bound, _tile_ranges, _tile_ranges_of_rows
 
     @triton.jit
     def _tile_ranges_probe(START, END, OUT, last, num_cols, BLOCK: tl.constexpr):
         tiles = _tile_ranges(START, END, 0, last, num_cols, BLOCK)
+        for i in tl.static_range(4):
+            tl.store(OUT + i, tiles[i])
+
+    @triton.jit
+    def _tile_ranges_of_rows_probe(START, END, OUT, num_rows, num_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, ROWS)  # as _tile_setup loads and clamps a program's bounds
+        valid = offs < num_rows
+        start = _clamp_bound(tl.load(START + offs, mask=valid, other=0), num_cols)
+        end = _clamp_bound(tl.load(END + offs, mask=valid, other=0), num_cols)
+        tiles = _tile_ranges_of_rows(start, end, valid, num_cols, BLOCK)
         for i in tl.static_range(4):
             tl.store(OUT + i, tiles[i])
 
@@ -620,6 +636,50 @@ def test_tile_ranges_stay_inside_the_columns_whatever_the_bounds(bounds, num_col
     assert all(0 <= t < num_tiles for t in visited)
     # Interior tiles (no element mask, no load mask) must be full tiles inside [0, Sk).
     assert inner_hi * block <= num_cols or inner_hi == inner_lo
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(*[st.one_of(st.integers(-20, 120), st.sampled_from(INT32_EDGES))] * 2), min_size=1,
+                max_size=8), st.integers(1, 100), st.sampled_from([16, 32]))
+def test_tile_ranges_of_non_monotone_bounds(rows, num_cols, block):
+    """The key side of a mask with holes: a tile's bounds need not be monotone, so its column tiles come from
+    all its rows' bounds. Whatever the values: consecutive segments inside [0, cdiv(Sk, BLOCK)), every column
+    a row sees in a visited tile, and every row sees every column of the interior (unmasked) tiles."""
+    out = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    bounds = [torch.tensor(b, dtype=torch.int32, device=DEVICE) for b in zip(*rows)]
+    _tile_ranges_of_rows_probe[(1,)](*bounds, out, len(rows), num_cols, ROWS=8, BLOCK=block)
+    lo, inner_lo, inner_hi, hi = out.tolist()
+    num_tiles = -(-num_cols // block)
+    assert 0 <= lo <= inner_lo <= inner_hi <= hi <= num_tiles
+    clamped = [(min(max(a, 0), num_cols), min(max(b, 0), num_cols)) for a, b in rows]
+    for start, end in clamped:
+        assert all(lo <= col // block < hi for col in range(start, end)), "a visible column outside the walk"
+        for tile in range(inner_lo, inner_hi):
+            assert start <= tile * block and (tile + 1) * block <= min(end, num_cols), "an interior tile needs a mask"
+
+
+@numpy_nan_warnings
+def test_kernels_read_nothing_outside_their_tensors_whatever_the_key_bounds():
+    """The key bounds of a mask with holes below validation (huge, negative, start past end): nothing read
+    outside q, k, v, d_out, as for the row bounds."""
+    batch, seq_q, seq_k, heads, dim = 2, 70, 50, 2, 16
+    big = 2**31 - 1
+    causal = tk.IntervalMask.causal(batch, seq_q, seq_k, device=DEVICE)
+    key_q_start = torch.tensor([[-5, big, 0, 40, 3, -(2**31), 60, 10, 69, 1] * 5] * batch, dtype=torch.int32,
+                               device=DEVICE)
+    key_q_end = torch.tensor([[big, 2, 70, -1, 3, 2**30, 65, 9, 70, big] * 5] * batch, dtype=torch.int32,
+                             device=DEVICE)
+    op = attention_module._attention_fwd
+    results = []
+    for fill in (float("nan"), 1e4):
+        gen = torch.Generator().manual_seed(43)
+        tensors = [_padded(shape, gen, fill) for shape in ((batch, seq_q, heads, dim), (batch, seq_k, heads, dim),
+                                                           (batch, seq_k, heads, dim), (batch, seq_q, heads, dim))]
+        run = lambda a, b, c: op(a, b, c, causal.kv_start, causal.kv_end, 0.25, 0.0, key_q_start, key_q_end)  # noqa: E731
+        results.append(_fwd_bwd(run, *tensors))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name} read outside its tensors")
+    assert torch.isfinite(results[0][0]).all(), "the forward reads real keys only: finite output"
 
 
 @numpy_nan_warnings
@@ -900,3 +960,161 @@ def test_property_random_bad_masks_under_torch_compile(data):
     _, start, end = data.draw(_masks(batch, seq_q, seq_k))
     q, k, v, d_out = _property_inputs(shape, data.draw(st.integers(0, 2**16)))
     _check_compiled_against_canonical(q, k, v, d_out, start, end)
+
+
+# ------------------------------------------------------------------------------ masks with holes (hidden spans)
+# Hidden spans (docs/design.md#hidden-spans): the forward and dQ walks classify each key tile by its keys' query
+# intervals (skipped, unmasked or masked), dK/dV walks its keys' intervals, which are not monotone. The
+# interpreter's tiles are 64 x 32 (forward), 32 x 64 (dK/dV, dQ) and 32 wide in the reruns, so spans at
+# multiples of 32 sit on tile borders.
+def _hidden_mask(seq_len, batch, seed, **kwargs):
+    images, documents, hidden = random_hidden_layout(random.Random(seed), batch, seq_len, **kwargs)
+    return tk.IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden, device=DEVICE)
+
+
+def _tile_border_mask():
+    """Hidden spans of one token (at a document start), adjacent ones on a tile border, a noisy copy followed by
+    its clean copy, whole key tiles hidden, a document that is one hidden span, a hidden span ending its
+    document; then padding."""
+    return tk.IntervalMask.from_spans(
+        256, images=[[(64, 96), (232, 250)], [(128, 192)]], documents=[[160, 32, 60], [256]],
+        hidden=[[(0, 1), (31, 32), (32, 64), (96, 128), (140, 160), (160, 192), (192, 193), (200, 232)],
+                [(64, 128), (192, 200), (255, 256)]], device=DEVICE)
+
+
+def _clean_copies_mask(seq_len=224):
+    """BAGEL-style rows: text, a noisy copy of an image (hidden), its clean copy, text, ..."""
+    pattern = [("text", 10), ("hidden", 40), ("image", 40), ("text", 20), ("hidden", 30), ("image", 30), ("text", 5)]
+    images, hidden, pos = [], [], 0
+    for kind, length in pattern * 2:
+        if pos + length > seq_len:
+            break
+        {"text": [], "hidden": hidden, "image": images}[kind].append((pos, pos + length))
+        pos += length
+    return tk.IntervalMask.from_spans(seq_len, images=[images], documents=[[pos]], hidden=[hidden], device=DEVICE)
+
+
+def _rectangular_mask_with_holes():
+    """Sq != Sk built from tensors: causal rows against 100 keys, keys 20..39 seen only by queries 0..9 (rows at
+    positions 52..61) and key 70 by queries 20..29."""
+    causal = tk.IntervalMask.causal(1, 48, 100, device=DEVICE)
+    key_q_start = torch.zeros(1, 100, dtype=torch.int32, device=DEVICE)
+    key_q_end = torch.full((1, 100), 48, dtype=torch.int32, device=DEVICE)
+    key_q_end[0, 20:40] = 10
+    key_q_start[0, 70], key_q_end[0, 70] = 20, 30
+    return tk.IntervalMask(causal.kv_start, causal.kv_end, 100, key_q_start, key_q_end)
+
+
+# (name, mask builder, B, Sq, Sk, Hq, Hkv, D)
+HIDDEN_CASES = [
+    ("random", lambda: _hidden_mask(200, 2, seed=1, max_image_len=70), 2, 200, 200, 4, 2, 64),
+    ("random_dense_spans_gqa4_d80", lambda: _hidden_mask(150, 2, seed=2, max_image_len=40, image_probability=0.9),
+     2, 150, 150, 8, 2, 80),
+    ("tile_borders", _tile_border_mask, 2, 256, 256, 2, 1, 32),
+    ("clean_copies", _clean_copies_mask, 1, 224, 224, 2, 2, 64),
+    # A generation step's rows against the cache: the clean copy's patches, then a noisy span's.
+    ("decode_clean_copy", lambda: _clean_copies_mask().slice_queries(50, 90), 1, 40, 90, 4, 2, 32),
+    ("decode_noisy_copy", lambda: _clean_copies_mask().slice_queries(110, 140), 1, 30, 140, 4, 2, 32),
+    ("rectangular", _rectangular_mask_with_holes, 1, 48, 100, 2, 2, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", HIDDEN_CASES, ids=[c[0] for c in HIDDEN_CASES])
+def test_holes_match_reference(case, dtype):
+    name, build_mask, batch, seq_q, seq_k, heads_q, heads_kv, dim = case
+    mask = build_mask()
+    assert mask.has_holes
+    q, k, v = _qkv(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype, seed=zlib.crc32(name.encode()) % 1000)
+    out, dq, dk, dv = assert_matches_reference(q, k, v, mask)
+    dense = mask.to_dense()
+    empty, unseen_keys = ~dense.any(dim=2), ~dense.any(dim=1)
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+    assert (dk[unseen_keys] == 0).all() and (dv[unseen_keys] == 0).all()
+
+
+@pytest.mark.parametrize("case", [c for c in HIDDEN_CASES if c[0] in ("tile_borders", "decode_noisy_copy")],
+                         ids=lambda c: c[0])
+def test_holes_with_softcap_and_the_lse_gradient(case):
+    name, build_mask, batch, seq_q, seq_k, heads_q, heads_kv, dim = case
+    q, k, v = _qkv(batch, seq_q, seq_k, heads_q, heads_kv, dim, torch.float32, seed=70)
+    assert_matches_reference(q, k, v, build_mask(), softcap=2.0, lse_weight=0.1)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_one_mask_with_holes_serves_the_whole_batch(dtype):
+    shared = _hidden_mask(120, 1, seed=71, max_image_len=40, image_probability=0.8)
+    repeated = tk.IntervalMask(*(t.repeat(3, 1) for t in (shared.kv_start, shared.kv_end)), 120,
+                               *(t.repeat(3, 1) for t in (shared.key_q_start, shared.key_q_end)))
+    q, k, v = _qkv(3, 120, 120, 4, 2, 32, dtype, seed=72)
+    results = []
+    for mask in (shared, repeated):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = tk.attention(*inputs, mask, return_lse=True)
+        results.append((out, lse, *torch.autograd.grad(out.float().square().sum() + lse.sum(), inputs)))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
+    assert_matches_reference(q, k, v, repeated)
+
+
+def test_holes_backward_is_bitwise_reproducible():
+    mask = _hidden_mask(160, 2, seed=73, image_probability=0.8)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 160, 160, 4, 2, 64, torch.float16, seed=74))
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(75)).to(q.dtype)
+    runs = [torch.autograd.grad(tk.attention(q, k, v, mask, deterministic=True), (q, k, v), d_out) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_holes_under_torch_compile_do_not_recompile_for_new_layouts():
+    """fullgraph, one frame for every layout with holes (their bounds are tensor contents), equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 64, 64, 2, 2, 32, torch.float32, seed=76))
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(q, k, v, doc_ids, image_ids, hidden_ids):
+        mask = tk.IntervalMask.from_segment_ids(doc_ids, image_ids, hidden_ids)
+        return tk.attention(q, k, v, mask).float().square().sum()
+
+    for layout_seed in range(4):
+        images, documents, hidden = random_hidden_layout(random.Random(200 + layout_seed), 2, 64)
+        ids = segment_ids_from_layout(64, images, documents, hidden=hidden)
+        loss = step(q, k, v, *ids)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        mask = tk.IntervalMask.from_segment_ids(*ids)
+        expected = tk.attention(q, k, v, mask).float().square().sum()
+        expected_grads = torch.autograd.grad(expected, (q, k, v))
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("source", NONFINITE_SOURCES)
+def test_nonfinite_values_in_a_hidden_span_stay_inside_it(source):
+    """A NaN in a hidden span's q, k, v or d_out reaches only what its span's queries and keys touch: the
+    queries after the span (which see its clean copy and the text around it) are as without it, on both paths."""
+    mask = _clean_copies_mask()
+    gen = torch.Generator().manual_seed(77)
+    q, k, v, d_out = (torch.randn(1, 224, 2, 16, generator=gen).to(DEVICE) for _ in range(4))
+    clean = [_fwd_bwd(attend, q, k, v, d_out) for attend in (_kernel(mask), _reference(mask))]
+    poisoned = {"q": q, "k": k, "v": v, "d_out": d_out}
+    poisoned[source] = poisoned[source].clone()
+    poisoned[source][0, 30, 1, 3] = float("nan")  # inside the first noisy copy, (10, 50)
+    ours = _fwd_bwd(_kernel(mask), *poisoned.values())
+    ref = _fwd_bwd(_reference(mask), *poisoned.values())
+    _assert_same(ours, ref)
+    outside = torch.ones(224, dtype=torch.bool)
+    outside[10:50] = False
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), ours, clean[0]):
+        rows = (a[:, :, outside] if name == "lse" else a[:, outside]), (c[:, :, outside] if name == "lse" else c[:, outside])
+        if name in ("dk", "dv"):  # keys before the span are seen by its queries: their gradients carry it
+            rows = a[:, 50:], c[:, 50:]
+        torch.testing.assert_close(*rows, **ROUNDING, msg=f"{name} outside the hidden span")
+    if source in ("k", "v"):  # seen by every query of the span
+        assert torch.isnan(ours[0][0, 10:50, 1]).all() and torch.isfinite(ours[0][0, :, 0]).all()
+    elif source == "q":
+        assert torch.isnan(ours[0][0, 30, 1]).all() and torch.isfinite(ours[0][0, :30]).all()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import tfkernels as tk
 from tests.support import both_paths_fixture
 from tfkernels.mask import NotAnIntervalError, canonical_bounds, segment_ids_from_layout
-from tfkernels.testing import assert_anchored, random_layout
+from tfkernels.testing import assert_anchored, random_hidden_layout, random_layout
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -1012,3 +1012,227 @@ def test_from_cu_seqlens_under_compile_needs_the_lengths():
 
     with pytest.raises(Exception, match=r"seq_len_q: give it while torch.compile traces"):
         torch.compile(without_lengths, fullgraph=True, backend="eager")(cu_q)
+
+
+# ------------------------------------------------------------------------------ hidden spans (rows with holes)
+def brute_force_hidden(seq_len, images, documents, hidden):
+    """bool [B, S, S] from the definition: the Transfusion mask of the layout with the hidden spans as
+    bidirectional spans, and a hidden key seen only by the queries of its own span."""
+    spans = [sorted(i + h) for i, h in zip(images, hidden)]
+    dense = brute_force_transfusion(seq_len, spans, documents)
+    for row, row_hidden in enumerate(hidden):
+        for start, end in row_hidden:
+            outside = torch.ones(seq_len, dtype=torch.bool)
+            outside[start:end] = False
+            dense[row, outside, start:end] = False
+    return dense
+
+
+@st.composite
+def hidden_layouts(draw, max_len=48, max_batch=3):
+    seq_len = draw(st.integers(1, max_len))
+    batch = draw(st.integers(1, max_batch))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    images, documents, hidden = random_hidden_layout(
+        rng, batch, seq_len, max_image_len=draw(st.integers(1, 12)), padding=draw(st.booleans()),
+        image_probability=draw(st.sampled_from([0.5, 0.9])))
+    return seq_len, images, documents, hidden
+
+
+@SETTINGS
+@given(hidden_layouts())
+def test_hidden_spans_match_brute_force(layout):
+    """A hidden span is bidirectional within itself, sees its document's causal context before it except
+    earlier hidden spans, and no query outside it sees it; its keys' intervals hold that exactly."""
+    seq_len, images, documents, hidden = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden)
+    dense = brute_force_hidden(seq_len, images, documents, hidden)
+    assert mask.has_holes and mask.key_q_start.dtype == torch.int32 and mask.key_q_start.shape == (len(documents),
+                                                                                                     seq_len)
+    assert torch.equal(mask.to_dense(), dense)
+    mask.validate()
+    # The row envelopes are the Transfusion mask with the hidden spans as images (the holes come from the keys).
+    as_images = tk.IntervalMask.from_spans(seq_len, images=[sorted(i + h) for i, h in zip(images, hidden)],
+                                           documents=documents)
+    assert torch.equal(mask.kv_start, as_images.kv_start) and torch.equal(mask.kv_end, as_images.kv_end)
+    # Every key is still seen by one interval of queries, and key_intervals gives it.
+    q_start, q_end = mask.key_intervals()
+    queries = torch.arange(seq_len)
+    from_intervals = (queries[None, :, None] >= q_start[:, None, :]) & (queries[None, :, None] < q_end[:, None, :])
+    assert torch.equal(from_intervals, dense) and (q_start <= q_end).all()
+    assert mask.visible_pairs() == int(dense.sum())
+    assert not tk.IntervalMask.from_spans(seq_len, images=images, documents=documents).has_holes
+
+
+@SETTINGS
+@given(hidden_layouts())
+def test_hidden_ids_read_runs_not_values(layout):
+    """from_segment_ids: any non-zero hidden id names a span (distinct per span of a row); the same mask as
+    from_spans, and the same tensors as a Transfusion mask when no span is hidden."""
+    seq_len, images, documents, hidden = layout
+    doc_ids, image_ids, hidden_ids = segment_ids_from_layout(seq_len, images, documents, hidden=hidden)
+    mask = tk.IntervalMask.from_segment_ids(doc_ids, image_ids, torch.where(hidden_ids > 0, 7 - 3 * hidden_ids, 0))
+    assert torch.equal(mask.to_dense(), brute_force_hidden(seq_len, images, documents, hidden))
+    mask.validate()
+    none_hidden = tk.IntervalMask.from_segment_ids(doc_ids, image_ids, torch.zeros_like(doc_ids))
+    plain = tk.IntervalMask.from_segment_ids(doc_ids, image_ids)
+    assert torch.equal(none_hidden.to_dense(), plain.to_dense())
+
+
+def test_segment_ids_from_layout_values_with_hidden_spans():
+    doc_ids, image_ids, hidden_ids = segment_ids_from_layout(8, [[(4, 5)], []], [[6], [8]],
+                                                             hidden=[[(1, 3), (3, 4)], [(0, 8)]])
+    assert hidden_ids.dtype == torch.int64
+    assert image_ids.tolist() == [[0, 0, 0, 0, 1, 0, 0, 0], [0] * 8]
+    assert hidden_ids.tolist() == [[0, 1, 1, 2, 0, 0, 0, 0], [1] * 8], "hidden span i gets id i + 1"
+    mask = tk.IntervalMask.from_spans(8, images=[[(4, 5)], []], documents=[[6], [8]], hidden=[[(1, 3), (3, 4)], [(0, 8)]])
+    assert mask.key_q_start.tolist() == [[0, 1, 1, 3, 0, 0, 0, 0], [0] * 8]
+    assert mask.key_q_end.tolist() == [[8, 3, 3, 4, 8, 8, 8, 8], [8] * 8]
+    assert mask.to_dense()[0, 5].tolist() == [True, False, False, False, True, True, False, False]
+    assert mask.to_dense()[0, 3].tolist() == [True, False, False, True, False, False, False, False]
+
+
+@SETTINGS
+@given(hidden_layouts(), st.data())
+def test_slice_queries_of_a_mask_with_holes(layout, data):
+    seq_len, images, documents, hidden = layout
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden)
+    inside = {p for spans in (*images, *hidden) for (s, e) in spans for p in range(s + 1, e)}
+    end = data.draw(st.sampled_from([e for e in range(seq_len + 1) if e not in inside]))
+    start = data.draw(st.integers(0, end))
+    step = mask.slice_queries(start, end)
+    assert step.has_holes and step.seq_len_q == end - start and step.seq_len_k == end
+    assert torch.equal(step.to_dense(), mask.to_dense()[:, start:end, :end])
+
+
+def test_a_mask_with_holes_on_another_device_and_shared_by_a_batch():
+    mask = tk.IntervalMask.from_spans(12, images=[[(2, 4)]], hidden=[[(5, 9)]])
+    moved = mask.to("meta")
+    assert moved.key_q_start.device.type == moved.key_q_end.device.type == "meta"
+    expanded = mask._expand_batch(3)
+    assert torch.equal(expanded.to_dense(), mask.to_dense().expand(3, -1, -1))
+    assert "holes" in repr(mask) and "holes" not in repr(tk.IntervalMask.causal(1, 4))
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"images": [[(2, 5)]], "hidden": [[(4, 6)]]},
+         r"^hidden\[0\]\[0\]: span \(4, 6\) overlaps image \(2, 5\) \(hidden spans and images are disjoint\)$"),
+        ({"documents": [[4, 6]], "hidden": [[(2, 6)]]}, r"^hidden\[0\]\[0\]: span \(2, 6\) is not inside one document$"),
+        ({"documents": [[8]], "hidden": [[(7, 9)]]}, r"^hidden\[0\]\[0\]: span \(7, 9\) is not inside one document$"),
+        ({"hidden": [[(3, 5), (1, 2)]]}, r"^hidden\[0\]\[1\]: span \(1, 2\) overlaps or precedes the previous span"),
+        ({"hidden": [[(3, 3)]]}, r"^hidden\[0\]\[0\]: expected 0 <= start < end <= seq_len=10, got \(3, 3\)$"),
+        ({"documents": [[10]], "hidden": [[], []]},
+         r"^hidden: expected one list of \(start, end\) spans per batch row, as many rows as documents \(1\), got 2$"),
+    ],
+)
+def test_bad_hidden_spans_are_named(layout, message):
+    with pytest.raises(ValueError, match=message):
+        tk.IntervalMask.from_spans(10, **layout)
+
+
+HIDDEN_ID_ERRORS = [
+    # (doc_ids, image_ids, hidden_ids, message)
+    ([[0, 0, 0, 0, 0, 0]], [[0, 1, 1, 0, 0, 0]], [[0, 0, 2, 2, 0, 0]],
+     r"^hidden_ids: batch row 0, position 2: expected 0 where image_ids is not \(hidden spans and images are "
+     r"disjoint\)$"),
+    ([[0, 0, 0, 1, 1, 1]], None, [[0, 0, 3, 3, 0, 0]],
+     r"^hidden_ids: batch row 0, position 3: expected each hidden span inside one document, but this one continues "
+     r"across a document start$"),
+    ([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], None, [[0, 0, 0, 0, 0, 0], [4, 4, 0, 5, 4, 0]],
+     r"^hidden_ids: batch row 1, position 4: expected each non-zero id to be one run of positions, but this id "
+     r"appeared before, in another run$"),
+    ([[0, 0, 1, 1, -1, -1]], None, [[0, 0, 0, 0, 0, 1]], r"^hidden_ids: batch row 0, position 5: expected 0 on "
+                                                          r"padding \(doc_ids < 0\)$"),
+]
+
+
+@pytest.mark.parametrize("doc_ids, image_ids, hidden_ids, message", HIDDEN_ID_ERRORS)
+def test_bad_hidden_ids_are_named_before_any_launch_on_both_paths(doc_ids, image_ids, hidden_ids, message,
+                                                                  attention_path):
+    """from_segment_ids checks the hidden ids on the device (no host sync while building the mask); validate(),
+    which every op calls before any launch, reads the result back and names the first bad position."""
+    doc_ids, hidden_ids = torch.tensor(doc_ids), torch.tensor(hidden_ids)
+    mask = tk.IntervalMask.from_segment_ids(doc_ids, None if image_ids is None else torch.tensor(image_ids), hidden_ids)
+    with pytest.raises(ValueError, match=message):
+        mask.validate()
+    q = torch.randn(doc_ids.shape[0], doc_ids.shape[1], 2, 8)
+    with pytest.raises(ValueError, match=message):
+        tk.attention(q, q, q, mask)
+
+
+@pytest.mark.parametrize(
+    "holes, error, message",
+    [
+        ((torch.zeros(1, 4, dtype=torch.int32), None), TypeError,
+         r"^mask.key_q_end: expected an int32 tensor \[B, Sk\] \(with holes, key_q_start and key_q_end are both "
+         r"given\), got NoneType$"),
+        ((torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int32)), TypeError,
+         r"^mask.key_q_start: expected dtype torch.int32, got torch.int64$"),
+        ((torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32)), ValueError,
+         r"^mask.key_q_start: expected shape \[B, Sk\] = \[1, 4\], got \[1, 3\]$"),
+        ((torch.tensor([[0, 0, -1, 0]], dtype=torch.int32), torch.full((1, 4), 3, dtype=torch.int32)), ValueError,
+         r"^mask.key_q_start: batch row 0, key 2: expected key_q_start >= 0, got \[-1, 3\)$"),
+        ((torch.zeros(1, 4, dtype=torch.int32), torch.tensor([[3, 3, 3, 4]], dtype=torch.int32)), ValueError,
+         r"^mask.key_q_end: batch row 0, key 3: expected key_q_end <= seq_len_q=3, got \[0, 4\)$"),
+        ((torch.tensor([[0, 2, 0, 0]], dtype=torch.int32), torch.tensor([[3, 1, 3, 3]], dtype=torch.int32)), ValueError,
+         r"^mask.key_q_end: batch row 0, key 1: expected key_q_start <= key_q_end, got \[2, 1\)$"),
+    ],
+)
+def test_validation_of_the_key_bounds(holes, error, message):
+    causal = tk.IntervalMask.causal(1, 3, 4)
+    with pytest.raises(error, match=message):
+        tk.IntervalMask(causal.kv_start, causal.kv_end, 4, *holes).validate()
+
+
+def test_hidden_ids_compile_without_host_sync_and_compiled_ops_clamp_the_key_bounds():
+    images, documents, hidden = random_hidden_layout(random.Random(5), 2, 64)
+    ids = segment_ids_from_layout(64, images, documents, hidden=hidden)
+
+    def bounds(d, i, h):
+        mask = tk.IntervalMask.from_segment_ids(d, i, h)
+        return mask.kv_start, mask.kv_end, mask.key_q_start, mask.key_q_end
+
+    got = torch.compile(bounds, fullgraph=True, backend="eager")(*ids)
+    expected = tk.IntervalMask.from_spans(64, images=images, documents=documents, hidden=hidden)
+    for a, b in zip(got, (expected.kv_start, expected.kv_end, expected.key_q_start, expected.key_q_end)):
+        assert torch.equal(a, b)
+
+    def holes(key_q_start, key_q_end):
+        causal = tk.IntervalMask.causal(1, 4, 6)
+        return tk.IntervalMask(causal.kv_start, causal.kv_end, 6, key_q_start, key_q_end).validate()._op_holes()
+
+    start = torch.tensor([[-3, 0, 2, 9, 1, 0]], dtype=torch.int32)
+    end = torch.tensor([[2, -1, 1, 9, 4, 5]], dtype=torch.int32)
+    clamped = torch.compile(holes, fullgraph=True, backend="aot_eager")(start, end)
+    assert [t.tolist() for t in clamped] == [[[0, 0, 2, 4, 1, 0]], [[2, 0, 2, 4, 4, 4]]]
+    with pytest.raises(ValueError, match="key 0: expected key_q_start >= 0"):
+        holes(start, end)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # uncompiled on purpose
+def test_flex_block_mask_of_a_mask_with_holes():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seq_len = 96
+    images, documents, hidden = random_hidden_layout(random.Random(3), 2, seq_len, max_image_len=20)
+    mask = tk.IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden)
+    block_mask = mask.to_flex_block_mask(block_size=32)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, seq_len, 2, 16, dtype=torch.float64) for _ in range(3))
+    expected, _ = tk.reference.attention(q, k, v, mask)
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                         block_mask=block_mask).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    blocks = mask.to_dense().reshape(2, 3, 32, 3, 32).any(dim=(2, 4))
+    assert torch.equal(block_mask.to_dense().bool()[:, 0, :3, :3], blocks)
+
+
+def test_mask_with_holes_in_attention_against_dense(attention_path):
+    """Both paths against SDPA under the dense mask: documents of one hidden span, one-token and adjacent hidden
+    spans, a noisy copy followed by its clean copy, hidden spans across the interpreter's tile borders."""
+    mask = tk.IntervalMask.from_spans(
+        96, images=[[(40, 56), (70, 71)], [(10, 20)]], documents=[[6, 26, 56], [64, 30]],
+        hidden=[[(0, 6), (8, 9), (9, 12), (20, 32), (63, 65), (80, 88)], [(0, 10), (30, 34), (64, 94)]])
+    check_against_dense(mask, 2, 96, 96)

@@ -11,6 +11,7 @@ from tfkernels.testing import (
     assert_anchored,
     max_error,
     packed_transfusion_layout,
+    random_hidden_layout,
     random_layout,
     random_row_layout,
     segment_ids_from_layout,
@@ -119,6 +120,21 @@ def test_random_layouts_are_valid_and_seeded(seed):
     assert (images, documents) == random_layout(random.Random(seed), 3, seq_len, max_image_len=9)
     row_images, row_documents = random_row_layout(random.Random(seed), seq_len, padding=False)
     _check_layout(seq_len, [row_images], [row_documents], padded=False)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_hidden_layouts_split_the_random_layouts_spans(seed):
+    """The same rows as random_layout with the same seed, each span either an image or hidden; valid."""
+    seq_len = 1 + seed * 17
+    images, documents, hidden = random_hidden_layout(random.Random(seed), 3, seq_len, max_image_len=9)
+    all_images, all_documents = random_layout(random.Random(seed), 3, seq_len, max_image_len=9)
+    assert documents == all_documents
+    assert [sorted(i + h) for i, h in zip(images, hidden)] == all_images
+    tk.IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden).validate()
+    none_hidden = random_hidden_layout(random.Random(seed), 3, seq_len, max_image_len=9, hidden_probability=0.0)
+    assert none_hidden == (all_images, all_documents, [[], [], []])
+    with pytest.raises(ValueError, match=r"hidden_probability: expected"):
+        random_hidden_layout(random.Random(seed), 1, 8, hidden_probability=1.5)
 
 
 def test_random_layouts_cover_the_edge_cases():

@@ -444,3 +444,57 @@ def test_no_retrieval_packs_as_before():
 def test_bad_retrieval_arguments_are_named(retrieved, retrieval_mask, error, message):
     with pytest.raises(error, match=message):
         tc.Packer(CONFIG, 64, retrieval_mask=retrieval_mask)([[[1, 2]]], retrieved=retrieved)
+
+
+# ------------------------------------------------------------------------------ clean image copies
+def brute_force_clean_copies_mask(batch, row):
+    """The Transfusion mask of the row, with each noisy copy seen by no position outside it."""
+    dense = brute_force_mask(batch, row)
+    hidden = batch.hidden_ids[row]
+    outside = hidden[:, None] != hidden[None, :]  # [q, k]: q is not in k's noisy copy
+    return dense & ~((hidden != 0)[None, :] & outside)
+
+
+def test_clean_image_copies_pack_each_image_twice():
+    """Each image: its noisy copy (a hidden span, its drawn t), then its clean copy (t = 0, listed in clean_images)
+    at the same RoPE positions and with the same patches. Without the clean copies the row is the plain packing of
+    the document: tokens, targets, positions, noisy patches and their timesteps (the same draws)."""
+    generator = torch.Generator().manual_seed(3)
+    checked = 0
+    for _ in range(12):
+        document = random_document(generator)
+        plain = tc.Packer(CONFIG, 96, seed=4)([document])
+        batch = tc.Packer(CONFIG, 96, seed=4, clean_image_copies=True)([document])
+        assert batch.num_images == 2 * plain.num_images
+        assert batch.clean_images.tolist() == list(range(1, batch.num_images, 2))
+        assert torch.equal(batch.timesteps[0::2], plain.timesteps) and (batch.timesteps[1::2] == 0).all()
+        assert batch.noise_seed == plain.noise_seed
+        for i in range(plain.num_images):
+            lo, mid, hi = batch.patch_offsets[2 * i:2 * i + 3].tolist()
+            assert torch.equal(batch.patches[lo:mid], batch.patches[mid:hi])
+        assert torch.equal(batch.mask.to_dense()[0], brute_force_clean_copies_mask(batch, 0))
+        image, hidden = batch.image_ids[0], batch.hidden_ids[0]
+        assert torch.equal(hidden != 0, (image % 2 == 1)), "the first copy of each image is hidden"
+        clean = (image != 0) & (hidden == 0)
+        for name in ("tokens", "targets", "positions", "doc_ids"):
+            ours = getattr(batch, name)[0][~clean]
+            assert torch.equal(ours[:96 - int(clean.sum())], getattr(plain, name)[0][:96 - int(clean.sum())]), name
+        for q in torch.nonzero(clean).flatten().tolist():
+            patches = int(batch.patch_offsets[int(image[q])] - batch.patch_offsets[int(image[q]) - 1])
+            assert int(batch.positions[0, q]) == int(batch.positions[0, q - patches]), "the noisy copy's position"
+        checked += plain.num_images
+    assert checked >= 6
+    assert not plain.mask.has_holes and (plain.hidden_ids == 0).all() and plain.clean_images.numel() == 0
+    assert batch.mask.has_holes and batch.clean_images.dtype == torch.int64
+
+
+def test_clean_image_copies_count_twice_against_the_row():
+    image = torch.randn(3, 4, 4)  # 4 patches
+    document = [[1, 2], image]  # BOS, 2 tokens, BOI, 4 patches, EOI, EOS: 10 positions; 14 with a clean copy
+    assert tc.Packer(CONFIG, 10)([document]).tokens.shape[0] == 1
+    with pytest.raises(ValueError, match=r"documents\[0\]: takes 14 positions"):
+        tc.Packer(CONFIG, 10, clean_image_copies=True)([document])
+    truncated = tc.Packer(CONFIG, 12, clean_image_copies=True, truncate=True)([document])
+    assert truncated.num_images == 0, "an image whose two copies do not fit is dropped whole"
+    with pytest.raises(TypeError, match=r"clean_image_copies: expected a bool, got 1"):
+        tc.Packer(CONFIG, 10, clean_image_copies=1)

@@ -220,3 +220,61 @@ def test_bad_arguments_raise_named_errors(index):
     call, error, message = _bad_calls()[index]
     with pytest.raises(error, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------ clean image copies
+@pytest.mark.parametrize("mode", [{}, FLOW], ids=["cosine", "flow"])
+def test_clean_copies_are_read_clean_at_t0_and_have_no_loss(mode):
+    """Packer(clean_image_copies=True): the clean copies enter as their latents at t = 0 (no noise), and the
+    diffusion loss is the mean over the noisy copies only; the gradients are finite."""
+    torch.manual_seed(0)
+    config = tiny_config(**mode)
+    model = tc.Transfusion(config)
+    batch = tc.Packer(config, 64, seed=0, clean_image_copies=True)(documents())
+    clean = batch.clean_images
+    assert clean.numel() == batch.num_images // 2 > 0
+    noise = torch.randn_like(batch.patches)
+    out = model(batch, noise=noise)
+    t = batch.timesteps
+    if config.continuous_time:
+        t = tc.config.continuous_times(t, batch.noise_seed, config).index_fill(0, clean, 0.0)
+    timed = dataclasses.replace(batch, timesteps=t)
+    per_patch = torch.repeat_interleave(torch.arange(batch.num_images), batch.patch_offsets.diff())
+    is_clean = torch.isin(per_patch, clean)[:, None]
+    schedule = model.schedule
+    x_t = torch.where(is_clean, batch.patches, tc.ops.current().add_noise(batch.patches, t, schedule,
+                                                                          offsets=batch.patch_offsets, noise=noise))
+    _, pred = model.predict(timed, x_t)
+    per_image = tc.ops.current().diffusion_loss(pred, batch.patches, t, schedule, target=config.diffusion_target,
+                                                offsets=batch.patch_offsets, noise=noise, reduction="none")
+    noisy = torch.ones(batch.num_images, dtype=torch.bool).index_fill(0, clean, False)
+    torch.testing.assert_close(out.diffusion_loss, per_image[noisy].mean(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(out.diffusion_loss, per_image.mean())
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_clean_copies_train_what_generation_does():
+    """A caption, an image and text after it, packed with a clean copy: the noisy copy's predictions are those of a
+    denoising step after the cached caption, and the text after the image reads what generation leaves in the
+    cache, the image committed clean at t = 0 (same hidden states as the cached path)."""
+    torch.manual_seed(0)
+    config = tc.TransfusionConfig(dim=32, n_layers=2, n_heads=2, patch_size=4, image_size=16)
+    model = tc.Transfusion(config).eval()
+    tok = tc.ByteTokenizer()
+    caption, after = tok.encode("a red circle"), tok.encode("ok")
+    image = ShapesDataset(1)[0].image
+    batch = tc.Packer(config, 64, seed=0, clean_image_copies=True)([[caption, image, after]])
+    noisy_t = batch.timesteps[:1]
+    x_t = torch.cat([torch.randn_like(batch.patches[:16]), batch.patches[16:]])  # the noisy copy, the clean one
+    is_text = (batch.image_ids[0] == 0) & (batch.doc_ids[0] >= 0)
+    with torch.no_grad():
+        hidden, from_batch = model.predict(batch, x_t)
+        cache = model.new_cache()
+        model.extend_text(cache, torch.tensor([[config.bos_id, *caption, config.boi_id]]))
+        denoised = model.extend_image(cache, x_t[None, :16], noisy_t, (4, 4), commit=False)[0]
+        model.extend_image(cache, batch.patches[None, 16:], torch.zeros(1, dtype=torch.int64), (4, 4), commit=True)
+        logits = model.extend_text(cache, torch.tensor([[config.eoi_id, *after, config.eos_id]]))[0]
+    torch.testing.assert_close(denoised, from_batch[:16], rtol=1e-4, atol=1e-5)
+    text_after = torch.nonzero(is_text).flatten()[-(len(after) + 2):]  # EOI, the text, EOS
+    torch.testing.assert_close(logits, model.logits(hidden[0, text_after]), rtol=1e-4, atol=1e-4)

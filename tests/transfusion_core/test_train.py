@@ -102,6 +102,25 @@ def test_model_options_the_config_rejects_are_reported(tmp_path, capsys):
     assert "model options: TransfusionConfig.n_heads" in cli_error(tiny_argv(tmp_path, "--dim", "30"), capsys)
     assert "--sample-steps: expected at most the model's 1000 timesteps, got 5000" in cli_error(
         tiny_argv(tmp_path, "--sample-steps", "5000"), capsys)
+    assert "--image-first-t-max: expected at most the model's last timestep, 999, got 1000" in cli_error(
+        tiny_argv(tmp_path, "--image-first-t-max", "1000"), capsys)
+
+
+def test_packing_options_reach_the_packer(monkeypatch, tmp_path):
+    """--clean-image-copies and --image-first-t-max are the Packer's arguments in the training loop."""
+    created = []
+
+    class Recorded(train.Packer):
+        def __init__(self, *args, **kwargs):
+            created.append(kwargs)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(train, "Packer", Recorded)
+    args = train.parse_args(tiny_argv(tmp_path, "--clean-image-copies", "--image-first-t-max", "999", "--steps", "1"))
+    with pytest.raises(RuntimeError, match="recorded"):
+        train.train(args)
+    assert created[0]["clean_image_copies"] is True and created[0]["image_first_t_max"] == 999
+    assert train.parse_args([]).clean_image_copies is False and train.parse_args([]).image_first_t_max == 500
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

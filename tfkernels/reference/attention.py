@@ -32,10 +32,14 @@ __all__ = ["attention"]
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def _visible(kv_start, kv_end, seq_k):
-    """bool ``[B, 1, C, Sk]``: query row sees key (broadcast over heads)."""
+def _visible(kv_start, kv_end, seq_k, rows, key_q_start, key_q_end):
+    """bool ``[B, 1, C, Sk]``: query row sees key (broadcast over heads). ``rows [C]``: the chunk's query
+    indices; ``key_q_start``/``key_q_end [B, Sk]``: the queries each key allows (``None``: all)."""
     keys = torch.arange(seq_k, device=kv_start.device)
-    return ((keys >= kv_start[..., None]) & (keys < kv_end[..., None]))[:, None]
+    visible = (keys >= kv_start[..., None]) & (keys < kv_end[..., None])
+    if key_q_start is not None:
+        visible &= (rows[:, None] >= key_q_start[:, None, :]) & (rows[:, None] < key_q_end[:, None, :])
+    return visible[:, None]
 
 
 def _bad_rows(x):
@@ -62,13 +66,13 @@ def _scores(q, k, scale, softcap):
     return capped * softcap, capped
 
 
-def _attend_chunk(q, k, v, kv_start, kv_end, scale, softcap, v_finite, v_bad):
-    """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, bounds ``[B, C]`` -> out ``[B, H, C, D]``, lse ``[B, H, C]``.
+def _attend_chunk(q, k, v, visible, scale, softcap, v_finite, v_bad):
+    """q ``[B, H, C, D]``, k/v ``[B, H, Sk, D]``, ``visible [B, 1, C, Sk]`` (``_visible``) -> out ``[B, H, C,
+    D]``, lse ``[B, H, C]``.
 
     ``v_finite`` is v with its non-finite entries zeroed, ``v_bad [B, H, Sk]`` where v's row held one.
     In place where it can: the chunk's ``[B, H, C, Sk]`` buffers bound the memory.
     """
-    visible = _visible(kv_start, kv_end, k.shape[2])
     scores = _scores(q, k, scale, softcap)[0].masked_fill_(~visible, float("-inf"))
     # Rows whose scores are all -inf (those that see nothing) shift by 0 so exp() gives 0, not NaN.
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -88,17 +92,22 @@ class _ChunkAttention(torch.autograd.Function):
     ``k_bad``, ``v_finite``, ``v_bad`` are computed once for all chunks (no gradient)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kv_start, kv_end, scale, softcap, k_finite, k_bad, v_finite, v_bad):
-        out, lse = _attend_chunk(q, k, v, kv_start, kv_end, scale, softcap, v_finite, v_bad)
-        ctx.save_for_backward(q, k, v, kv_start, kv_end, out, lse, k_finite, k_bad)
+    def forward(ctx, q, k, v, kv_start, kv_end, rows, key_q_start, key_q_end, scale, softcap, k_finite, k_bad,
+                v_finite, v_bad):
+        # The bounds (the chunk's rows and, with holes, the keys' allowed queries) are saved instead of the
+        # [B, 1, C, Sk] mask, so that the memory the backward keeps stays bounded.
+        seq_k = k.shape[2]
+        visible = _visible(kv_start, kv_end, seq_k, rows, key_q_start, key_q_end)
+        out, lse = _attend_chunk(q, k, v, visible, scale, softcap, v_finite, v_bad)
+        ctx.save_for_backward(q, k, v, out, lse, k_finite, k_bad, kv_start, kv_end, rows, key_q_start, key_q_end)
         ctx.scale, ctx.softcap = scale, softcap
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, kv_start, kv_end, out, lse, k_finite, k_bad = ctx.saved_tensors
+        q, k, v, out, lse, k_finite, k_bad, kv_start, kv_end, rows, key_q_start, key_q_end = ctx.saved_tensors
         scale = ctx.scale
-        visible = _visible(kv_start, kv_end, k.shape[2])
+        visible = _visible(kv_start, kv_end, k.shape[2], rows, key_q_start, key_q_end)
         hidden = ~visible
         nan = float("nan")
         scores, capped = _scores(q, k, scale, ctx.softcap)
@@ -114,7 +123,7 @@ class _ChunkAttention(torch.autograd.Function):
         del d_scores
         d_v = torch.matmul(probs.masked_fill_(visible & _bad_rows(d_out)[..., None], nan).transpose(-1, -2),
                            _finite_or_zero(d_out))
-        return d_q.mul_(scale), d_k.mul_(scale), d_v, None, None, None, None, None, None, None, None
+        return (d_q.mul_(scale), d_k.mul_(scale), d_v) + (None,) * 11
 
 
 def attention(
@@ -150,6 +159,7 @@ def attention(
         raise ValueError(f"q has {heads_q} heads, not a multiple of k/v's {heads_kv}")
     mask.validate(batch_size=batch, seq_len_q=seq_q, seq_len_k=seq_k, device=q.device)
     kv_start, kv_end = mask._op_bounds()  # validated, or canonical while torch.compile traces
+    key_q_start, key_q_end = mask._op_holes() or (None, None)
     scale = dim**-0.5 if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     group = heads_q // heads_kv
@@ -163,9 +173,11 @@ def attention(
     # Once for all chunks: K and V with their non-finite entries zeroed, and where their rows held one.
     operands = [f(t.detach()) for t in (kh, vh) for f in (_finite_or_zero, _bad_rows)]
     outs, lses = [], []
+    rows = torch.arange(seq_q, device=q.device)
     for c0 in range(0, seq_q, chunk):
-        out, lse = _ChunkAttention.apply(qh[:, :, c0 : c0 + chunk], kh, vh, kv_start[:, c0 : c0 + chunk],
-                                         kv_end[:, c0 : c0 + chunk], scale, softcap, *operands)
+        chunk_rows = slice(c0, c0 + chunk)
+        out, lse = _ChunkAttention.apply(qh[:, :, chunk_rows], kh, vh, kv_start[:, chunk_rows], kv_end[:, chunk_rows],
+                                         rows[chunk_rows], key_q_start, key_q_end, scale, softcap, *operands)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2) if outs else qh.new_zeros(batch, heads_q, 0, dim)

@@ -36,6 +36,23 @@ def test_packed_transfusion_layout_has_the_w1_composition():
     mask.validate()
 
 
+def test_packed_transfusion_layout_with_clean_copies():
+    """W6: every image is a noisy copy (hidden) directly followed by its clean copy, inside its document, with text
+    on both sides; about half the tokens are patches, both copies counted."""
+    images, documents, hidden = packed_transfusion_layout(random.Random(0), 2, 8192, clean_copies=True)
+    assert (images, documents, hidden) == packed_transfusion_layout(random.Random(0), 2, 8192, clean_copies=True)
+    for row_images, row_documents, row_hidden in zip(images, documents, hidden):
+        assert sum(row_documents) == 8192 and len(row_hidden) == len(row_images) > 0
+        assert all(noisy[1] == clean[0] and noisy[1] - noisy[0] == clean[1] - clean[0] == 256
+                   for noisy, clean in zip(row_hidden, row_images))
+        patches = sum(end - start for start, end in row_images + row_hidden)
+        assert 0.4 <= patches / 8192 <= 0.6
+    mask = tk.IntervalMask.from_spans(8192, images, documents, hidden=hidden)
+    mask.validate()
+    assert mask.visible_pairs() < tk.IntervalMask.from_spans(8192, [sorted(i + h) for i, h in zip(images, hidden)],
+                                                             documents).visible_pairs()
+
+
 def test_packed_transfusion_layout_rejects_bad_ranges():
     with pytest.raises(ValueError, match="doc_len"):
         packed_transfusion_layout(random.Random(0), 1, 64, doc_len=(10, 5))
