@@ -268,13 +268,8 @@ def test_causal_shortcut_equals_the_causal_mask():
         tk.attention([1.0], k, v, causal=True)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-def test_one_mask_row_serves_the_whole_batch(dtype):
-    """A batch-1 mask with batch-3 tensors (read with a zero batch stride on the kernel path) equals the
-    same layout repeated per row, values and gradients, bitwise."""
-    shared = _transfusion_mask(120, 1, seed=40, max_image_len=40)
-    repeated = tk.IntervalMask(shared.kv_start.repeat(3, 1), shared.kv_end.repeat(3, 1), shared.seq_len_k)
-    q, k, v = _qkv(3, 120, 120, 4, 2, 32, dtype, seed=41)
+def assert_same_for_shared_and_repeated(q, k, v, shared, repeated):
+    """Values, LSE and gradients of a batch-1 mask equal those of its layout repeated per row, bitwise."""
     results = []
     for mask in (shared, repeated):
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -282,6 +277,16 @@ def test_one_mask_row_serves_the_whole_batch(dtype):
         results.append((out, lse, *torch.autograd.grad(out.float().square().sum() + lse.sum(), inputs)))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_one_mask_row_serves_the_whole_batch(dtype):
+    """A batch-1 mask with batch-3 tensors (read with a zero batch stride on the kernel path) equals the
+    same layout repeated per row, values and gradients, bitwise."""
+    shared = _transfusion_mask(120, 1, seed=40, max_image_len=40)
+    repeated = tk.IntervalMask(shared.kv_start.repeat(3, 1), shared.kv_end.repeat(3, 1), shared.seq_len_k)
+    q, k, v = _qkv(3, 120, 120, 4, 2, 32, dtype, seed=41)
+    assert_same_for_shared_and_repeated(q, k, v, shared, repeated)
     assert_matches_reference(q, k, v, repeated)  # and the repeated layout is right
 
 
@@ -1047,13 +1052,7 @@ def test_one_mask_with_holes_serves_the_whole_batch(dtype):
     repeated = tk.IntervalMask(*(t.repeat(3, 1) for t in (shared.kv_start, shared.kv_end)), 120,
                                *(t.repeat(3, 1) for t in (shared.key_q_start, shared.key_q_end)))
     q, k, v = _qkv(3, 120, 120, 4, 2, 32, dtype, seed=72)
-    results = []
-    for mask in (shared, repeated):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, lse = tk.attention(*inputs, mask, return_lse=True)
-        results.append((out, lse, *torch.autograd.grad(out.float().square().sum() + lse.sum(), inputs)))
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
-        assert torch.equal(a, b), name
+    assert_same_for_shared_and_repeated(q, k, v, shared, repeated)
     assert_matches_reference(q, k, v, repeated)
 
 
