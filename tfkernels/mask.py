@@ -58,7 +58,7 @@ import torch
 
 from ._checks import check_int, is_int, is_int_dtype
 
-__all__ = ["IntervalMask", "NotAnIntervalError", "canonical_bounds", "segment_ids_from_layout"]
+__all__ = ["DenseMaskReader", "IntervalMask", "NotAnIntervalError", "canonical_bounds", "segment_ids_from_layout"]
 
 # Positions are stored as int32: every size and bound must fit.
 INT32_MAX = 2**31 - 1
@@ -535,11 +535,14 @@ class IntervalMask:
                 ``[Sq, Sk]`` (a batch-1 mask). An additive float mask (0 or -inf) converts with
                 ``dense == 0``.
 
-        Every query row must see one contiguous run of keys, and the runs' starts and ends must not
-        decrease from one row to the next; a row that sees nothing becomes an empty interval (its output
-        is zeros), placed after the keys of the rows before it. Anything else raises
-        ``NotAnIntervalError`` (a ``ValueError``) naming the first (batch row, query) that breaks it.
-        One host sync (the check reads the result back).
+        Each query row becomes the interval from its first to its last visible key; those bounds must not
+        decrease from one row to the next (a row that sees nothing becomes an empty interval, its output
+        zeros, placed after the keys of the rows before it). A row whose visible keys have holes (keys its
+        interval spans but it does not see: a padding key in the middle, a hidden span) gives a mask with
+        holes, which needs each such key to be seen by one run of the queries whose intervals span it: the
+        key then gets that run as its ``[key_q_start, key_q_end)``, every other key all queries. Anything
+        else raises ``NotAnIntervalError`` (a ``ValueError``) naming the first (batch row, query) that breaks
+        it. One host sync for an interval mask (the checks read the result back).
         """
         if not isinstance(dense, torch.Tensor):
             raise TypeError(f"dense: expected a bool tensor [B, Sq, Sk], got {_describe(dense)}")
@@ -556,40 +559,9 @@ class IntervalMask:
         batch_size, seq_len_q, seq_len_k = dense.shape
         for name, size in (("batch_size", batch_size), ("seq_len_q", seq_len_q), ("seq_len_k", seq_len_k)):
             _check_size(f"dense ({name})", size)
-        if seq_len_q == 0 or seq_len_k == 0:
-            empty = torch.zeros(batch_size, seq_len_q, dtype=torch.int32, device=dense.device)
-            return IntervalMask(empty, empty.clone(), seq_len_k)
-        as_int = dense.to(torch.uint8)
-        sees_any = dense.any(dim=-1)
-        first = as_int.argmax(dim=-1)  # the first visible key (argmax returns the first maximum)
-        last_end = seq_len_k - as_int.flip(-1).argmax(dim=-1)  # one past the last visible key
-        holes = sees_any & (as_int.sum(dim=-1, dtype=torch.int64) != last_end - first)
-        # An empty row sits at the largest end so far: the only place that can keep both bounds monotone.
-        running_end = torch.where(sees_any, last_end, 0).cummax(dim=-1).values
-        start = torch.where(sees_any, first, running_end)
-        end = torch.where(sees_any, last_end, running_end)
-        false = torch.zeros_like(holes[:, :1])
-        decreasing = torch.cat([false, (start[:, 1:] < start[:, :-1]) | (end[:, 1:] < end[:, :-1])], dim=1)
-        bad = holes | decreasing
-        if bool(bad.any()):
-            row, query = (int(i) for i in bad.nonzero()[0])
-            if holes[row, query]:
-                lo, hi = int(first[row, query]), int(last_end[row, query])
-                hidden = lo + int((~dense[row, query, lo:hi]).to(torch.uint8).argmax())
-                what = (f"its visible keys are not one interval (key {hidden} is hidden between visible keys "
-                        f"{lo} and {hi - 1})")
-            else:  # an empty row never decreases a bound: this row sees keys, the one before may not
-                here = f"it sees keys [{int(start[row, query])}, {int(end[row, query])})"
-                if sees_any[row, query - 1]:
-                    what = (f"{here} but query {query - 1} sees [{int(start[row, query - 1])}, "
-                            f"{int(end[row, query - 1])}): an interval mask needs the first and last visible keys "
-                            f"non-decreasing along the queries")
-                else:
-                    what = (f"{here} but query {query - 1} sees nothing, after rows that see keys up to "
-                            f"{int(end[row, query - 1])}: an interval mask can hold an empty row only between rows "
-                            f"whose intervals do not overlap")
-            raise NotAnIntervalError(row, query, f"dense: batch row {row}, query {query}: {what}")
-        return IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len_k)
+        reader = DenseMaskReader(batch_size, seq_len_q, seq_len_k, dense.device)
+        reader.add(dense)
+        return reader.mask(lambda: (dense,))
 
     # ------------------------------------------------------------------ views
     def slice_queries(self, start: int, end: int) -> IntervalMask:
@@ -824,18 +796,137 @@ class IntervalMask:
         return checks, start, end
 
 
+
+class DenseMaskReader:
+    """Builds the IntervalMask of a dense boolean mask read one block of query rows at a time
+    (``IntervalMask.from_dense`` reads one block; the Hugging Face mask builder evaluates a model's mask in
+    blocks to bound memory).
+
+    ``add`` keeps, per query row, its first and last visible key and how many it sees, and per key its
+    first and last query and how many see it: O(B * (Sq + Sk)) memory whatever the block size. ``mask``
+    builds the rows' intervals from those, and the holes from the keys: a key whose viewers are fewer than
+    the queries whose intervals span it must be seen by one run of them, exactly when the count of its
+    viewers equals the length of that run inside the span. Only a mask that is not an interval mask reads
+    its blocks a second time, to name the first row that breaks it.
+    """
+
+    def __init__(self, batch_size: int, seq_len_q: int, seq_len_k: int, device):
+        self.shape = (batch_size, seq_len_q, seq_len_k)
+        self.rows_read = 0
+        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # first key, end, count: [B, n]
+        keys = (batch_size, seq_len_k)
+        self.key_first = torch.full(keys, seq_len_q, dtype=torch.int64, device=device)  # first viewer
+        self.key_end = torch.zeros(keys, dtype=torch.int64, device=device)  # one past the last viewer
+        self.key_count = torch.zeros(keys, dtype=torch.int64, device=device)
+
+    def add(self, block: torch.Tensor) -> None:
+        """The next rows: bool ``[B, n, Sk]``."""
+        batch_size, seq_len_q, seq_len_k = self.shape
+        if block.shape[0] != batch_size or block.shape[2] != seq_len_k or self.rows_read + block.shape[1] > seq_len_q:
+            raise ValueError(f"dense block: expected [B, n, Sk] = [{batch_size}, n <= {seq_len_q - self.rows_read}, "
+                             f"{seq_len_k}], got {list(block.shape)}")
+        if block.shape[1] == 0 or seq_len_k == 0:
+            self.rows_read += block.shape[1]
+            return
+        as_int = block.to(torch.uint8)
+        # argmax gives the first maximum: the first visible key of a row, the first viewer of a key.
+        self._rows.append((as_int.argmax(-1), seq_len_k - as_int.flip(-1).argmax(-1),
+                           as_int.sum(-1, dtype=torch.int64)))
+        count = as_int.sum(1, dtype=torch.int64)
+        seen = count > 0
+        first = as_int.argmax(1) + self.rows_read
+        end = self.rows_read + block.shape[1] - as_int.flip(1).argmax(1)
+        self.key_first = torch.where(seen, torch.minimum(self.key_first, first), self.key_first)
+        self.key_end = torch.where(seen, torch.maximum(self.key_end, end), self.key_end)
+        self.key_count += count
+        self.rows_read += block.shape[1]
+
+    def mask(self, reread) -> IntervalMask:
+        """The IntervalMask of the rows added (all ``Sq`` of them). ``reread()``: the same blocks again, in
+        order (called only to name the first bad row before raising ``NotAnIntervalError``)."""
+        batch_size, seq_len_q, seq_len_k = self.shape
+        if self.rows_read != seq_len_q:
+            raise ValueError(f"dense: {self.rows_read} of {seq_len_q} query rows were added")
+        if seq_len_q == 0 or seq_len_k == 0:
+            empty = torch.zeros(batch_size, seq_len_q, dtype=torch.int32, device=self.key_end.device)
+            return IntervalMask(empty, empty.clone(), seq_len_k)
+        first, end, count = (torch.cat(parts, 1) for parts in zip(*self._rows))
+        sees_any = count > 0
+        # An empty row sits at the largest end so far: the only place that can keep both bounds monotone.
+        running_end = torch.where(sees_any, end, 0).cummax(dim=-1).values
+        start = torch.where(sees_any, first, running_end)
+        end = torch.where(sees_any, end, running_end)
+        false = torch.zeros_like(sees_any[:, :1])
+        decreasing = torch.cat([false, (start[:, 1:] < start[:, :-1]) | (end[:, 1:] < end[:, :-1])], dim=1)
+        rows = IntervalMask(start.to(torch.int32), end.to(torch.int32), seq_len_k)
+        # The queries whose intervals span each key are one run [spanned_start, spanned_end) (monotone bounds;
+        # meaningless where they decrease, which raises first).
+        spanned_start, spanned_end = (t.long() for t in rows.key_intervals())
+        viewers_in_run = (torch.minimum(self.key_end, spanned_end)
+                          - torch.maximum(self.key_first, spanned_start)).clamp(min=0)
+        one_run = self.key_count == viewers_in_run
+        unrestricted = self.key_count == spanned_end - spanned_start
+        broken, not_one_run, has_holes = torch.stack(
+            [decreasing.any(), (~one_run).any(), (~unrestricted).any()]).tolist()  # the one host sync
+        if broken or not_one_run:
+            self._raise_first_bad(reread, first, start, end, sees_any, decreasing)
+        if not has_holes:
+            return rows
+        seen = self.key_count > 0
+        key_q_start = torch.where(unrestricted | ~seen, 0, self.key_first)
+        key_q_end = torch.where(unrestricted, seq_len_q, torch.where(seen, self.key_end, 0))
+        return IntervalMask(rows.kv_start, rows.kv_end, seq_len_k, key_q_start.to(torch.int32),
+                            key_q_end.to(torch.int32))
+
+    def _raise_first_bad(self, reread, first, start, end, sees_any, decreasing):
+        """Raise ``NotAnIntervalError`` for the first row (row-major) whose bounds decrease, or that misses a key
+        its interval spans while queries before and after it see that key."""
+        keys = torch.arange(self.shape[2], device=start.device)
+        stranded, stranded_key, offset = [], [], 0
+        for block in reread():
+            n = block.shape[1]
+            queries = torch.arange(offset, offset + n, device=start.device)[None, :, None]
+            spans = (keys >= start[:, offset:offset + n, None]) & (keys < end[:, offset:offset + n, None])
+            viewed_around = (queries >= self.key_first[:, None, :]) & (queries < self.key_end[:, None, :])
+            missed = spans & viewed_around & ~block
+            stranded.append(missed.any(-1))
+            stranded_key.append(missed.to(torch.uint8).argmax(-1))
+            offset += n
+        stranded, stranded_key = torch.cat(stranded, 1), torch.cat(stranded_key, 1)
+        row, query = (int(i) for i in (decreasing | stranded).nonzero()[0])
+        if stranded[row, query]:
+            key = int(stranded_key[row, query])
+            what = (f"its visible keys are not one interval (key {key} is hidden between visible keys "
+                    f"{int(start[row, query])} and {int(end[row, query]) - 1}), and the queries that see key {key} "
+                    f"are not one interval either (queries {int(self.key_first[row, key])} and "
+                    f"{int(self.key_end[row, key]) - 1} see it, this one does not)")
+        else:  # an empty row never decreases a bound: this row sees keys, the one before may not
+            here = f"it sees keys [{int(start[row, query])}, {int(end[row, query])})"
+            if sees_any[row, query - 1]:
+                what = (f"{here} but query {query - 1} sees [{int(start[row, query - 1])}, "
+                        f"{int(end[row, query - 1])}): an interval mask needs the first and last visible keys "
+                        f"non-decreasing along the queries")
+            else:
+                what = (f"{here} but query {query - 1} sees nothing, after rows that see keys up to "
+                        f"{int(end[row, query - 1])}: an interval mask can hold an empty row only between rows "
+                        f"whose intervals do not overlap")
+        raise NotAnIntervalError(row, query, f"dense: batch row {row}, query {query}: {what}", what)
+
+
 _MONOTONE = "non-decreasing along queries"
 
 
 class NotAnIntervalError(ValueError):
-    """A dense mask that one key interval per query cannot express (``IntervalMask.from_dense``): a query
-    row with a hole in its visible keys, or bounds that decrease along the queries. ``batch`` and ``query``
-    name the first such row (row-major), e.g. for a caller that falls back to dense attention."""
+    """A dense mask that an IntervalMask cannot express (``IntervalMask.from_dense``): bounds that decrease
+    along the queries, or a row with a hole at a key whose viewers are not one run of queries. ``batch`` and
+    ``query`` name the first such row (row-major), e.g. for a caller that falls back to dense attention;
+    ``what`` says what breaks it."""
 
-    def __init__(self, batch: int, query: int, message: str):
+    def __init__(self, batch: int, query: int, message: str, what: str | None = None):
         super().__init__(message)
         self.batch = batch
         self.query = query
+        self.what = message if what is None else what  # what breaks the row, without its place
 
 
 # Wider than any window can matter: |position| < 2**31 and keys lie in [0, 2**31), so a side of at

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import tfkernels as tk
 from tests.support import both_paths_fixture
-from tfkernels.mask import NotAnIntervalError, canonical_bounds, segment_ids_from_layout
+from tfkernels.mask import DenseMaskReader, NotAnIntervalError, canonical_bounds, segment_ids_from_layout
 from tfkernels.testing import assert_anchored, random_hidden_layout, random_layout
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -757,33 +757,50 @@ def test_from_position_ids_with_images_and_under_compile():
 
 
 def from_dense_oracle(dense):
-    """Row by row from the definition: each row one run of keys; an empty row must sit at or after the ends
-    of the rows before it and at or before the starts of the rows after it. Returns (bounds, None) or
-    (None, (batch, query)) for the first row that breaks it."""
-    batch, seq_q, _ = dense.shape
-    starts, ends = [], []
+    """Row by row and key by key from the definition: a row's interval runs from its first to its last visible key
+    (an empty row sits at the largest end so far) and the bounds never decrease; a key that some query's interval
+    spans without the query seeing it is seen by one run of the queries spanning it, its [key_q_start, key_q_end)
+    (every other key: all queries). Returns (bounds, key bounds or None) or (None, (batch, query)) for the first
+    row that breaks it: decreasing bounds, or a hole at a key seen by queries before and after it."""
+    batch, seq_q, seq_k = dense.shape
+    starts, ends, key_starts, key_ends, bad_rows = [], [], [], [], set()
     for b in range(batch):
         last_start = last_end = 0
         row_starts, row_ends = [], []
         for q in range(seq_q):
             keys = dense[b, q].nonzero().flatten().tolist()
-            if not keys:
-                s = e = last_end
-            else:
-                s, e = keys[0], keys[-1] + 1
-                if len(keys) != e - s or s < last_start or e < last_end:
-                    return None, (b, q)
+            s, e = (keys[0], keys[-1] + 1) if keys else (last_end, last_end)
+            if s < last_start or e < last_end:
+                bad_rows.add((b, q))
             last_start, last_end = s, e
             row_starts.append(s)
             row_ends.append(e)
+        row_key_starts, row_key_ends = [], []
+        for k in range(seq_k):
+            spanning = [q for q in range(seq_q) if row_starts[q] <= k < row_ends[q]]
+            viewers = [q for q in range(seq_q) if dense[b, q, k]]
+            if viewers == spanning:
+                row_key_starts.append(0)
+                row_key_ends.append(seq_q)
+                continue
+            lo, hi = (viewers[0], viewers[-1] + 1) if viewers else (0, 0)
+            bad_rows.update((b, q) for q in spanning if lo <= q < hi and q not in viewers)
+            row_key_starts.append(lo)
+            row_key_ends.append(hi)
         starts.append(row_starts)
         ends.append(row_ends)
-    return (starts, ends), None
+        key_starts.append(row_key_starts)
+        key_ends.append(row_key_ends)
+    if bad_rows:
+        return None, min(bad_rows)
+    holes = any(s != 0 or e != seq_q for row in zip(key_starts, key_ends) for s, e in zip(*row))
+    return (starts, ends, (key_starts, key_ends) if holes else None), None
 
 
 @st.composite
 def dense_masks(draw):
-    """Dense masks of random valid interval masks (empty rows included), some with bits flipped."""
+    """Dense masks of random valid interval masks (empty rows included), some with holes (keys seen by a run of
+    the queries whose intervals span them), some with bits flipped."""
     batch, seq_q, seq_k = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
     dense = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
     for b in range(batch):
@@ -793,13 +810,18 @@ def dense_masks(draw):
             end = draw(st.integers(max(start, end), seq_k))
             if draw(st.integers(0, 4)) > 0:  # else an empty row here
                 dense[b, q, start:end] = True
+    for _ in range(draw(st.integers(0, 3))):  # a key hidden from the queries outside a run
+        b, k = draw(st.integers(0, batch - 1)), draw(st.integers(0, seq_k - 1))
+        lo = draw(st.integers(0, seq_q))
+        hi = draw(st.integers(lo, seq_q))
+        dense[b, :lo, k] = dense[b, hi:, k] = False
     for _ in range(draw(st.integers(0, 2))):
         b, q, k = draw(st.integers(0, batch - 1)), draw(st.integers(0, seq_q - 1)), draw(st.integers(0, seq_k - 1))
         dense[b, q, k] = ~dense[b, q, k]
     return dense
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(dense_masks(), st.sampled_from(["3d", "4d", "2d"]))
 def test_from_dense_matches_the_oracle(dense, form):
     if form == "2d":
@@ -813,7 +835,41 @@ def test_from_dense_matches_the_oracle(dense, form):
         return
     mask = tk.IntervalMask.from_dense(given_mask)
     assert mask.kv_start.tolist() == bounds[0] and mask.kv_end.tolist() == bounds[1]
+    if bounds[2] is None:
+        assert not mask.has_holes
+    else:
+        assert mask.key_q_start.tolist() == bounds[2][0] and mask.key_q_end.tolist() == bounds[2][1]
     assert_mask(mask, dense, dense.shape[-1])
+
+
+def test_from_dense_reads_blocks_of_rows_as_one():
+    """DenseMaskReader takes a mask a block of rows at a time (the Hugging Face builder's way) and gives what one
+    block gives, holes and errors included."""
+    rng = random.Random(5)
+    images, documents, hidden = random_hidden_layout(rng, 2, 40, max_image_len=8)
+    dense = tk.IntervalMask.from_spans(40, images=images, documents=documents, hidden=hidden).to_dense()
+
+    def read(dense, block):
+        reader = DenseMaskReader(*dense.shape, dense.device)
+        blocks = lambda: [dense[:, i:i + block] for i in range(0, dense.shape[1], block)]  # noqa: E731
+        for part in blocks():
+            reader.add(part)
+        return reader.mask(blocks)
+
+    whole = tk.IntervalMask.from_dense(dense)
+    assert whole.has_holes
+    for block in (1, 3, 7, 40):
+        mask = read(dense, block)
+        for name in ("kv_start", "kv_end", "key_q_start", "key_q_end"):
+            assert torch.equal(getattr(mask, name), getattr(whole, name)), (block, name)
+    broken = dense.clone()
+    broken[:, 30, 1] = ~broken[:, 30, 1]  # key 1 seen across a document, or a hole in a causal row
+    with pytest.raises(NotAnIntervalError) as expected:
+        tk.IntervalMask.from_dense(broken)
+    for block in (1, 3, 7):
+        with pytest.raises(NotAnIntervalError) as caught:
+            read(broken, block)
+        assert str(caught.value) == str(expected.value)
 
 
 def test_from_dense_round_trips_every_constructor():
@@ -822,7 +878,9 @@ def test_from_dense_round_trips_every_constructor():
     for mask in (tk.IntervalMask.from_spans(40, images=images, documents=documents),
                  tk.IntervalMask.causal(2, 5, 9), tk.IntervalMask.causal(2, 9, 5), tk.IntervalMask.prefix_lm([2, 7], 2, 6, 8),
                  tk.IntervalMask.window((2, 3), 1, 7, 11), tk.IntervalMask.from_key_lengths([0, 3], 4, 5),
-                 tk.IntervalMask.from_cu_seqlens([0, 3, 3, 9], [0, 4, 6, 6], causal=True)):
+                 tk.IntervalMask.from_cu_seqlens([0, 3, 3, 9], [0, 4, 6, 6], causal=True),
+                 tk.IntervalMask.from_spans(40, **dict(zip(("images", "documents", "hidden"),
+                                                           random_hidden_layout(rng, 3, 40, max_image_len=10))))):
         again = tk.IntervalMask.from_dense(mask.to_dense())
         assert torch.equal(again.to_dense(), mask.to_dense())
         again.validate()
@@ -831,7 +889,9 @@ def test_from_dense_round_trips_every_constructor():
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([[1, 0, 1, 0]], r"query 0: its visible keys are not one interval \(key 1 is hidden between visible keys 0 and 2\)"),
+        ([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 0]],
+         r"query 1: its visible keys are not one interval \(key 1 is hidden between visible keys 0 and 2\), and the "
+         r"queries that see key 1 are not one interval either \(queries 0 and 2 see it, this one does not\)"),
         ([[0, 1, 1, 0], [1, 1, 0, 0]], r"query 1: it sees keys \[0, 2\) but query 0 sees \[1, 3\): an interval mask needs"),
         ([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]],
          r"query 2: it sees keys \[0, 3\) but query 1 sees nothing, after rows that see keys up to 2: an interval mask "
@@ -893,6 +953,24 @@ def test_from_dense_empty_rows_run_in_attention(attention_path):
     assert mask.kv_start[0, 13:].tolist() == mask.kv_end[0, 13:].tolist() == [13] * 7  # padding rows 16-19 too
     out, dq, _, _ = check_against_dense(mask, 1, 20, 20)
     assert not out[0, 13:16].any() and not dq[0, 13:16].any() and not out[0, 7].any()
+
+
+def test_from_dense_holes_run_in_attention(attention_path):
+    """Dense masks whose rows have holes that per-key query intervals express: padding keys in the middle of
+    causal rows (no query sees them), a decoder's rows over its own keys (causal) and an encoder's (all of them)
+    concatenated, hidden spans (BAGEL's noisy copies). Attention equals SDPA on the dense mask, forward and
+    gradients (GQA; Sq != Sk)."""
+    padded = torch.ones(2, 24, 24, dtype=torch.bool).tril()
+    padded[0, :, 9:11] = padded[1, :, 3] = False
+    decoder = torch.ones(12, 32, dtype=torch.bool)
+    decoder[:, :12] = torch.ones(12, 12, dtype=torch.bool).tril()
+    images, documents, hidden = random_hidden_layout(random.Random(11), 2, 40, max_image_len=9,
+                                                     hidden_probability=0.7)
+    hidden = tk.IntervalMask.from_spans(40, images=images, documents=documents, hidden=hidden).to_dense()
+    for dense in (padded, decoder[None], hidden):
+        mask = tk.IntervalMask.from_dense(dense)
+        assert mask.has_holes and torch.equal(mask.to_dense(), dense)
+        check_against_dense(mask, *dense.shape)
 
 
 def test_cross_attention_with_key_lengths(attention_path):

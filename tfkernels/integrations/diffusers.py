@@ -28,11 +28,12 @@ relative to a visible key's: zero in every float dtype; bfloat16 rounds it to -9
 at 0; any other value is a bias that one key interval per query cannot carry
 (``NotImplementedError``). A mask with one row of keys per batch row (``[B, Sk]``, ``[B, 1, Sk]``,
 ``[B, 1, 1, Sk]``) whose visible keys are a prefix becomes ``IntervalMask.from_key_lengths``; any
-other mask goes through ``IntervalMask.from_dense``, which raises ``NotAnIntervalError`` naming the
-first (batch row, query) whose visible keys are not one interval (e.g. Flux's text padding in the
-middle of its joint [text, image] sequence). A row whose keys all carry the same finite bias (an
-empty caption under PixArt's bias) sees every key, as under SDPA, where the bias cancels in the
-softmax; a row of a bool or ``-inf`` mask that sees no key outputs zeros (SDPA: NaN). Each mask
+other mask goes through ``IntervalMask.from_dense``: keys hidden inside a row's interval (Flux's text
+padding in the middle of its joint [text, image] sequence) give a mask with holes, and a mask that is
+not an interval mask raises ``NotAnIntervalError`` naming the first (batch row, query) that breaks
+it. A row whose keys all carry the same finite bias (an empty caption under PixArt's bias) sees
+every key, as under SDPA, where the bias cancels in the softmax; a row of a bool or ``-inf`` mask
+that sees no key outputs zeros (SDPA: NaN). Each mask
 tensor is converted once per forward (every block gets the same tensor), with one host sync.
 
 ``JointAttnProcessor2_0`` ignores ``attention_mask``, and so does its replacement.

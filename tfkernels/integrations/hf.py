@@ -25,16 +25,21 @@ every layer, so its cost is per forward, not per layer:
   host sync at the end.
 * **Evaluated path, O(B * S^2) time, bounded memory**: any piece the algebra does not know (a
   model's own lambda, a custom ``or_mask_function``), or a failed condition, evaluates the closure
-  itself with transformers' ``sdpa_mask`` a chunk of query rows at a time and converts each chunk
-  with ``IntervalMask.from_dense``. This path is exact by construction (it is the boolean mask SDPA
-  would get); the structural path is tested against it.
+  itself with transformers' ``sdpa_mask`` a chunk of query rows at a time and reads the chunks with
+  a ``DenseMaskReader`` (``IntervalMask.from_dense``'s reading, holes included). This path is
+  exact by construction (it is the boolean mask SDPA would get); the structural path is tested
+  against it.
 * Queries at padded positions see nothing, IntervalMask's convention for padding rows, whatever
   transformers' mask lets them see (a right-padded prefix-LM's padding shares the prefix's block id);
   only in self-attention masks (those with a causal, sliding-window or chunk piece): the padding
   mask of cross-attention covers the encoder's keys, not the queries' positions.
-* A mask that is not one key interval per query (a row with a hole, bounds moving backwards)
-  raises ``NotAnIntervalError`` naming the model and the row, or, with ``fallback="sdpa"``, returns
-  SDPA's dense mask and the attention function runs SDPA on it.
+* A row with holes (keys hidden inside its interval: a padding key, an overlay hiding a span from
+  the queries after it, T5Gemma2's concatenated decoder mask) gives a mask with holes where each
+  hidden key is seen by one run of the queries spanning it (``DenseMaskReader``, as
+  ``IntervalMask.from_dense``). A mask that is not an interval mask (bounds moving backwards, a key
+  seen before and after a query that spans it but does not see it) raises ``NotAnIntervalError``
+  naming the model and the row, or, with ``fallback="sdpa"``, returns SDPA's dense mask and the
+  attention function runs SDPA on it.
 
 The attention function takes HF's ``[B, H, S, D]`` q/k/v (K/V not expanded for GQA), transposes
 them to views in tk's ``[B, S, H, D]`` layout (no copy) and calls ``tk.attention`` with the module's
@@ -72,7 +77,7 @@ except ImportError as error:
     raise ImportError("tfkernels.integrations.hf needs transformers: pip install 'tfkernels[hf]'") from error
 
 from ..attention import MAX_HEAD_DIM, attention
-from ..mask import IntervalMask, NotAnIntervalError
+from ..mask import DenseMaskReader, IntervalMask, NotAnIntervalError
 from ._converted import ConvertedMasks
 
 # The oldest transformers this module supports (setup.py's hf extra takes the 5.x releases from it on): the first
@@ -463,67 +468,43 @@ def _layer_name(module) -> str:
     return f"{_model_name(getattr(module, 'config', None))}{layer} ({type(module).__name__})"
 
 
-def _visible_runs(row: torch.Tensor, limit: int = 4) -> str:
-    """The visible keys of one dense row as intervals, e.g. ``[0, 3), [5, 8)``."""
-    keys = row.nonzero().flatten().tolist()
-    if not keys:
-        return "nothing"
-    runs, first = [], keys[0]
-    for previous, key in zip(keys, keys[1:] + [None]):
-        if key != previous + 1:
-            runs.append(f"[{first}, {previous + 1})")
-            first = key
-    shown = ", ".join(runs[:limit])
-    return shown + (f" and {len(runs) - limit} more runs" if len(runs) > limit else "")
-
-
 def _not_an_interval(config, batch: int, query: int, what: str) -> NotAnIntervalError:
     return NotAnIntervalError(batch, query, (
         f"{_model_name(config)}: its attention mask is not one key interval per query (batch row {batch}, "
-        f"query {query}: {what}); tk.attention takes one interval [kv_start, kv_end) per query row. "
+        f"query {query}: {what}); tk.attention takes one interval [kv_start, kv_end) per query row, inside which a "
+        f"key may be hidden only from the queries outside one run of those that span it. "
         f"Register with tfkernels.integrations.hf.register(name, fallback='sdpa') to run such masks with SDPA, "
         f"or use another attn_implementation."
     ))
 
 
 def _evaluated(call: dict, rows: _Rows, config):
-    """The bounds of the closure evaluated with transformers' ``sdpa_mask`` a chunk of rows at a time."""
+    """The bounds of the closure evaluated with transformers' ``sdpa_mask`` a chunk of rows at a time (read by a
+    ``DenseMaskReader``: a second pass over the chunks only to name the row of a mask that is not an interval
+    mask); the key bounds too where the rows have holes."""
     batch_size, q_length = rows.shape
     seq_len_k = rows.seq_len_k
     chunk = max(1, _DENSE_CHUNK_ELEMENTS // max(1, batch_size * seq_len_k))
-    starts, ends = [], []
-    for first in range(0, q_length, chunk):
-        rows_here = min(chunk, q_length - first)
-        dense = sdpa_mask(
-            batch_size=batch_size, q_length=rows_here, kv_length=seq_len_k, q_offset=rows.q_offset + first,
-            kv_offset=rows.kv_offset, mask_function=call["mask_function"], attention_mask=call["attention_mask"],
-            allow_is_causal_skip=False, use_vmap=call["use_vmap"], device=rows.device,
-        )
-        dense = dense & ~rows.padding_queries[:, None, first : first + rows_here, None]
-        try:
-            part = IntervalMask.from_dense(dense.expand(batch_size, 1, rows_here, seq_len_k))
-        except NotAnIntervalError as error:
-            row = dense[min(error.batch, dense.shape[0] - 1), 0]
-            what = f"it sees keys {_visible_runs(row[error.query])}"
-            if error.query > 0:
-                what += f", after query {first + error.query - 1} sees {_visible_runs(row[error.query - 1])}"
-            raise _not_an_interval(config, error.batch, first + error.query, what) from error
-        starts.append(part.kv_start)
-        ends.append(part.kv_end)
-    start, end, decreasing = _place_empty_rows(torch.cat(starts, 1).long(), torch.cat(ends, 1).long())
-    if bool(decreasing.any()):  # only possible across a chunk boundary: from_dense checked inside chunks
-        batch, query = (int(i) for i in decreasing.nonzero()[0])
-        raw_start = torch.cat(starts, 1)[batch]
-        raw_end = torch.cat(ends, 1)[batch]
 
-        def sees(q):
-            lo, hi = int(raw_start[q]), int(raw_end[q])
-            return f"[{lo}, {hi})" if lo < hi else "nothing"
+    def blocks():
+        for first in range(0, q_length, chunk):
+            rows_here = min(chunk, q_length - first)
+            dense = sdpa_mask(
+                batch_size=batch_size, q_length=rows_here, kv_length=seq_len_k, q_offset=rows.q_offset + first,
+                kv_offset=rows.kv_offset, mask_function=call["mask_function"], attention_mask=call["attention_mask"],
+                allow_is_causal_skip=False, use_vmap=call["use_vmap"], device=rows.device,
+            )
+            dense = dense[:, 0] & ~rows.padding_queries[:, first : first + rows_here, None]
+            yield dense.expand(batch_size, rows_here, seq_len_k)
 
-        raise _not_an_interval(config, batch, query, (
-            f"it sees keys {sees(query)}, after query {query - 1} sees {sees(query - 1)}: the first and last "
-            f"visible keys must not decrease along the queries"))
-    return start, end
+    reader = DenseMaskReader(batch_size, q_length, seq_len_k, rows.device)
+    for block in blocks():
+        reader.add(block)
+    try:
+        mask = reader.mask(blocks)
+    except NotAnIntervalError as error:
+        raise _not_an_interval(config, error.batch, error.query, error.what) from error
+    return mask.kv_start, mask.kv_end, mask.key_q_start, mask.key_q_end
 
 
 @torch.compiler.disable
@@ -552,8 +533,9 @@ def interval_mask(
         on ``device``; with ``fallback="sdpa"``, SDPA's dense mask where that is impossible.
 
     Raises:
-        NotAnIntervalError: a query row whose visible keys have a hole, or bounds that move backwards,
-            naming the model and the row (without ``fallback``).
+        NotAnIntervalError: bounds that move backwards, or a row with a hole at a key seen by queries
+            before and after it, naming the model and the row (without ``fallback``); other holes give a
+            mask with holes.
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback: expected one of {FALLBACKS}, got {fallback!r}")
@@ -577,8 +559,11 @@ def interval_mask(
             if dense is not None:
                 _dense_masks.remember(dense, None)  # the attention function goes straight to SDPA
             return dense
-    start, end = bounds
-    return _BuiltMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length)
+        start, end, key_q_start, key_q_end = bounds
+    else:
+        (start, end), key_q_start, key_q_end = bounds, None, None
+    return _BuiltMask(start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous(), kv_length,
+                      key_q_start, key_q_end)
 
 
 class _BuiltMask(IntervalMask):
@@ -636,7 +621,7 @@ def _from_dense(dense: torch.Tensor, module, batch_size: int, fallback) -> Inter
         try:
             mask = IntervalMask.from_dense(dense.expand(batch_size, -1, -1, -1))
         except NotAnIntervalError as not_interval:
-            error = _not_an_interval(config, not_interval.batch, not_interval.query, str(not_interval))
+            error = _not_an_interval(config, not_interval.batch, not_interval.query, not_interval.what)
     if error is not None and fallback is None:
         raise error
     _dense_masks.remember(original, mask)

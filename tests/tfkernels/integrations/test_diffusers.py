@@ -298,13 +298,26 @@ def test_unet_style_attention_over_feature_maps():
 
 
 @needs_diffusers
-def test_masks_tk_attention_cannot_take_raise_by_name():
-    module = tkd.apply(cross_attention())
+def test_caption_padding_inside_the_keys_runs_as_a_mask_with_holes(tk_calls):
+    """A key hidden from every query in the middle of the caption (a padding token between two texts) is a hole
+    one query interval per key expresses: tk.attention runs it and equals the default processor."""
     x, context = randn(2, 6, 32, seed=1), randn(2, 9, 24, seed=2)
     hole = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
     hole[1, 4] = False
-    with pytest.raises(NotAnIntervalError, match="batch row 1"):
-        module(x, encoder_hidden_states=context, attention_mask=hole)
+    ours, ref64, lowp = both_processors(cross_attention(), x, encoder_hidden_states=context, attention_mask=hole)
+    assert_anchored("out", ours, ref64, lowp)
+    assert tk_calls[0].has_holes and tk_calls[0].key_q_end[1, 4] == tk_calls[0].key_q_start[1, 4]
+
+
+@needs_diffusers
+def test_masks_tk_attention_cannot_take_raise_by_name():
+    module = tkd.apply(cross_attention())
+    x, context = randn(2, 6, 32, seed=1), randn(2, 9, 24, seed=2)
+    keys, rows = torch.arange(9, device=DEVICE), torch.arange(6, device=DEVICE)[:, None]
+    backwards = ((keys >= rows) & (keys < rows + 4)).expand(2, 6, 9).clone()  # query i sees keys [i, i + 4)
+    backwards[1, 2, 0] = True  # query 2 also sees key 0, which query 1 does not: the rows' starts decrease
+    with pytest.raises(NotAnIntervalError, match="batch row 1, query 2"):
+        module(x, encoder_hidden_states=context, attention_mask=backwards)
     bias = torch.zeros(2, 1, 9, device=DEVICE)
     bias[0, 0, 2] = -1.0
     with pytest.raises(NotImplementedError, match="holds biases"):
@@ -318,7 +331,7 @@ def test_masks_tk_attention_cannot_take_raise_by_name():
 @needs_diffusers
 def test_flux_attention_masks(tk_calls):
     """The dispatcher's [B, Sk] key mask on a joint block (hidden image keys at the end: one interval), a
-    per-head mask, and caption padding in the middle of the joint [text, image] keys (not one interval)."""
+    per-head mask, and caption padding in the middle of the joint [text, image] keys (a mask with holes)."""
     torch.manual_seed(0)
     module = FluxAttention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, context_pre_only=False,
                            bias=True).to(DEVICE).eval()
@@ -333,9 +346,15 @@ def test_flux_attention_masks(tk_calls):
     with pytest.raises(NotImplementedError, match="a mask per head"):
         module(x, encoder_hidden_states=context, attention_mask=mask[:, None, None].expand(2, 2, 1, 13))
     caption_padding = torch.ones(2, 13, dtype=torch.bool, device=DEVICE)
-    caption_padding[0, 3:5] = False
-    with pytest.raises(NotAnIntervalError, match="batch row 0"):
-        module(x, encoder_hidden_states=context, attention_mask=caption_padding)
+    caption_padding[0, 3:5] = False  # hidden from every query: a mask with holes
+    tk_calls.clear()
+    module = FluxAttention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=32, context_pre_only=False,
+                           bias=True).to(DEVICE).eval()
+    (ours, ours_context), (ref64, ref64_context), (lowp, lowp_context) = both_processors(
+        module, x, encoder_hidden_states=context, attention_mask=caption_padding)
+    assert_anchored("image tokens", ours, ref64, lowp)
+    assert_anchored("text tokens", ours_context, ref64_context, lowp_context)
+    assert tk_calls[0].has_holes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 import tfkernels as tk
 from tests.support import DEVICE, both_paths_fixture
-from tfkernels.mask import IntervalMask, NotAnIntervalError
+from tfkernels.mask import DenseMaskReader, IntervalMask, NotAnIntervalError, segment_ids_from_layout
 from tfkernels.testing import assert_anchored
 
 from .support import (
@@ -320,13 +320,17 @@ def _padding_queries_emptied(dense, call, kind):
     return dense & ~padded[:, :, None]
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
 @needs_transformers
 def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
     """On random calls (caches, windows, chunks, Gemma3 image blocks, PaliGemma prefixes, packed documents,
     padding, a custom overlay): the IntervalMask equals transformers' dense mask with its padding queries
-    seeing nothing wherever that is an interval mask (the same mask as IntervalMask.from_dense gives), and
-    NotAnIntervalError is raised exactly where it is not. The structural path takes every call whose pieces
-    it knows."""
+    seeing nothing wherever that is an interval mask, with or without holes (the same mask as
+    IntervalMask.from_dense gives), and NotAnIntervalError is raised exactly where it is not. The structural
+    path takes every call whose pieces it knows and whose rows have no holes."""
     evaluations = []
     evaluated = hf._evaluated
 
@@ -336,7 +340,8 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
 
     monkeypatch.setattr(hf, "_evaluated", counted)
     rng = random.Random(0)
-    seen = {"interval": 0, "not an interval": 0, "structural": 0, "interval once padding queries see nothing": 0}
+    seen = {"interval": 0, "holes": 0, "not an interval": 0, "structural": 0,
+            "interval once padding queries see nothing": 0}
     for case in range(300):
         kind, call, structural = _random_call(rng)
         given = mu.sdpa_mask(**call, allow_is_causal_skip=False)[:, 0]
@@ -352,8 +357,12 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
             continue
         mask = hf.interval_mask(**call)
         assert torch.equal(mask.to_dense(), dense), (case, kind)
-        assert torch.equal(mask.kv_start, expected.kv_start) and torch.equal(mask.kv_end, expected.kv_end), case
+        for name in ("kv_start", "kv_end", "key_q_start", "key_q_end"):
+            assert _same(getattr(mask, name), getattr(expected, name)), (case, name)
         mask.validate()
+        if expected.has_holes:  # padding keys inside the rows' intervals: evaluated, as from_dense reads them
+            seen["holes"] += 1
+            continue
         if structural:
             assert not evaluations, (case, kind, "evaluated")
             seen["structural"] += 1
@@ -362,8 +371,32 @@ def test_the_mask_builder_gives_transformers_masks_as_intervals(monkeypatch):
             IntervalMask.from_dense(given)
         except NotAnIntervalError:
             seen["interval once padding queries see nothing"] += 1
-    assert min(seen["interval"], seen["not an interval"], seen["structural"]) >= 30, seen
+    assert min(seen["interval"], seen["not an interval"], seen["structural"]) >= 30 and seen["holes"] >= 10, seen
     assert seen["interval once padding queries see nothing"] >= 5, seen
+
+
+@needs_transformers
+@pytest.mark.parametrize("use_vmap", [False, True])
+def test_the_mask_builder_reads_hidden_spans_from_a_models_mask_function(use_vmap):
+    """A model's own mask function for clean-copy rows (causal, bidirectional inside each image and each noisy
+    copy, a noisy copy hidden from every query outside it, packed documents) gives the mask that
+    IntervalMask.from_spans builds with hidden=..., its key intervals included."""
+    seq_len, images, hidden = 32, [[(14, 24)], [(2, 6), (20, 26)]], [[(4, 14)], [(10, 20)]]
+    documents = [[26, 6], [32]]
+    expected = IntervalMask.from_spans(seq_len, images=images, documents=documents, hidden=hidden, device=DEVICE)
+    doc, image, noisy = segment_ids_from_layout(seq_len, images=images, documents=documents, hidden=hidden,
+                                                device=DEVICE)
+    span = torch.where(noisy > 0, noisy + 1000, image)
+
+    def clean_copies(b, h, q, kv):
+        same_span = (span[b, q] == span[b, kv]) & (span[b, q] > 0)
+        return (doc[b, q] == doc[b, kv]) & ((kv <= q) | same_span) & ((noisy[b, kv] == 0) | same_span)
+
+    mask = hf.interval_mask(batch_size=2, q_length=seq_len, kv_length=seq_len, mask_function=clean_copies,
+                            use_vmap=use_vmap, device=DEVICE)
+    assert mask.has_holes
+    for name in ("kv_start", "kv_end", "key_q_start", "key_q_end"):
+        assert torch.equal(getattr(mask, name), getattr(expected, name)), name
 
 
 @needs_transformers
@@ -432,8 +465,8 @@ def test_pieces_that_read_otherwise_than_expected_are_evaluated(monkeypatch, ove
 
 @needs_transformers
 def test_the_mask_builder_evaluates_in_bounded_chunks(monkeypatch):
-    """The evaluated path materialises a chunk of query rows at a time, with the same result, and names the
-    row of a hole found in a later chunk with its absolute query index."""
+    """The evaluated path materialises a chunk of query rows at a time, with the same result (holes included), and
+    names the row of a hole found in a later chunk with its absolute query index."""
     monkeypatch.setattr(hf, "_DENSE_CHUNK_ELEMENTS", 2 * 24)  # 2 rows of 24 keys per chunk
     rows_seen = []
     sdpa_mask = mu.sdpa_mask
@@ -449,8 +482,14 @@ def test_the_mask_builder_evaluates_in_bounded_chunks(monkeypatch):
     mask = hf.interval_mask(**call)
     assert max(rows_seen) == 2 and sum(rows_seen) == 24
     assert torch.equal(mask.to_dense(), sdpa_mask(**call, allow_is_causal_skip=False)[:, 0])
-    hole = mu.and_masks(custom, lambda b, h, q, kv: kv != 9)  # rows from 10 on miss key 9
-    with pytest.raises(NotAnIntervalError, match=r"batch row 0, query 10: it sees keys \[0, 9\), \[10, 11\)"):
+    hidden = mu.and_masks(custom, lambda b, h, q, kv: (kv != 9) | (q < 12))  # rows from 12 on miss key 9: holes
+    mask = hf.interval_mask(**{**call, "mask_function": hidden})
+    assert mask.has_holes and (int(mask.key_q_start[0, 9]), int(mask.key_q_end[0, 9])) == (9, 12)
+    assert torch.equal(mask.to_dense(), sdpa_mask(**{**call, "mask_function": hidden}, allow_is_causal_skip=False)[:, 0])
+    hole = mu.and_masks(custom, lambda b, h, q, kv: (kv != 9) | (q < 10) | (q == 17))  # key 9: by 9 and 17 only
+    with pytest.raises(NotAnIntervalError, match=r"batch row 0, query 10: its visible keys are not one interval "
+                                                 r"\(key 9 is hidden between visible keys 0 and 10\), and the queries "
+                                                 r"that see key 9 are not one interval either \(queries 9 and 17"):
         hf.interval_mask(**{**call, "mask_function": hole})
 
 
@@ -675,11 +714,13 @@ def test_paligemma2_right_padded_prefix_lm_equals_eager(model_path, tk_calls, no
 # Explicit masks, masks that are not intervals, unsupported arguments
 # ----------------------------------------------------------------------------------------------
 @needs_transformers
-def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_calls, monkeypatch):
-    """tfkernels_mask= carries a Transfusion mask to every layer; the same mask as a dense 4D tensor is
-    converted once per forward (the layers share the tensor)."""
+@pytest.mark.parametrize("hidden", [None, [[(7, 9)], [(3, 6)]]], ids=["transfusion", "hidden spans"])
+def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_calls, monkeypatch, hidden):
+    """tfkernels_mask= carries a Transfusion mask (with hidden spans: a mask with holes) to every layer; the
+    same mask as a dense 4D tensor is converted once per forward (the layers share the tensor)."""
     model = tiny_llama()
-    mask = IntervalMask.from_spans(16, images=[[(2, 6)], [(9, 16)]], documents=[[10, 6], [16]], device=DEVICE)
+    mask = IntervalMask.from_spans(16, images=[[(2, 6)], [(9, 16)]], documents=[[10, 6], [16]], hidden=hidden,
+                                   device=DEVICE)
     ids = random_ids(2, 16, seed=8)
     dense = mask.to_dense()[:, None]
     sdpa = {}
@@ -694,6 +735,7 @@ def test_an_explicit_interval_mask_or_its_dense_form_equals_sdpa(model_path, tk_
     monkeypatch.setattr(IntervalMask, "from_dense", lambda d: conversions.append(1) or from_dense(d))
     converted = model(input_ids=ids, attention_mask=dense, use_cache=False).logits.detach()
     assert len(conversions) == 1 and len(tk_calls) == 4
+    assert all(m.has_holes == (hidden is not None) for m in tk_calls)
     for name, out in (("explicit mask", explicit), ("dense mask", converted)):
         assert_anchored(name, out, sdpa["ref64"], sdpa["lowp"])
 
@@ -729,10 +771,13 @@ def test_a_mask_that_is_not_an_interval_raises_or_falls_back_to_sdpa():
     model = tiny_llama()
     ids = random_ids(2, 10, seed=9)
     attention_mask = torch.ones(2, 10, dtype=torch.long, device=DEVICE)
-    attention_mask[1, 3] = 0  # a hole: query 4 sees keys 0-2 and 4
+    # Padding in the middle: query 3 sees nothing between rows that see keys 0-2 (hidden key 3 would be a hole
+    # one interval per key expresses, not the empty row between overlapping rows).
+    attention_mask[1, 3] = 0
     model.set_attn_implementation("tfkernels")
     with pytest.raises(NotAnIntervalError, match=r"LlamaConfig \(model_type 'llama'\).*not one key interval per query "
-                                                 r"\(batch row 1, query 4: it sees keys \[0, 3\), \[4, 5\).*fallback='sdpa'"):
+                                                 r"\(batch row 1, query 4: it sees keys \[0, 5\) but query 3 sees "
+                                                 r"nothing.*fallback='sdpa'"):
         model(input_ids=ids, attention_mask=attention_mask)
     outputs = {}
     for implementation in ("sdpa", "tfkernels_fallback"):
@@ -759,10 +804,11 @@ def tiny_t5gemma2():
 
 
 @needs_transformers
-def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(model_path, tk_calls):
-    """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole
-    in every row but the last: a named NotAnIntervalError, or with the fallback SDPA on the dense mask. (Row 0's
-    encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)
+def test_masks_combined_as_tensors_run_as_masks_with_holes(model_path, tk_calls):
+    """The concatenated mask of T5Gemma2's decoder (its own keys causally, then every encoder key) has a hole in
+    every row but the last; each of its own keys is seen by one run of queries, so the dense mask that torch.cat
+    gives converts to a mask with holes and runs on tk.attention, as it does with the fallback registered. (Row
+    0's encoder input is shorter than the decoder's: the encoder's padding mask says nothing of decoder queries.)
     One model per implementation: transformers 5.9 does not switch T5Gemma2's encoder once it was set."""
     models = {name: tiny_t5gemma2().eval() for name in ("ref64", "sdpa", "tfkernels_fallback", "tfkernels")}
     models["ref64"].double()
@@ -770,20 +816,16 @@ def test_masks_combined_as_tensors_raise_not_an_interval_or_fall_back_to_sdpa(mo
         models[name].set_attn_implementation(name)
     inputs = {"input_ids": random_ids(2, 9, seed=20), "attention_mask": left_padding([3, 9], 9).flip(1),
               "decoder_input_ids": random_ids(2, 6, seed=22)}
-    logits = {name: models[name](**inputs, use_cache=False).logits.detach() for name in ("ref64", "sdpa",
-                                                                                          "tfkernels_fallback")}
-    assert_anchored("logits", logits["tfkernels_fallback"], logits["ref64"], logits["sdpa"])
-    assert tk_calls  # the encoder's layers
-    # Generating, each decoding step's query sees its own keys and the encoder's in one interval: tfkernels.
+    logits = {name: model(**inputs, use_cache=False).logits.detach() for name, model in models.items()}
+    for name in ("tfkernels_fallback", "tfkernels"):
+        assert_anchored("logits", logits[name], logits["ref64"], logits["sdpa"])
+    assert any(mask.has_holes and mask.seq_len_k == 6 + 9 for mask in tk_calls)  # the decoder's layers
+    # Generating, each decoding step's query sees its own keys and the encoder's in one interval.
     generate = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=4,
                     do_sample=False)
-    tokens = {name: models[name].generate(**generate) for name in ("sdpa", "tfkernels_fallback")}
-    assert torch.equal(tokens["tfkernels_fallback"], tokens["sdpa"])
+    tokens = {name: models[name].generate(**generate) for name in ("sdpa", "tfkernels")}
+    assert torch.equal(tokens["tfkernels"], tokens["sdpa"])
     assert any(mask.seq_len_q == 1 and mask.seq_len_k > 9 for mask in tk_calls)
-    with pytest.raises(NotAnIntervalError, match=r"T5Gemma2DecoderConfig \(model_type 't5gemma2_decoder'\): its "
-                                                 r"attention mask is not one key interval per query \(batch row 0, "
-                                                 r"query 0: .*fallback='sdpa'"):
-        models["tfkernels"](**inputs, use_cache=False)
 
 
 @needs_transformers
@@ -794,8 +836,8 @@ def test_a_fallback_converts_each_mask_of_a_forward_once(monkeypatch):
     inputs = gemma3_image_batch()
     inputs["attention_mask"][1, 10] = 0
     conversions = []
-    from_dense = IntervalMask.from_dense
-    monkeypatch.setattr(IntervalMask, "from_dense", lambda d: conversions.append(1) or from_dense(d))
+    read = DenseMaskReader.mask
+    monkeypatch.setattr(DenseMaskReader, "mask", lambda self, *args: conversions.append(1) or read(self, *args))
     outputs = {}
     for implementation in ("sdpa", "tfkernels_fallback"):
         model.set_attn_implementation(implementation)
@@ -810,9 +852,14 @@ def test_dense_masks_given_to_the_attention_function():
     module = model.model.layers[0].self_attn
     gen = torch.Generator().manual_seed(10)
     q, k, v = (torch.randn(1, h, 6, 8, generator=gen).to(DEVICE) for h in (4, 2, 2))
+    hidden = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
+    hidden[0, 0, 5, 2] = False  # key 2 seen by queries 2-4: a mask with holes
+    out, _ = hf.attention_forward(module, q, k, v, hidden)
+    expected = tk.attention(*(t.transpose(1, 2) for t in (q, k, v)), IntervalMask.from_dense(hidden))
+    assert IntervalMask.from_dense(hidden).has_holes and torch.equal(out, expected)
     hole = torch.ones(1, 1, 6, 6, dtype=torch.bool, device=DEVICE).tril()
-    hole[0, 0, 5, 2] = False
-    with pytest.raises(NotAnIntervalError, match="batch row 0, query 5: its visible keys are not one interval"):
+    hole[0, 0, 4, 2] = False  # key 2 seen by queries 2, 3 and 5
+    with pytest.raises(NotAnIntervalError, match="batch row 0, query 4: its visible keys are not one interval"):
         hf.attention_forward(module, q, k, v, hole)
     out, _ = hf.attention_forward(module, q, k, v, hole, fallback="sdpa")
     expected, _ = transformers.integrations.sdpa_attention.sdpa_attention_forward(module, q, k, v, hole)
