@@ -275,15 +275,13 @@ def _job_label(kernel: str, args: tuple, kwargs: dict) -> str:
 def capture(case: Case, arch: int) -> list[Job]:
     """The launches one case's op calls make on ``arch``, in order, one ``Job`` per distinct launch
     (``tfkernels.launch.record_launches``: nothing runs)."""
-    from tfkernels.launch import record_launches
+    from tfkernels.launch import RecordingUnavailableError, record_launches
 
     try:
         with record_launches(f"sm_{arch}") as launches:
             CALLS[case.op](case)
-    except RuntimeError as error:
-        if "TRITON_INTERPRET=1" in str(error):
-            raise AdapterError(f"{error} (compile in a worker process: see compile_jobs)") from error
-        raise
+    except RecordingUnavailableError as error:
+        raise AdapterError(f"{error} (compile in a worker process: see compile_jobs)") from error
     if not launches:
         raise AdapterError(f"{case.label()}: the op launched no Triton kernel")
     jobs, seen = [], set()

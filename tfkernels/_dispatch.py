@@ -8,18 +8,12 @@ how the test suite checks the kernels without a GPU.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 
-from .launch import recording
+from .launch import HAS_TRITON, recording, triton_interpret
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["HAS_TRITON", "backend", "check_interpreter", "use_triton"]
 
 
 def check_interpreter(triton_version: str, numpy_version: str) -> None:

@@ -9,7 +9,7 @@ the kernel specialises as it would on the GPU. Output tensors are allocated but 
 
 The kernels must have been defined without ``TRITON_INTERPRET=1`` (they are then ``JITFunction``s;
 under the interpreter they are not, and there is nothing to compile): ``record_launches`` refuses
-otherwise.
+otherwise (``RecordingUnavailableError``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Launch", "arch_of", "launch", "record_launches", "recording"]
+__all__ = ["HAS_TRITON", "Launch", "RecordingUnavailableError", "arch_of", "launch", "record_launches", "recording",
+           "triton_interpret"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,20 @@ class _Recording:
     launches: list
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class RecordingUnavailableError(RuntimeError):
+    """``record_launches`` cannot record here: Triton is missing, or the kernels are the interpreter's."""
+
+
 # The package's kernels are defined when it is imported: interpreted functions if TRITON_INTERPRET=1 then.
-_INTERPRETED_KERNELS = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETED_KERNELS = triton_interpret()
 _RECORDING: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar("tfkernels_recording", default=None)
 
 
@@ -80,12 +93,12 @@ def record_launches(arch: str = "sm_90") -> Iterator[list[Launch]]:
     ``"sm_80"``, ...), instead of running them. Yields the list they are appended to."""
     if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
         raise ValueError(f"arch: expected a GPU architecture like 'sm_90', got {arch!r}")
-    if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("record_launches: triton is not installed")
+    if not HAS_TRITON:
+        raise RecordingUnavailableError("record_launches: triton is not installed")
     if _INTERPRETED_KERNELS:
-        raise RuntimeError("record_launches: tfkernels was imported under TRITON_INTERPRET=1, so its kernels are "
-                           "the interpreter's and there is nothing to compile; import it without TRITON_INTERPRET=1 "
-                           "(e.g. in a separate process)")
+        raise RecordingUnavailableError(
+            "record_launches: tfkernels was imported under TRITON_INTERPRET=1, so its kernels are the interpreter's "
+            "and there is nothing to compile; import it without TRITON_INTERPRET=1 (e.g. in a separate process)")
     token = _RECORDING.set(_Recording(arch, []))
     try:
         yield _RECORDING.get().launches

@@ -92,7 +92,8 @@ def test_record_launches_validates_its_arch():
 def test_record_launches_refuses_interpreted_kernels():
     if not launch_module._INTERPRETED_KERNELS:
         pytest.skip("tfkernels was imported without TRITON_INTERPRET=1 here")
-    with pytest.raises(RuntimeError, match="imported under TRITON_INTERPRET=1"), launch_module.record_launches("sm_90"):
+    with pytest.raises(launch_module.RecordingUnavailableError, match="imported under TRITON_INTERPRET=1"), \
+            launch_module.record_launches("sm_90"):
         pass
 
 
