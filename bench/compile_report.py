@@ -607,8 +607,9 @@ USEFUL_WORK_EXCEPTIONS = {
 }
 # The forward and dQ walks of a mask with holes (config HOLES=True) choose per key tile between the unmasked
 # and the masked step: their loop holds both bodies, one of which runs per iteration, so the loop's useful-work
-# figures count two steps. Their spills are held to the gate; their useful work is reported, not gated.
+# figures count HOLES_STEPS_PER_LOOP steps. The gate holds them to USEFUL_WORK_LIMITS per step.
 HOLES_WALKS = ("attn_fwd", "attn_bwd_dq")
+HOLES_STEPS_PER_LOOP = 2
 # (kernel, BLOCK_D, walk or rerun) -> most spilled bytes allowed, on triton 3.6 and 3.9; every other launch spills
 # nothing, and no walk but the exceptions above spills inside its interior loop. BLOCK_D 256 covers head dims
 # 129-256: below 256 the head-dim mask of the loads takes registers too.
@@ -618,6 +619,15 @@ SPILL_ALLOWANCE = {
     ("attn_bwd_dkdv", 256, "rerun"): 768,
     ("attn_bwd_dq", 256, "rerun"): 64,
 }
+# The launches of a mask with holes (config HOLES=True) that need more than SPILL_ALLOWANCE, none inside the loop: at
+# BLOCK_D 256 (LAUNCH_RULES' holes_only row) the dQ walk before and after its loop (the store of dQ) on triton 3.9,
+# nothing on 3.6, and the forward rerun 8 B on 3.9, 16 B on 3.6 (the configs tried are in bench/README.md); at
+# BLOCK_D 128 the dK/dV rerun on triton 3.6, nothing on 3.9.
+HOLES_SPILL_ALLOWANCE = {
+    ("attn_fwd", 256, "rerun"): 16,
+    ("attn_bwd_dq", 256, "walk"): 384,
+    ("attn_bwd_dkdv", 128, "rerun"): 24,
+}
 
 
 def _number(value) -> float | None:
@@ -626,7 +636,8 @@ def _number(value) -> float | None:
 
 def gate_failures(rows: Iterable[dict]) -> list[str]:
     """What breaks the gate in report rows (fresh, or read back from a CSV): a launch that did not
-    compile, spills more than ``SPILL_ALLOWANCE``, or (a walk) exceeds ``USEFUL_WORK_LIMITS``."""
+    compile, spills more than ``SPILL_ALLOWANCE`` (``HOLES_SPILL_ALLOWANCE`` for a mask with holes), or (a walk)
+    spills inside its interior loop or exceeds ``USEFUL_WORK_LIMITS`` (per step)."""
     failures = []
     for row in rows:
         if row["op"] != "attention":
@@ -638,19 +649,21 @@ def gate_failures(rows: Iterable[dict]) -> list[str]:
             continue
         block_d = max(16, 1 << (int(row["head_dim"]) - 1).bit_length())
         which = "rerun" if "RERUN=True" in row["config"] else "walk"
-        allowed = SPILL_ALLOWANCE.get((row["kernel"], block_d, which), 0)
+        holes = "HOLES=True" in row["config"]
+        key = (row["kernel"], block_d, which)
+        allowed = (HOLES_SPILL_ALLOWANCE if holes else {}).get(key, SPILL_ALLOWANCE.get(key, 0))
         if _number(row["spill_bytes"]) > allowed:
             failures.append(f"{name}: {row['spill_bytes']} bytes spilled, at most {allowed} allowed")
         if which == "walk" and row["kernel"] in GEMMS_PER_STEP and \
                 (row["kernel"], block_d) not in USEFUL_WORK_EXCEPTIONS:
             if _number(row["loop_spills"]):
                 failures.append(f"{name}: {row['loop_spills']} local loads/stores in the interior loop")
-            if "HOLES=True" in row["config"] and row["kernel"] in HOLES_WALKS:
-                continue
+            steps = HOLES_STEPS_PER_LOOP if holes and row["kernel"] in HOLES_WALKS else 1
             for column, limit in USEFUL_WORK_LIMITS.items():
                 value = _number(row[column])
-                if value is None or value > limit:
-                    failures.append(f"{name}: {column} {value}, at most {limit}")
+                if value is None or value > limit * steps:
+                    failures.append(f"{name}: {column} {value}, at most {limit}" if steps == 1 else
+                                    f"{name}: {column} {value} over {steps} steps, at most {limit} per step")
     return failures
 
 

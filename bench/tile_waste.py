@@ -9,9 +9,9 @@ than the mask lets through. This module counts them exactly, from the mask alone
   interior, edge). The forward and dQ passes walk query tiles over key tiles with the mask's
   ``[kv_start, kv_end)``; the dK/dV pass walks key tiles over query tiles with
   ``key_intervals()``. The tile sizes are the launchers' defaults on sm_90
-  (``tfkernels.attention.launch_configs``). On a mask with holes (hidden spans) the forward and
-  dQ passes skip the key tiles that no key's query interval reaches and run without the mask
-  those whose every key every row sees (``hole_walk``, as ``_key_tile_class``); the dK/dV pass
+  (``tfkernels.attention.launch_configs``, for a mask with or without holes). On a mask with holes
+  (hidden spans) the forward and dQ passes skip the key tiles that no key's query interval reaches
+  and run without the mask those whose every key every row sees (``hole_walk``, as ``_key_tile_class``); the dK/dV pass
   takes each key tile's query tiles from the least start and greatest end of its keys'
   intervals (``tile_walk(..., monotone=False)``, as ``_tile_ranges_of_rows``).
 - **a FlexAttention block mask** of the same layout (``flex_blocks``): every ``block x block``
@@ -207,7 +207,7 @@ def _ratio(pairs: int, visible: int) -> float | None:
 def tile_waste(mask, head_dim: int, dtype: torch.dtype = torch.bfloat16, flex_block: int = FLEX_BLOCK) -> TileWaste:
     """Visible pairs and the computed pairs of tfkernels' three passes at their default sm_90 tiles
     for ``head_dim`` and ``dtype``, and of a FlexAttention block mask; per head, over the batch."""
-    configs = launch_configs(head_dim, dtype, "sm_90")
+    configs = launch_configs(head_dim, dtype, "sm_90", holes=mask.has_holes)
     q_start, q_end = mask.key_intervals()
     if mask.has_holes:
         forward = hole_walk(mask, configs.forward.block_m, configs.forward.block_n)

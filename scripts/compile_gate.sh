@@ -8,9 +8,10 @@
 # ~/.cache/tfkernels/triton-3.6.0; reused when it already holds that version), puts it first on
 # PYTHONPATH and runs `python -m bench.compile_report` on the attention kernels (forward, delta,
 # dK/dV, dQ) at every default launch config of the 16-bit dtypes: bf16 (fp16 has the same configs;
-# COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off
-# (91 compiles: both launches of each kernel). Exits non-zero if any kernel does not compile or
-# fails the gate.
+# COMPILE_GATE_DTYPES=bf16,fp16 compiles both, twice the time), head dims 32-256, GQA on and off,
+# under a causal mask and under a mask with holes (the kernels' HOLES variant, --holes): 175
+# compiles, both launches of each kernel. Exits non-zero if any kernel does not compile or fails
+# the gate.
 # fp32 is left out: its kernels take 10-130 s each to compile. Extra arguments go to
 # bench.compile_report (e.g. --jobs 4).
 # The CSV goes to COMPILE_GATE_OUT (default: a temporary file, its path printed).
@@ -42,5 +43,5 @@ fi
 installed=$(date +%s)
 echo "compile gate: triton $VERSION from $DIR ($(( installed - started )) s to set up), $JOBS processes"
 PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 "$PYTHON" -m bench.compile_report \
-    --kernels attention --dtypes "$DTYPES" --gqa both --arch 90 --jobs "$JOBS" --gate --out "$OUT" "$@"
+    --kernels attention --dtypes "$DTYPES" --gqa both --holes --arch 90 --jobs "$JOBS" --gate --out "$OUT" "$@"
 echo "compile gate: every kernel compiled and passed with triton $VERSION in $(( $(date +%s) - installed )) s; CSV $OUT"

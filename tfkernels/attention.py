@@ -37,7 +37,8 @@ kept only if it measures faster. Programs are launched heaviest tile first: the 
 tiles each query tile visits (and vice versa) is known exactly from the mask.
 
 Each pass has its own tile shape, warps and stages (``LAUNCH_RULES``, ``launch_configs``), chosen with the static
-compile report (``python -m bench.compile_report``) as the spill-free wgmma configs on sm_90a.
+compile report (``python -m bench.compile_report``) as the spill-free wgmma configs on sm_90a; a mask with holes has
+rows of its own where its walks need other tiles (head dims 129-256).
 A mask of batch size 1 is read with a zero batch stride (one layout for the batch, no copy).
 Soft-capping (``SOFTCAP``, a constexpr: the uncapped kernels are unchanged) applies
 ``c * tanh(s / c)`` to each score and multiplies dS by ``1 - tanh^2`` in both backward passes.
@@ -148,22 +149,32 @@ class PassConfigs:
 @dataclass(frozen=True)
 class LaunchRule:
     """A row of ``LAUNCH_RULES``: the configs for ``arch`` (``"interpreter"``, or ``"gpu"`` for every
-    CUDA architecture), the ``dtypes`` and head dims up to ``max_head_dim``, and why they were chosen."""
+    CUDA architecture), the ``dtypes`` and head dims up to ``max_head_dim``, and why they were chosen.
+    ``holes_only``: the row serves only masks with holes (``IntervalMask.key_q_start``, the kernels' ``HOLES``
+    variant), whose forward and dQ walks compile to another loop than the walks of other masks."""
 
     arch: str
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int
     configs: PassConfigs
     reason: str
+    holes_only: bool = False
+
+    def matches(self, kind: str, dtype: torch.dtype, head_dim: int, holes: bool) -> bool:
+        """Whether the row serves ``kind`` (``"interpreter"`` or ``"gpu"``), ``dtype``, ``head_dim`` and a mask
+        with or without holes."""
+        return (self.arch == kind and dtype in self.dtypes and head_dim <= self.max_head_dim
+                and (holes or not self.holes_only))
 
 
 _16BIT = (torch.float16, torch.bfloat16)
 _ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# The first row that matches (arch, dtype, head dim) gives the configs. GPU rows were chosen with the
+# The first row that matches (arch, dtype, head dim, holes) gives the configs. GPU rows were chosen with the
 # static sm_90a compile report (``python -m bench.compile_report``: registers, spills, shared memory,
 # wgmma, useful work per tile), as the configs that compile to wgmma with no spill in either launch
-# (the walk and the rerun), with and without GQA; they serve every CUDA architecture.
+# (the walk and the rerun) beyond the report's allowances, with and without GQA; they serve every CUDA
+# architecture.
 LAUNCH_RULES: tuple[LaunchRule, ...] = (
     LaunchRule("interpreter", _ALL_DTYPES, MAX_HEAD_DIM, PassConfigs(
         forward=LaunchConfig(64, 32, 4, 1), dkdv=LaunchConfig(32, 64, 4, 1), dq=LaunchConfig(32, 64, 4, 1)),
@@ -185,6 +196,16 @@ LAUNCH_RULES: tuple[LaunchRule, ...] = (
         dkdv_rerun=LaunchConfig(32, 64, 8, 3)),
         "dK/dV holds dK, dV, K and V for its 128 keys in two warpgroups, stepping through 32 queries; its "
         "rerun, which also holds sanitised operands, takes 64 keys to stay spill-free"),
+    # A mask with holes: its forward and dQ walks (and their reruns) branch per key tile between the unmasked and the
+    # masked step, each a loop of one iteration, so their loop holds both steps and pipelining overlaps no two tiles.
+    LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
+        forward=LaunchConfig(128, 32, 8, 1), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 16, 8, 1),
+        forward_rerun=LaunchConfig(64, 16, 8, 1), dq_rerun=LaunchConfig(128, 16, 8, 1)),
+        "a mask with holes: beside 128 x 256 fp32 accumulators, the two steps of the forward and dQ loops spill "
+        "inside the loop at the tiles of other masks. One stage (a step waits for its own loads at any depth) and "
+        "16 keys for dQ keep the loops free of spills; dQ still spills around its loop on triton 3.9 "
+        "(bench.compile_report.HOLES_SPILL_ALLOWANCE). The reruns take 16 keys (the forward's 64 rows on two "
+        "warpgroups, as other masks' reruns); dK/dV's walk is that of other masks", holes_only=True),
     LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
         forward=LaunchConfig(128, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 32, 8, 2),
         forward_rerun=LaunchConfig(64, 32, 8, 2), dq_rerun=LaunchConfig(64, 32, 8, 3)),
@@ -194,12 +215,13 @@ LAUNCH_RULES: tuple[LaunchRule, ...] = (
 )
 
 
-def launch_configs(head_dim: int, dtype: torch.dtype, arch: str) -> PassConfigs:
+def launch_configs(head_dim: int, dtype: torch.dtype, arch: str, holes: bool = False) -> PassConfigs:
     """The default launch configs of an attention call: the first ``LAUNCH_RULES`` row for ``arch``
-    (``"interpreter"`` or a GPU architecture such as ``"sm_90"``), ``dtype`` and ``head_dim``."""
+    (``"interpreter"`` or a GPU architecture such as ``"sm_90"``), ``dtype``, ``head_dim`` and a mask with
+    (``holes``) or without holes."""
     kind = "interpreter" if arch == "interpreter" else "gpu"
     for rule in LAUNCH_RULES:
-        if rule.arch == kind and dtype in rule.dtypes and head_dim <= rule.max_head_dim:
+        if rule.matches(kind, dtype, head_dim, holes):
             return rule.configs
     raise ValueError(f"no launch config for head dim {head_dim}, {dtype} on {arch}")
 
@@ -221,9 +243,9 @@ def use_launch_configs(configs: PassConfigs):
         _CONFIG_OVERRIDE.reset(token)
 
 
-def _configs_for(q: torch.Tensor) -> PassConfigs:
+def _configs_for(q: torch.Tensor, holes: bool) -> PassConfigs:
     override = _CONFIG_OVERRIDE.get()
-    return override if override is not None else launch_configs(q.shape[-1], q.dtype, arch_of(q.device))
+    return override if override is not None else launch_configs(q.shape[-1], q.dtype, arch_of(q.device), holes)
 
 
 class KernelMeta(NamedTuple):
@@ -989,9 +1011,9 @@ def _launch_fwd(q, k, v, kv_start, kv_end, scale, softcap, key_q_start=None, key
     lse = torch.empty(batch, heads_q, seq_q, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    configs = _configs_for(q)
-    config = configs.forward
     holes = key_q_start is not None
+    configs = _configs_for(q, holes)
+    config = configs.forward
     order = _heaviest_first(kv_start, kv_end, config.block_m, config.block_n, seq_k, batch)
     args = (_operand(q), _operand(k), _operand(v), _operand(out), lse, kv_start, kv_end, order, seq_q, seq_k,
             heads_q, triton.cdiv(seq_q, config.block_m), heads_q // heads_kv, *_score_scales(scale, softcap),
@@ -1016,8 +1038,8 @@ def _launch_bwd(do, q, k, v, out, lse, dlse, kv_start, kv_end, scale, softcap, k
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    configs = _configs_for(q)
     holes = key_q_start is not None
+    configs = _configs_for(q, holes)
     meta = _kernel_meta(q, scale, softcap, holes)
     q_per_kv = heads_q // heads_kv
     qk_scale, softcap_log2 = _score_scales(scale, softcap)

@@ -182,6 +182,18 @@ def test_counts_use_the_launchers_sm90_tiles():
     assert waste.dkdv == tile_walk(q_start, q_end, 1000, configs.dkdv.block_n, configs.dkdv.block_m)
 
 
+def test_counts_of_a_mask_with_holes_use_its_own_sm90_tiles():
+    """Head dims 129-256 launch a mask with holes with other forward and dQ tiles than other masks."""
+    mask = hidden_masks(0)[1]
+    configs = launch_configs(256, torch.bfloat16, "sm_90", holes=True)
+    assert configs.dq != launch_configs(256, torch.bfloat16, "sm_90").dq
+    waste = tile_waste(mask, 256)
+    q_start, q_end = mask.key_intervals()
+    assert waste.forward == hole_walk(mask, configs.forward.block_m, configs.forward.block_n)
+    assert waste.dq == hole_walk(mask, configs.dq.block_m, configs.dq.block_n)
+    assert waste.dkdv == tile_walk(q_start, q_end, 300, configs.dkdv.block_n, configs.dkdv.block_m, monotone=False)
+
+
 def test_quick_csv_has_the_tile_waste_of_each_attention_workload(quick_run, quick_rows):
     _, log = quick_run
     expected = {}

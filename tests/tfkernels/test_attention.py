@@ -1117,3 +1117,22 @@ def test_nonfinite_values_in_a_hidden_span_stay_inside_it(source):
         assert torch.isnan(ours[0][0, 10:50, 1]).all() and torch.isfinite(ours[0][0, :, 0]).all()
     elif source == "q":
         assert torch.isnan(ours[0][0, 30, 1]).all() and torch.isfinite(ours[0][0, :30]).all()
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("rule", [r for r in attention_module.LAUNCH_RULES if r.holes_only],
+                         ids=lambda r: f"{r.arch}_d{r.max_head_dim}")
+def test_holes_at_their_own_gpu_configs(rule):
+    """The GPU configs of a mask with holes (LAUNCH_RULES' holes-only rows, e.g. dQ tiles of 16 keys: one granule
+    per tile), run in the interpreter at a small head dim: equal to the reference, and with a NaN in a hidden span's
+    k (the reruns, at their configs) the same NaN and finite entries as the reference."""
+    mask = _clean_copies_mask()
+    gen = torch.Generator().manual_seed(78)
+    q, d_out = (torch.randn(1, 224, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(1, 224, 1, 16, generator=gen).to(DEVICE) for _ in range(2))
+    with attention_module.use_launch_configs(rule.configs):
+        assert_matches_reference(q, k, v, mask)
+        k[0, 30, 0, 3] = float("nan")  # inside the first noisy copy, (10, 50)
+        ours = _fwd_bwd(_kernel(mask), q, k, v, d_out)
+    _assert_same(ours, _fwd_bwd(_reference(mask), q, k, v, d_out))
+    assert torch.isnan(ours[0][0, 10:50]).all() and torch.isfinite(ours[0][0, 50:]).all()

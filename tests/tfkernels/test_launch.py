@@ -32,16 +32,36 @@ def test_launch_config_refuses_bad_values(field, value, expected):
 
 
 def test_launch_configs_take_the_first_matching_rule():
+    """A mask without holes never gets a holes-only row; a mask with holes gets the first row for it."""
     for head_dim in (32, 64, 80, 96, 128, 192, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            gpu = launch_configs(head_dim, dtype, "sm_90")
-            rule = next(r for r in LAUNCH_RULES
-                        if r.arch == "gpu" and dtype in r.dtypes and head_dim <= r.max_head_dim)
-            assert gpu is rule.configs and launch_configs(head_dim, dtype, "sm_80") is gpu
-            interpreter = launch_configs(head_dim, dtype, "interpreter")
-            assert interpreter is LAUNCH_RULES[0].configs and LAUNCH_RULES[0].arch == "interpreter"
+            for holes in (False, True):
+                gpu = launch_configs(head_dim, dtype, "sm_90", holes)
+                rule = next(r for r in LAUNCH_RULES if r.arch == "gpu" and dtype in r.dtypes
+                            and head_dim <= r.max_head_dim and (holes or not r.holes_only))
+                assert gpu is rule.configs and launch_configs(head_dim, dtype, "sm_80", holes) is gpu
+                interpreter = launch_configs(head_dim, dtype, "interpreter", holes)
+                assert interpreter is LAUNCH_RULES[0].configs and LAUNCH_RULES[0].arch == "interpreter"
+            assert launch_configs(head_dim, dtype, "sm_90") is launch_configs(head_dim, dtype, "sm_90", False)
     with pytest.raises(ValueError, match="no launch config for head dim 512"):
         launch_configs(512, torch.bfloat16, "sm_90")
+
+
+def test_holes_only_rows_serve_the_16bit_head_dims_above_128():
+    """The forward and dQ of a mask with holes have their own GPU configs at head dims 129-256 (16-bit), one
+    warpgroup per 64 query rows as every 16-bit default walk; below, and in fp32, a mask with holes takes the
+    configs of the other masks."""
+    holes_only = [r for r in LAUNCH_RULES if r.holes_only]
+    assert [(r.arch, r.dtypes, r.max_head_dim) for r in holes_only] == [
+        ("gpu", (torch.float16, torch.bfloat16), 256)]
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (160, 256):
+            configs = launch_configs(head_dim, dtype, "sm_90", holes=True)
+            assert configs is holes_only[0].configs and configs != launch_configs(head_dim, dtype, "sm_90")
+            assert configs.dkdv == launch_configs(head_dim, dtype, "sm_90").dkdv
+            assert all(c.block_m == 16 * c.num_warps for c in (configs.forward, configs.dq))
+        assert launch_configs(128, dtype, "sm_90", holes=True) is launch_configs(128, dtype, "sm_90")
+    assert launch_configs(256, torch.float32, "sm_90", holes=True) is launch_configs(256, torch.float32, "sm_90")
 
 
 @requires_triton
@@ -54,10 +74,10 @@ def test_the_kernels_use_the_configs_they_are_given():
     odd = PassConfigs(forward=LaunchConfig(16, 64, 4, 1), dkdv=LaunchConfig(64, 16, 4, 1),
                       dq=LaunchConfig(32, 16, 2, 1))
     with use_launch_configs(odd) as active:
-        assert attention_module._configs_for(q) is active
+        assert attention_module._configs_for(q, holes=False) is attention_module._configs_for(q, holes=True) is active
         out = tk.attention(q, k, v, mask)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    assert attention_module._configs_for(q) == launch_configs(24, torch.float32, "interpreter")
+    assert attention_module._configs_for(q, holes=False) == launch_configs(24, torch.float32, "interpreter")
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = tk.reference.attention(*leaves, mask)[0]
     ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
@@ -102,6 +122,7 @@ def test_recorded_launches_are_the_gpu_ones():
     """In a process without the interpreter: the ops take their Triton path on CPU tensors, choose the
     sm_90 configs, and nothing runs (the outputs are never written)."""
     script = textwrap.dedent("""
+        import dataclasses
         import torch
         import tfkernels as tk
         from tfkernels.attention import launch_configs
@@ -121,6 +142,23 @@ def test_recorded_launches_are_the_gpu_ones():
             ("_attn_fwd_program", configs.forward), ("_attn_bwd_dkdv_program", configs.dkdv),
             ("_attn_bwd_dq_program", configs.dq))], walks
         assert len(launches) == 7  # 3 walks, 3 reruns, the delta pre-pass
+
+        # A mask with holes at head dim 256: the holes configs, walks and reruns.
+        q = torch.randn(1, 300, 4, 256, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, 300, 2, 256, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        mask = tk.IntervalMask.from_spans(300, images=[[(164, 228)]], hidden=[[(100, 164)]])  # a noisy, a clean copy
+        with record_launches("sm_90") as launches:
+            out = tk.attention(q, k, v, mask)
+            out.backward(torch.ones_like(out))
+        configs = launch_configs(256, torch.bfloat16, "sm_90", holes=True)
+        programs = {"_attn_fwd_program": "forward", "_attn_bwd_dkdv_program": "dkdv", "_attn_bwd_dq_program": "dq"}
+        seen = [(programs[l.args[0].fn.__name__], l.kwargs["RERUN"], l.kwargs["META"].HOLES,
+                 (l.kwargs["BLOCK_M"], l.kwargs["BLOCK_N"], l.kwargs["num_warps"], l.kwargs["num_stages"]))
+                for l in launches if "RERUN" in l.kwargs]
+        expected = [(name, rerun, True, dataclasses.astuple(configs.rerun_config(name) if rerun else
+                                                            getattr(configs, name)))
+                    for name in ("forward", "dkdv", "dq") for rerun in (False, True)]
+        assert seen == expected, seen
         print("ok")
     """)
     env = {"PATH": "/usr/bin:/bin", "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
