@@ -828,18 +828,23 @@ class DenseMaskReader:
         if block.shape[1] == 0 or seq_len_k == 0:
             self.rows_read += block.shape[1]
             return
+        rows = block.shape[1]
+        # The narrowest integers that hold every index and count: the reductions over [B, n, Sk] dominate.
+        small = torch.int16 if max(seq_len_q, seq_len_k) < 2**15 else torch.int32
         as_int = block.to(torch.uint8)
-        # argmax gives the first maximum: the first visible key of a row, the first viewer of a key.
+        # argmax gives the first maximum: a row's first visible key (and, flipped, its last).
         self._rows.append((as_int.argmax(-1), seq_len_k - as_int.flip(-1).argmax(-1),
-                           as_int.sum(-1, dtype=torch.int64)))
-        count = as_int.sum(1, dtype=torch.int64)
+                           as_int.sum(-1, dtype=small).long()))
+        # Along the queries (not the contiguous dimension) a min/max of row indices is faster than argmax.
+        row_index = torch.arange(rows, device=block.device, dtype=small)[None, :, None]
+        count = as_int.sum(1, dtype=small).long()
         seen = count > 0
-        first = as_int.argmax(1) + self.rows_read
-        end = self.rows_read + block.shape[1] - as_int.flip(1).argmax(1)
+        first = torch.where(block, row_index, rows).amin(1).long() + self.rows_read
+        end = torch.where(block, row_index, -1).amax(1).long() + self.rows_read + 1
         self.key_first = torch.where(seen, torch.minimum(self.key_first, first), self.key_first)
         self.key_end = torch.where(seen, torch.maximum(self.key_end, end), self.key_end)
         self.key_count += count
-        self.rows_read += block.shape[1]
+        self.rows_read += rows
 
     def mask(self, reread) -> IntervalMask:
         """The IntervalMask of the rows added (all ``Sq`` of them). ``reread()``: the same blocks again, in
