@@ -511,28 +511,50 @@ if HAS_TRITON:
         return acc, m_i, l_i
 
     @triton.jit
+    def _unmasked_run(KEYS, tile, tile_hi, BLOCK_N: tl.constexpr):
+        """For a mask with holes: the end of the run of unmasked key tiles that starts at ``tile`` (unmasked), at
+        most ``tile_hi``, and ``_key_tile_class`` of the tile there (the walk's next tile)."""
+        run_end = tile + 1
+        visit, unmasked = _key_tile_class(KEYS, run_end, BLOCK_N)
+        while unmasked & (run_end < tile_hi):
+            run_end += 1
+            visit, unmasked = _key_tile_class(KEYS, run_end, BLOCK_N)
+        return run_end, visit, unmasked
+
+    @triton.jit
     def _fwd_hole_tiles(
         acc, m_i, l_i, q, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
         offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
     ):
-        """A mask with holes: key tiles ``[tile_lo, tile_hi)`` one at a time, each skipped, unmasked or masked
-        (always masked in the rerun) as ``_key_tile_class`` says."""
-        for step in range(0, tile_hi - tile_lo):
-            tile = tile_lo + step  # a tensor, as the one-tile walks' bounds are (also in the interpreter)
-            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
-            if SAFE:
+        """A mask with holes: key tiles ``[tile_lo, tile_hi)`` in order, each skipped, unmasked or masked as
+        ``_key_tile_class`` says. A run of unmasked tiles is one walk of ``_fwd_key_tiles``, which the compiler
+        pipelines (a tile's loads issued during the previous tile's math); masked tiles go one at a time. The
+        rerun takes every visited tile masked, one at a time."""
+        if SAFE:
+            for step in range(0, tile_hi - tile_lo):
+                tile = tile_lo + step  # a tensor, as the one-tile walks' bounds are (also in the interpreter)
+                visit, _ = _key_tile_class(KEYS, tile, BLOCK_N)
                 if visit:
                     acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
                                                    tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
                                                    META, BLOCK_N, True, True)
-            elif unmasked:
-                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
-                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
-                                               BLOCK_N, False, False)
-            elif visit:
-                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
-                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
-                                               BLOCK_N, True, False)
+        else:
+            tile = tile_lo
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            while tile < tile_hi:
+                if unmasked:
+                    run_end, visit, unmasked = _unmasked_run(KEYS, tile, tile_hi, BLOCK_N)
+                    acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                                   tile, run_end, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                                                   META, BLOCK_N, False, False)
+                    tile = run_end
+                else:
+                    if visit:
+                        acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                                       tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d,
+                                                       d_valid, META, BLOCK_N, True, False)
+                    tile += 1
+                    visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
         return acc, m_i, l_i
 
     @triton.jit
@@ -666,21 +688,32 @@ if HAS_TRITON:
         dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
         offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
     ):
-        """A mask with holes: key tiles one at a time, as in ``_fwd_hole_tiles``."""
-        for step in range(0, tile_hi - tile_lo):
-            tile = tile_lo + step
-            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
-            if SAFE:
+        """A mask with holes: key tiles in runs of unmasked tiles and masked tiles, as in ``_fwd_hole_tiles``."""
+        if SAFE:
+            for step in range(0, tile_hi - tile_lo):
+                tile = tile_lo + step
+                visit, _ = _key_tile_class(KEYS, tile, BLOCK_N)
                 if visit:
                     dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
                                        tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
                                        True, True)
-            elif unmasked:
-                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
-                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, False, False)
-            elif visit:
-                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
-                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, True, False)
+        else:
+            tile = tile_lo
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            while tile < tile_hi:
+                if unmasked:
+                    run_end, visit, unmasked = _unmasked_run(KEYS, tile, tile_hi, BLOCK_N)
+                    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
+                                       run_end, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
+                                       False, False)
+                    tile = run_end
+                else:
+                    if visit:
+                        dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                           tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
+                                           BLOCK_N, True, False)
+                    tile += 1
+                    visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
         return dq
 
     @triton.jit
