@@ -201,10 +201,10 @@ def test_gate_holds_the_walks_of_a_mask_with_holes_per_step():
     them, else to SPILL_ALLOWANCE, as every walk."""
     holes = "HOLES=True BLOCK_M=128 BLOCK_N=64 RERUN=False w8 s3"
     assert cr.gate_failures([row(config=holes), row(kernel="attn_fwd", config=holes, ex2_per_score=1.062)]) == []
-    assert cr.gate_failures([row(config=holes, spill_bytes=8), row(kernel="attn_bwd_dkdv", config=holes,
-                                                                     mma_redundancy=2.0),
+    assert cr.gate_failures([row(kernel="attn_fwd", config=holes, spill_bytes=8),
+                             row(kernel="attn_bwd_dkdv", config=holes, mma_redundancy=2.0),
                              row(config=holes, mma_redundancy=2.0, ex2_per_score=2.0)]) == [
-        f"attn_bwd_dq bf16 D=128 [{holes}]: 8 bytes spilled, at most 0 allowed",
+        f"attn_fwd bf16 D=128 [{holes}]: 8 bytes spilled, at most 0 allowed",
         f"attn_bwd_dkdv bf16 D=128 [{holes}]: mma_redundancy 2.0, at most 1.05",
         f"attn_bwd_dq bf16 D=128 [{holes}]: mma_redundancy 2.0, at most 1.05",
         f"attn_bwd_dq bf16 D=128 [{holes}]: ex2_per_score 2.0, at most 1.25"]
