@@ -13,10 +13,11 @@ For a tile of query rows ``[m0, m1]`` this gives, from four loads and no block m
 So a packed Transfusion row costs what its visible pairs cost, plus at most a few edge tiles per
 query tile. A mask with holes (``IntervalMask.key_q_start``, the ``HOLES`` constexpr) adds one query
 interval per key: the forward and dQ walks then classify each key tile of the same range from its
-keys' intervals (skipped, unmasked or masked; ``_key_tile_class``), and dK/dV takes its query tiles
-from its keys' intervals, which are exact but no longer monotone (``_tile_ranges_of_rows``). The
-mask is two int32 vectors (four with holes): nothing to build per layout, nothing to recompile,
-nothing that depends on the block size, and it is CUDA-graph safe.
+keys' intervals (skipped, unmasked or masked; ``_key_tile_class``), each run of unmasked tiles one
+pipelined loop, and dK/dV takes its query tiles from its keys' intervals, which are exact but no
+longer monotone (``_tile_ranges_of_rows``). The mask is two int32 vectors (four with holes): nothing
+to build per layout, nothing to recompile, nothing that depends on the block size, and it is
+CUDA-graph safe.
 
 The backward pass is FlashAttention-2 style, in three kernels:
 
@@ -196,16 +197,15 @@ LAUNCH_RULES: tuple[LaunchRule, ...] = (
         dkdv_rerun=LaunchConfig(32, 64, 8, 3)),
         "dK/dV holds dK, dV, K and V for its 128 keys in two warpgroups, stepping through 32 queries; its "
         "rerun, which also holds sanitised operands, takes 64 keys to stay spill-free"),
-    # A mask with holes: its forward and dQ walks (and their reruns) branch per key tile between the unmasked and the
-    # masked step, each a loop of one iteration, so their loop holds both steps and pipelining overlaps no two tiles.
+    # A mask with holes: its forward and dQ walks run each run of unmasked key tiles as one pipelined loop and the
+    # masked tiles one at a time; their reruns take every visited tile masked, one at a time.
     LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
-        forward=LaunchConfig(128, 32, 8, 1), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 16, 8, 1),
+        forward=LaunchConfig(128, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 16, 8, 2),
         forward_rerun=LaunchConfig(64, 16, 8, 1), dq_rerun=LaunchConfig(128, 16, 8, 1)),
-        "a mask with holes: beside 128 x 256 fp32 accumulators, the two steps of the forward and dQ loops spill "
-        "inside the loop at the tiles of other masks. One stage (a step waits for its own loads at any depth) and "
-        "16 keys for dQ keep the loops free of spills; dQ still spills around its loop on triton 3.9 "
-        "(bench.compile_report.HOLES_SPILL_ALLOWANCE). The reruns take 16 keys (the forward's 64 rows on two "
-        "warpgroups, as other masks' reruns); dK/dV's walk is that of other masks", holes_only=True),
+        "a mask with holes: the forward walk takes the other masks' tile; dQ's walk 16 keys, which keeps its spills "
+        "outside its loops (bench.compile_report.HOLES_SPILL_ALLOWANCE; 32 keys spill more). The reruns go one tile "
+        "at a time (a step waits for its own loads at any depth): one stage and 16 keys (the forward's 64 rows on "
+        "two warpgroups, as other masks' reruns); dK/dV's walk is that of other masks", holes_only=True),
     LaunchRule("gpu", _16BIT, MAX_HEAD_DIM, PassConfigs(
         forward=LaunchConfig(128, 32, 8, 2), dkdv=LaunchConfig(32, 64, 8, 2), dq=LaunchConfig(128, 32, 8, 2),
         forward_rerun=LaunchConfig(64, 32, 8, 2), dq_rerun=LaunchConfig(64, 32, 8, 3)),
@@ -511,28 +511,50 @@ if HAS_TRITON:
         return acc, m_i, l_i
 
     @triton.jit
+    def _unmasked_run(KEYS, tile, tile_hi, BLOCK_N: tl.constexpr):
+        """For a mask with holes: the end of the run of unmasked key tiles that starts at ``tile`` (unmasked), at
+        most ``tile_hi``, and ``_key_tile_class`` of the tile there (the walk's next tile)."""
+        run_end = tile + 1
+        visit, unmasked = _key_tile_class(KEYS, run_end, BLOCK_N)
+        while unmasked & (run_end < tile_hi):
+            run_end += 1
+            visit, unmasked = _key_tile_class(KEYS, run_end, BLOCK_N)
+        return run_end, visit, unmasked
+
+    @triton.jit
     def _fwd_hole_tiles(
         acc, m_i, l_i, q, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
         offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
     ):
-        """A mask with holes: key tiles ``[tile_lo, tile_hi)`` one at a time, each skipped, unmasked or masked
-        (always masked in the rerun) as ``_key_tile_class`` says."""
-        for step in range(0, tile_hi - tile_lo):
-            tile = tile_lo + step  # a tensor, as the one-tile walks' bounds are (also in the interpreter)
-            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
-            if SAFE:
+        """A mask with holes: key tiles ``[tile_lo, tile_hi)`` in order, each skipped, unmasked or masked as
+        ``_key_tile_class`` says. A run of unmasked tiles is one walk of ``_fwd_key_tiles``, which the compiler
+        pipelines (a tile's loads issued during the previous tile's math); masked tiles go one at a time. The
+        rerun takes every visited tile masked, one at a time."""
+        if SAFE:
+            for step in range(0, tile_hi - tile_lo):
+                tile = tile_lo + step  # a tensor, as the one-tile walks' bounds are (also in the interpreter)
+                visit, _ = _key_tile_class(KEYS, tile, BLOCK_N)
                 if visit:
                     acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
                                                    tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
                                                    META, BLOCK_N, True, True)
-            elif unmasked:
-                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
-                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
-                                               BLOCK_N, False, False)
-            elif visit:
-                acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
-                                               tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
-                                               BLOCK_N, True, False)
+        else:
+            tile = tile_lo
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            while tile < tile_hi:
+                if unmasked:
+                    run_end, visit, unmasked = _unmasked_run(KEYS, tile, tile_hi, BLOCK_N)
+                    acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                                   tile, run_end, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid,
+                                                   META, BLOCK_N, False, False)
+                    tile = run_end
+                else:
+                    if visit:
+                        acc, m_i, l_i = _fwd_key_tiles(acc, m_i, l_i, q, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                                       tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d,
+                                                       d_valid, META, BLOCK_N, True, False)
+                    tile += 1
+                    visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
         return acc, m_i, l_i
 
     @triton.jit
@@ -666,21 +688,32 @@ if HAS_TRITON:
         dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KEYS, tile_lo, tile_hi, seq_len_k, qk_scale, softcap_log2,
         offs_d, d_valid, META: tl.constexpr, BLOCK_N: tl.constexpr, SAFE: tl.constexpr,
     ):
-        """A mask with holes: key tiles one at a time, as in ``_fwd_hole_tiles``."""
-        for step in range(0, tile_hi - tile_lo):
-            tile = tile_lo + step
-            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
-            if SAFE:
+        """A mask with holes: key tiles in runs of unmasked tiles and masked tiles, as in ``_fwd_hole_tiles``."""
+        if SAFE:
+            for step in range(0, tile_hi - tile_lo):
+                tile = tile_lo + step
+                visit, _ = _key_tile_class(KEYS, tile, BLOCK_N)
                 if visit:
                     dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
                                        tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
                                        True, True)
-            elif unmasked:
-                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
-                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, False, False)
-            elif visit:
-                dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile, tile + 1,
-                                   seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N, True, False)
+        else:
+            tile = tile_lo
+            visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
+            while tile < tile_hi:
+                if unmasked:
+                    run_end, visit, unmasked = _unmasked_run(KEYS, tile, tile_hi, BLOCK_N)
+                    dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS, tile,
+                                       run_end, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META, BLOCK_N,
+                                       False, False)
+                    tile = run_end
+                else:
+                    if visit:
+                        dq = _dq_key_tiles(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, None, None, KEYS,
+                                           tile, tile + 1, seq_len_k, qk_scale, softcap_log2, offs_d, d_valid, META,
+                                           BLOCK_N, True, False)
+                    tile += 1
+                    visit, unmasked = _key_tile_class(KEYS, tile, BLOCK_N)
         return dq
 
     @triton.jit
