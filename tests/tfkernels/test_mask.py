@@ -886,6 +886,17 @@ def test_from_dense_round_trips_every_constructor():
         again.validate()
 
 
+def test_dense_mask_reader_names_blocks_that_do_not_fit():
+    reader = DenseMaskReader(2, 5, 7, "cpu")
+    with pytest.raises(ValueError, match=r"^dense block: expected \[B, n, Sk\] = \[2, n <= 5, 7\], got \[2, 3, 6\]"):
+        reader.add(torch.ones(2, 3, 6, dtype=torch.bool))
+    reader.add(torch.ones(2, 3, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^dense block: expected \[B, n, Sk\] = \[2, n <= 2, 7\], got \[2, 3, 7\]"):
+        reader.add(torch.ones(2, 3, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^dense: 3 of 5 query rows were added"):
+        reader.mask(lambda: ())
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [
