@@ -8,14 +8,12 @@ the default processors' own float32 error (tfkernels.testing.assert_anchored), o
 """
 
 import copy
-import importlib
 import importlib.util
 
 import pytest
 import torch
 
-import tfkernels as tk
-from tests.support import DEVICE, both_paths_fixture
+from tests.support import DEVICE
 from tfkernels.mask import IntervalMask, NotAnIntervalError
 from tfkernels.testing import assert_anchored
 
@@ -37,15 +35,6 @@ if HAS_DIFFUSERS:
 
     from tfkernels.integrations import diffusers as tkd
 
-attention_module = importlib.import_module("tfkernels.attention")
-path = both_paths_fixture(attention_module)
-
-
-@pytest.fixture
-def model_path(path):
-    if path == "kernel" and tk.backend(DEVICE) != "triton":
-        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels")
-    return path
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the reference path. The mask builder is checked against transformers' dense mask
 """
 
 import copy
-import importlib
 import importlib.util
 import random
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 import tfkernels as tk
-from tests.support import DEVICE, both_paths_fixture
+from tests.support import DEVICE
 from tfkernels.mask import DenseMaskReader, IntervalMask, NotAnIntervalError, segment_ids_from_layout
 from tfkernels.testing import assert_anchored
 
@@ -48,15 +47,6 @@ if HAS_TRANSFORMERS:
 POSITION_REMAP = HAS_TRANSFORMERS and hasattr(mu, "remap_positions_for_packed_sequence")
 
 # The module (tfkernels.attention, the attribute, is the public function).
-attention_module = importlib.import_module("tfkernels.attention")
-path = both_paths_fixture(attention_module)
-
-
-@pytest.fixture
-def model_path(path):
-    if path == "kernel" and tk.backend(DEVICE) != "triton":
-        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels")
-    return path
 
 
 @pytest.fixture

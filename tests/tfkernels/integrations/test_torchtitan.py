@@ -9,15 +9,13 @@ the reference).
 """
 
 import copy
-import importlib
 import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import tfkernels as tk
-from tests.support import DEVICE, both_paths_fixture
+from tests.support import DEVICE
 from tfkernels.mask import IntervalMask
 from tfkernels.testing import assert_anchored
 
@@ -40,8 +38,6 @@ if HAS_TORCHTITAN:
 
     from tfkernels.integrations import torchtitan as tkt
 
-attention_module = importlib.import_module("tfkernels.attention")
-path = both_paths_fixture(attention_module)
 
 # Two rows of 16 tokens packed from documents of 5, 4 and 7 tokens, and of 12 and 4 tokens.
 DOCUMENTS = [[5, 4, 7], [12, 4]]
@@ -49,13 +45,6 @@ DOCUMENTS = [[5, 4, 7], [12, 4]]
 
 def packed_positions(documents=DOCUMENTS):
     return torch.tensor([[p for length in row for p in range(length)] for row in documents], device=DEVICE)
-
-
-@pytest.fixture
-def model_path(path):
-    if path == "kernel" and tk.backend(DEVICE) != "triton":
-        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1 to run the Triton kernels")
-    return path
 
 
 @pytest.fixture
